@@ -1,0 +1,189 @@
+"""The ``gptkit`` command: parse arguments, load the recipe, dispatch. No training logic lives here.
+
+Heavy libraries (torch, transformers, datasets) are imported inside the commands, so ``--help``
+answers instantly. User errors print one ``error:`` line and exit 2; bugs keep their traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from gptkit.errors import Interrupted, TrainingStopped, UserError
+
+app = typer.Typer(
+    help="Pretrain, fine-tune, evaluate and sample GPT-style models offline, from one YAML recipe.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+recipes_app = typer.Typer(help="List the bundled recipes, or show one.", invoke_without_command=True)
+app.add_typer(recipes_app, name="recipes")
+
+Overrides = Annotated[Optional[list[str]], typer.Argument(help="Recipe overrides: key.path=value (e.g. train.lr=3e-4).")]
+RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or a bundled recipe name such as pretrain/tiny.")]
+
+
+def _setup_offline_and_logging() -> None:
+    # gptkit never downloads: fail fast on hub names instead of waiting on the network.
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    main_rank = os.environ.get("RANK", "0") == "0"
+    logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="gptkit: %(message)s")
+    for noisy in ("transformers", "datasets", "accelerate", "torch", "httpx", "filelock", "matplotlib"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+
+
+def bundled_recipes_dir() -> Path:
+    here = Path(__file__).resolve().parent
+    for cand in (here / "_bundled" / "recipes", here.parents[1] / "recipes"):
+        if cand.is_dir():
+            return cand
+    return here / "_bundled" / "recipes"
+
+
+def resolve_recipe_path(name: str) -> Path:
+    """A path as given, else a bundled recipe name (with or without .yaml)."""
+    p = Path(name)
+    if p.exists():
+        return p
+    root = bundled_recipes_dir()
+    for cand in (root / name, root / f"{name}.yaml"):
+        if cand.is_file():
+            return cand
+    raise UserError(f"{name}: recipe file not found (nor a bundled recipe; `gptkit recipes` lists them)")
+
+
+def _load(recipe: str, overrides: list[str] | None):
+    from gptkit.recipe import load_recipe
+
+    return load_recipe(resolve_recipe_path(recipe), overrides or [])
+
+
+@app.command()
+def pretrain(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in output.dir.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a recipe that changed.")] = False,
+) -> None:
+    """Train a tokenizer and a GPT-style causal LM from scratch (or continue one) on local text."""
+    from gptkit.tasks import pretrain as task
+
+    rec = _load(recipe, overrides)
+    metrics = task.run(rec, resume=resume, overwrite=overwrite, force=force, command=sys.argv)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_perplexity"))
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(f"done: {shown}; model saved in {rec.output.dir}")
+
+
+@app.command()
+def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
+    """Resolve and check a recipe without training: inputs exist, model size, memory, launch line."""
+    from gptkit.recipe import recipe_to_yaml
+    from gptkit.tasks import pretrain as task
+
+    rec = _load(recipe, overrides)
+    plan = task.check(rec)
+    typer.echo(recipe_to_yaml(rec).rstrip())
+    typer.echo("---")
+    typer.echo(f"inputs: {len(plan.train_files)} train file(s), {len(plan.val_files)} validation file(s): all found")
+    typer.echo(f"model: {rec.model.arch}, {plan.n_params:,} parameters (vocabulary {plan.vocab_size}{plan.vocab_note})")
+    typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
+               f"(fp32 weights, grads, AdamW state, activations at batch {rec.train.batch_size})")
+    args = " ".join([recipe, *(overrides or [])])
+    typer.echo(f"launch: accelerate launch --num_processes 1 -m gptkit {rec.task} {args}")
+    typer.echo(f"    or: torchrun --nproc_per_node 1 -m gptkit {rec.task} {args}")
+
+
+@app.command()
+def generate(
+    model_dir: Annotated[str, typer.Argument(help="A gptkit run directory or any local causal-LM directory.")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 100,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (implies --sample).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k likeliest tokens (implies --sample).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (implies --sample).")] = None,
+    num_beams: Annotated[int, typer.Option(help="Beam search width (1 = no beam search).")] = 1,
+    repetition_penalty: Annotated[float, typer.Option(help="Penalty > 1 discourages repeats.")] = 1.0,
+    num_samples: Annotated[int, typer.Option(help="Sequences to return.")] = 1,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
+) -> None:
+    """Continue a prompt with a trained model: greedy, beam, temperature, top-k, top-p; streams tokens."""
+    from gptkit import generation
+
+    do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
+    opts = generation.DecodingOptions(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample,
+        temperature=1.0 if temperature is None else temperature,
+        top_k=top_k,
+        top_p=top_p,
+        num_beams=num_beams,
+        repetition_penalty=repetition_penalty,
+        num_return_sequences=num_samples,
+        seed=seed,
+    )
+    opts.validate()
+    model, tokenizer = generation.load_for_generation(model_dir)
+    generation.stream(model, tokenizer, prompt, opts)
+
+
+@recipes_app.callback()
+def recipes_list(ctx: typer.Context) -> None:
+    """List the bundled recipes with their one-line descriptions."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import yaml
+
+    root = bundled_recipes_dir()
+    for path in sorted(root.rglob("*.yaml")):
+        if path.name.startswith("_"):
+            continue
+        desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
+        typer.echo(f"{str(path.relative_to(root).with_suffix('')):<28} {desc}")
+
+
+@recipes_app.command("show")
+def recipes_show(name: Annotated[str, typer.Argument(help="Bundled recipe name, e.g. pretrain/tiny.")]) -> None:
+    """Print a bundled recipe file as written."""
+    typer.echo(resolve_recipe_path(name).read_text().rstrip())
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: maps user errors to exit code 2 with one line, keeps tracebacks for bugs."""
+    try:  # recent typer vendors click; older ones use the click package
+        from typer._click.exceptions import UsageError
+    except ImportError:
+        from click.exceptions import UsageError
+
+    _setup_offline_and_logging()
+    try:
+        code = app(args=argv, prog_name="gptkit", standalone_mode=False)
+    except UsageError as e:
+        ctx = f" (gptkit {e.ctx.info_name})" if e.ctx and e.ctx.info_name != "gptkit" else ""
+        typer.echo(f"error: {e.format_message()}{ctx}; see --help", err=True)
+        sys.exit(2)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except TrainingStopped as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(3)
+    except Interrupted as e:
+        typer.echo(f"{e}. Resume with the same command plus --resume.", err=True)
+        sys.exit(128 + e.signum)
+    except typer.Abort:
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,299 @@
+"""The one training loop. Every command that trains calls :func:`fit`; tasks only supply data and a loss.
+
+Design choices that make runs reproducible and resumable:
+- Data order is a pure function of (seed, step): a seeded permutation per epoch over example
+  indices, cut into global batches of ``batch_size × processes × grad_accum``. Rank r's micro-batch m
+  of step s is a fixed slice of it, so a 2-process run sees exactly the examples of a 1-process run
+  with the same global batch, and a resumed run needs only the step number.
+- The learning rate is a pure function of the step (:func:`lr_at`), set on the optimizer each step.
+- Checkpoints (see :mod:`gptkit.checkpoint`) are atomic and hold weights, optimizer and RNG states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gptkit import checkpoint
+from gptkit.errors import Interrupted, TrainingStopped, UserError
+from gptkit.recipe import TrainConfig
+from gptkit.tracking import Tracker, plot
+
+log = logging.getLogger(__name__)
+
+
+def lr_at(it: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step ``it`` (0-based): linear warmup, then cosine/linear decay to min_lr."""
+    if it < cfg.warmup_steps:
+        return cfg.lr * (it + 1) / (cfg.warmup_steps + 1)
+    if cfg.schedule == "constant":
+        return cfg.lr
+    ratio = min(1.0, (it - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    coeff = 0.5 * (1.0 + math.cos(math.pi * ratio)) if cfg.schedule == "cosine" else 1.0 - ratio
+    return cfg.min_lr + coeff * (cfg.lr - cfg.min_lr)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (linear and embedding weights), never on biases and norm gains."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+    ]
+
+
+def causal_lm_loss(model, batch: dict) -> torch.Tensor:
+    """Mean next-token cross-entropy; ``labels`` are already shifted (see :class:`gptkit.data.Blocks`)."""
+    logits = model(input_ids=batch["input_ids"]).logits
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+
+
+class DataOrder:
+    """Seeded permutation per epoch; ``indices(pos, n)`` reads positions [pos, pos+n) of the endless stream."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed = n, seed
+        self._epoch, self._perm = -1, np.empty(0, dtype=np.int64)
+
+    def _perm_for(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
+        return self._perm
+
+    def indices(self, pos: int, count: int) -> list[int]:
+        return [int(self._perm_for(p // self.n)[p % self.n]) for p in range(pos, pos + count)]
+
+
+class _StopOnSignal:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, exit. Second: exit at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopOnSignal:
+        try:
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            pass
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        log.warning("%s received: checkpointing after this step (send again to exit at once)", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def make_accelerator(precision: str):
+    """An Accelerator with the recipe's precision ('auto' = bf16 where the GPU supports it)."""
+    from accelerate import Accelerator
+
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+        raise UserError(f"train.precision: {precision} needs a GPU; use fp32 or auto on this machine")
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not torch.cuda.is_available())
+
+
+@dataclass
+class Job:
+    """What a task hands to :func:`fit`. ``train_data``/``val_data`` offer ``len()`` and ``batch(indices)``."""
+
+    model: torch.nn.Module
+    train_data: Any
+    val_data: Any | None
+    cfg: TrainConfig
+    run_dir: Path
+    loss_fn: Callable[[Any, dict], torch.Tensor] = causal_lm_loss
+    resume: bool = False
+
+
+@torch.no_grad()
+def evaluate_loss(model, data, loss_fn, batch_size: int, max_batches: int | None, accelerator) -> float:
+    """Mean loss over the first ``max_batches`` global validation batches, sharded across processes."""
+    model.eval()
+    world = accelerator.num_processes
+    # the same examples whatever the process count: max_batches global batches of batch_size x world
+    limit = min(len(data), max_batches * batch_size * world) if max_batches else len(data)
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for b in range(accelerator.process_index, math.ceil(limit / batch_size), world):
+        idx = list(range(b * batch_size, min(limit, (b + 1) * batch_size)))
+        batch = {k: v.to(accelerator.device) for k, v in data.batch(idx).items()}
+        total += torch.tensor([loss_fn(model, batch).item() * len(idx), len(idx)], device=total.device, dtype=total.dtype)
+    total = accelerator.reduce(total, "sum")
+    model.train()
+    return float(total[0] / total[1])
+
+
+def _rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _save(job: Job, step: int, model, opt, accelerator, counters: dict) -> None:
+    from safetensors.torch import save_model
+
+    root = job.run_dir / "checkpoints"
+    tmp = checkpoint.tmp_dir(root, step)
+    if accelerator.is_main_process:
+        tmp.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    if accelerator.is_main_process:
+        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **counters}))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.finalize(root, step, job.cfg.keep_last)
+    accelerator.wait_for_everyone()
+
+
+def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
+    from safetensors.torch import load_model
+
+    root = job.run_dir / "checkpoints"
+    ckpt = checkpoint.latest(root)
+    if ckpt is None:
+        raise UserError(f"--resume: no complete checkpoint in {root}; start without --resume")
+    load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"), device=str(accelerator.device))
+    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+    rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
+    rng = torch.load(rng_file if rng_file.exists() else ckpt / "rng-0.pt", weights_only=True)
+    state = json.loads((ckpt / "state.json").read_text())
+    log.info("resuming from %s (step %d)", ckpt.name, state["step"])
+    return state.pop("step"), state, rng
+
+
+def _restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["cpu"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def check_disk_space(run_dir: Path, n_params: int, keep_last: int) -> None:
+    """Refuse to start when the retained checkpoints (+1 being written, + final model) cannot fit."""
+    import shutil
+
+    need = (keep_last + 1) * 12 * n_params + 4 * n_params  # fp32 weights + two AdamW moments each
+    free = shutil.disk_usage(run_dir).free
+    if free < need:
+        raise UserError(
+            f"output.dir: {run_dir} has {free / 1e9:.2f} GB free; {keep_last} kept checkpoints of this model "
+            f"need about {need / 1e9:.2f} GB (lower train.keep_last or free space)"
+        )
+
+
+def fit(job: Job, accelerator) -> dict[str, float]:
+    """Train ``job.model`` for ``cfg.max_steps`` optimizer steps; returns the last logged metrics."""
+    from tqdm.auto import tqdm
+
+    cfg, main = job.cfg, accelerator.is_main_process
+    model = job.model
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    model, opt = accelerator.prepare(model, opt)
+    if cfg.compile:
+        model = torch.compile(model)
+    start, counters, rng = _load(job, model, opt, accelerator) if job.resume else (0, {"bad_steps": 0}, None)
+    if main:
+        checkpoint.clean_partial(job.run_dir / "checkpoints")
+    tracker = Tracker(job.run_dir, main, resume_step=start if job.resume else None)
+    order = DataOrder(len(job.train_data), cfg.seed)
+    world, rank, accum, B = accelerator.num_processes, accelerator.process_index, cfg.grad_accum, cfg.batch_size
+    global_batch = B * world * accum
+    # a live bar on a terminal; in logs (CI, clusters) one line per log_every steps instead
+    live = main and sys.stderr.isatty()
+    bar = tqdm(total=cfg.max_steps, initial=start, disable=not live, unit="step", dynamic_ncols=True)
+    t_start = time.perf_counter()
+    last: dict[str, float] = {}
+    run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    if rng is not None:
+        _restore_rng(rng)
+    with _StopOnSignal() as stop:
+        for step in range(start + 1, cfg.max_steps + 1):
+            lr = lr_at(step - 1, cfg)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            loss_sum = torch.zeros((), device=accelerator.device)
+            for micro in range(accum):
+                pos = (step - 1) * global_batch + (micro * world + rank) * B
+                batch = {k: v.to(accelerator.device) for k, v in job.train_data.batch(order.indices(pos, B)).items()}
+                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
+                    loss = job.loss_fn(model, batch)
+                    accelerator.backward(loss / accum)
+                loss_sum += loss.detach()
+                tokens += batch["input_ids"].numel() * world
+            # one collective per step: the mean loss across processes and whether any got a signal
+            flags = torch.stack([loss_sum / accum, torch.tensor(float(stop.signum or 0), device=loss_sum.device)])
+            flags = accelerator.reduce(flags, "sum") if world > 1 else flags
+            step_loss, signum = flags[0].item() / world, int(flags[1].item()) and (stop.signum or signal.SIGTERM)
+            if not math.isfinite(step_loss):
+                opt.zero_grad(set_to_none=True)
+                counters["bad_steps"] += 1
+                if counters["bad_steps"] > cfg.skip_nonfinite:
+                    raise TrainingStopped(
+                        f"non-finite loss at step {step}; stopped without saving it. The last good checkpoint is kept "
+                        f"in {job.run_dir / 'checkpoints'} (lower train.lr, or allow skips with train.skip_nonfinite)"
+                    )
+                log.warning("non-finite loss at step %d: batch skipped (%d so far)", step, counters["bad_steps"])
+                continue
+            if cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            run_loss, run_steps = run_loss + step_loss, run_steps + 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.max_steps:
+                tok_s = tokens / (time.perf_counter() - t0)
+                last = {"train_loss": run_loss / run_steps, "train_lr": lr, "train_tokens_per_s": tok_s}
+                tracker.log(step, last)
+                bar.set_postfix(loss=f"{last['train_loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+                if main and not live:
+                    eta = (time.perf_counter() - t_start) / (step - start) * (cfg.max_steps - step)
+                    log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s, ETA %ds", step, cfg.max_steps,
+                             last["train_loss"], lr, tok_s, eta)
+                run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+            if job.val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                val = evaluate_loss(model, job.val_data, job.loss_fn, B, cfg.eval_batches, accelerator)
+                metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+                tracker.log(step, metrics)
+                last.update(metrics)
+                if main:
+                    msg = f"step {step}: val loss {val:.4f}, perplexity {metrics['val_perplexity']:.2f}"
+                    bar.write(msg) if live else log.info(msg)
+                t0 = time.perf_counter()
+            if step % cfg.save_every == 0 or step == cfg.max_steps or signum:
+                _save(job, step, model, opt, accelerator, counters)
+                t0 = time.perf_counter()
+            if signum:
+                bar.close()
+                tracker.close()
+                raise Interrupted(step, signum)
+    bar.close()
+    tracker.close()
+    if main:
+        plot(job.run_dir)
+    return last

@@ -1,0 +1,235 @@
+"""Decoding layer: decoding options, offline model loading, batched and streamed generation.
+
+Used by ``gptkit generate`` (:func:`stream`) and ``gptkit eval`` (:func:`generate_batch`). Everything
+here works on local directories only; nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import torch
+from transformers import TextStreamer
+
+from gptkit.errors import UserError
+
+# Files that carry a vocabulary; tokenizer_config.json alone is not enough to build a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+
+
+@dataclass
+class DecodingOptions:
+    """How to decode. Greedy by default; ``do_sample`` switches to (seeded) sampling.
+
+    ``top_k=None``/``top_p=None`` mean "no top-k / nucleus filtering" (transformers would otherwise
+    apply its own default of ``top_k=50`` when sampling). ``min_new_tokens`` (0 = off) forbids EOS
+    before that many tokens, which the throughput benchmark uses to fix the generated length.
+    """
+
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    num_beams: int = 1
+    repetition_penalty: float = 1.0
+    num_return_sequences: int = 1
+    seed: int | None = None
+    min_new_tokens: int = 0
+
+    def _problem(self) -> str | None:
+        if self.max_new_tokens < 1:
+            return f"max_new_tokens must be >= 1, got {self.max_new_tokens}"
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            return f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], got {self.min_new_tokens}"
+        if self.do_sample and not self.temperature > 0:
+            return f"temperature must be > 0 when sampling, got {self.temperature} (do_sample=False is greedy)"
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            return f"top_p must be in (0, 1], got {self.top_p}"
+        if self.top_k is not None and self.top_k < 1:
+            return f"top_k must be >= 1 (or unset), got {self.top_k}"
+        if self.num_beams < 1:
+            return f"num_beams must be >= 1, got {self.num_beams}"
+        if self.num_return_sequences < 1:
+            return f"num_return_sequences must be >= 1, got {self.num_return_sequences}"
+        if not self.do_sample and self.num_return_sequences > self.num_beams:
+            return (
+                f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
+                "without sampling; set do_sample=True or num_beams >= num_return_sequences"
+            )
+        if not self.repetition_penalty > 0:
+            return f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}"
+        return None
+
+    def validate(self) -> DecodingOptions:
+        """Raise :class:`UserError` (one line) if the options are impossible; return ``self`` otherwise."""
+        problem = self._problem()
+        if problem is not None:
+            raise UserError(f"decoding options: {problem}")
+        return self
+
+    def to_generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+        """Keyword arguments for ``model.generate``; every decoding choice is explicit so that a
+        checkpoint's ``generation_config.json`` cannot silently change it. Sampling parameters are only
+        passed when sampling (transformers warns about them otherwise)."""
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        kwargs: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": self.do_sample,
+            "num_beams": self.num_beams,
+            "num_return_sequences": self.num_return_sequences,
+            "repetition_penalty": self.repetition_penalty,
+            "pad_token_id": pad_id,
+            "use_cache": True,
+        }
+        if tokenizer.eos_token_id is not None:
+            kwargs["eos_token_id"] = tokenizer.eos_token_id
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = self.min_new_tokens
+        if self.do_sample:
+            kwargs["temperature"] = self.temperature
+            kwargs["top_k"] = self.top_k if self.top_k is not None else 0  # 0 disables top-k (default is 50)
+            kwargs["top_p"] = self.top_p if self.top_p is not None else 1.0
+        return kwargs
+
+
+def load_for_generation(path: str | Path) -> tuple[Any, Any]:
+    """Load ``(model, tokenizer)`` from a local ``save_pretrained`` directory, in eval mode.
+
+    Never downloads: a hub name such as ``gpt2`` is a :class:`UserError`. The tokenizer gets
+    ``pad_token = eos_token`` when it has no pad token (needed for batched generation).
+    """
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise UserError(
+            f"{path} is not a local directory; gptkit works offline and never downloads models: "
+            "pass a directory written by save_pretrained (config.json, weights, tokenizer files)"
+        )
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory}: no config.json; expected a model directory written by save_pretrained")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer next to the model"
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{directory}: cannot load model/tokenizer: {first_line}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"{directory}: the tokenizer has neither a pad nor an eos token; cannot pad batches")
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions) -> list[list[int]]:
+    """Token ids per prompt; empty prompts start from BOS/EOS, long ones keep their last tokens."""
+    ids = tokenizer(list(prompts))["input_ids"]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and options.max_new_tokens >= limit:
+        raise UserError(f"max_new_tokens={options.max_new_tokens} must be < the model's context size ({limit} tokens)")
+    keep = None if limit is None else limit - options.max_new_tokens
+    encoded = []
+    for i, seq in enumerate(ids):
+        if not seq:
+            if start is None:
+                raise UserError(f"prompt {i} is empty and the tokenizer has no bos/eos token to start from")
+            seq = [start]
+        if keep is not None and len(seq) > keep:
+            warnings.warn(f"prompt {i} has {len(seq)} tokens; keeping the last {keep} to fit the context", stacklevel=3)
+            seq = seq[-keep:]
+        encoded.append(list(seq))
+    return encoded
+
+
+def generate_batch(
+    model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions, batch_size: int = 32
+) -> list[list[str]]:
+    """Generate for many prompts in batches; return ``num_return_sequences`` new texts per prompt.
+
+    Prompts are sorted by token length (longest first) to minimise padding, left-padded for
+    decoder-only models (attention mask and mask-derived position ids make greedy output independent
+    of the batch size), and the results come back in the original prompt order, without the prompt.
+    """
+    options.validate()
+    if batch_size < 1:
+        raise UserError(f"batch_size must be >= 1, got {batch_size}")
+    if not prompts:
+        return []
+    encoded = _encode_prompts(model, tokenizer, prompts, options)
+    order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
+    kwargs = options.to_generate_kwargs(tokenizer)
+    n = options.num_return_sequences
+    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    results: list[list[str]] = [[] for _ in prompts]
+    saved = tokenizer.padding_side, tokenizer.pad_token
+    tokenizer.padding_side = "right" if encoder_decoder else "left"
+    try:
+        if tokenizer.pad_token is None:  # tokenizers not loaded by load_for_generation
+            tokenizer.pad_token = tokenizer.eos_token
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(model.device)
+                output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+                new_tokens = output if encoder_decoder else output[:, batch["input_ids"].shape[1] :]
+                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for j, i in enumerate(chunk):
+                    results[i] = texts[j * n : (j + 1) * n]
+    finally:
+        tokenizer.padding_side, tokenizer.pad_token = saved
+    return results
+
+
+class _WriterStreamer(TextStreamer):
+    """A :class:`TextStreamer` that writes the new text (no prompt) to a file object."""
+
+    def __init__(self, tokenizer: Any, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+
+def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, out: TextIO | None = None) -> list[str]:
+    """Generate for one prompt and write the new text to ``out`` (``sys.stdout`` at call time).
+
+    A single sequence without beams is streamed token by token as it is produced; otherwise the
+    samples are generated first and printed one after another, each under a ``=== sample i/n ===``
+    header. Returns the generated texts (without the prompt).
+    """
+    out = sys.stdout if out is None else out
+    options.validate()
+    if options.num_beams > 1 or options.num_return_sequences > 1:
+        texts = generate_batch(model, tokenizer, [prompt], options)[0]
+        for i, text in enumerate(texts, 1):
+            out.write(f"=== sample {i}/{len(texts)} ===\n{text}\n")
+        out.flush()
+        return texts
+    ids = _encode_prompts(model, tokenizer, [prompt], options)[0]
+    input_ids = torch.tensor([ids], device=model.device)
+    if options.seed is not None:
+        torch.manual_seed(options.seed)
+    with torch.inference_mode():
+        output = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            streamer=_WriterStreamer(tokenizer, out),
+            **options.to_generate_kwargs(tokenizer),
+        )
+    return [tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)]

@@ -1,0 +1,106 @@
+"""Models: a transformers config from the recipe's size spec, or a local checkpoint directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from gptkit.errors import UserError
+from gptkit.recipe import ModelConfig
+
+
+def check_local_dir(path: str, field: str) -> Path:
+    """A local checkpoint directory, or one clear error (never a network attempt)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(
+            f"{field}: '{path}' is not a local directory; gptkit works offline and never downloads "
+            "(download the checkpoint once elsewhere and point to its folder)"
+        )
+    if not (p / "config.json").is_file():
+        raise UserError(f"{field}: '{path}' has no config.json; expected a Hugging Face checkpoint directory")
+    return p
+
+
+def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None = None):
+    """A transformers config for a fresh model of the recipe's shape."""
+    from transformers import GPT2Config, LlamaConfig
+
+    if cfg.arch == "gpt2":
+        return GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=cfg.context,
+            n_embd=cfg.n_embd,
+            n_layer=cfg.n_layer,
+            n_head=cfg.n_head,
+            n_inner=cfg.intermediate_size,
+            resid_pdrop=cfg.dropout,
+            embd_pdrop=cfg.dropout,
+            attn_pdrop=cfg.dropout,
+            bos_token_id=eos_id,
+            eos_token_id=eos_id,
+            pad_token_id=pad_id,
+            tie_word_embeddings=cfg.tie_embeddings,
+        )
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=cfg.n_embd,
+        intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd,
+        num_hidden_layers=cfg.n_layer,
+        num_attention_heads=cfg.n_head,
+        num_key_value_heads=cfg.n_kv_head or cfg.n_head,
+        max_position_embeddings=cfg.context,
+        attention_dropout=cfg.dropout,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        tie_word_embeddings=cfg.tie_embeddings,
+    )
+
+
+def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
+    """The config of the model a recipe trains: a checkpoint's own, or one built from the size spec."""
+    from transformers import AutoConfig
+
+    if cfg.init_from:
+        return AutoConfig.from_pretrained(str(check_local_dir(cfg.init_from, "model.init_from")))
+    return build_config(cfg, vocab_size, eos_id)
+
+
+def build_model(cfg: ModelConfig, config):
+    """The causal LM: weights from ``init_from`` when set, else randomly initialised."""
+    from transformers import AutoModelForCausalLM
+
+    if cfg.init_from:
+        try:
+            return AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation=cfg.attn_implementation)
+        except (OSError, ValueError) as e:
+            raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None
+    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def context_length(config) -> int:
+    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+
+
+def meta_param_count(config) -> int:
+    """Parameter count without allocating weights (the model is built on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def training_memory_bytes(config, n_params: int, batch_size: int, bytes_per_act: int = 4) -> int:
+    """Rough peak memory of one training process: fp32 weights + grads + AdamW moments + activations.
+
+    Activations follow the usual per-layer estimate (~34·B·T·d plus 5·B·heads·T² for attention
+    scores, Korthikanti et al. 2022) and the logits (B·T·V, kept for the loss and its gradient).
+    """
+    d = config.hidden_size
+    T, L, H, V = context_length(config), config.num_hidden_layers, config.num_attention_heads, config.vocab_size
+    states = 16 * n_params
+    acts = L * (34 * batch_size * T * d + 5 * batch_size * H * T * T) * bytes_per_act // 2
+    logits = 2 * batch_size * T * V * 4
+    return states + acts + logits

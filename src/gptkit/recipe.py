@@ -1,0 +1,284 @@
+"""The recipe: one typed schema for every run.
+
+A recipe is a YAML file whose keys are validated by the pydantic models below. Every field is
+documented here, once, with its default; ``gptkit validate`` and the README refer back to it.
+Unknown keys and wrong types are refused with one line naming the file, the field path, what was
+expected and the closest valid key. A recipe may start with ``extends: other.yaml`` (resolved against
+its own folder) and state only what differs; ``key.path=value`` overrides from the command line are
+applied last and typed by the schema.
+
+Path rule: relative *input* paths (data files, tokenizer and model directories) resolve against the
+folder of the recipe file that names them. ``output.dir`` resolves against the working directory, so a
+bundled recipe never writes inside the installed package.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from gptkit.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(_Section):
+    """The network: built from a size spec (random init) or continued from a local checkpoint."""
+
+    arch: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture family (transformers config class).")
+    init_from: str | None = Field(
+        None, description="Local Hugging Face checkpoint directory to continue from; overrides the size spec."
+    )
+    n_layer: int = Field(4, ge=1, le=256, description="Transformer blocks.")
+    n_head: int = Field(4, ge=1, description="Attention heads per block.")
+    n_kv_head: int | None = Field(None, ge=1, description="Key/value heads (llama only; None = n_head).")
+    n_embd: int = Field(128, ge=1, description="Hidden width; must be divisible by n_head.")
+    intermediate_size: int | None = Field(None, ge=1, description="Feed-forward width (None = 4 x n_embd).")
+    context: int = Field(256, ge=2, description="Context length in tokens (block size for packing).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+    tie_embeddings: bool = Field(True, description="Share input embedding and output projection weights.")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        "sdpa", description="Attention kernel; sdpa uses torch's fused scaled-dot-product attention."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelConfig:
+        if self.init_from is None and self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        return self
+
+
+class TokenizerConfig(_Section):
+    """How text becomes tokens: trained on the corpus, or loaded from a local directory."""
+
+    kind: Literal["bpe", "char", "pretrained"] = Field(
+        "bpe", description="bpe: train byte-level BPE; char: one token per character; pretrained: load `path`."
+    )
+    vocab_size: int = Field(8192, ge=260, description="Target vocabulary size for bpe (ignored for char).")
+    path: str | None = Field(None, description="Local tokenizer directory (kind: pretrained).")
+
+    @model_validator(mode="after")
+    def _path_for_pretrained(self) -> TokenizerConfig:
+        if self.kind == "pretrained" and not self.path:
+            raise ValueError("kind 'pretrained' needs tokenizer.path (a local tokenizer directory)")
+        return self
+
+
+class DataConfig(_Section):
+    """Local corpus files; validation from a held-out fraction or from its own files."""
+
+    train_files: list[str] = Field(
+        default_factory=list, description="Files or globs: .txt, .jsonl/.json, .csv, .parquet (one format per list)."
+    )
+    val_files: list[str] = Field(default_factory=list, description="Validation files; empty = hold out val_fraction.")
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Tail fraction of the token stream held out.")
+    text_column: str = Field("text", description="Column holding the text (jsonl/csv/parquet).")
+    sample_by: Literal["document", "paragraph", "line"] = Field(
+        "document", description="For .txt: what one document is (EOS goes between documents)."
+    )
+    cache_dir: str | None = Field(
+        None, description="Tokenized-data cache (None = $GPTKIT_CACHE or ~/.cache/gptkit)."
+    )
+    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+
+
+class TrainConfig(_Section):
+    """The optimisation loop (shared by every command that trains)."""
+
+    max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(8, ge=1, description="Micro-batch size per process.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (AdamW).")
+    min_lr: float = Field(3e-5, ge=0.0, description="Floor the schedule decays to.")
+    warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr.")
+    schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
+    weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay; never applied to biases and norms.")
+    beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
+    beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
+    grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm (0 = off).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto = bf16 on GPUs that support it, else fp32."
+    )
+    compile: bool = Field(False, description="Wrap the model in torch.compile.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
+    seed: int = Field(1337, description="Seeds init, dropout and data order.")
+    eval_every: int = Field(200, ge=1, description="Validate every N steps (and at the end).")
+    eval_batches: int | None = Field(50, ge=1, description="Validation batches per evaluation (None = all).")
+    log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
+    save_every: int = Field(500, ge=1, description="Checkpoint every N steps (and at the end).")
+    keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
+    skip_nonfinite: int = Field(0, ge=0, description="Batches with non-finite loss skipped before stopping.")
+
+    @model_validator(mode="after")
+    def _floor_below_peak(self) -> TrainConfig:
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class OutputConfig(_Section):
+    """Where the run directory goes."""
+
+    dir: str = Field("runs/default", description="Run directory (relative to the working directory).")
+
+
+class Recipe(_Section):
+    """A whole run. Sections: model, tokenizer, data, train, output."""
+
+    description: str = Field("", description="One line shown by `gptkit recipes`.")
+    task: str = Field("pretrain", description="What the run does; `gptkit pretrain` needs 'pretrain'.")
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise UserError(f"{path}: recipe file not found")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory, expected a YAML recipe file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text (byte {e.start}); expected a YAML recipe") from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read recipe ({e.strerror})") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{path}:{where}: YAML syntax error: {problem}") from None
+    if data is None:
+        raise UserError(f"{path}: recipe is empty; expected a mapping of sections (model, data, train, ...)")
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a mapping of sections at the top level, got {type(data).__name__}")
+    return data
+
+
+# Input-path fields, resolved against the folder of the file that names them.
+_PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir")}
+_PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files")}
+
+
+def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
+    def fix(p: Any) -> Any:
+        if not isinstance(p, str) or not p:
+            return p
+        p = str(Path(p).expanduser())
+        return p if Path(p).is_absolute() else str((base / p).resolve())
+
+    for sec, key in _PATH_FIELDS | _PATH_LIST_FIELDS:
+        section = raw.get(sec)
+        if isinstance(section, dict) and key in section:
+            v = section[key]
+            section[key] = [fix(x) for x in v] if isinstance(v, list) else fix(v)
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = path.resolve()
+    if path in seen:
+        chain = " -> ".join(p.name for p in (*seen, path))
+        raise UserError(f"{path}: extends forms a cycle ({chain})")
+    raw = _read_yaml(path)
+    _resolve_paths(raw, path.parent)
+    parent = raw.pop("extends", None)
+    if parent is None:
+        return raw
+    if not isinstance(parent, str):
+        raise UserError(f"{path}: extends: expected a path to a YAML file, got {type(parent).__name__}")
+    base = _load_raw(path.parent / parent, (*seen, path))
+    return _deep_merge(base, raw)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+        raise UserError(f"override '{item}': expected key.path=value, e.g. train.lr=3e-4")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, cwd: Path) -> None:
+    node = raw
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{'.'.join(parts)}': '{p}' is not a section")
+        node = child
+    node[parts[-1]] = value
+    if tuple(parts) in _PATH_FIELDS | _PATH_LIST_FIELDS:  # command-line paths: relative to the cwd
+        _resolve_paths({parts[0]: node}, cwd)
+
+
+def _closest(name: str, model: type[BaseModel] | None) -> str:
+    if model is None:
+        return ""
+    match = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part)) if model else None
+        ann = field.annotation if field else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def format_validation_error(source: str, err: ValidationError) -> str:
+    """One line for the first schema error: file, dotted field path, what was expected."""
+    e = err.errors()[0]
+    loc = tuple(e["loc"])
+    field = ".".join(str(p) for p in loc) or "(top level)"
+    if e["type"] == "extra_forbidden":
+        return f"{source}: {field}: unknown key{_closest(str(loc[-1]), _section_model(loc))}"
+    msg = e["msg"].removeprefix("Value error, ")
+    got = e.get("input")
+    shown = "" if isinstance(got, dict) or got is None else f", got {got!r}"
+    return f"{source}: {field}: {msg}{shown}"
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe file (following ``extends``), apply dotted overrides, validate it."""
+    path = Path(path)
+    raw = _load_raw(path)
+    keys = []
+    for item in overrides:
+        parts, value = _parse_override(item)
+        _apply_override(raw, parts, value, Path.cwd())
+        keys.append(tuple(parts))
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as err:
+        loc = tuple(str(p) for p in err.errors()[0]["loc"])
+        source = "command-line override" if loc in keys else str(path)
+        raise UserError(format_validation_error(source, err)) from None
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """The fully resolved recipe as YAML (what gets written into the run directory)."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

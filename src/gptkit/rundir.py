@@ -1,0 +1,111 @@
+"""The run directory: refuse to clobber other runs, check resumes, record how to repeat a run."""
+
+from __future__ import annotations
+
+import json
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+from gptkit.errors import UserError
+from gptkit.recipe import Recipe, recipe_to_yaml
+
+RECIPE_FILE = "recipe.yaml"
+RUN_FILE = "run.json"
+
+# Fields that may change between a run and its resume without changing what is computed.
+_HARMLESS = {
+    "description",
+    "output.dir",
+    "data.cache_dir",
+    "data.num_proc",
+    "train.eval_every",
+    "train.eval_batches",
+    "train.log_every",
+    "train.save_every",
+    "train.keep_last",
+    "train.compile",
+    "train.skip_nonfinite",
+}
+_SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr", "/var/lib", "/var/log")
+
+
+def resolve_output(raw: str) -> Path:
+    """``output.dir`` against the working directory; ``..`` and system folders are refused."""
+    if ".." in Path(raw).parts:
+        raise UserError(f"output.dir: '{raw}' contains '..'; give a path without parent references")
+    path = Path(raw).expanduser().resolve()
+    if path == Path("/") or any(str(path) == s or str(path).startswith(s + "/") for s in _SYSTEM):
+        raise UserError(f"output.dir: '{raw}' is a system folder; choose a directory you own")
+    return path
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
+    out: dict[str, object] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def recipe_changes(old: dict, new: dict) -> list[str]:
+    """Differences that matter for a resume, as 'field: old -> new' lines."""
+    a, b = _flatten(old), _flatten(new)
+    keys = sorted((set(a) | set(b)) - _HARMLESS)
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
+
+
+def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force: bool) -> None:
+    """Read-only checks before any work: is it safe to write into ``run_dir``?"""
+    if resume and overwrite:
+        raise UserError("--resume and --overwrite conflict: resume continues a run, overwrite deletes it")
+    saved = run_dir / RECIPE_FILE
+    if resume:
+        if not saved.is_file():
+            raise UserError(f"--resume: {run_dir} holds no gptkit run ({RECIPE_FILE} not found)")
+        changes = recipe_changes(yaml.safe_load(saved.read_text()), recipe.model_dump(mode="json"))
+        if changes and not force:
+            raise UserError(
+                f"--resume: the recipe differs from the run in {run_dir} in ways that change training: "
+                + "; ".join(changes)
+                + " (pass --force to resume anyway)"
+            )
+        return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir: {run_dir} exists and is not a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        if not saved.is_file():
+            raise UserError(f"output.dir: {run_dir} is not empty and holds no gptkit run; choose an empty directory")
+        if not overwrite:
+            raise UserError(
+                f"output.dir: {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
+            )
+
+
+def create(run_dir: Path, recipe: Recipe, *, overwrite: bool, command: list[str]) -> None:
+    """Make the run directory (clearing an old run only with --overwrite) and record recipe and versions."""
+    if overwrite and (run_dir / RECIPE_FILE).is_file():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
+    (run_dir / RUN_FILE).write_text(json.dumps(environment(command), indent=1))
+
+
+def environment(command: list[str]) -> dict:
+    import torch
+    import transformers
+
+    from gptkit import __version__
+
+    return {
+        "gptkit": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "command": command or sys.argv,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }

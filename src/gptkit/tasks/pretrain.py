@@ -1,0 +1,148 @@
+"""Pretraining: tokenizer + causal LM from scratch (or continued) on local text.
+
+Same verbs as every task module: ``check`` (read-only validation, used by ``gptkit validate``),
+``prepare`` (data and model), ``run`` (train through :func:`gptkit.engine.fit`, save).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptkit import data as data_mod
+from gptkit import modeling, rundir
+from gptkit.errors import UserError
+from gptkit.recipe import Recipe
+from gptkit.tokenizer import build_tokenizer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Plan:
+    """What ``gptkit validate`` prints: the checked inputs and the model's size."""
+
+    run_dir: Path
+    train_files: list[str]
+    val_files: list[str]
+    n_params: int
+    memory_bytes: int
+    vocab_size: int
+    vocab_note: str
+
+
+def check(recipe: Recipe) -> Plan:
+    """Validate inputs without training or tokenizing: files exist, the model builds (on the meta device)."""
+    if recipe.task != "pretrain":
+        raise UserError(f"task: '{recipe.task}' recipes run with `gptkit {recipe.task}`, not `gptkit pretrain`")
+    run_dir = rundir.resolve_output(recipe.output.dir)
+    if not recipe.data.train_files:
+        raise UserError("data.train_files: empty; list at least one text file or glob")
+    train = data_mod.resolve_files(recipe.data.train_files, "data.train_files")
+    val = data_mod.resolve_files(recipe.data.val_files, "data.val_files") if recipe.data.val_files else []
+    tok, mcfg = recipe.tokenizer, recipe.model
+    if mcfg.init_from:
+        modeling.check_local_dir(mcfg.init_from, "model.init_from")
+    cached = _tokenizer_cache_dir(recipe, train)
+    if tok.kind == "pretrained":
+        vocab, note = len(_load_tokenizer_checked(tok.path or "")), ""
+    elif (cached / "tokenizer.json").is_file():
+        vocab, note = len(_load_tokenizer_checked(str(cached))), " (tokenizer already trained on this corpus)"
+    elif tok.kind == "bpe":
+        vocab, note = tok.vocab_size, " (at most; BPE on a small corpus may stop earlier)"
+    else:
+        vocab, note = 256, " (character vocabulary: counted when the tokenizer is trained; 256 assumed)"
+    config = modeling.load_config(mcfg, vocab, 0)
+    n_params = modeling.meta_param_count(config)
+    mem = modeling.training_memory_bytes(config, n_params, recipe.train.batch_size)
+    return Plan(run_dir, train, val, n_params, mem, vocab, note)
+
+
+def _load_tokenizer_checked(path: str):
+    from gptkit.tokenizer import load_local
+
+    return load_local(path)
+
+
+def _tokenizer_cache_dir(recipe: Recipe, files: list[str]) -> Path:
+    """Where the tokenizer trained for these files and settings is kept (keyed by their contents' stats)."""
+    h = hashlib.sha256()
+    for f in files:
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    t = recipe.tokenizer
+    h.update(f"{t.kind}|{t.vocab_size}|{recipe.data.text_column}|{recipe.data.sample_by}|{recipe.model.context}".encode())
+    return data_mod.cache_root(recipe.data) / "tokenizers" / h.hexdigest()[:24]
+
+
+def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None = None):
+    """Train (or load from the cache) the recipe's tokenizer; corpus text is streamed in batches.
+
+    ``run_dir`` (on resume) holds the tokenizer the run started with, which then wins.
+    """
+    from transformers import AutoTokenizer
+
+    tok_cfg = recipe.tokenizer
+    if run_dir is not None and (run_dir / "tokenizer.json").is_file():
+        return AutoTokenizer.from_pretrained(str(run_dir))
+    if tok_cfg.kind == "pretrained":
+        return _load_tokenizer_checked(tok_cfg.path or "")
+    if recipe.model.init_from:
+        raise UserError("tokenizer.kind: continuing from model.init_from needs the checkpoint's tokenizer "
+                        "(set tokenizer.kind: pretrained and tokenizer.path to the checkpoint directory)")
+    cached = _tokenizer_cache_dir(recipe, train_files)
+    if (cached / "tokenizer.json").is_file():
+        log.info("using cached tokenizer %s", cached)
+        return AutoTokenizer.from_pretrained(str(cached))
+    texts = data_mod.load_texts(train_files, recipe.data, "data.train_files")
+    tok = build_tokenizer(tok_cfg, data_mod.iter_text_batches(texts), recipe.model.context)
+    tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
+    tok.save_pretrained(str(tmp))
+    if cached.exists():  # another process finished first; keep its copy
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, cached)
+    log.info("trained %s tokenizer: %d tokens", tok_cfg.kind, len(tok))
+    return tok
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+        command: list[str] | None = None) -> dict:
+    """Pretrain as the recipe says; the run directory ends up loadable by plain transformers."""
+    from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from gptkit import engine
+
+    hf_logging.disable_progress_bar()
+    plan = check(recipe)
+    rundir.check(plan.run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
+    accelerator = engine.make_accelerator(recipe.train.precision)
+    with accelerator.main_process_first():  # rank 0 tokenizes; the others then read its cache
+        tokenizer = tokenizer_for(recipe, plan.train_files, plan.run_dir if resume else None)
+        train, val = data_mod.pretrain_splits(recipe.data, tokenizer, recipe.model.context)
+    config = modeling.load_config(recipe.model, len(tokenizer), tokenizer.eos_token_id)
+    ctx = modeling.context_length(config)
+    if ctx < recipe.model.context:
+        raise UserError(f"model.context: {recipe.model.context} exceeds the checkpoint's {ctx} positions")
+    set_seed(recipe.train.seed)
+    model = modeling.build_model(recipe.model, config)
+    n_params = sum(p.numel() for p in model.parameters())
+    if accelerator.is_main_process:
+        if not resume:
+            rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
+        engine.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
+        tokenizer.save_pretrained(str(plan.run_dir))
+    accelerator.wait_for_everyone()
+    log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
+             n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
+    job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume)
+    metrics = engine.fit(job, accelerator)
+    if accelerator.is_main_process:
+        accelerator.unwrap_model(model).save_pretrained(str(plan.run_dir))
+    accelerator.wait_for_everyone()
+    return metrics

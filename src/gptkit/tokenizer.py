@@ -1,0 +1,92 @@
+"""Tokenizers: train byte-level BPE or a character vocabulary on the corpus, or load a local one.
+
+Training streams over the corpus in batches (``texts`` is any iterable of string batches), so the
+corpus is never held in memory whole. The result is a ``transformers`` fast tokenizer that
+``AutoTokenizer.from_pretrained(run_dir)`` loads without gptkit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from gptkit.errors import UserError
+from gptkit.recipe import TokenizerConfig
+
+EOS = "<|endoftext|>"
+UNK = "<unk>"
+
+
+def _wrap(tok, model_max_length: int):
+    from transformers import PreTrainedTokenizerFast
+
+    wrapped = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=EOS, bos_token=EOS, unk_token=UNK if tok.token_to_id(UNK) is not None else None
+    )
+    wrapped.model_max_length = model_max_length
+    return wrapped
+
+
+def train_char(texts: Iterable[list[str]], model_max_length: int):
+    """One token per distinct character of the corpus, plus EOS and UNK."""
+    from tokenizers import Tokenizer, decoders, models
+
+    chars: set[str] = set()
+    for batch in texts:
+        for t in batch:
+            chars.update(t)
+    vocab = {c: i for i, c in enumerate([EOS, UNK, *sorted(chars - {EOS, UNK})])}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
+    tok.add_special_tokens([EOS, UNK])
+    tok.decoder = decoders.Fuse()
+    return _wrap(tok, model_max_length)
+
+
+def train_bpe(texts: Iterable[list[str]], vocab_size: int, model_max_length: int):
+    """Byte-level BPE (GPT-2 style): never produces an unknown token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+
+    def flat() -> Iterator[str]:
+        for batch in texts:
+            yield from batch
+
+    tok.train_from_iterator(flat(), trainer=trainer)
+    return _wrap(tok, model_max_length)
+
+
+def load_local(path: str, field: str = "tokenizer.path"):
+    """A tokenizer from a local directory; hub names fail at once instead of trying the network."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if not p.is_dir():
+        raise UserError(
+            f"{field}: '{path}' is not a local directory; gptkit works offline and never downloads "
+            "(download the tokenizer once elsewhere and point to its folder)"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(p))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{field}: '{path}' holds no loadable tokenizer ({str(e).splitlines()[0]})") from None
+    if tok.eos_token is None:
+        raise UserError(f"{field}: tokenizer in '{path}' has no EOS token; gptkit needs one between documents")
+    return tok
+
+
+def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[list[str]], context: int):
+    """The tokenizer a recipe asks for (training it on ``texts`` when needed)."""
+    if cfg.kind == "pretrained":
+        return load_local(cfg.path or "")
+    if cfg.kind == "char":
+        return train_char(texts, context)
+    return train_bpe(texts, cfg.vocab_size, context)

@@ -1,0 +1,71 @@
+"""Shared fixtures: tiny corpora and recipes built in the test, the CLI driven in-process."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "data" / "tinyshakespeare.txt"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+# the test session tokenizes into its own cache, never the user's
+os.environ["GPTKIT_CACHE"] = tempfile.mkdtemp(prefix="gptkit-test-cache-")
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    """The first 40k characters of the bundled Shakespeare sample."""
+    p = tmp_path / "corpus.txt"
+    p.write_text(SHAKESPEARE.read_text()[:40_000])
+    return p
+
+
+def tiny_recipe(path: Path, corpus: Path, out: Path, **sections) -> Path:
+    """Write a recipe for a 2-layer, 32-wide character-level GPT; ``sections`` update the defaults."""
+    recipe = {
+        "tokenizer": {"kind": "char"},
+        "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context": 32, "tie_embeddings": False},
+        "data": {"train_files": [str(corpus)], "val_fraction": 0.1},
+        "train": {"max_steps": 20, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 5,
+                  "eval_every": 10, "eval_batches": 4, "log_every": 1, "save_every": 10},
+        "output": {"dir": str(out)},
+    }
+    for sec, values in sections.items():
+        recipe.setdefault(sec, {}).update(values)
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+@pytest.fixture
+def recipe_file(tmp_path, corpus) -> Path:
+    return tiny_recipe(tmp_path / "recipe.yaml", corpus, tmp_path / "run")
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    """Run ``gptkit`` in this process; returns (exit code, stdout, stderr)."""
+    import io
+    from contextlib import redirect_stderr, redirect_stdout
+
+    from gptkit.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with redirect_stdout(out), redirect_stderr(err):
+        try:
+            main(list(args))
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def gptkit_cmd() -> list[str]:
+    return [sys.executable, "-m", "gptkit"]

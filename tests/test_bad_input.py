@@ -1,0 +1,121 @@
+"""Every bad input: exit code 2, one line naming the file/field, no traceback, nothing written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli, tiny_recipe
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("gptkit: ")]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list[str]]]:
+    """(name, CLI args, substrings the error line must contain)."""
+    out = tmp / "run"
+
+    def recipe(name: str, **sections) -> str:
+        return str(tiny_recipe(tmp / f"{name}.yaml", corpus, out, **sections))
+
+    def file(name: str, content: bytes | str) -> str:
+        p = tmp / name
+        p.write_bytes(content.encode() if isinstance(content, str) else content)
+        return str(p)
+
+    jsonl_other_col = file("docs.jsonl", '{"content": "hello"}\n{"content": "world"}\n')
+    broken_jsonl = file("broken.jsonl", '{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
+    binary = file("bin.txt", b"\x00\xff\xfe\x80 not utf8 \xc3\x28")
+    (tmp / "adir.txt").mkdir()
+    return [
+        ("missing recipe", ["pretrain", str(tmp / "nope.yaml")], ["nope.yaml", "not found"]),
+        ("empty recipe", ["pretrain", file("empty.yaml", "")], ["empty.yaml", "empty"]),
+        ("yaml syntax", ["pretrain", file("syntax.yaml", "train: [1,\n")], ["syntax.yaml", "YAML syntax error"]),
+        ("wrong type", ["pretrain", recipe("wt"), "train.batch_size=big"], ["train.batch_size", "integer"]),
+        ("unknown key", ["pretrain", file("uk.yaml", "modle: {}\n")], ["uk.yaml", "modle", "did you mean 'model'"]),
+        ("missing data", ["pretrain", recipe("md", data={"train_files": [str(tmp / "gone.txt")]})],
+         ["data.train_files", "gone.txt", "not found"]),
+        ("glob matches nothing", ["pretrain", recipe("gl", data={"train_files": [str(tmp / "*.none")]})],
+         ["data.train_files", "matches no file"]),
+        ("empty data", ["pretrain", recipe("ed", data={"train_files": [file("empty.txt", "")]})],
+         ["data.train_files", "empty.txt", "empty"]),
+        ("directory as data", ["pretrain", recipe("dd", data={"train_files": [str(tmp / "adir.txt")]})],
+         ["adir.txt", "is a directory"]),
+        ("absent text column", ["pretrain", recipe("col", data={"train_files": [jsonl_other_col]})],
+         ["column 'text' not found", "content"]),
+        ("broken jsonl row", ["pretrain", recipe("bj", data={"train_files": [broken_jsonl]})],
+         ["broken.jsonl", "line 3", "invalid JSON"]),
+        ("non-utf8 data", ["pretrain", recipe("nu", data={"train_files": [binary]})], ["bin.txt", "UTF-8"]),
+        ("corpus smaller than a block", ["pretrain", recipe("small", data={"train_files": [file("s.txt", "tiny")]})],
+         ["corpus too small", "model.context=32"]),
+        ("hub name as init_from", ["pretrain", recipe("hub", model={"init_from": "gpt2"})],
+         ["model.init_from", "not a local directory", "offline"]),
+        ("hub name as tokenizer", ["pretrain", recipe("tok", tokenizer={"kind": "pretrained", "path": "gpt2"})],
+         ["tokenizer.path", "not a local directory"]),
+        ("resume with nothing", ["pretrain", recipe("rs"), "--resume"], ["--resume", "no gptkit run"]),
+        ("conflicting flags", ["pretrain", recipe("cf"), "--resume", "--overwrite"], ["conflict"]),
+        ("unknown flag", ["pretrain", recipe("uf"), "--frobnicate"], ["--frobnicate"]),
+        ("output with ..", ["pretrain", recipe("dots", output={"dir": "../escape"})], ["output.dir", ".."]),
+        ("output in system folder", ["pretrain", recipe("sys", output={"dir": "/etc/gptkit"})], ["system folder"]),
+        ("precision without gpu", ["pretrain", recipe("bf", train={"precision": "bf16"})], ["train.precision"]),
+        ("generate from hub name", ["generate", "gpt2", "--prompt", "hi"], ["gpt2", "not a local directory"]),
+        ("generate bad option", ["generate", str(tmp), "--top-p", "1.5"], ["top_p"]),
+    ]
+
+
+def test_each_bad_input_gets_one_clear_line(tmp_path, corpus):
+    for name, args, needles in _cases(tmp_path, corpus):
+        code, _, err = run_cli(*args)
+        assert_user_error(code, err, *needles)
+        assert not (tmp_path / "run").exists(), f"{name}: left an output directory behind"
+
+
+def test_existing_run_is_not_overwritten(tmp_path, corpus):
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", train={"max_steps": 2, "save_every": 1})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    before = snapshot(tmp_path / "run")
+    other = tiny_recipe(tmp_path / "other.yaml", corpus, tmp_path / "run", model={"n_layer": 1})
+    code, _, err = run_cli("pretrain", str(other))
+    assert_user_error(code, err, "already holds a run", "--resume", "--overwrite")
+    assert snapshot(tmp_path / "run") == before
+    # a changed recipe is refused on resume too, naming the difference
+    code, _, err = run_cli("pretrain", str(other), "--resume")
+    assert_user_error(code, err, "model.n_layer: 2 -> 1", "--force")
+    assert snapshot(tmp_path / "run") == before
+    # a non-empty folder that is not a run is never deleted, even with --overwrite
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    code, _, err = run_cli("pretrain", str(recipe), f"output.dir={tmp_path / 'mine'}", "--overwrite")
+    assert_user_error(code, err, "holds no gptkit run")
+    assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    # --overwrite replaces a run
+    code, _, err = run_cli("pretrain", str(other), "--overwrite")
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["n_layer"] == 1
+
+
+def test_bugs_still_show_a_traceback(tmp_path, corpus, monkeypatch):
+    """Internal errors are not dressed up as user errors: traceback and a different exit code."""
+    from gptkit.tasks import pretrain
+
+    def boom(*a, **k):
+        raise RuntimeError("internal bug")
+
+    monkeypatch.setattr(pretrain, "run", boom)
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")
+    with pytest.raises(RuntimeError, match="internal bug"):
+        run_cli("pretrain", str(recipe))

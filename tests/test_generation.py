@@ -1,0 +1,285 @@
+"""Tests for gptkit.generation: tiny models and a character-level tokenizer built in code, offline."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from gptkit.errors import UserError
+from gptkit.generation import DecodingOptions, generate_batch, load_for_generation, stream
+
+CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'\n0123456789"))
+PROMPTS = ["a", "hello world", "The cat sat on the mat.", "xyz", "Once upon a time there was", "q", "", "ab cd"]
+MEMO = "the quick brown fox jumps over the lazy dog."
+
+
+def make_tokenizer(pad: bool = False) -> PreTrainedTokenizerFast:
+    vocab = {"<eos>": 0, **{c: i + 1 for i, c in enumerate(CHARS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+    if pad:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def make_model(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    cfg = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(CHARS) + 1,
+               bos_token_id=0, eos_token_id=0, initializer_range=0.2)
+    return GPT2LMHeadModel(GPT2Config(**{**cfg, **overrides})).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return make_tokenizer(pad=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+def greedy(n: int = 12) -> DecodingOptions:
+    return DecodingOptions(max_new_tokens=n, min_new_tokens=n)
+
+
+def generate_alone(model, tok, prompt: str, **kwargs) -> list[str]:
+    """Plain model.generate on one prompt, no padding: the reference for the batched path."""
+    ids = tok(prompt)["input_ids"] or [tok.eos_token_id]
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, **kwargs)
+    return tok.batch_decode(out[:, len(ids):], skip_special_tokens=True)
+
+
+def sequence_logprob(model, tok, prompt: str, continuation: str) -> float:
+    prompt_ids, new_ids = tok(prompt)["input_ids"], tok(continuation)["input_ids"]
+    ids = torch.tensor([prompt_ids + new_ids])
+    with torch.no_grad():
+        logprobs = model(ids).logits.log_softmax(-1)[0, len(prompt_ids) - 1 : -1]
+    return logprobs.gather(-1, torch.tensor(new_ids)[:, None]).sum().item()
+
+
+# --- batching, padding, order ----------------------------------------------------------------------
+
+
+def test_greedy_is_batch_size_invariant_and_matches_unpadded_generate(model, tok):
+    one = generate_batch(model, tok, PROMPTS, greedy(), batch_size=1)
+    eight = generate_batch(model, tok, PROMPTS, greedy(), batch_size=8)
+    three = generate_batch(model, tok, PROMPTS, greedy(), batch_size=3)
+    alone = [generate_alone(model, tok, p, max_new_tokens=12, min_new_tokens=12, do_sample=False) for p in PROMPTS]
+    assert one == eight == three == alone
+    assert all(len(texts) == 1 and len(texts[0]) == 12 for texts in eight)
+
+
+def test_results_come_back_in_original_order(model, tok):
+    prompts = ["a much longer prompt than the others", "b", "medium one", "zz"]
+    batched = generate_batch(model, tok, prompts, greedy(), batch_size=4)
+    singles = [generate_batch(model, tok, [p], greedy())[0] for p in prompts]
+    assert len({texts[0] for texts in singles}) == len(prompts)  # distinct outputs, so a permutation shows
+    assert batched == singles
+
+
+def test_padding_side_and_pad_token_are_restored(model):
+    tok = make_tokenizer(pad=False)
+    tok.padding_side = "right"
+    generate_batch(model, tok, ["abc", "a"], greedy(3))
+    assert tok.padding_side == "right" and tok.pad_token is None
+
+
+def test_empty_prompt_list_and_bad_batch_size(model, tok):
+    assert generate_batch(model, tok, [], greedy()) == []
+    with pytest.raises(UserError, match="batch_size"):
+        generate_batch(model, tok, ["a"], greedy(), batch_size=0)
+
+
+def test_overlong_prompt_keeps_its_end(model, tok):
+    prompt = "abcdefghij" * 10  # 100 chars > n_positions=64
+    with pytest.warns(UserWarning, match="keeping the last 54"):
+        (text,), = generate_batch(model, tok, [prompt], greedy(10))
+    assert text == generate_alone(model, tok, prompt[-54:], max_new_tokens=10, min_new_tokens=10)[0]
+
+
+# --- decoding strategies -----------------------------------------------------------------------
+
+
+def test_seeded_sampling_is_reproducible_and_seed_dependent(model, tok):
+    def run(seed):
+        return generate_batch(model, tok, PROMPTS, DecodingOptions(do_sample=True, seed=seed, max_new_tokens=16))
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_top_k_1_sampling_equals_greedy(model, tok):
+    sampled = generate_batch(model, tok, PROMPTS, DecodingOptions(do_sample=True, top_k=1, seed=5, max_new_tokens=12,
+                                                                  min_new_tokens=12, temperature=0.7))
+    assert sampled == generate_batch(model, tok, PROMPTS, greedy())
+
+
+def test_num_return_sequences(model, tok):
+    sampled = generate_batch(model, tok, ["ab", "hello"], DecodingOptions(do_sample=True, num_return_sequences=3,
+                                                                           seed=0, max_new_tokens=8))
+    assert [len(texts) for texts in sampled] == [3, 3]
+    assert all(len(set(texts)) > 1 for texts in sampled)
+    beams = generate_batch(model, tok, ["ab", "hello"], DecodingOptions(num_beams=4, num_return_sequences=2,
+                                                                         max_new_tokens=8))
+    assert [len(texts) for texts in beams] == [2, 2]
+
+
+def test_beam_search_matches_generate_and_beats_greedy(model, tok):
+    options = DecodingOptions(num_beams=4, max_new_tokens=12, min_new_tokens=12)
+    beams = generate_batch(model, tok, PROMPTS, options, batch_size=3)
+    direct = [generate_alone(model, tok, p, num_beams=4, max_new_tokens=12, min_new_tokens=12, do_sample=False)
+              for p in PROMPTS]
+    assert beams == direct
+    greedy_out = generate_batch(model, tok, PROMPTS, greedy())
+    differs = 0
+    for prompt, (beam,), (best_greedy,) in zip(PROMPTS, beams, greedy_out):
+        prompt = prompt or "<eos>"
+        beam_lp, greedy_lp = sequence_logprob(model, tok, prompt, beam), sequence_logprob(model, tok, prompt, best_greedy)
+        assert beam_lp >= greedy_lp - 1e-4
+        differs += beam != best_greedy
+    assert differs > 0  # otherwise beam search was not actually used
+
+
+def repeating_model() -> GPT2LMHeadModel:
+    """Whatever the input, logits are 5 for 'a', 4 for 'b' and 0 elsewhere: greedy says 'aaaa...'."""
+    model = make_model(tie_word_embeddings=False)
+    a, b = CHARS.index("a") + 1, CHARS.index("b") + 1
+    with torch.no_grad():
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.fill_(1.0)
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[a] = 5.0 / model.config.n_embd
+        model.lm_head.weight[b] = 4.0 / model.config.n_embd
+    return model
+
+
+def test_repetition_penalty_changes_output_on_a_repeating_model(tok):
+    model = repeating_model()
+    assert generate_batch(model, tok, ["xyz"], greedy(6)) == [["aaaaaa"]]
+    # a: 5 -> 2.5 once generated, so b (4) wins once, then b: 4 -> 2 and a wins again for good.
+    penalised = DecodingOptions(max_new_tokens=6, min_new_tokens=6, repetition_penalty=2.0)
+    assert generate_batch(model, tok, ["xyz"], penalised) == [["abaaaa"]]
+
+
+# --- a model that learned something -------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def memorised(tok):
+    """A tiny model trained until it reproduces MEMO followed by EOS."""
+    model = make_model(seed=1, initializer_range=0.02)
+    ids = torch.tensor([tok(MEMO)["input_ids"] + [tok.eos_token_id]])
+    optim = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(300):
+        loss = model(ids, labels=ids).loss
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        if loss.item() < 0.02:
+            break
+    return model.eval()
+
+
+def test_memorised_string_is_continued_exactly_and_stops_at_eos(memorised, tok):
+    prompts = ["the quick", "the quick brown fox", "the"]  # longest + max_new_tokens fits n_positions=64
+    out = generate_batch(memorised, tok, prompts, DecodingOptions(max_new_tokens=45), batch_size=3)
+    assert out == [[MEMO[len(p):]] for p in prompts]
+
+
+def test_stream_writes_tokens_as_they_come(memorised, tok):
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, s):
+            writes.append(s)
+            return super().write(s)
+
+    out = Recorder()
+    texts = stream(memorised, tok, "the quick", DecodingOptions(max_new_tokens=45), out=out)
+    assert texts == [MEMO[len("the quick"):]]
+    assert out.getvalue() == texts[0] + "\n"
+    assert len([w for w in writes if w.strip()]) > 3  # word by word, not all at the end
+
+
+def test_stream_several_samples_prints_headers(model, tok):
+    out = io.StringIO()
+    options = DecodingOptions(do_sample=True, num_return_sequences=2, seed=3, max_new_tokens=10)
+    texts = stream(model, tok, "hello", options, out=out)
+    assert len(texts) == 2
+    assert out.getvalue() == f"=== sample 1/2 ===\n{texts[0]}\n=== sample 2/2 ===\n{texts[1]}\n"
+    assert texts == generate_batch(model, tok, ["hello"], options)[0]
+
+
+# --- options and loading -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        (dict(do_sample=True, temperature=0.0), "temperature"),
+        (dict(do_sample=True, temperature=-1.0), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=0), "top_k"),
+        (dict(num_beams=0), "num_beams"),
+        (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
+        (dict(num_return_sequences=2), "num_return_sequences"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"),
+    ],
+)
+def test_validate_rejects_impossible_options(kwargs, field):
+    with pytest.raises(UserError, match=field) as info:
+        DecodingOptions(**kwargs).validate()
+    assert "\n" not in str(info.value)
+
+
+def test_validate_accepts_sensible_options():
+    DecodingOptions().validate()
+    DecodingOptions(do_sample=True, temperature=0.7, top_k=40, top_p=0.9, num_return_sequences=4).validate()
+    DecodingOptions(num_beams=4, num_return_sequences=4).validate()
+
+
+def test_generate_kwargs_only_pass_sampling_params_when_sampling(tok):
+    greedy_kwargs = DecodingOptions(temperature=0.5, top_k=3).to_generate_kwargs(tok)
+    assert not {"temperature", "top_k", "top_p"} & greedy_kwargs.keys()
+    assert greedy_kwargs["pad_token_id"] == greedy_kwargs["eos_token_id"] == tok.eos_token_id
+    sample_kwargs = DecodingOptions(do_sample=True, temperature=0.5).to_generate_kwargs(tok)
+    assert (sample_kwargs["temperature"], sample_kwargs["top_k"], sample_kwargs["top_p"]) == (0.5, 0, 1.0)
+
+
+def test_load_for_generation_rejects_non_local_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ["gpt2", str(tmp_path / "missing")]:
+        with pytest.raises(UserError, match="not a local directory; gptkit works offline"):
+            load_for_generation(name)
+
+
+def test_load_for_generation_needs_config_and_tokenizer(tmp_path, model):
+    model.save_pretrained(tmp_path / "no_tok")
+    with pytest.raises(UserError, match="no tokenizer files"):
+        load_for_generation(tmp_path / "no_tok")
+    make_tokenizer().save_pretrained(tmp_path / "no_config")
+    with pytest.raises(UserError, match="no config.json"):
+        load_for_generation(tmp_path / "no_config")
+
+
+def test_load_for_generation_round_trip(tmp_path, model):
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer(pad=False).save_pretrained(tmp_path / "m")
+    loaded, tok = load_for_generation(tmp_path / "m")
+    assert not loaded.training
+    assert tok.pad_token == tok.eos_token == "<eos>"
+    assert generate_batch(loaded, tok, PROMPTS, greedy()) == generate_batch(model, make_tokenizer(True), PROMPTS, greedy())

@@ -1,0 +1,192 @@
+"""`gptkit pretrain` end to end on a tiny model: it learns, writes a complete run, resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli, tiny_recipe
+
+STEPS = 80
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """One tiny character-level run shared by the tests that only read it."""
+    from conftest import SHAKESPEARE
+
+    tmp = tmp_path_factory.mktemp("trained")
+    corpus = tmp / "corpus.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:40_000])
+    recipe = tiny_recipe(tmp / "r.yaml", corpus, tmp / "run",
+                         train={"max_steps": STEPS, "batch_size": 16, "eval_every": 20, "save_every": 20})
+    code, out, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    assert "done:" in out
+    return tmp / "run"
+
+
+def metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_validation_loss_falls_below_bound(trained):
+    rows = metrics(trained)
+    val = [r["val_loss"] for r in rows if "val_loss" in r]
+    train = [r["train_loss"] for r in rows if "train_loss" in r]
+    assert len(train) == STEPS and len(val) == STEPS // 20
+    # ln(vocab ~60) = 4.1 at init; the corpus's unigram entropy is 3.28 nats and its bigram entropy 2.38,
+    # so 2.75 can only be reached by using the context
+    assert train[0] > 3.9
+    assert val[-1] < 2.75, val
+    assert val == sorted(val, reverse=True), "validation loss should fall at every evaluation"
+
+
+def test_run_directory_is_complete(trained):
+    from gptkit.recipe import Recipe
+
+    names = {p.name for p in trained.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml", "run.json",
+            "metrics.jsonl", "loss.png", "tensorboard", "checkpoints"} <= names
+    assert (trained / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert list((trained / "tensorboard").glob("events.out.tfevents.*"))
+    Recipe.model_validate(yaml.safe_load((trained / "recipe.yaml").read_text()))  # the run can be repeated
+    versions = json.loads((trained / "run.json").read_text())
+    assert {"gptkit", "torch", "transformers"} <= versions.keys()
+    ckpts = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert ckpts == ["step-00000060", "step-00000080"]  # keep_last=2
+
+
+def test_plain_transformers_loads_the_run(trained):
+    """A process that never imports gptkit loads model and tokenizer and finds them trained."""
+    code = f"""
+import math, sys, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained({str(trained)!r})
+model = AutoModelForCausalLM.from_pretrained({str(trained)!r}).eval()
+assert not any(m.startswith("gptkit") for m in sys.modules)
+ids = tok("ROMEO:\\nWhat say you, my lord?\\n", return_tensors="pt").input_ids[:, :32]
+with torch.no_grad():
+    loss = model(input_ids=ids, labels=ids).loss.item()
+out = model.generate(ids[:, :5], max_new_tokens=10, do_sample=False)
+print(loss, len(tok), tok.decode(out[0]))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    loss, vocab = float(res.stdout.split()[0]), int(res.stdout.split()[1])
+    assert loss < 3.0 < 4.0 < __import__("math").log(vocab) + 0.5  # trained weights, not a random init
+    assert res.stdout.split(maxsplit=2)[2].startswith("ROMEO")
+
+
+def test_second_run_skips_tokenization(tmp_path, corpus, caplog):
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "a", train={"max_steps": 1})
+    with caplog.at_level(logging.INFO, logger="gptkit"):
+        assert run_cli("pretrain", str(recipe))[0] == 0
+        assert "tokenized data.train_files" in caplog.text
+        caplog.clear()
+        assert run_cli("pretrain", str(recipe), f"output.dir={tmp_path / 'b'}")[0] == 0
+    assert "using cached tokenizer" in caplog.text and "using cached tokens" in caplog.text
+    assert "tokenized data.train_files" not in caplog.text
+
+
+def test_validate_reports_real_parameter_count(trained):
+    from safetensors import safe_open
+
+    code, out, err = run_cli("validate", str(trained / "recipe.yaml"))
+    assert code == 0, err
+    with safe_open(str(trained / "model.safetensors"), "pt") as f:
+        saved = sum(f.get_slice(k).get_shape().numel() if hasattr(f.get_slice(k).get_shape(), "numel")
+                    else __import__("math").prod(f.get_slice(k).get_shape()) for k in f.keys())
+    assert f"{saved:,} parameters" in out, out  # the tokenizer is cached, so its real vocabulary is used
+    assert "accelerate launch --num_processes 1 -m gptkit pretrain" in out
+    assert "train_files" in out and "all found" in out
+
+
+def test_cli_import_stays_light():
+    """`gptkit --help` must not import torch or transformers (they take seconds to import)."""
+    code = "import sys, gptkit.cli; heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
+
+
+def test_recipes_command_lists_and_shows():
+    code, out, _ = run_cli("recipes")
+    assert code == 0 and "pretrain/shakespeare-char" in out and "pretrain/tiny" in out
+    code, out, _ = run_cli("recipes", "show", "pretrain/tiny")
+    assert code == 0 and out.startswith("# gptkit pretrain pretrain/tiny")
+
+
+def _final_weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def _train_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in metrics(run) if "train_loss" in r}
+
+
+def test_resume_after_signal_is_bit_identical(tmp_path, monkeypatch):
+    """SIGINT mid-run checkpoints at the step boundary; --resume then matches an uninterrupted run exactly,
+    across an epoch boundary and with gradient accumulation."""
+    from conftest import SHAKESPEARE
+    from gptkit import engine
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:4_000])  # ~110 blocks: an epoch every ~7 steps
+    train = {"max_steps": 20, "grad_accum": 2, "save_every": 5, "eval_every": 10}
+    model = {"dropout": 0.1}  # dropout makes the RNG state matter
+    ref = tiny_recipe(tmp_path / "ref.yaml", corpus, tmp_path / "ref", train=train, model=model)
+    assert run_cli("pretrain", str(ref))[0] == 0
+
+    real_lr_at = engine.lr_at
+
+    def interrupt_at_step_12(it, cfg):
+        if it == 11:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(it, cfg)
+
+    cut = tiny_recipe(tmp_path / "cut.yaml", corpus, tmp_path / "cut", train=train, model=model)
+    monkeypatch.setattr(engine, "lr_at", interrupt_at_step_12)
+    code, _, err = run_cli("pretrain", str(cut))
+    assert code == 130, err
+    assert "--resume" in err
+    assert (tmp_path / "cut" / "checkpoints" / "step-00000012").is_dir()
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    monkeypatch.setattr(engine, "lr_at", real_lr_at)
+    code, _, err = run_cli("pretrain", str(cut), "--resume")
+    assert code == 0, err
+
+    assert _train_losses(tmp_path / "cut") == _train_losses(tmp_path / "ref")  # exact, every step
+    a, b = _final_weights(tmp_path / "ref"), _final_weights(tmp_path / "cut")
+    assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+@pytest.mark.distributed
+def test_two_process_torchrun_matches_one_process(tmp_path, corpus):
+    """2 processes x batch 4 == 1 process x batch 8: same examples, same losses; only rank 0 writes."""
+    one = tiny_recipe(tmp_path / "one.yaml", corpus, tmp_path / "one", train={"max_steps": 8, "batch_size": 8, "eval_every": 4})
+    two = tiny_recipe(tmp_path / "two.yaml", corpus, tmp_path / "two", train={"max_steps": 8, "batch_size": 4, "eval_every": 4})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
+    res = subprocess.run([*torchrun, "-m", "gptkit", "pretrain", str(two)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.count("done:") == 1  # only the main process reports
+    res = subprocess.run([sys.executable, "-m", "gptkit", "pretrain", str(one)], capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert [sorted(r) for r in m1] == [sorted(r) for r in m2]  # one line per event: rank 1 wrote nothing
+    for r1, r2 in zip(m1, m2):
+        for key in ("train_loss", "val_loss"):
+            if key in r1:
+                assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1, r2)

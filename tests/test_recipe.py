@@ -1,0 +1,142 @@
+"""The recipe schema: defaults, typing, overrides, extends, path resolution, and its error lines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gptkit.cli import bundled_recipes_dir
+from gptkit.errors import UserError
+from gptkit.recipe import Recipe, load_recipe
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_defaults_fill_every_section(tmp_path):
+    r = load_recipe(write(tmp_path / "r.yaml", "description: x\n"))
+    assert r == Recipe(description="x")
+    assert r.train.schedule == "cosine" and r.model.arch == "gpt2"
+
+
+def test_overrides_are_typed_by_the_schema(tmp_path):
+    r = load_recipe(write(tmp_path / "r.yaml", "train: {max_steps: 5}\n"),
+                    ["train.lr=3e-4", "train.max_steps=7", "train.compile=true", "model.arch=llama"])
+    assert r.train.lr == pytest.approx(3e-4) and isinstance(r.train.lr, float)
+    assert r.train.max_steps == 7 and r.train.compile is True and r.model.arch == "llama"
+
+
+def test_yaml_float_without_dot_is_still_a_float(tmp_path):
+    # PyYAML reads "3e-4" as a string; the schema must still type it as a number
+    r = load_recipe(write(tmp_path / "r.yaml", "train: {lr: 3e-4, min_lr: 1e-5}\n"))
+    assert r.train.lr == pytest.approx(3e-4)
+
+
+def test_unknown_key_names_file_field_and_suggestion(tmp_path):
+    path = write(tmp_path / "r.yaml", "train:\n  learning_rat: 0.1\n")
+    with pytest.raises(UserError) as e:
+        load_recipe(path)
+    msg = str(e.value)
+    assert str(path) in msg and "train.learning_rat" in msg and "unknown key" in msg
+    path = write(tmp_path / "r2.yaml", "trian:\n  lr: 0.1\n")
+    with pytest.raises(UserError, match=r"trian: unknown key \(did you mean 'train'\?\)"):
+        load_recipe(path)
+    path = write(tmp_path / "r3.yaml", "train:\n  max_step: 3\n")
+    with pytest.raises(UserError, match=r"did you mean 'max_steps'"):
+        load_recipe(path)
+
+
+def test_wrong_type_names_field_and_value(tmp_path):
+    path = write(tmp_path / "r.yaml", "train:\n  max_steps: lots\n")
+    with pytest.raises(UserError, match=r"r.yaml: train.max_steps: .*integer.*got 'lots'"):
+        load_recipe(path)
+
+
+def test_override_errors_name_the_command_line(tmp_path):
+    path = write(tmp_path / "r.yaml", "{}\n")
+    with pytest.raises(UserError, match=r"command-line override: train.lr: .*number"):
+        load_recipe(path, ["train.lr=fast"])
+    with pytest.raises(UserError, match=r"did you mean 'lr'"):
+        load_recipe(path, ["train.lrr=0.1"])
+    with pytest.raises(UserError, match=r"expected key.path=value"):
+        load_recipe(path, ["train.lr"])
+
+
+@pytest.mark.parametrize(
+    "text, pattern",
+    [
+        ("train: {lr: -1}\n", r"train.lr: .*greater than 0"),
+        ("model: {n_layer: 0}\n", r"model.n_layer: .*greater than or equal to 1"),
+        ("model: {context: 0}\n", r"model.context"),
+        ("model: {n_embd: 30, n_head: 4}\n", r"divisible by n_head"),
+        ("train: {lr: 1.0e-4, min_lr: 1.0e-3}\n", r"min_lr .* must not exceed lr"),
+        ("tokenizer: {kind: pretrained}\n", r"needs tokenizer.path"),
+        ("model: {arch: bert}\n", r"model.arch: .*'gpt2' or 'llama'"),
+    ],
+)
+def test_absurd_values_are_refused(tmp_path, text, pattern):
+    with pytest.raises(UserError, match=pattern):
+        load_recipe(write(tmp_path / "r.yaml", text))
+
+
+def test_extends_merges_and_resolves_paths_per_file(tmp_path):
+    write(tmp_path / "base" / "corpus.txt", "hello")
+    write(tmp_path / "base" / "base.yaml", "data: {train_files: [corpus.txt]}\ntrain: {lr: 1.0e-3, max_steps: 10}\n")
+    child = write(tmp_path / "child" / "c.yaml", "extends: ../base/base.yaml\ntrain: {max_steps: 99}\n")
+    r = load_recipe(child)
+    assert r.train.max_steps == 99 and r.train.lr == pytest.approx(1e-3)  # child wins, base fills in
+    assert r.data.train_files == [str((tmp_path / "base" / "corpus.txt").resolve())]
+
+
+def test_extends_cycle_is_refused(tmp_path):
+    write(tmp_path / "a.yaml", "extends: b.yaml\n")
+    write(tmp_path / "b.yaml", "extends: a.yaml\n")
+    with pytest.raises(UserError, match="cycle"):
+        load_recipe(tmp_path / "a.yaml")
+
+
+def test_file_level_errors(tmp_path):
+    with pytest.raises(UserError, match="recipe file not found"):
+        load_recipe(tmp_path / "missing.yaml")
+    with pytest.raises(UserError, match="recipe is empty"):
+        load_recipe(write(tmp_path / "empty.yaml", ""))
+    with pytest.raises(UserError, match=r"line 3 column 1: YAML syntax error"):
+        load_recipe(write(tmp_path / "bad.yaml", "train:\n  lr: [1, 2\n"))
+    with pytest.raises(UserError, match="expected a mapping"):
+        load_recipe(write(tmp_path / "list.yaml", "- a\n- b\n"))
+    with pytest.raises(UserError, match="is a directory"):
+        load_recipe(tmp_path)
+    bad = tmp_path / "bin.yaml"
+    bad.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(UserError, match="not UTF-8"):
+        load_recipe(bad)
+
+
+def test_unsafe_yaml_tags_are_refused(tmp_path):
+    path = write(tmp_path / "r.yaml", "description: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="YAML"):
+        load_recipe(path)
+
+
+BUNDLED = sorted(p for p in bundled_recipes_dir().rglob("*.yaml") if not p.name.startswith("_"))
+
+
+def test_bundled_recipes_exist():
+    names = {str(p.relative_to(bundled_recipes_dir())) for p in BUNDLED}
+    assert {"pretrain/tiny.yaml", "pretrain/shakespeare-char.yaml", "pretrain/gpt2-small.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
+def test_every_bundled_recipe_validates(path):
+    from gptkit.tasks import pretrain
+
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# gptkit "), "every recipe opens with the command that runs it"
+    recipe = load_recipe(path)
+    assert recipe.description
+    plan = pretrain.check(recipe)  # inputs exist, model builds on the meta device
+    assert plan.n_params > 0
