@@ -29,7 +29,7 @@ demo: install
 	$(BIN)/gptkit generate runs/tiny --prompt "ROMEO:" --max-new-tokens 200 --temperature 0.8 --top-k 40 --seed 1
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 bench: install
 	$(BIN)/python bench/pretrain_throughput.py

@@ -144,8 +144,8 @@ def test_beam_search_matches_generate_and_beats_greedy(model, tok):
     differs = 0
     for prompt, (beam,), (best_greedy,) in zip(PROMPTS, beams, greedy_out):
         prompt = prompt or "<eos>"
-        beam_lp, greedy_lp = sequence_logprob(model, tok, prompt, beam), sequence_logprob(model, tok, prompt, best_greedy)
-        assert beam_lp >= greedy_lp - 1e-4
+        beam_lp = sequence_logprob(model, tok, prompt, beam)
+        assert beam_lp >= sequence_logprob(model, tok, prompt, best_greedy) - 1e-4
         differs += beam != best_greedy
     assert differs > 0  # otherwise beam search was not actually used
 
@@ -208,7 +208,7 @@ def test_stream_writes_tokens_as_they_come(memorised, tok):
     out = Recorder()
     texts = stream(memorised, tok, "the quick", DecodingOptions(max_new_tokens=45), out=out)
     assert texts == [MEMO[len("the quick"):]]
-    assert out.getvalue() == texts[0] + "\n"
+    assert out.getvalue() == "the quick" + texts[0] + "\n"  # the prompt, then its continuation
     assert len([w for w in writes if w.strip()]) > 3  # word by word, not all at the end
 
 
@@ -217,7 +217,7 @@ def test_stream_several_samples_prints_headers(model, tok):
     options = DecodingOptions(do_sample=True, num_return_sequences=2, seed=3, max_new_tokens=10)
     texts = stream(model, tok, "hello", options, out=out)
     assert len(texts) == 2
-    assert out.getvalue() == f"=== sample 1/2 ===\n{texts[0]}\n=== sample 2/2 ===\n{texts[1]}\n"
+    assert out.getvalue() == f"=== sample 1/2 ===\nhello{texts[0]}\n=== sample 2/2 ===\nhello{texts[1]}\n"
     assert texts == generate_batch(model, tok, ["hello"], options)[0]
 
 
@@ -235,6 +235,7 @@ def test_stream_several_samples_prints_headers(model, tok):
         (dict(num_beams=0), "num_beams"),
         (dict(num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (dict(num_return_sequences=2), "num_return_sequences"),
+        (dict(do_sample=True, num_beams=2, num_return_sequences=3), "num_return_sequences"),
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
@@ -282,4 +283,15 @@ def test_load_for_generation_round_trip(tmp_path, model):
     loaded, tok = load_for_generation(tmp_path / "m")
     assert not loaded.training
     assert tok.pad_token == tok.eos_token == "<eos>"
-    assert generate_batch(loaded, tok, PROMPTS, greedy()) == generate_batch(model, make_tokenizer(True), PROMPTS, greedy())
+    expected = generate_batch(model, make_tokenizer(pad=True), PROMPTS, greedy())
+    assert generate_batch(loaded, tok, PROMPTS, greedy()) == expected
+
+
+def test_stream_slides_past_the_context(model, tok):
+    """More new tokens than the context holds: generation continues on a sliding window."""
+    limit = model.config.max_position_embeddings
+    out = io.StringIO()
+    options = DecodingOptions(max_new_tokens=limit * 2 + 5, min_new_tokens=limit * 2 + 5)
+    texts = stream(model, tok, "ab", options, out=out)
+    assert len(tok(texts[0])["input_ids"]) == limit * 2 + 5
+    assert out.getvalue() == "ab" + texts[0] + "\n"

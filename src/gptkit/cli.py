@@ -155,6 +155,14 @@ def recipes_list(ctx: typer.Context) -> None:
         typer.echo(f"{str(path.relative_to(root).with_suffix('')):<28} {desc}")
 
 
+@recipes_app.command("schema")
+def recipes_schema() -> None:
+    """Print every recipe field with its default and meaning (from the schema itself)."""
+    from gptkit.recipe import schema_reference
+
+    typer.echo(schema_reference())
+
+
 @recipes_app.command("show")
 def recipes_show(name: Annotated[str, typer.Argument(help="Bundled recipe name, e.g. pretrain/tiny.")]) -> None:
     """Print a bundled recipe file as written."""

@@ -144,25 +144,34 @@ def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np
 
 
 class Blocks:
-    """Fixed-length training examples cut from a token stream: block i covers tokens [i*T, i*T+T+1)."""
+    """Fixed-length examples cut from a token stream: block i covers tokens [s + i*T, s + i*T + T + 1).
 
-    def __init__(self, stream: np.ndarray, context: int):
-        self.stream, self.context = stream, context
+    The shift s is 0 in the first epoch and a seeded value in [0, T) in each later one, so repeated
+    epochs see new windows (as nanoGPT's random crops do) while every epoch stays a pure function of
+    (seed, epoch) — which keeps resume exact.
+    """
+
+    def __init__(self, stream: np.ndarray, context: int, seed: int = 0):
+        self.stream, self.context, self.seed = stream, context, seed
 
     def __len__(self) -> int:
-        return max(0, (len(self.stream) - 1) // self.context)
+        return max(0, (len(self.stream) - self.context) // self.context)
 
-    def batch(self, indices: list[int]) -> dict:
+    def _shift(self, epoch: int) -> int:
+        return 0 if epoch == 0 else int(np.random.default_rng([self.seed, epoch, 1]).integers(self.context))
+
+    def batch(self, indices: list[int], epochs: list[int] | None = None) -> dict:
         import torch
 
         T = self.context
-        rows = np.stack([self.stream[i * T : i * T + T + 1] for i in indices]).astype(np.int64)
+        starts = [i * T + (self._shift(e) if epochs else 0) for i, e in zip(indices, epochs or indices)]
+        rows = np.stack([self.stream[s : s + T + 1] for s in starts]).astype(np.int64)
         t = torch.from_numpy(rows)
         return {"input_ids": t[:, :-1], "labels": t[:, 1:]}
 
 
-def pretrain_splits(cfg: DataConfig, tokenizer, context: int) -> tuple[Blocks, Blocks | None]:
-    """Train and validation blocks for pretraining, checking each split holds at least one block."""
+def pretrain_splits(cfg: DataConfig, tokenizer, context: int, seed: int = 0) -> tuple[Blocks, Blocks | None]:
+    """Train and validation blocks for pretraining, checking each split can hold a (shifted) block."""
     train_files = resolve_files(cfg.train_files, "data.train_files")
     stream = token_stream(train_files, cfg, tokenizer, "data.train_files")
     if cfg.val_files:
@@ -173,15 +182,15 @@ def pretrain_splits(cfg: DataConfig, tokenizer, context: int) -> tuple[Blocks, B
         train, val = stream[: len(stream) - n_val], stream[len(stream) - n_val :]
     else:
         train, val = stream, None
-    need = context + 1
+    need = 2 * context
     if len(train) < need:
         raise UserError(
-            f"data.train_files: corpus too small: {len(train)} training tokens, one block of model.context={context} "
-            f"needs {need}"
+            f"data.train_files: corpus too small: {len(train)} training tokens; blocks of model.context={context} "
+            f"need at least {need}"
         )
     if val is not None and len(val) < need:
         raise UserError(
-            f"data: validation split has {len(val)} tokens, fewer than one block ({need}); "
+            f"data: validation split has {len(val)} tokens, fewer than the {need} that blocks of {context} need; "
             "raise data.val_fraction, add data.val_files, or set data.val_fraction=0"
         )
-    return Blocks(train, context), (Blocks(val, context) if val is not None else None)
+    return Blocks(train, context, seed), (Blocks(val, context) if val is not None else None)

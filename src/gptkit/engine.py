@@ -62,7 +62,7 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
 
 
 class DataOrder:
-    """Seeded permutation per epoch; ``indices(pos, n)`` reads positions [pos, pos+n) of the endless stream."""
+    """A seeded permutation per epoch, read as one endless stream of example indices."""
 
     def __init__(self, n: int, seed: int):
         self.n, self.seed = n, seed
@@ -73,8 +73,10 @@ class DataOrder:
             self._epoch, self._perm = epoch, np.random.default_rng([self.seed, epoch]).permutation(self.n)
         return self._perm
 
-    def indices(self, pos: int, count: int) -> list[int]:
-        return [int(self._perm_for(p // self.n)[p % self.n]) for p in range(pos, pos + count)]
+    def take(self, pos: int, count: int) -> tuple[list[int], list[int]]:
+        """Example indices at stream positions [pos, pos+count), and the epoch each belongs to."""
+        epochs = [p // self.n for p in range(pos, pos + count)]
+        return [int(self._perm_for(e)[p % self.n]) for e, p in zip(epochs, range(pos, pos + count))], epochs
 
 
 class _StopOnSignal:
@@ -111,19 +113,25 @@ def make_accelerator(precision: str):
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision in ("bf16", "fp16") and not torch.cuda.is_available():
         raise UserError(f"train.precision: {precision} needs a GPU; use fp32 or auto on this machine")
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere+); no effect on CPU
+    torch.backends.cudnn.allow_tf32 = True
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not torch.cuda.is_available())
 
 
 @dataclass
 class Job:
-    """What a task hands to :func:`fit`. ``train_data``/``val_data`` offer ``len()`` and ``batch(indices)``."""
+    """What a task hands to :func:`fit`.
+
+    ``train_data`` offers ``len()`` and ``batch(indices, epochs)`` (the epoch of each index, for data that
+    varies per epoch); ``val_data`` offers ``len()`` and ``batch(indices)``.
+    """
 
     model: torch.nn.Module
     train_data: Any
     val_data: Any | None
     cfg: TrainConfig
     run_dir: Path
-    loss_fn: Callable[[Any, dict], torch.Tensor] = causal_lm_loss
+    loss_fn: Callable[[Any, dict], torch.Tensor] | None = None  # None: next-token cross-entropy
     resume: bool = False
 
 
@@ -137,11 +145,18 @@ def evaluate_loss(model, data, loss_fn, batch_size: int, max_batches: int | None
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for b in range(accelerator.process_index, math.ceil(limit / batch_size), world):
         idx = list(range(b * batch_size, min(limit, (b + 1) * batch_size)))
-        batch = {k: v.to(accelerator.device) for k, v in data.batch(idx).items()}
+        batch = to_device(data.batch(idx), accelerator.device)
         total += torch.tensor([loss_fn(model, batch).item() * len(idx), len(idx)], device=total.device, dtype=total.dtype)
     total = accelerator.reduce(total, "sum")
     model.train()
     return float(total[0] / total[1])
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a batch; on GPUs through pinned memory so the copy overlaps the previous step's kernels."""
+    if device.type != "cuda":
+        return {k: v.to(device) for k, v in batch.items()}
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
 def _rng_state() -> dict:
@@ -161,7 +176,7 @@ def _save(job: Job, step: int, model, opt, accelerator, counters: dict) -> None:
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model), str(tmp / "model.safetensors"))
+        save_model(accelerator.unwrap_model(model, keep_torch_compile=False), str(tmp / "model.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **counters}))
     accelerator.wait_for_everyone()
@@ -177,7 +192,8 @@ def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
     ckpt = checkpoint.latest(root)
     if ckpt is None:
         raise UserError(f"--resume: no complete checkpoint in {root}; start without --resume")
-    load_model(accelerator.unwrap_model(model), str(ckpt / "model.safetensors"), device=str(accelerator.device))
+    raw = accelerator.unwrap_model(model, keep_torch_compile=False)
+    load_model(raw, str(ckpt / "model.safetensors"), device=str(accelerator.device))
     opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
     rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
     rng = torch.load(rng_file if rng_file.exists() else ckpt / "rng-0.pt", weights_only=True)
@@ -197,7 +213,8 @@ def check_disk_space(run_dir: Path, n_params: int, keep_last: int) -> None:
     import shutil
 
     need = (keep_last + 1) * 12 * n_params + 4 * n_params  # fp32 weights + two AdamW moments each
-    free = shutil.disk_usage(run_dir).free
+    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
     if free < need:
         raise UserError(
             f"output.dir: {run_dir} has {free / 1e9:.2f} GB free; {keep_last} kept checkpoints of this model "
@@ -210,10 +227,12 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     cfg, main = job.cfg, accelerator.is_main_process
-    model = job.model
+    model, loss_fn = job.model, job.loss_fn or causal_lm_loss
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # the fused kernel is ~3x faster than the per-tensor loop on CPU too (bench/pretrain_throughput.py)
+    opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                            fused=accelerator.device.type in ("cuda", "cpu"))
     model, opt = accelerator.prepare(model, opt)
     if cfg.compile:
         model = torch.compile(model)
@@ -240,9 +259,9 @@ def fit(job: Job, accelerator) -> dict[str, float]:
             loss_sum = torch.zeros((), device=accelerator.device)
             for micro in range(accum):
                 pos = (step - 1) * global_batch + (micro * world + rank) * B
-                batch = {k: v.to(accelerator.device) for k, v in job.train_data.batch(order.indices(pos, B)).items()}
+                batch = to_device(job.train_data.batch(*order.take(pos, B)), accelerator.device)
                 with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    loss = job.loss_fn(model, batch)
+                    loss = loss_fn(model, batch)
                     accelerator.backward(loss / accum)
                 loss_sum += loss.detach()
                 tokens += batch["input_ids"].numel() * world
@@ -277,7 +296,7 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                              last["train_loss"], lr, tok_s, eta)
                 run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
             if job.val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                val = evaluate_loss(model, job.val_data, job.loss_fn, B, cfg.eval_batches, accelerator)
+                val = evaluate_loss(model, job.val_data, loss_fn, B, cfg.eval_batches, accelerator)
                 metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
                 tracker.log(step, metrics)
                 last.update(metrics)

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import TextStreamer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
 
 from gptkit.errors import UserError
 
@@ -56,10 +56,10 @@ class DecodingOptions:
             return f"num_beams must be >= 1, got {self.num_beams}"
         if self.num_return_sequences < 1:
             return f"num_return_sequences must be >= 1, got {self.num_return_sequences}"
-        if not self.do_sample and self.num_return_sequences > self.num_beams:
+        if (self.num_beams > 1 or not self.do_sample) and self.num_return_sequences > self.num_beams:
             return (
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
-                "without sampling; set do_sample=True or num_beams >= num_return_sequences"
+                "with greedy or beam search; use num_beams=1 with do_sample=True, or num_beams >= num_return_sequences"
             )
         if not self.repetition_penalty > 0:
             return f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}"
@@ -116,8 +116,6 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
             f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
             "save the tokenizer next to the model"
         )
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
@@ -202,34 +200,51 @@ class _WriterStreamer(TextStreamer):
         self.out = out
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.write(text)  # the caller ends the line once the last chunk is done
         self.out.flush()
 
 
-def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, out: TextIO | None = None) -> list[str]:
-    """Generate for one prompt and write the new text to ``out`` (``sys.stdout`` at call time).
+def _context_size(model: Any) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
 
-    A single sequence without beams is streamed token by token as it is produced; otherwise the
-    samples are generated first and printed one after another, each under a ``=== sample i/n ===``
-    header. Returns the generated texts (without the prompt).
+
+def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, out: TextIO | None = None) -> list[str]:
+    """Write the prompt and its continuation to ``out`` (``sys.stdout`` at call time), as it is produced.
+
+    A single sequence without beams is streamed token by token; when prompt + max_new_tokens exceed the
+    model's context it keeps going with a sliding window (the last half context as the prompt of the next
+    chunk), as nanoGPT's sampler crops to its block size. Several samples or beams are generated first
+    and printed each under a ``=== sample i/n ===`` header. Returns the generated texts (without prompt).
     """
     out = sys.stdout if out is None else out
     options.validate()
     if options.num_beams > 1 or options.num_return_sequences > 1:
         texts = generate_batch(model, tokenizer, [prompt], options)[0]
         for i, text in enumerate(texts, 1):
-            out.write(f"=== sample {i}/{len(texts)} ===\n{text}\n")
+            out.write(f"=== sample {i}/{len(texts)} ===\n{prompt}{text}\n")
         out.flush()
         return texts
-    ids = _encode_prompts(model, tokenizer, [prompt], options)[0]
-    input_ids = torch.tensor([ids], device=model.device)
+    limit = _context_size(model)
+    chunk_opts = options
+    if limit is not None and options.max_new_tokens >= limit:
+        chunk_opts = replace(options, max_new_tokens=limit // 2, min_new_tokens=0)
+    ids = _encode_prompts(model, tokenizer, [prompt], chunk_opts)[0]
+    out.write(prompt)
     if options.seed is not None:
         torch.manual_seed(options.seed)
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            streamer=_WriterStreamer(tokenizer, out),
-            **options.to_generate_kwargs(tokenizer),
-        )
-    return [tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)]
+    new: list[int] = []
+    streamer = _WriterStreamer(tokenizer, out)
+    while len(new) < options.max_new_tokens:
+        window = (ids + new)[-(limit - chunk_opts.max_new_tokens) :] if limit else ids + new
+        step = replace(chunk_opts, max_new_tokens=min(chunk_opts.max_new_tokens, options.max_new_tokens - len(new)))
+        input_ids = torch.tensor([window], device=model.device)
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
+                                    **step.to_generate_kwargs(tokenizer))
+        produced = output[0, len(window) :].tolist()
+        new += produced
+        if len(produced) < step.max_new_tokens or tokenizer.eos_token_id in produced:
+            break  # the model ended the text
+    out.write("\n")
+    out.flush()
+    return [tokenizer.decode(new, skip_special_tokens=True)]

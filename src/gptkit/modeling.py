@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from gptkit.errors import UserError
@@ -33,6 +34,7 @@ def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
             n_layer=cfg.n_layer,
             n_head=cfg.n_head,
             n_inner=cfg.intermediate_size,
+            activation_function=cfg.activation or "gelu",
             resid_pdrop=cfg.dropout,
             embd_pdrop=cfg.dropout,
             attn_pdrop=cfg.dropout,
@@ -45,6 +47,7 @@ def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
         vocab_size=vocab_size,
         hidden_size=cfg.n_embd,
         intermediate_size=cfg.intermediate_size or 4 * cfg.n_embd,
+        hidden_act=cfg.activation or "silu",
         num_hidden_layers=cfg.n_layer,
         num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_kv_head or cfg.n_head,
@@ -62,7 +65,8 @@ def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
     from transformers import AutoConfig
 
     if cfg.init_from:
-        return AutoConfig.from_pretrained(str(check_local_dir(cfg.init_from, "model.init_from")))
+        path = check_local_dir(cfg.init_from, "model.init_from")
+        return AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
     return build_config(cfg, vocab_size, eos_id)
 
 
@@ -70,9 +74,14 @@ def build_model(cfg: ModelConfig, config):
     """The causal LM: weights from ``init_from`` when set, else randomly initialised."""
     from transformers import AutoModelForCausalLM
 
+    if cfg.trust_remote_code:
+        logging.getLogger(__name__).warning("model.trust_remote_code is true: running code from %s", cfg.init_from)
+
     if cfg.init_from:
         try:
-            return AutoModelForCausalLM.from_pretrained(cfg.init_from, attn_implementation=cfg.attn_implementation)
+            return AutoModelForCausalLM.from_pretrained(
+                cfg.init_from, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+            )
         except (OSError, ValueError) as e:
             raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)

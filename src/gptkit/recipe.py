@@ -43,6 +43,14 @@ class ModelConfig(_Section):
     context: int = Field(256, ge=2, description="Context length in tokens (block size for packing).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
     tie_embeddings: bool = Field(True, description="Share input embedding and output projection weights.")
+    activation: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"] | None = Field(
+        None,
+        description="Feed-forward activation (None: exact gelu for gpt2, as nanoGPT — one fused kernel, unlike "
+        "GPT-2's original gelu_new; silu for llama).",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Run Python code shipped inside init_from / tokenizer.path (only for folders you trust)."
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa uses torch's fused scaled-dot-product attention."
     )
@@ -282,3 +290,22 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (what gets written into the run directory)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+
+
+def schema_reference() -> str:
+    """Every recipe field with its default and meaning, rendered from the schema itself (Markdown)."""
+
+    def default(f: Any) -> str:
+        if f.default_factory is not None:
+            return "[]"
+        return "null" if f.default is None else yaml.safe_dump(f.default).strip().removesuffix("...").strip()
+
+    lines: list[str] = []
+    for name, f in Recipe.model_fields.items():
+        ann = f.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += ["", f"{name}: {(ann.__doc__ or '').strip()}", "", "| field | default | meaning |", "|---|---|---|"]
+            lines += [f"| `{name}.{n}` | `{default(sf)}` | {sf.description} |" for n, sf in ann.model_fields.items()]
+        else:
+            lines.append(f"| `{name}` | `{default(f) or chr(34) * 2}` | {f.description} |")
+    return "\n".join(["| field | default | meaning |", "|---|---|---|", *lines])

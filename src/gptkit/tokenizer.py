@@ -64,7 +64,7 @@ def train_bpe(texts: Iterable[list[str]], vocab_size: int, model_max_length: int
     return _wrap(tok, model_max_length)
 
 
-def load_local(path: str, field: str = "tokenizer.path"):
+def load_local(path: str, field: str = "tokenizer.path", trust_remote_code: bool = False):
     """A tokenizer from a local directory; hub names fail at once instead of trying the network."""
     from transformers import AutoTokenizer
 
@@ -75,7 +75,7 @@ def load_local(path: str, field: str = "tokenizer.path"):
             "(download the tokenizer once elsewhere and point to its folder)"
         )
     try:
-        tok = AutoTokenizer.from_pretrained(str(p))
+        tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{field}: '{path}' holds no loadable tokenizer ({str(e).splitlines()[0]})") from None
     if tok.eos_token is None:
@@ -84,9 +84,7 @@ def load_local(path: str, field: str = "tokenizer.path"):
 
 
 def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[list[str]], context: int):
-    """The tokenizer a recipe asks for (training it on ``texts`` when needed)."""
-    if cfg.kind == "pretrained":
-        return load_local(cfg.path or "")
+    """A newly trained tokenizer of the kind the recipe asks for (char or bpe) on ``texts``."""
     if cfg.kind == "char":
         return train_char(texts, context)
     return train_bpe(texts, cfg.vocab_size, context)

@@ -17,7 +17,7 @@ from gptkit import data as data_mod
 from gptkit import modeling, rundir
 from gptkit.errors import UserError
 from gptkit.recipe import Recipe
-from gptkit.tokenizer import build_tokenizer
+from gptkit.tokenizer import build_tokenizer, load_local
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ def check(recipe: Recipe) -> Plan:
         modeling.check_local_dir(mcfg.init_from, "model.init_from")
     cached = _tokenizer_cache_dir(recipe, train)
     if tok.kind == "pretrained":
-        vocab, note = len(_load_tokenizer_checked(tok.path or "")), ""
+        vocab, note = len(load_local(tok.path or "", trust_remote_code=mcfg.trust_remote_code)), ""
     elif (cached / "tokenizer.json").is_file():
-        vocab, note = len(_load_tokenizer_checked(str(cached))), " (tokenizer already trained on this corpus)"
+        vocab, note = len(load_local(str(cached))), " (tokenizer already trained on this corpus)"
     elif tok.kind == "bpe":
         vocab, note = tok.vocab_size, " (at most; BPE on a small corpus may stop earlier)"
     else:
@@ -60,12 +60,6 @@ def check(recipe: Recipe) -> Plan:
     n_params = modeling.meta_param_count(config)
     mem = modeling.training_memory_bytes(config, n_params, recipe.train.batch_size)
     return Plan(run_dir, train, val, n_params, mem, vocab, note)
-
-
-def _load_tokenizer_checked(path: str):
-    from gptkit.tokenizer import load_local
-
-    return load_local(path)
 
 
 def _tokenizer_cache_dir(recipe: Recipe, files: list[str]) -> Path:
@@ -90,7 +84,7 @@ def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None =
     if run_dir is not None and (run_dir / "tokenizer.json").is_file():
         return AutoTokenizer.from_pretrained(str(run_dir))
     if tok_cfg.kind == "pretrained":
-        return _load_tokenizer_checked(tok_cfg.path or "")
+        return load_local(tok_cfg.path or "", trust_remote_code=recipe.model.trust_remote_code)
     if recipe.model.init_from:
         raise UserError("tokenizer.kind: continuing from model.init_from needs the checkpoint's tokenizer "
                         "(set tokenizer.kind: pretrained and tokenizer.path to the checkpoint directory)")
@@ -124,7 +118,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     accelerator = engine.make_accelerator(recipe.train.precision)
     with accelerator.main_process_first():  # rank 0 tokenizes; the others then read its cache
         tokenizer = tokenizer_for(recipe, plan.train_files, plan.run_dir if resume else None)
-        train, val = data_mod.pretrain_splits(recipe.data, tokenizer, recipe.model.context)
+        train, val = data_mod.pretrain_splits(recipe.data, tokenizer, recipe.model.context, recipe.train.seed)
     config = modeling.load_config(recipe.model, len(tokenizer), tokenizer.eos_token_id)
     ctx = modeling.context_length(config)
     if ctx < recipe.model.context:
@@ -132,10 +126,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     set_seed(recipe.train.seed)
     model = modeling.build_model(recipe.model, config)
     n_params = sum(p.numel() for p in model.parameters())
+    engine.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
     if accelerator.is_main_process:
         if not resume:
             rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
-        engine.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
         tokenizer.save_pretrained(str(plan.run_dir))
     accelerator.wait_for_everyone()
     log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,

@@ -1,0 +1,83 @@
+"""Tokenizer training and data loading: round trips, formats, text columns, continuing a checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import run_cli, tiny_recipe
+from gptkit.tokenizer import EOS, train_bpe, train_char
+
+TEXTS = ["Hello, world!\nSecond line.", "Grüße aus Köln — naïve café ☕", "tabs\tand  spaces"]
+
+
+def test_char_tokenizer_round_trips_and_saves(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = train_char(iter([TEXTS]), model_max_length=64)
+    assert len(tok) == len(set("".join(TEXTS))) + 2  # every character, plus EOS and UNK
+    for t in TEXTS:
+        ids = tok(t, add_special_tokens=False)["input_ids"]
+        assert len(ids) == len(t) and tok.decode(ids) == t
+    assert tok.decode(tok("Z")["input_ids"]) == "<unk>"  # unseen characters map to UNK, never crash
+    tok.save_pretrained(str(tmp_path))
+    again = AutoTokenizer.from_pretrained(str(tmp_path))
+    assert again("Köln")["input_ids"] == tok("Köln")["input_ids"] and again.eos_token == EOS
+
+
+def test_bpe_tokenizer_learns_merges_and_never_loses_text(tmp_path):
+    corpus = [["the theory of the thing " * 20, "then there they were " * 20]] * 3
+    tok = train_bpe(iter(corpus), vocab_size=300, model_max_length=128)
+    assert 257 < len(tok) <= 300  # 256 byte symbols + EOS + learned merges
+    assert len(tok("the theory")["input_ids"]) < len("the theory")  # merges compress
+    for t in TEXTS:  # byte-level: any text, even unseen characters, decodes back exactly
+        assert tok.decode(tok(t)["input_ids"]) == t
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
+def test_structured_formats_with_a_text_column(tmp_path, fmt):
+    import pandas as pd
+
+    rows = [{"id": i, "content": f"Document {i}: " + "the cat sat on the mat. " * 8} for i in range(40)]
+    path = tmp_path / f"docs.{fmt}"
+    df = pd.DataFrame(rows)
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif fmt == "csv":
+        df.to_csv(path, index=False)
+    else:
+        df.to_parquet(path)
+    recipe = tiny_recipe(tmp_path / "r.yaml", path, tmp_path / "run", data={"text_column": "content"},
+                         train={"max_steps": 30, "eval_every": 30})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    rows_logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_loss"] for r in rows_logged if "val_loss" in r][-1] < 1.5  # a repetitive corpus is learnable
+
+
+def test_continue_from_a_checkpoint(tmp_path, corpus):
+    """init_from + the checkpoint's tokenizer: training resumes from the learned weights, not from scratch."""
+    first = tiny_recipe(tmp_path / "a.yaml", corpus, tmp_path / "a", train={"max_steps": 60, "eval_every": 60})
+    assert run_cli("pretrain", str(first))[0] == 0
+    second = tiny_recipe(tmp_path / "b.yaml", corpus, tmp_path / "b",
+                         model={"init_from": str(tmp_path / "a")},
+                         tokenizer={"kind": "pretrained", "path": str(tmp_path / "a")},
+                         train={"max_steps": 2, "eval_every": 2, "warmup_steps": 1})
+    code, _, err = run_cli("pretrain", str(second))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["train_loss"] < 3.0  # a fresh model starts above 4
+
+
+def test_llama_architecture_trains_and_loads(tmp_path, corpus):
+    from transformers import AutoModelForCausalLM
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", model={"arch": "llama", "n_kv_head": 1},
+                         train={"max_steps": 30, "eval_every": 30})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "run"))
+    assert model.config.model_type == "llama" and model.config.num_key_value_heads == 1
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["val_loss"] < 3.3
