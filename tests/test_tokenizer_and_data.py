@@ -81,3 +81,26 @@ def test_llama_architecture_trains_and_loads(tmp_path, corpus):
     assert model.config.model_type == "llama" and model.config.num_key_value_heads == 1
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["val_loss"] < 3.3
+
+
+def test_validation_from_its_own_files(tmp_path, corpus):
+    val = tmp_path / "val.txt"
+    val.write_text(corpus.read_text()[:5000])
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run",
+                         data={"val_files": [str(val)]}, train={"max_steps": 2, "eval_every": 2, "eval_batches": None})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    log = " ".join((tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+    assert "val_loss" in log
+
+
+def test_gradient_checkpointing_gives_the_same_training(tmp_path, corpus):
+    """Recomputing activations saves memory without changing the maths."""
+    losses = {}
+    for flag in (False, True):
+        recipe = tiny_recipe(tmp_path / f"{flag}.yaml", corpus, tmp_path / f"run{flag}",
+                             train={"max_steps": 5, "gradient_checkpointing": flag})
+        assert run_cli("pretrain", str(recipe))[0] == 0
+        rows = (tmp_path / f"run{flag}" / "metrics.jsonl").read_text().splitlines()
+        losses[flag] = [json.loads(r)["train_loss"] for r in rows if "train_loss" in r]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)

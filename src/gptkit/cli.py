@@ -88,6 +88,44 @@ def pretrain(
 
 
 @app.command()
+def finetune(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="classify, translate or summarize (wins over the recipe).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in output.dir.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a recipe that changed.")] = False,
+) -> None:
+    """Adapt a local checkpoint to a task (classify, translate, summarize), full or LoRA."""
+    from gptkit import finetune as ft
+    from gptkit.tasks import FINETUNE_TASKS
+
+    rec = _load(recipe, overrides)
+    name = task or rec.task
+    if name not in FINETUNE_TASKS:
+        raise UserError(f"--task: '{name}' is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)}")
+    metrics = ft.run(rec, name, resume=resume, overwrite=overwrite, force=force, command=sys.argv)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")))
+                   + f"; saved in {rec.output.dir}")
+
+
+@app.command()
+def export(
+    run_dir: Annotated[str, typer.Argument(help="A LoRA fine-tuning run directory.")],
+    merge: Annotated[bool, typer.Option("--merge", help="Merge the LoRA adapters into the base weights.")] = False,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: RUN_DIR/merged).")] = None,
+) -> None:
+    """Write a standalone checkpoint from a LoRA run that plain transformers loads."""
+    from gptkit import finetune as ft
+
+    if not merge:
+        raise UserError("export: pass --merge (merging adapters into the base model is the only export so far)")
+    path = ft.export_merged(Path(run_dir), Path(out) if out else Path(run_dir) / "merged")
+    typer.echo(f"merged model written to {path}")
+
+
+@app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Resolve and check a recipe without training: inputs exist, model size, memory, launch line."""
     from gptkit.recipe import recipe_to_yaml

@@ -70,23 +70,29 @@ def _diagnose(files: list[str], builder: str) -> str | None:
     return None
 
 
-def load_texts(files: list[str], cfg: DataConfig, field: str):
-    """A ``datasets.Dataset`` with a single ``text`` column."""
+def load_table(files: list[str], field: str, **kwargs):
+    """Load local files with ``datasets`` (format from the extension); parse errors name the file and line."""
     import datasets
 
     builder = _BUILDERS[Path(files[0]).suffix.lower()]
-    kwargs = {"sample_by": cfg.sample_by} if builder == "text" else {}
     datasets.disable_progress_bars()
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as e:  # datasets wraps every parse error; find the real cause for the user
         where = _diagnose(files, builder)
         raise UserError(where or f"{field}: could not load {files[0]}: {str(e).splitlines()[0]}") from None
+    if len(ds) == 0:
+        raise UserError(f"{field}: no rows in {files}")
+    return ds
+
+
+def load_texts(files: list[str], cfg: DataConfig, field: str):
+    """A ``datasets.Dataset`` with a single ``text`` column."""
+    builder = _BUILDERS[Path(files[0]).suffix.lower()]
+    ds = load_table(files, field, **({"sample_by": cfg.sample_by} if builder == "text" else {}))
     col = "text" if builder == "text" else cfg.text_column
     if col not in ds.column_names:
         raise UserError(f"{field}: column '{col}' not found in {files[0]} (data.text_column); columns: {ds.column_names}")
-    if len(ds) == 0:
-        raise UserError(f"{field}: no rows in {files}")
     ds = ds.select_columns([col])
     return ds.rename_column(col, "text") if col != "text" else ds
 

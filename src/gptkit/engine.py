@@ -133,6 +133,9 @@ class Job:
     run_dir: Path
     loss_fn: Callable[[Any, dict], torch.Tensor] | None = None  # None: next-token cross-entropy
     resume: bool = False
+    evaluate: Callable[[Any], dict[str, float]] | None = None  # task metrics on validation (model unwrapped)
+    select: str | None = None  # logged metric that picks the best model, saved to run_dir/best
+    patience: int | None = None  # stop after this many evaluations without a better `select`
 
 
 @torch.no_grad()
@@ -157,6 +160,42 @@ def to_device(batch: dict, device: torch.device) -> dict:
     if device.type != "cuda":
         return {k: v.to(device) for k, v in batch.items()}
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _validate(job: Job, model, loss_fn, accelerator) -> dict[str, float]:
+    metrics: dict[str, float] = {}
+    if job.val_data is not None:
+        val = evaluate_loss(model, job.val_data, loss_fn, job.cfg.batch_size, job.cfg.eval_batches, accelerator)
+        metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+    if job.evaluate is not None:
+        raw = accelerator.unwrap_model(model, keep_torch_compile=False)
+        raw.eval()
+        metrics.update({f"val_{k}": v for k, v in job.evaluate(raw).items()})
+        raw.train()
+    return metrics
+
+
+def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, step: int) -> bool:
+    """Save the model to ``best/`` when ``job.select`` improves; True when patience has run out."""
+    if not job.select:
+        return False
+    if job.select not in metrics:
+        raise UserError(f"finetune.metric: '{job.select}' is not among the validation metrics {sorted(metrics)}")
+    value, lower = metrics[job.select], "loss" in job.select or "perplexity" in job.select
+    best = counters.get("best")
+    if best is None or (value < best if lower else value > best):
+        counters.update(best=value, best_step=step, stale=0)
+        if accelerator.is_main_process:
+            import shutil
+
+            tmp, final = job.run_dir / ".best.tmp", job.run_dir / "best"
+            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(str(tmp))
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+        accelerator.wait_for_everyone()
+        return False
+    counters["stale"] = counters.get("stale", 0) + 1
+    return job.patience is not None and counters["stale"] >= job.patience
 
 
 def _rng_state() -> dict:
@@ -228,8 +267,8 @@ def fit(job: Job, accelerator) -> dict[str, float]:
 
     cfg, main = job.cfg, accelerator.is_main_process
     model, loss_fn = job.model, job.loss_fn or causal_lm_loss
-    if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if cfg.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
+        (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     # the fused kernel is ~3x faster than the per-tensor loop on CPU too (bench/pretrain_throughput.py)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=accelerator.device.type in ("cuda", "cpu"))
@@ -295,18 +334,23 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                     log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s, ETA %ds", step, cfg.max_steps,
                              last["train_loss"], lr, tok_s, eta)
                 run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
-            if job.val_data is not None and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                val = evaluate_loss(model, job.val_data, loss_fn, B, cfg.eval_batches, accelerator)
-                metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+            stop_early = False
+            if (job.val_data is not None or job.evaluate) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                metrics = _validate(job, model, loss_fn, accelerator)
                 tracker.log(step, metrics)
                 last.update(metrics)
                 if main:
-                    msg = f"step {step}: val loss {val:.4f}, perplexity {metrics['val_perplexity']:.2f}"
+                    msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                     bar.write(msg) if live else log.info(msg)
+                stop_early = _track_best(job, model, accelerator, metrics, counters, step)
                 t0 = time.perf_counter()
-            if step % cfg.save_every == 0 or step == cfg.max_steps or signum:
+            if step % cfg.save_every == 0 or step == cfg.max_steps or signum or stop_early:
                 _save(job, step, model, opt, accelerator, counters)
                 t0 = time.perf_counter()
+            if stop_early:
+                log.info("early stopping at step %d: %s has not improved for %d evaluations", step, job.select,
+                         job.patience)
+                break
             if signum:
                 bar.close()
                 tracker.close()

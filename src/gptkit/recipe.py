@@ -90,6 +90,11 @@ class DataConfig(_Section):
     sample_by: Literal["document", "paragraph", "line"] = Field(
         "document", description="For .txt: what one document is (EOS goes between documents)."
     )
+    test_files: list[str] = Field(default_factory=list, description="Test split (finetune: scored after training).")
+    columns: dict[str, str] = Field(
+        default_factory=dict,
+        description="Finetune: task field -> column in the files, e.g. {text: sentence, label: sentiment}.",
+    )
     cache_dir: str | None = Field(
         None, description="Tokenized-data cache (None = $GPTKIT_CACHE or ~/.cache/gptkit)."
     )
@@ -130,6 +135,27 @@ class TrainConfig(_Section):
         return self
 
 
+class FinetuneConfig(_Section):
+    """Adapting a checkpoint (model.init_from) to a task: full or LoRA, what to keep, when to stop."""
+
+    method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA adapters (peft).")
+    lora_r: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
+    lora_targets: list[str] | None = Field(
+        None, description="Module names to adapt (None = peft's defaults for the architecture)."
+    )
+    prompt: str | None = Field(
+        None, description="Generative tasks: template with {field} slots (None = the task's default)."
+    )
+    max_length: int = Field(256, ge=8, description="Tokens per example (prompt + target); longer ones are cut.")
+    metric: str | None = Field(None, description="Validation metric that picks the best checkpoint (None = task's).")
+    patience: int | None = Field(None, ge=1, description="Early stopping: evaluations without improvement.")
+    eval_examples: int | None = Field(200, ge=1, description="Validation examples scored per evaluation (None = all).")
+    num_beams: int = Field(1, ge=1, description="Beam width when generating for evaluation.")
+    max_new_tokens: int = Field(64, ge=1, description="Tokens generated per example for evaluation.")
+
+
 class OutputConfig(_Section):
     """Where the run directory goes."""
 
@@ -140,11 +166,14 @@ class Recipe(_Section):
     """A whole run. Sections: model, tokenizer, data, train, output."""
 
     description: str = Field("", description="One line shown by `gptkit recipes`.")
-    task: str = Field("pretrain", description="What the run does; `gptkit pretrain` needs 'pretrain'.")
+    task: Literal["pretrain", "classify", "translate", "summarize"] = Field(
+        "pretrain", description="What the run does: pretrain, or a finetune task (`--task` on the command line wins)."
+    )
     model: ModelConfig = Field(default_factory=ModelConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
 
@@ -178,7 +207,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 # Input-path fields, resolved against the folder of the file that names them.
 _PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir")}
-_PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files")}
+_PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files"), ("data", "test_files")}
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

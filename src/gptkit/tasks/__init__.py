@@ -1,0 +1,34 @@
+"""Task modules. Fine-tuning tasks share one shape (:class:`FinetuneTask`), checked by a test.
+
+``pretrain`` is its own module with the same run/check verbs; the fine-tuning tasks plug into
+:mod:`gptkit.finetune`, which owns data loading, LoRA, the call to the one training loop and saving.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Protocol, runtime_checkable
+
+FINETUNE_TASKS = ("classify", "translate", "summarize")
+
+
+@runtime_checkable
+class FinetuneTask(Protocol):
+    FIELDS: tuple[str, ...]  # fields every row needs (mapped from file columns by data.columns)
+    OPTIONAL: tuple[str, ...]  # fields a row may have
+    METRIC: str  # validation metric that picks the best checkpoint by default
+
+    def build_model(self, recipe: Any, tokenizer: Any, train_rows: list[dict]) -> Any: ...
+
+    def preprocess(self, recipe: Any, tokenizer: Any, rows: list[dict], split: str, model: Any) -> Any: ...
+
+    def loss(self, model: Any, batch: dict) -> Any: ...
+
+    def predict(self, model: Any, tokenizer: Any, rows: list[dict], recipe: Any) -> list: ...
+
+    def score(self, predictions: list, rows: list[dict]) -> dict[str, float]: ...
+
+
+def load(name: str) -> FinetuneTask:
+    """The module of a fine-tuning task."""
+    return importlib.import_module(f"gptkit.tasks.{name}")  # type: ignore[return-value]

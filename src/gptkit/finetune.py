@@ -1,0 +1,156 @@
+"""`gptkit finetune`: adapt a local checkpoint to a task (classify, translate, summarize), full or LoRA.
+
+The runner owns what every task shares — splits and column mapping, the tokenizer, LoRA, the call to
+the one training loop (:func:`gptkit.engine.fit`), the best checkpoint, test scores and saving — and asks
+the task module (:mod:`gptkit.tasks`) only to build the model, tokenize, compute the loss, predict and score.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from gptkit import data as data_mod
+from gptkit import modeling, rundir, tasks
+from gptkit.errors import UserError
+from gptkit.recipe import Recipe
+
+log = logging.getLogger(__name__)
+
+_SPLITS = (("train", "data.train_files"), ("validation", "data.val_files"), ("test", "data.test_files"))  # (split, field)
+
+
+def load_rows(recipe: Recipe, task, files: list[str], field: str) -> list[dict]:
+    """Rows of one split with the task's field names (data.columns maps fields to file columns)."""
+    paths = data_mod.resolve_files(files, field)
+    table = data_mod.load_table(paths, field)
+    cols = recipe.data.columns
+    wanted = {f: cols.get(f, f) for f in (*task.FIELDS, *task.OPTIONAL)}
+    missing = [f"{c}" + (f" (data.columns.{f})" if f in cols else "") for f, c in wanted.items()
+               if f in task.FIELDS and c not in table.column_names]
+    if missing:
+        raise UserError(f"{field}: {paths[0]} has no column {', '.join(missing)}; columns found: {table.column_names} "
+                        "(map them with data.columns)")
+    present = {f: c for f, c in wanted.items() if c in table.column_names}
+    return [{f: row[c] for f, c in present.items()} for row in table]
+
+
+def check(recipe: Recipe, task_name: str) -> None:
+    """Read-only checks: base checkpoint and tokenizer, every split's files and columns."""
+    if not recipe.model.init_from:
+        raise UserError("model.init_from: finetune needs a local base checkpoint directory (e.g. a gptkit pretrain run)")
+    base = modeling.check_local_dir(recipe.model.init_from, "model.init_from")
+    if not any((base / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+        raise UserError(f"model.init_from: {base} has no tokenizer files; save the tokenizer next to the model")
+    if not recipe.data.train_files:
+        raise UserError("data.train_files: empty; finetune needs a training split")
+    rundir.resolve_output(recipe.output.dir)
+
+
+def _tokenizer(recipe: Recipe):
+    from gptkit.tokenizer import load_local
+
+    tok = load_local(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _lora(recipe: Recipe, model, task_name: str):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    f = recipe.finetune
+    cfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, target_modules=f.lora_targets,
+                     task_type=TaskType.SEQ_CLS if task_name == "classify" else TaskType.CAUSAL_LM)
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        raise UserError(f"finetune.lora_targets: {str(e).splitlines()[0]}") from None
+
+
+def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool = False, force: bool = False,
+        command: list[str] | None = None) -> dict:
+    """Fine-tune, keep the best checkpoint by the task's metric, score the test split, save."""
+    from accelerate.utils import set_seed
+    from transformers.utils import logging as hf_logging
+
+    from gptkit import engine
+
+    hf_logging.disable_progress_bar()
+    task = tasks.load(task_name)
+    recipe = recipe.model_copy(update={"task": task_name})
+    check(recipe, task_name)
+    run_dir = rundir.resolve_output(recipe.output.dir)
+    rundir.check(run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
+    files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
+    rows = {split: load_rows(recipe, task, files[split], field) for split, field in _SPLITS if files[split]}
+    tokenizer = _tokenizer(recipe)
+    accelerator = engine.make_accelerator(recipe.train.precision)
+    set_seed(recipe.train.seed)
+    model = task.build_model(recipe, tokenizer, rows["train"])
+    train = task.preprocess(recipe, tokenizer, rows["train"], "train", model)
+    val = task.preprocess(recipe, tokenizer, rows["validation"], "validation", model) if "validation" in rows else None
+    if recipe.finetune.method == "lora":
+        model = _lora(recipe, model, task_name)
+    val_rows = rows.get("validation", [])[: recipe.finetune.eval_examples or None]
+    evaluate = (lambda m: task.score(task.predict(m, tokenizer, val_rows, recipe), val_rows)) if val_rows else None
+    n_params = sum(p.numel() for p in model.parameters())
+    engine.check_disk_space(run_dir, n_params, recipe.train.keep_last)
+    if accelerator.is_main_process and not resume:
+        rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
+    accelerator.wait_for_everyone()
+    job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
+                     loss_fn=task.loss, evaluate=evaluate, select=(recipe.finetune.metric or task.METRIC) if evaluate
+                     else None, patience=recipe.finetune.patience)
+    result = engine.fit(job, accelerator)
+    if accelerator.is_main_process:
+        model.save_pretrained(str(run_dir))
+        tokenizer.save_pretrained(str(run_dir))
+        if "test" in rows:
+            result.update(_score_test(recipe, task, task_name, run_dir, tokenizer, rows["test"], model))
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _score_test(recipe, task, task_name, run_dir: Path, tokenizer, rows, model) -> dict:
+    """Scores of the best checkpoint (or the final model) on the test split, written to test_metrics.json."""
+    best = run_dir / "best"
+    if best.is_dir():
+        model = load_trained(best, task_name, recipe)
+    model.eval()
+    scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows).items()}
+    (run_dir / "test_metrics.json").write_text(json.dumps(scores, indent=1))
+    log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
+    return scores
+
+
+def load_trained(path: Path, task_name: str, recipe: Recipe):
+    """A fine-tuned model directory: full weights, or LoRA adapters on their base checkpoint."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    cls = AutoModelForSequenceClassification if task_name == "classify" else AutoModelForCausalLM
+    if (path / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        base = cls.from_pretrained(recipe.model.init_from)
+        return PeftModel.from_pretrained(base, str(path))
+    return cls.from_pretrained(str(path))
+
+
+def export_merged(run_dir: Path, out: Path) -> Path:
+    """Merge a LoRA run's adapters into its base model and save a standalone checkpoint."""
+    import yaml
+
+    from gptkit.recipe import Recipe as _R
+
+    saved = run_dir / rundir.RECIPE_FILE
+    if not saved.is_file() or not (run_dir / "adapter_config.json").is_file():
+        raise UserError(f"{run_dir}: not a LoRA fine-tuning run (no {rundir.RECIPE_FILE} / adapter_config.json)")
+    recipe = _R.model_validate(yaml.safe_load(saved.read_text()))
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out: {out} is not empty; choose a new directory")
+    merged = load_trained(run_dir, recipe.task, recipe).merge_and_unload()
+    merged.save_pretrained(str(out))
+    _tokenizer(recipe).save_pretrained(str(out))
+    return out

@@ -1,0 +1,84 @@
+"""classify: a sequence-classification head on the language model (the task layer replacing the LM head).
+
+Rows have ``text`` (and optionally ``text_pair``) and ``label`` (strings or ints). The label map is built
+from the training split and saved in the model config (``id2label``/``label2id``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gptkit import metrics
+from gptkit.errors import UserError
+from gptkit.tasks._generative import Examples as _Padded
+
+FIELDS = ("text", "label")
+OPTIONAL = ("text_pair",)
+METRIC = "val_accuracy"
+SEP = "\n"
+
+
+def label_names(rows: list[dict]) -> list[str]:
+    """Distinct labels as strings: integers in numeric order, then the rest alphabetically."""
+
+    def key(s: str) -> tuple:
+        return (0, int(s), "") if s.lstrip("-").isdigit() else (1, 0, s)
+
+    return sorted({str(r["label"]) for r in rows}, key=key)
+
+
+def build_model(recipe, tokenizer, train_rows):
+    from transformers import AutoModelForSequenceClassification
+
+    names = label_names(train_rows)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        recipe.model.init_from, num_labels=len(names), id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)}, attn_implementation=recipe.model.attn_implementation,
+    )
+    model.config.pad_token_id = tokenizer.pad_token_id  # GPT-style heads read the last non-pad token
+    return model
+
+
+class _Labelled(_Padded):
+    def batch(self, indices: list[int], epochs: list[int] | None = None) -> dict:
+        out = super().batch(indices)
+        out["labels"] = torch.tensor([self.rows[i]["label"] for i in indices])
+        return out
+
+
+def _encode(recipe, tokenizer, row: dict) -> list[int]:
+    text = str(row["text"]) + (SEP + str(row["text_pair"]) if row.get("text_pair") not in (None, "") else "")
+    return tokenizer(text, add_special_tokens=False)["input_ids"][: recipe.finetune.max_length] or [tokenizer.eos_token_id]
+
+
+def preprocess(recipe, tokenizer, rows, split, model):
+    """Token ids and label ids (from the model's label map, built on the training split)."""
+    label2id = {str(k): int(v) for k, v in model.config.label2id.items()}
+    unseen = sorted({str(r["label"]) for r in rows} - set(label2id))
+    if unseen:
+        raise UserError(f"data: {split} split has labels never seen in training: {unseen[:5]} (training labels: "
+                        f"{sorted(label2id)[:10]})")
+    out = [{"input_ids": _encode(recipe, tokenizer, r), "label": label2id[str(r["label"])]} for r in rows]
+    return _Labelled(out, tokenizer.pad_token_id)
+
+
+def loss(model, batch: dict) -> torch.Tensor:
+    return model(**batch).loss
+
+
+@torch.no_grad()
+def predict(model, tokenizer, rows, recipe) -> list[str]:
+    any_label = next(iter(model.config.label2id))
+    data = preprocess(recipe, tokenizer, [{**r, "label": any_label} for r in rows], "predict", model)
+    out: list[str] = []
+    for start in range(0, len(data), 32):
+        batch = data.batch(list(range(start, min(len(data), start + 32))))
+        batch.pop("labels")
+        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
+        out += [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+    return out
+
+
+def score(predictions, rows):
+    out = metrics.classification_scores(predictions, [str(r["label"]) for r in rows])
+    return {"accuracy": out["accuracy"], "macro_f1": out["macro_f1"]}

@@ -1,0 +1,31 @@
+"""summarize: causal LM on "document + TL;DR:" (the GPT-2 paper's prompt) + summary; scored with ROUGE."""
+
+from __future__ import annotations
+
+from gptkit import metrics
+from gptkit.tasks import _generative as gen
+
+FIELDS = ("document", "summary")
+OPTIONAL = ()
+METRIC = "val_rougeL"
+PROMPT = "{document}\nTL;DR:"
+
+build_model = gen.build_model
+loss = gen.loss
+
+
+def _template(recipe) -> str:
+    return recipe.finetune.prompt or PROMPT
+
+
+def preprocess(recipe, tokenizer, rows, split, model=None):
+    return gen.preprocess(recipe, tokenizer, rows, split, template=_template(recipe), target="summary")
+
+
+def predict(model, tokenizer, rows, recipe):
+    return gen.predict(model, tokenizer, rows, recipe, template=_template(recipe))
+
+
+def score(predictions, rows):
+    out = metrics.rouge(predictions, [r["summary"] for r in rows])
+    return {k: out[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}

@@ -1,0 +1,31 @@
+"""translate: causal LM on a prompt template + target; scored with corpus sacreBLEU and chrF."""
+
+from __future__ import annotations
+
+from gptkit import metrics
+from gptkit.tasks import _generative as gen
+
+FIELDS = ("source", "target")
+OPTIONAL = ()
+METRIC = "val_bleu"
+PROMPT = "{source} =>"
+
+build_model = gen.build_model
+loss = gen.loss
+
+
+def _template(recipe) -> str:
+    return recipe.finetune.prompt or PROMPT
+
+
+def preprocess(recipe, tokenizer, rows, split, model=None):
+    return gen.preprocess(recipe, tokenizer, rows, split, template=_template(recipe), target="target")
+
+
+def predict(model, tokenizer, rows, recipe):
+    return gen.predict(model, tokenizer, rows, recipe, template=_template(recipe))
+
+
+def score(predictions, rows):
+    out = metrics.translation_scores(predictions, [r["target"] for r in rows])
+    return {"bleu": out["bleu"], "chrf": out["chrf"]}

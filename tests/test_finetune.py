@@ -1,0 +1,135 @@
+"""`gptkit finetune`: each task learns a deterministic mapping on held-out examples, scored by its real metric."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from tasks_helpers import (base_recipe, classify_rows, finetune_recipe, summarize_rows, translate_rows,
+                           write_jsonl)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A barely pretrained 2-layer GPT with a BPE tokenizer that knows the task words."""
+    tmp = tmp_path_factory.mktemp("base")
+    code, _, err = run_cli("pretrain", str(base_recipe(tmp)))
+    assert code == 0, err
+    return tmp / "base"
+
+
+def splits(tmp: Path, make, n_train: int = 600) -> dict[str, Path]:
+    return {"train": write_jsonl(tmp / "train.jsonl", make(n_train, 1)),
+            "validation": write_jsonl(tmp / "val.jsonl", make(50, 2)),
+            "test": write_jsonl(tmp / "test.jsonl", make(50, 3))}
+
+
+def test_metrics(run: Path) -> dict:
+    return json.loads((run / "test_metrics.json").read_text())
+
+
+test_metrics.__test__ = False  # a helper, not a test
+
+
+@pytest.mark.slow
+def test_translate_learns_a_word_mapping(tmp_path, base):
+    recipe = finetune_recipe(tmp_path, "tr", "translate", base, splits(tmp_path, translate_rows),
+                             train={"max_steps": 600, "eval_every": 200, "save_every": 200})
+    code, out, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    scores = test_metrics(tmp_path / "tr")
+    assert scores["test_bleu"] >= 90, scores
+    assert (tmp_path / "tr" / "best" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_summarize_learns_what_to_keep(tmp_path, base):
+    recipe = finetune_recipe(tmp_path, "sum", "summarize", base, splits(tmp_path, summarize_rows),
+                             finetune={"prompt": "{document} tldr", "eval_examples": 50, "max_new_tokens": 8})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    assert test_metrics(tmp_path / "sum")["test_rougeL"] >= 90
+
+
+@pytest.mark.slow
+def test_classify_head_learns_the_rule(tmp_path, base):
+    recipe = finetune_recipe(tmp_path, "cls", "classify", base, splits(tmp_path, classify_rows),
+                             data={"columns": {"text": "sentence"}}, train={"max_steps": 150, "eval_every": 50})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    assert test_metrics(tmp_path / "cls")["test_accuracy"] >= 90
+    config = json.loads((tmp_path / "cls" / "config.json").read_text())
+    assert set(config["id2label"].values()) == {"warm", "cold"}
+
+
+def test_prompt_masked_loss_is_padding_correct(tmp_path, base):
+    """The loss of a padded batch equals the mean of each example's loss computed alone."""
+    import torch
+
+    from gptkit import finetune as ft
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import translate
+
+    rows = translate_rows(5, 9)
+    rows[0]["source"] += " red red red"  # lengths differ, so the batch needs padding
+    recipe = load_recipe(finetune_recipe(tmp_path, "p", "translate", base, splits(tmp_path, translate_rows, 20)))
+    tok = ft._tokenizer(recipe)
+    model = translate.build_model(recipe, tok, rows).eval()
+    data = translate.preprocess(recipe, tok, rows, "train")
+    assert len({len(r["input_ids"]) for r in data.rows}) > 1
+    with torch.no_grad():
+        batched = translate.loss(model, data.batch(list(range(5))))
+        alone = torch.stack([translate.loss(model, data.batch([i])) for i in range(5)]).mean()
+    assert torch.allclose(batched, alone, atol=1e-5), (batched, alone)
+    first = data.rows[0]
+    n_prompt = first["labels"].count(-100)
+    assert first["labels"][n_prompt:] == first["input_ids"][n_prompt:]  # loss on the target only...
+    assert first["input_ids"][-1] == tok.eos_token_id  # ...which ends with EOS
+
+
+def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, base):
+    from transformers import AutoModelForCausalLM
+
+    recipe = finetune_recipe(tmp_path, "lora", "translate", base, splits(tmp_path, translate_rows, 100),
+                             finetune={"method": "lora", "lora_r": 4, "eval_examples": 10},
+                             train={"max_steps": 10, "eval_every": 10, "save_every": 10})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    run = tmp_path / "lora"
+    assert (run / "adapter_config.json").is_file() and (run / "adapter_model.safetensors").is_file()
+    code, out, err = run_cli("export", str(run), "--merge")
+    assert code == 0, err
+    merged = AutoModelForCausalLM.from_pretrained(str(run / "merged"))
+    base_model = AutoModelForCausalLM.from_pretrained(str(base))
+    changed = [k for k, v in merged.state_dict().items() if not (v == base_model.state_dict()[k]).all()]
+    assert changed and all("attn" in k for k in changed)  # LoRA's default GPT-2 target is c_attn
+
+
+@pytest.mark.parametrize(
+    "case, sections, needles",
+    [
+        ("missing column", {"data": {"columns": {"source": "src"}}}, ["no column src", "columns found"]),
+        ("bad lora target", {"finetune": {"method": "lora", "lora_targets": ["nope"]}}, ["finetune.lora_targets"]),
+        ("no base", {"model": {"init_from": None}}, ["model.init_from"]),
+    ],
+)
+def test_bad_finetune_input(tmp_path, base, case, sections, needles):
+    recipe = finetune_recipe(tmp_path, "bad", "translate", base, splits(tmp_path, translate_rows, 20), **sections)
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 2 and "Traceback" not in err, err
+    for n in needles:
+        assert n in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_unseen_validation_label_and_unknown_task(tmp_path, base):
+    s = splits(tmp_path, classify_rows, 40)
+    write_jsonl(s["validation"], [{"sentence": "red red red", "label": "tepid"}])
+    recipe = finetune_recipe(tmp_path, "bad", "classify", base, s, data={"columns": {"text": "sentence"}})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 2 and "never seen in training" in err and "tepid" in err, err
+    code, _, err = run_cli("finetune", str(recipe), "--task", "poetry")
+    assert code == 2 and "not a fine-tuning task" in err
