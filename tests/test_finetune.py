@@ -133,3 +133,17 @@ def test_unseen_validation_label_and_unknown_task(tmp_path, base):
     assert code == 2 and "never seen in training" in err and "tepid" in err, err
     code, _, err = run_cli("finetune", str(recipe), "--task", "poetry")
     assert code == 2 and "not a fine-tuning task" in err
+
+
+def test_every_bundled_finetune_recipe_validates(base):
+    """Each bundled fine-tuning recipe resolves, finds its files and columns, and sees the base model."""
+    from gptkit import finetune as ft
+    from gptkit.cli import bundled_recipes_dir
+    from gptkit.recipe import load_recipe
+
+    paths = sorted(p for p in bundled_recipes_dir().rglob("*.yaml") if p.parent.name != "pretrain")
+    assert {p.parent.name for p in paths} >= {"translate", "classify", "summarize"}
+    for path in paths:
+        recipe = load_recipe(path, [f"model.init_from={base}"])
+        lines = ft.describe(recipe, recipe.task)
+        assert "rows per split: train" in lines[0], (path, lines)

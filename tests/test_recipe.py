@@ -132,11 +132,30 @@ def test_bundled_recipes_exist():
 
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
 def test_every_bundled_recipe_validates(path):
+    """Pretraining recipes are checked here; fine-tuning ones need a base model (tests/test_finetune.py)."""
     from gptkit.tasks import pretrain
 
     first = path.read_text().splitlines()[0]
-    assert first.startswith("# gptkit "), "every recipe opens with the command that runs it"
+    folder = path.parent.name
+    assert first.startswith(f"# gptkit {'pretrain' if folder == 'pretrain' else 'finetune'} {folder}/{path.stem}"), \
+        "every recipe opens with the command that runs it"
     recipe = load_recipe(path)
     assert recipe.description
-    plan = pretrain.check(recipe)  # inputs exist, model builds on the meta device
-    assert plan.n_params > 0
+    assert recipe.task == folder, "recipes/<task>/ holds recipes of that task"
+    if recipe.task == "pretrain":
+        assert pretrain.check(recipe).n_params > 0  # inputs exist, model builds on the meta device
+
+
+def test_recipe_folders_match_task_modules():
+    """recipes/<task>/ <-> tasks/<task>.py <-> tests: the registry, the schema and the folders agree."""
+    import typing
+
+    from gptkit import tasks
+    from gptkit.recipe import Recipe
+
+    schema_tasks = set(typing.get_args(Recipe.model_fields["task"].annotation))
+    assert schema_tasks == {"pretrain", *tasks.FINETUNE_TASKS}
+    folders = {p.name for p in bundled_recipes_dir().iterdir() if p.is_dir()}
+    assert folders <= schema_tasks, folders - schema_tasks
+    for name in tasks.FINETUNE_TASKS:
+        assert isinstance(tasks.load(name), tasks.FinetuneTask), name

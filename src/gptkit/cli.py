@@ -91,12 +91,12 @@ def pretrain(
 def finetune(
     recipe: RecipeArg,
     overrides: Overrides = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="classify, translate or summarize (wins over the recipe).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="classify, qa, translate or summarize (wins over the recipe).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in output.dir.")] = False,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a recipe that changed.")] = False,
 ) -> None:
-    """Adapt a local checkpoint to a task (classify, translate, summarize), full or LoRA."""
+    """Adapt a local checkpoint to a task (classify, qa, translate, summarize), full or LoRA."""
     from gptkit import finetune as ft
     from gptkit.tasks import FINETUNE_TASKS
 
@@ -125,6 +125,41 @@ def export(
     typer.echo(f"merged model written to {path}")
 
 
+@app.command("eval")
+def eval_(
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe: evaluates its output.dir run on data.test_files.")] = None,
+    overrides: Overrides = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="translate, summarize, qa, classify or lm.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Fine-tuned run or local causal-LM directory.")] = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Examples (jsonl/csv/json/parquet; .txt for lm).")] = None,
+    split: Annotated[Optional[str], typer.Option("--split", help="Recipe split: test, validation or train.")] = None,
+    predictions: Annotated[Optional[str], typer.Option("--predictions", help="Score this JSONL of predictions.")] = None,
+    references: Annotated[Optional[str], typer.Option("--references", help="JSONL of references for --predictions.")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: MODEL_DIR/eval-TASK).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Examples (lm: windows) per batch.")] = 16,
+    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam width (default: the run's, else 1).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens generated per example.")] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N examples only.")] = None,
+    columns: Annotated[Optional[list[str]], typer.Option("--columns", help="field=column (repeatable).")] = None,
+    stride: Annotated[Optional[int], typer.Option("--stride", help="lm: window stride (default: context/2).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after the last prediction written.")] = False,
+    bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples for 95% confidence intervals (0 = off).")] = 0,
+    few_shot: Annotated[int, typer.Option("--few-shot", help="Demonstrations from --train before each prompt.")] = 0,
+    train: Annotated[Optional[str], typer.Option("--train", help="Examples to draw --few-shot demonstrations from.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds demonstrations and bootstrap resampling.")] = 0,
+) -> None:
+    """Score a model (or existing predictions): BLEU/chrF, ROUGE, SQuAD EM/F1, accuracy, perplexity."""
+    from gptkit import evaluate
+
+    opts = evaluate.Options(task=task, model=model, data=data, split=split, predictions=predictions,
+                            references=references, out=out, batch_size=batch_size, num_beams=num_beams,
+                            max_new_tokens=max_new_tokens, limit=limit, columns=columns or [], stride=stride,
+                            resume=resume, bootstrap=bootstrap, few_shot=few_shot, train=train, seed=seed)
+    result = evaluate.run(opts, _load(recipe, overrides) if recipe else None)
+    typer.echo(evaluate.table(result))
+    typer.echo(f"wrote {result['out']}: metrics.json, report.md" + (", predictions.jsonl" if result["mode"] == "model" else ""))
+
+
 @app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Resolve and check a recipe without training: inputs exist, model size, memory, launch line."""
@@ -132,13 +167,21 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     from gptkit.tasks import pretrain as task
 
     rec = _load(recipe, overrides)
-    plan = task.check(rec)
-    typer.echo(recipe_to_yaml(rec).rstrip())
-    typer.echo("---")
-    typer.echo(f"inputs: {len(plan.train_files)} train file(s), {len(plan.val_files)} validation file(s): all found")
-    typer.echo(f"model: {rec.model.arch}, {plan.n_params:,} parameters (vocabulary {plan.vocab_size}{plan.vocab_note})")
-    typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
-               f"(fp32 weights, grads, AdamW state, activations at batch {rec.train.batch_size})")
+    if rec.task != "pretrain":
+        from gptkit import finetune as ft
+
+        lines = ft.describe(rec, rec.task)
+        typer.echo(recipe_to_yaml(rec).rstrip())
+        typer.echo("---")
+        typer.echo("\n".join(lines))
+    else:
+        plan = task.check(rec)
+        typer.echo(recipe_to_yaml(rec).rstrip())
+        typer.echo("---")
+        typer.echo(f"inputs: {len(plan.train_files)} train file(s), {len(plan.val_files)} validation file(s): all found")
+        typer.echo(f"model: {rec.model.arch}, {plan.n_params:,} parameters (vocabulary {plan.vocab_size}{plan.vocab_note})")
+        typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
+                   f"(fp32 weights, grads, AdamW state, activations at batch {rec.train.batch_size})")
     args = " ".join([recipe, *(overrides or [])])
     typer.echo(f"launch: accelerate launch --num_processes 1 -m gptkit {rec.task} {args}")
     typer.echo(f"    or: torchrun --nproc_per_node 1 -m gptkit {rec.task} {args}")

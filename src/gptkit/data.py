@@ -45,9 +45,6 @@ def resolve_files(patterns: list[str], field: str) -> list[str]:
             if p.stat().st_size == 0:
                 raise UserError(f"{field}: '{m}' is empty")
             files.append(str(p))
-    kinds = {_BUILDERS[Path(f).suffix.lower()] for f in files}
-    if len(kinds) > 1:
-        raise UserError(f"{field}: mixes formats {sorted(kinds)}; use one format per file list")
     return files
 
 
@@ -87,14 +84,36 @@ def load_table(files: list[str], field: str, **kwargs):
 
 
 def load_texts(files: list[str], cfg: DataConfig, field: str):
-    """A ``datasets.Dataset`` with a single ``text`` column."""
-    builder = _BUILDERS[Path(files[0]).suffix.lower()]
-    ds = load_table(files, field, **({"sample_by": cfg.sample_by} if builder == "text" else {}))
-    col = "text" if builder == "text" else cfg.text_column
-    if col not in ds.column_names:
-        raise UserError(f"{field}: column '{col}' not found in {files[0]} (data.text_column); columns: {ds.column_names}")
-    ds = ds.select_columns([col])
-    return ds.rename_column(col, "text") if col != "text" else ds
+    """A ``datasets.Dataset`` with a single ``text`` column; each listed text column is a document.
+
+    Files of different formats load separately and are concatenated in the order given.
+    """
+    import datasets
+
+    by_builder: dict[str, list[str]] = {}
+    for f in files:
+        by_builder.setdefault(_BUILDERS[Path(f).suffix.lower()], []).append(f)
+    parts = [_texts_of(group, builder, cfg, field) for builder, group in by_builder.items()]
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def _texts_of(files: list[str], builder: str, cfg: DataConfig, field: str):
+    if builder == "text":
+        return load_table(files, field, sample_by=cfg.sample_by).select_columns(["text"])
+    ds = load_table(files, field)
+    cols = [cfg.text_column] if isinstance(cfg.text_column, str) else list(cfg.text_column)
+    missing = [c for c in cols if c not in ds.column_names]
+    if missing:
+        raise UserError(f"{field}: column '{missing[0]}' not found in {files[0]} (data.text_column); "
+                        f"columns: {ds.column_names}")
+    if len(cols) == 1:
+        ds = ds.select_columns(cols)
+        return ds.rename_column(cols[0], "text") if cols[0] != "text" else ds
+
+    def flatten(batch: dict) -> dict:  # several text columns: each cell becomes its own document
+        return {"text": [str(batch[c][i]) for i in range(len(batch[cols[0]])) for c in cols]}
+
+    return ds.map(flatten, batched=True, remove_columns=ds.column_names)
 
 
 def iter_text_batches(ds, batch_size: int = 1000) -> Iterator[list[str]]:

@@ -188,10 +188,14 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
         if accelerator.is_main_process:
             import shutil
 
-            tmp, final = job.run_dir / ".best.tmp", job.run_dir / "best"
+            tmp, final, old = job.run_dir / ".best.tmp", job.run_dir / "best", job.run_dir / ".best.old"
+            shutil.rmtree(tmp, ignore_errors=True)
             accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(str(tmp))
-            shutil.rmtree(final, ignore_errors=True)
+            if final.exists():  # never a moment without a complete best/ (or its .old twin)
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
         accelerator.wait_for_everyone()
         return False
     counters["stale"] = counters.get("stale", 0) + 1

@@ -1,4 +1,4 @@
-"""`gptkit finetune`: adapt a local checkpoint to a task (classify, translate, summarize), full or LoRA.
+"""`gptkit finetune`: adapt a local checkpoint to a task (classify, qa, translate, summarize), full or LoRA.
 
 The runner owns what every task shares — splits and column mapping, the tokenizer, LoRA, the call to
 the one training loop (:func:`gptkit.engine.fit`), the best checkpoint, test scores and saving — and asks
@@ -48,6 +48,21 @@ def check(recipe: Recipe, task_name: str) -> None:
     rundir.resolve_output(recipe.output.dir)
 
 
+def describe(recipe: Recipe, task_name: str) -> list[str]:
+    """What `gptkit validate` reports for a fine-tuning recipe: base model size and rows per split."""
+    from transformers import AutoConfig
+
+    task = tasks.load(task_name)
+    check(recipe, task_name)
+    files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
+    counts = [f"{split} {len(load_rows(recipe, task, files[split], field))}" for split, field in _SPLITS if files[split]]
+    config = AutoConfig.from_pretrained(recipe.model.init_from)
+    n = modeling.meta_param_count(config)
+    return [f"inputs: rows per split: {', '.join(counts)} (columns found)",
+            f"base model: {config.model_type}, {n:,} parameters, from {recipe.model.init_from}",
+            f"method: {recipe.finetune.method}; best checkpoint by {recipe.finetune.metric or task.METRIC}"]
+
+
 def _tokenizer(recipe: Recipe):
     from gptkit.tokenizer import load_local
 
@@ -61,8 +76,9 @@ def _lora(recipe: Recipe, model, task_name: str):
     from peft import LoraConfig, TaskType, get_peft_model
 
     f = recipe.finetune
+    kind = {"classify": TaskType.SEQ_CLS, "qa": TaskType.QUESTION_ANS if f.qa_mode == "extractive" else None}
     cfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, target_modules=f.lora_targets,
-                     task_type=TaskType.SEQ_CLS if task_name == "classify" else TaskType.CAUSAL_LM)
+                     task_type=kind.get(task_name) or TaskType.CAUSAL_LM)  # heads are saved with the adapters
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
@@ -106,7 +122,9 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     result = engine.fit(job, accelerator)
     if accelerator.is_main_process:
         model.save_pretrained(str(run_dir))
-        tokenizer.save_pretrained(str(run_dir))
+        for folder in (run_dir, run_dir / "best"):  # both load on their own (gptkit generate, transformers)
+            if folder.is_dir():
+                tokenizer.save_pretrained(str(folder))
         if "test" in rows:
             result.update(_score_test(recipe, task, task_name, run_dir, tokenizer, rows["test"], model))
     accelerator.wait_for_everyone()
@@ -125,11 +143,20 @@ def _score_test(recipe, task, task_name, run_dir: Path, tokenizer, rows, model) 
     return scores
 
 
+def _auto_class(task_name: str, recipe: Recipe):
+    """The Auto class of a task's model: classify and extractive qa have heads, the rest are causal LMs."""
+    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    if task_name == "classify":
+        return AutoModelForSequenceClassification
+    if task_name == "qa" and recipe.finetune.qa_mode == "extractive":
+        return AutoModelForQuestionAnswering
+    return AutoModelForCausalLM
+
+
 def load_trained(path: Path, task_name: str, recipe: Recipe):
     """A fine-tuned model directory: full weights, or LoRA adapters on their base checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    cls = AutoModelForSequenceClassification if task_name == "classify" else AutoModelForCausalLM
+    cls = _auto_class(task_name, recipe)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -82,11 +82,13 @@ class DataConfig(_Section):
     """Local corpus files; validation from a held-out fraction or from its own files."""
 
     train_files: list[str] = Field(
-        default_factory=list, description="Files or globs: .txt, .jsonl/.json, .csv, .parquet (one format per list)."
+        default_factory=list, description="Files or globs: .txt, .jsonl/.json, .csv, .parquet (formats may mix)."
     )
     val_files: list[str] = Field(default_factory=list, description="Validation files; empty = hold out val_fraction.")
     val_fraction: float = Field(0.1, ge=0.0, lt=1.0, description="Tail fraction of the token stream held out.")
-    text_column: str = Field("text", description="Column holding the text (jsonl/csv/parquet).")
+    text_column: str | list[str] = Field(
+        "text", description="Column(s) holding the text in jsonl/csv/parquet files; each listed column is a document."
+    )
     sample_by: Literal["document", "paragraph", "line"] = Field(
         "document", description="For .txt: what one document is (EOS goes between documents)."
     )
@@ -154,6 +156,11 @@ class FinetuneConfig(_Section):
     eval_examples: int | None = Field(200, ge=1, description="Validation examples scored per evaluation (None = all).")
     num_beams: int = Field(1, ge=1, description="Beam width when generating for evaluation.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per example for evaluation.")
+    qa_mode: Literal["extractive", "generative"] = Field(
+        "extractive", description="qa: predict a span of the context (start/end head), or generate the answer."
+    )
+    doc_stride: int = Field(64, ge=1, description="qa (extractive): token overlap between windows of a long context.")
+    max_answer_tokens: int = Field(30, ge=1, description="qa (extractive): longest span considered.")
 
 
 class OutputConfig(_Section):
@@ -166,7 +173,7 @@ class Recipe(_Section):
     """A whole run. Sections: model, tokenizer, data, train, output."""
 
     description: str = Field("", description="One line shown by `gptkit recipes`.")
-    task: Literal["pretrain", "classify", "translate", "summarize"] = Field(
+    task: Literal["pretrain", "classify", "qa", "translate", "summarize"] = Field(
         "pretrain", description="What the run does: pretrain, or a finetune task (`--task` on the command line wins)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)

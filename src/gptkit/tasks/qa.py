@@ -1,0 +1,220 @@
+"""qa: answer a question about a context; scored with SQuAD v1.1 exact match and F1.
+
+Rows have ``question``, ``context`` and ``answers`` = ``{"text": [...], "answer_start": [...]}`` (the SQuAD /
+Hugging Face layout: character offsets into the context); ``id`` is optional.
+
+- ``finetune.qa_mode: extractive`` (default): a start/end head on the language model picks a span of the
+  context. "question + SEP + context" is cut into windows of ``finetune.max_length`` tokens that overlap by
+  ``finetune.doc_stride``; a training window that does not hold the first answer points at token 0 (as in
+  Hugging Face's run_qa). A prediction is the best span over all windows of a row.
+- ``finetune.qa_mode: generative``: a causal LM trained on "prompt + first answer + EOS" with the loss on
+  the answer only (:mod:`gptkit.tasks._generative`), evaluated by generating from the prompt.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from gptkit import metrics
+from gptkit.errors import UserError
+from gptkit.tasks import _generative as gen
+
+log = logging.getLogger(__name__)
+
+FIELDS = ("question", "context", "answers")
+OPTIONAL = ("id",)
+METRIC = "val_f1"
+PROMPT = "{context}\nQ: {question}\nA:"
+SEP = "\n"  # ends the question, before the context (extractive)
+_WHERE = {"train": "data.train_files", "validation": "data.val_files", "test": "data.test_files"}
+
+
+def _extractive(recipe) -> bool:
+    return recipe.finetune.qa_mode == "extractive"
+
+
+def _template(recipe) -> str:
+    return recipe.finetune.prompt or PROMPT
+
+
+def check_answers(rows: list[dict], split: str) -> None:
+    """Raise a one-line :class:`UserError` naming the row (counted from 0) unless every row's ``answers`` has
+    at least one non-empty text and each text is found at its ``answer_start`` in the context."""
+    where = _WHERE.get(split, split)
+    for i, row in enumerate(rows):
+        ans = row["answers"]
+        texts, starts = (ans.get("text"), ans.get("answer_start")) if isinstance(ans, dict) else (None, None)
+        if not (isinstance(texts, list) and isinstance(starts, list) and texts and len(texts) == len(starts)):
+            raise UserError(f'{where}: row {i} (from 0): answers must be {{"text": [...], "answer_start": [...]}} '
+                            f"with one start per text and at least one answer, got {str(ans)[:80]!r}")
+        context = str(row["context"])
+        for k, (text, start) in enumerate(zip(texts, starts)):
+            ok = isinstance(text, str) and text != "" and isinstance(start, int) and start >= 0
+            found = context[start : start + len(text)] if ok else None
+            if found != text:
+                raise UserError(f"{where}: row {i} (from 0): expected answers.text[{k}] {text!r} at character "
+                                f"answers.answer_start[{k}]={start!r} of the context, found {found!r}")
+
+
+def build_model(recipe, tokenizer, train_rows):
+    """Extractive: the LM with a start/end span head (AutoModelForQuestionAnswering); generative: the causal LM."""
+    if not _extractive(recipe):
+        return gen.build_model(recipe, tokenizer, train_rows)
+    from transformers import AutoModelForQuestionAnswering
+
+    try:
+        model = AutoModelForQuestionAnswering.from_pretrained(
+            recipe.model.init_from, attn_implementation=recipe.model.attn_implementation)
+    except ValueError as e:
+        if "Unrecognized configuration class" not in str(e):
+            raise
+        raise UserError(f"finetune.qa_mode: {recipe.model.init_from} has no question-answering head in transformers "
+                        "(AutoModelForQuestionAnswering); use qa_mode: generative") from None
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+class _Spans(gen.Examples):
+    """Right-padded windows with the first answer's start/end token positions."""
+
+    def batch(self, indices: list[int], epochs: list[int] | None = None) -> dict:
+        out = super().batch(indices)
+        del out["labels"]
+        for key in ("start_positions", "end_positions"):
+            out[key] = torch.tensor([self.rows[i][key] for i in indices])
+        return out
+
+
+def _limit(recipe, model) -> int:
+    cfg = model.config
+    return min(recipe.finetune.max_length, int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings))
+
+
+def _questions(tokenizer, rows: list[dict], limit: int, split: str) -> list[str]:
+    """Each question + SEP, the question cut to half a window (as BERT's max_query_length) so the context fits."""
+    texts = [str(r["question"]).strip() for r in rows]
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    keep = max(1, limit // 2 - 1)
+    long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > keep]
+    for i in long:
+        texts[i] = texts[i][: enc["offset_mapping"][i][keep - 1][1]]
+    if long and split != "predict":
+        log.warning("%s: %d questions longer than %d tokens were cut (finetune.max_length)", split, len(long), keep)
+    return [t + SEP for t in texts]
+
+
+def _stride(recipe, tokenizer, questions: list[str], limit: int, split: str) -> int:
+    """finetune.doc_stride, lowered to half the room the longest question leaves for the context."""
+    lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
+    room = limit - max(lengths) - tokenizer.num_special_tokens_to_add(pair=True)
+    if room < 2:
+        raise UserError(f"finetune.max_length: {limit}-token windows leave no room for the context after the "
+                        f"question ({max(lengths)} tokens) and special tokens; raise finetune.max_length")
+    stride = min(recipe.finetune.doc_stride, room // 2)
+    if stride < recipe.finetune.doc_stride:  # said once per split, not at every evaluation
+        (log.debug if split == "predict" else log.warning)(
+            "%s: finetune.doc_stride %d lowered to %d: %d-token windows leave %d tokens for the context",
+            split, recipe.finetune.doc_stride, stride, limit, room)
+    return stride
+
+
+def windows(recipe, tokenizer, rows: list[dict], limit: int, split: str) -> list[dict]:
+    """Tokenized windows of "question + SEP + context", at most ``limit`` tokens each, overlapping by doc_stride:
+    ``input_ids``, ``offsets`` (character span in the context per token, None outside the context), ``row``."""
+    if not rows:
+        return []
+    questions = _questions(tokenizer, rows, limit, split)
+    enc = tokenizer(questions, [str(r["context"]) for r in rows], truncation="only_second", max_length=limit,
+                    stride=_stride(recipe, tokenizer, questions, limit, split), return_overflowing_tokens=True,
+                    return_offsets_mapping=True)
+    out = []
+    for w, row in enumerate(enc["overflow_to_sample_mapping"]):
+        seq = enc.sequence_ids(w)
+        offsets = [tuple(o) if s == 1 and o[1] > o[0] else None for o, s in zip(enc["offset_mapping"][w], seq)]
+        out.append({"input_ids": enc["input_ids"][w], "offsets": offsets, "row": row})
+    return out
+
+
+def answer_positions(window: dict, row: dict) -> tuple[int, int]:
+    """Token positions of the row's first answer in the window, or (0, 0) when it is not wholly inside."""
+    start = row["answers"]["answer_start"][0]
+    end = start + len(row["answers"]["text"][0])
+    ctx = [(k, o) for k, o in enumerate(window["offsets"]) if o is not None]
+    if not ctx or ctx[0][1][0] > start or ctx[-1][1][1] < end:
+        return 0, 0
+    first = next(k for k, (_, b) in ctx if b > start)
+    last = next(k for k, (a, _) in reversed(ctx) if a < end)
+    return first, last
+
+
+def preprocess(recipe, tokenizer, rows, split, model):
+    """Checks the answers; extractive: windows with answer positions; generative: prompt + first answer + EOS."""
+    check_answers(rows, split)
+    if not _extractive(recipe):
+        targets = [{**r, "target": " " + r["answers"]["text"][0]} for r in rows]
+        return gen.preprocess(recipe, tokenizer, targets, split, template=_template(recipe), target="target")
+    out = windows(recipe, tokenizer, rows, _limit(recipe, model), split)
+    for w in out:
+        w["start_positions"], w["end_positions"] = answer_positions(w, rows[w["row"]])
+    log.info("%s: %d rows in %d windows, %d without their answer", split, len(rows), len(out),
+             sum(w["start_positions"] == 0 for w in out))
+    return _Spans(out, tokenizer.pad_token_id)
+
+
+def loss(model, batch: dict) -> torch.Tensor:
+    """The span head's loss for extractive batches (they carry start_positions), else the answer-only LM loss."""
+    if "start_positions" in batch:
+        return model(**batch).loss
+    return gen.loss(model, batch)
+
+
+def best_span(start_logits, end_logits, offsets: list, max_tokens: int) -> tuple[float, int, int]:
+    """(score, start, end) maximising start_logit + end_logit over spans inside the context, start <= end,
+    at most ``max_tokens`` long; score is -inf when the window has no context token."""
+    n = len(offsets)
+    in_ctx = torch.tensor([o is not None for o in offsets])
+    pos = torch.arange(n)
+    length = pos[None, :] - pos[:, None]
+    valid = (length >= 0) & (length < max_tokens) & in_ctx[:, None] & in_ctx[None, :]
+    if not valid.any():
+        return float("-inf"), 0, 0
+    scores = (start_logits[:n, None].float() + end_logits[None, :n].float()).masked_fill(~valid, float("-inf"))
+    flat = int(scores.argmax())
+    return float(scores.view(-1)[flat]), flat // n, flat % n
+
+
+@torch.no_grad()
+def predict(model, tokenizer, rows, recipe) -> list[str]:
+    """Answer texts. Extractive: the best span over all windows of each row, cut from the context by the
+    tokens' character offsets ("" when a row has no valid span); generative: the generated text."""
+    if not _extractive(recipe):
+        return gen.predict(model, tokenizer, rows, recipe, template=_template(recipe))
+    wins = windows(recipe, tokenizer, rows, _limit(recipe, model), "predict")
+    data = gen.Examples(wins, tokenizer.pad_token_id)
+    best: list[tuple[float, str]] = [(float("-inf"), "")] * len(rows)
+    was_training = model.training
+    model.eval()
+    try:
+        for lo in range(0, len(wins), 32):
+            idx = list(range(lo, min(len(wins), lo + 32)))
+            batch = data.batch(idx)
+            out = model(input_ids=batch["input_ids"].to(model.device),
+                        attention_mask=batch["attention_mask"].to(model.device))
+            starts, ends = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+            for j, i in enumerate(idx):
+                w = wins[i]
+                value, s, e = best_span(starts[j], ends[j], w["offsets"], recipe.finetune.max_answer_tokens)
+                if value > best[w["row"]][0]:
+                    text = str(rows[w["row"]]["context"])[w["offsets"][s][0] : w["offsets"][e][1]]
+                    best[w["row"]] = (value, text.strip())
+    finally:
+        model.train(was_training)
+    return [text for _, text in best]
+
+
+def score(predictions, rows):
+    """SQuAD v1.1 exact match and F1 (x100), each the max over a row's gold answers."""
+    out = metrics.squad_scores(predictions, [list(r["answers"]["text"]) for r in rows])
+    return {"exact_match": out["exact_match"], "f1": out["f1"]}

@@ -1,0 +1,177 @@
+"""`gptkit finetune` task qa: extractive spans over windows of long contexts, and generative answers."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from conftest import run_cli
+from tasks_helpers import base_recipe, finetune_recipe, write_jsonl
+
+WORDS = "lamp moon star tree river stone cloud bird fish rain".split()
+MARKER = "key"
+QUESTION = f"what follows {MARKER}?"
+
+
+def qa_row(words: list[str], pos: int, question: str = QUESTION) -> dict:
+    """A row whose answer is ``words[pos]``, with its character offset in the joined context."""
+    context = " ".join(words)
+    start = len(" ".join(words[:pos])) + (1 if pos else 0)
+    assert context[start : start + len(words[pos])] == words[pos]
+    return {"question": question, "context": context, "answers": {"text": [words[pos]], "answer_start": [start]}}
+
+
+def qa_rows(n: int, seed: int) -> list[dict]:
+    """6-12 words with the marker somewhere before the end; the answer is the word right after the marker."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 11))]
+        pos = rng.randrange(len(words))
+        words.insert(pos, MARKER)
+        rows.append({"id": f"{seed}-{i}", **qa_row(words, pos + 1)})
+    return rows
+
+
+def qa_splits(tmp: Path, n_train: int = 600) -> dict[str, Path]:
+    return {"train": write_jsonl(tmp / "train.jsonl", qa_rows(n_train, 1)),
+            "validation": write_jsonl(tmp / "val.jsonl", qa_rows(50, 2)),
+            "test": write_jsonl(tmp / "test.jsonl", qa_rows(50, 3))}
+
+
+def test_metrics(run: Path) -> dict:
+    return json.loads((run / "test_metrics.json").read_text())
+
+
+test_metrics.__test__ = False  # a helper, not a test
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    """A barely pretrained 2-layer GPT whose BPE tokenizer knows the QA words (tasks_helpers' base, own corpus)."""
+    tmp = tmp_path_factory.mktemp("qa_base")
+    corpus = tmp / "qa_corpus.txt"
+    corpus.write_text("".join(f"{r['context']}\nQ: {r['question']}\nA: {r['answers']['text'][0]}\n"
+                              for r in qa_rows(400, 0)))
+    path = base_recipe(tmp)
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"]["train_files"] = [str(corpus)]
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli("pretrain", str(path))
+    assert code == 0, err
+    return tmp / "base"
+
+
+@pytest.mark.slow
+def test_extractive_head_learns_the_word_after_the_marker(tmp_path, base):
+    recipe = finetune_recipe(tmp_path, "qa", "qa", base, qa_splits(tmp_path), finetune={"doc_stride": 16},
+                             train={"max_steps": 200, "eval_every": 100})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    scores = test_metrics(tmp_path / "qa")
+    assert scores["test_exact_match"] >= 90, scores
+    config = json.loads((tmp_path / "qa" / "best" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2ForQuestionAnswering"]
+
+
+@pytest.mark.slow
+def test_generative_answers_learn_the_same_task(tmp_path, base):
+    """Copying the word after the marker needs an induction-like circuit: more data and steps than a span head."""
+    recipe = finetune_recipe(tmp_path, "gqa", "qa", base, qa_splits(tmp_path, 2000),
+                             finetune={"qa_mode": "generative", "max_new_tokens": 4},
+                             train={"max_steps": 1200, "eval_every": 600, "save_every": 600})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    scores = test_metrics(tmp_path / "gqa")
+    assert scores["test_exact_match"] >= 90, scores
+
+
+class SpanStub(torch.nn.Module):
+    """A QA 'model' whose logits point at given (start, end) tokens of known windows, and loudest at token 0."""
+
+    def __init__(self, targets: dict[tuple, tuple[int, int]], n_positions: int):
+        super().__init__()
+        self.config, self.device, self.targets = SimpleNamespace(n_positions=n_positions), torch.device("cpu"), targets
+
+    def forward(self, input_ids, attention_mask):
+        start, end = torch.zeros(input_ids.shape), torch.zeros(input_ids.shape)
+        start[:, 0] = end[:, 0] = 100.0  # a question token: never a valid answer
+        for j, ids in enumerate(input_ids.tolist()):
+            s, e = self.targets.get(tuple(ids[: int(attention_mask[j].sum())]), (0, 0))
+            start[j, s] += 10.0
+            end[j, e] += 10.0
+        return SimpleNamespace(start_logits=start, end_logits=end)
+
+
+def test_long_context_answer_in_a_later_window(tmp_path, base):
+    from gptkit import finetune as ft
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import qa
+
+    rng = random.Random(5)
+    words = [rng.choice(WORDS) for _ in range(40)] + [MARKER, "zebra"] + [rng.choice(WORDS) for _ in range(3)]
+    rows = [qa_row(words, 41), qa_row(["moon", "lamp", "tree"], 0, "what comes first?"),
+            qa_row(["moon", MARKER, "tree"], 1, "what is second?")]  # token " key": its offsets hold the space
+    recipe = load_recipe(finetune_recipe(tmp_path, "long", "qa", base, qa_splits(tmp_path, 20),
+                                         finetune={"max_length": 32, "doc_stride": 6, "max_answer_tokens": 8}))
+    tok = ft._tokenizer(recipe)
+    stub = SpanStub({}, n_positions=64)
+    data = qa.preprocess(recipe, tok, rows, "train", stub)
+    long = [w for w in data.rows if w["row"] == 0]
+    assert len(long) >= 3 and all(len(w["input_ids"]) <= 32 for w in data.rows)
+    ctx = [[i for i, o in zip(w["input_ids"], w["offsets"]) if o is not None] for w in long]
+    assert all(a[-6:] == b[:6] for a, b in zip(ctx, ctx[1:]))  # consecutive windows overlap by doc_stride
+    hits = [k for k, w in enumerate(long) if w["start_positions"] > 0]
+    assert hits and hits[0] > 0 and all(long[k]["start_positions"] == 0 == long[k]["end_positions"]
+                                        for k in range(hits[0]))
+    w = long[hits[-1]]
+    s, e = w["start_positions"], w["end_positions"]
+    assert e > s and tok.decode(w["input_ids"][s : e + 1]).strip() == "zebra"  # an unseen word: several tokens
+    short = next(w for w in data.rows if w["row"] == 1)
+    assert tok.decode(short["input_ids"][short["start_positions"] : short["end_positions"] + 1]).strip() == "moon"
+    batch = data.batch(list(range(len(data))))
+    assert set(batch) == {"input_ids", "attention_mask", "start_positions", "end_positions"}
+    assert batch["input_ids"].shape[0] == len(data.rows) == batch["start_positions"].shape[0]
+
+    stub.targets = {tuple(w["input_ids"]): (w["start_positions"], w["end_positions"]) for w in data.rows
+                    if w["start_positions"] > 0}
+    assert qa.predict(stub, tok, rows, recipe) == ["zebra", "moon", MARKER]
+    assert stub.training  # predict restores the mode it found
+    assert qa.score(["zebra", "Moon.", MARKER], rows) == {"exact_match": 100.0, "f1": 100.0}
+
+    wordy = qa_row(["moon", MARKER, "lamp"], 2, "which word " * 40 + QUESTION)  # cut to half a window, not an error
+    wins = qa.windows(recipe, tok, [wordy], 32, "test")
+    assert len(wins) == 1 and len(wins[0]["input_ids"]) <= 32
+    assert qa.answer_positions(wins[0], wordy) != (0, 0)
+
+
+def test_best_span_respects_order_length_and_context():
+    from gptkit.tasks.qa import best_span
+
+    offsets = [None, None, (0, 4), (4, 9), (9, 14), (14, 19)]  # two question tokens, four context tokens
+    start = torch.tensor([50.0, 0, 1, 0, 0, 9])
+    end = torch.tensor([50.0, 0, 0, 8, 0, 0])
+    assert best_span(start, end, offsets, 30)[1:] == (2, 3)  # not (0, 0) in the question, not end before start
+    assert best_span(start, end, offsets, 1)[1:] == (5, 5)  # one-token spans only
+    assert best_span(start, end, [None] * 6, 30)[0] == float("-inf")
+
+
+def test_answer_start_that_misses_the_answer_is_one_line_error(tmp_path, base):
+    splits = qa_splits(tmp_path, 20)
+    rows = qa_rows(20, 1)
+    rows[3]["answers"]["answer_start"][0] += 1
+    write_jsonl(splits["train"], rows)
+    recipe = finetune_recipe(tmp_path, "bad", "qa", base, splits)
+    code, _, err = run_cli("finetune", str(recipe))
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and "Traceback" not in err, err
+    assert len([ln for ln in lines if ln.startswith("error:")]) == 1, err
+    error = next(ln for ln in lines if ln.startswith("error:"))
+    assert "data.train_files" in error and "row 3" in error and repr(rows[3]["answers"]["text"][0]) in error, error
+    assert not (tmp_path / "bad").exists()
