@@ -1,5 +1,5 @@
 # gptkit — two commands from a fresh clone:
-#   make demo   install into .venv, pretrain the tiny GPT on CPU and sample it, fine-tune it to translate en->de
+#   make demo   install into .venv, pretrain the tiny GPT on CPU and sample it, fine-tune it to translate en->de, evaluate, translate
 #   make test   install into .venv, run the whole test suite
 #
 # TORCH pins the CPU build CI uses. GPU users: `make install TORCH=torch` after installing the CUDA
@@ -28,7 +28,8 @@ demo: install
 	$(BIN)/gptkit pretrain pretrain/tiny --overwrite
 	$(BIN)/gptkit generate runs/tiny --prompt "ROMEO:" --max-new-tokens 120 --temperature 0.8 --top-k 40 --seed 1
 	$(BIN)/gptkit finetune translate/multi30k-tiny model.init_from=runs/tiny train.max_steps=300 \
-		train.eval_every=150 finetune.eval_examples=50 --overwrite
+		train.eval_every=150 finetune.eval_examples=50 data.test_files=[] --overwrite
+	$(BIN)/gptkit eval --model runs/multi30k-tiny --data data/translate/multi30k_en_de_test.jsonl --limit 100
 	$(BIN)/gptkit generate runs/multi30k-tiny/best --max-new-tokens 30 \
 		--prompt "$$(printf 'English: Two dogs are playing in the snow.\nGerman:')"
 

@@ -119,3 +119,28 @@ def test_bugs_still_show_a_traceback(tmp_path, corpus, monkeypatch):
     recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")
     with pytest.raises(RuntimeError, match="internal bug"):
         run_cli("pretrain", str(recipe))
+
+
+def test_odd_but_valid_and_degenerate_data(tmp_path, corpus):
+    """Degenerate inputs get one line and exit 2; odd but valid ones (a 10 MB single line) just train."""
+    out = tmp_path / "run"
+
+    def pretrain(name: str, **sections) -> tuple[int, str]:
+        code, _, err = run_cli("pretrain", str(tiny_recipe(tmp_path / f"{name}.yaml", corpus, out, **sections)))
+        return code, err
+
+    blank = tmp_path / "blank.txt"
+    blank.write_text("\n\n\n   \n")
+    code, err = pretrain("blank", data={"train_files": [str(blank)]})
+    assert_user_error(code, err, "corpus too small")
+    empty_rows = tmp_path / "rows.jsonl"
+    empty_rows.write_text("\n\n")
+    code, err = pretrain("rows", data={"train_files": [str(empty_rows)]})
+    assert_user_error(code, err, "rows.jsonl")
+    code, err = pretrain("batch", train={"batch_size": 100_000})
+    assert_user_error(code, err, "train.batch_size", "examples per step")
+    assert not out.exists()
+    long_line = tmp_path / "long.txt"
+    long_line.write_text("to be or not to be " * 550_000)  # ~10 MB, no newline
+    code, err = pretrain("long", data={"train_files": [str(long_line)]}, train={"max_steps": 2, "eval_batches": 2})
+    assert code == 0, err

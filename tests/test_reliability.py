@@ -175,17 +175,30 @@ socket.getaddrinfo = getaddrinfo
 
 
 def test_no_network_is_attempted(tmp_path, small_corpus):
-    """pretrain -> generate in child processes whose sockets are guarded: no connection is attempted."""
+    """pretrain -> finetune -> eval -> generate in child processes whose sockets are guarded: no connection
+    is attempted."""
     guard = tmp_path / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(textwrap.dedent(GUARD))
     log = tmp_path / "sockets.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_"))}  # gptkit sets them
     env.update(PYTHONPATH=f"{guard}{os.pathsep}{env.get('PYTHONPATH', '')}", GPTKIT_SOCKET_LOG=str(log))
+    from tasks_helpers import finetune_recipe, translate_rows, write_jsonl
+
     recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={"max_steps": 3})
-    for args in (["pretrain", str(recipe)], ["generate", str(tmp_path / "run"), "--prompt", "To be", "--max-new-tokens", "5"]):
+    splits = {s: write_jsonl(tmp_path / f"{s}.jsonl", translate_rows(8, i)) for i, s in
+              enumerate(("train", "validation", "test"))}
+    ft = finetune_recipe(tmp_path, "ft", "translate", tmp_path / "run", splits,
+                         train={"max_steps": 2, "eval_every": 2, "save_every": 2, "batch_size": 4},
+                         finetune={"max_new_tokens": 4})
+    steps = (["pretrain", str(recipe)],
+             ["finetune", str(ft)],
+             ["eval", "--model", str(tmp_path / "ft"), "--split", "test", "--max-new-tokens", "4"],
+             ["generate", str(tmp_path / "run"), "--prompt", "To be", "--max-new-tokens", "5"])
+    for args in steps:  # the whole path: pretrain -> finetune -> eval, and sampling
         res = subprocess.run([*gptkit_cmd(), *args], env=env, capture_output=True, text=True, timeout=300)
-        assert res.returncode == 0, res.stderr[-2000:]
+        assert res.returncode == 0, (args[0], res.stderr[-2000:])
+    assert list((tmp_path / "ft").glob("eval-*/metrics.json"))
     # the guard is live in the children (it would have logged), and nothing tried the network
     probe = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('example.com', 80))"],
                            env=env, capture_output=True, text=True)

@@ -251,6 +251,16 @@ def _restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def check_batch(cfg: TrainConfig, n_examples: int, processes: int) -> None:
+    """Refuse a global batch larger than the training set (an epoch would repeat inside one step)."""
+    per_step = cfg.batch_size * cfg.grad_accum * processes
+    if per_step > n_examples:
+        raise UserError(
+            f"train.batch_size: {cfg.batch_size} x grad_accum {cfg.grad_accum} x {processes} process(es) = {per_step} "
+            f"examples per step, but the training data has only {n_examples}; lower the batch or add data"
+        )
+
+
 def check_disk_space(run_dir: Path, n_params: int, keep_last: int) -> None:
     """Refuse to start when the retained checkpoints (+1 being written, + final model) cannot fit."""
     import shutil

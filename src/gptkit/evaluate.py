@@ -5,6 +5,10 @@ its recipe's split); a recipe: its ``output.dir`` run (``best/`` when kept, as f
 ``model.init_from``, on ``data.test_files``, else ``data.val_files``. ``--task lm``: sliding-window perplexity.
 Predictions are appended to ``predictions.jsonl`` and flushed batch by batch, so ``--resume`` continues after the
 last one written. ``eval.json``, written first, says what an output folder evaluates.
+
+This module decides what runs: options, model, data and recipe, predictions batch by batch, perplexity. Reading
+files, scoring and the output folder's files (eval.json, predictions.jsonl, metrics.json, report.md, the printed
+table) are :mod:`gptkit.eval_report`'s.
 """
 
 from __future__ import annotations
@@ -13,7 +17,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,14 +24,14 @@ from pathlib import Path
 
 from gptkit import generation, metrics
 from gptkit.errors import UserError
+from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
+                                read_fields, read_text, reference_of, sha256, write_outputs)
+from gptkit.eval_report import table  # noqa: F401  (cli prints evaluate.table(result))
 
 log = logging.getLogger(__name__)
 
 TASKS = ("translate", "summarize", "qa", "classify", "lm")
-REFERENCE = {"translate": "target", "summarize": "summary", "qa": "answers", "classify": "label"}
-INPUTS = {"translate": ("source",), "summarize": ("document",), "qa": ("context", "question"), "classify": ("text",)}
 CLASSIFY_PROMPT = "{text}\nLabel:"  # classify with a causal LM: which " <label>" is likeliest after it
-SENTENCE = {"translate": "sentence_bleu", "summarize": "rougeL", "qa": "f1", "classify": "accuracy"}
 
 
 @dataclass
@@ -51,272 +54,6 @@ class Options:
     few_shot: int = 0
     train: str | None = None
     seed: int = 0
-
-
-# ------------------------------------------------------------------------------------------ reading
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def read_text(path: Path, what: str) -> str:
-    """A whole UTF-8 file; a bad byte is reported with its line number."""
-    if not path.is_file():
-        raise UserError(f"{what}: {path} not found")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{what}: {path}: line {line}: not valid UTF-8 text") from None
-
-
-def read_rows(path: Path, what: str) -> list[dict]:
-    """Rows with their line number: JSONL read here (precise errors), csv/json/parquet via data.load_table."""
-    if path.suffix.lower() in (".csv", ".json", ".parquet") and path.is_file():
-        from gptkit import data as data_mod
-
-        table = data_mod.load_table(data_mod.resolve_files([str(path)], what), what)
-        return [{**row, "_line": i + 1 + (path.suffix.lower() == ".csv")} for i, row in enumerate(table)]
-    rows = []
-    for n, line in enumerate(read_text(path, what).splitlines(), 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{what}: {path}: line {n}: invalid JSON ({e.msg}); expected one object per line") from None
-        if row is not None and not isinstance(row, dict):
-            raise UserError(f"{what}: {path}: line {n}: expected a JSON object, got {type(row).__name__}")
-        rows += [{**row, "_line": n}] if row is not None else []
-    if not rows:
-        raise UserError(f"{what}: {path} is empty")
-    return rows
-
-
-def parse_columns(items: list[str]) -> dict[str, str]:
-    pairs = [part.partition("=") for item in items for part in item.split(",") if part]
-    bad = [a + s + b for a, s, b in pairs if not (a.strip() and s and b.strip())]
-    if bad:
-        raise UserError(f"--columns: '{bad[0]}' should be field=column, e.g. source=de")
-    return {a.strip(): b.strip() for a, _, b in pairs}
-
-
-def map_fields(rows: list[dict], fields: tuple, optional: tuple, cols: dict, what: str, path: Path) -> list[dict]:
-    """Rows renamed to task fields (``id`` kept); a row missing a field is named, with the fields it has."""
-    out = []
-    for row in rows:
-        missing = [repr(cols.get(f, f)) for f in fields if cols.get(f, f) not in row]
-        if missing:
-            raise UserError(f"{what}: {path}: line {row['_line']}: no field {', '.join(missing)}; fields found: "
-                            f"{sorted(k for k in row if k != '_line')} (map them with --columns field=column)")
-        out.append({**{f: row[cols.get(f, f)] for f in (*fields, *optional, "id") if cols.get(f, f) in row},
-                    "_line": row["_line"]})
-    return out
-
-
-def reference_of(task: str, row: dict, where: str):
-    """The gold of one row: a string; a label as a string; qa: the answers list (SQuAD's {"text": [...]} too)."""
-    value = row[REFERENCE[task]]
-    if task == "classify":
-        return str(value)
-    texts = value.get("text") if task == "qa" and isinstance(value, dict) else value
-    texts = [texts] if task == "qa" and isinstance(texts, str) else texts
-    if task == "qa" and isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
-        return texts
-    if task != "qa" and isinstance(value, str):
-        return value
-    raise UserError(f"{where}: {REFERENCE[task]} must be " + ("{\"text\": [...]} or a non-empty list of strings"
-                                                                 if task == "qa" else "a string") + f", got {value!r}")
-
-
-# ------------------------------------------------------------------------------------------ scoring
-def per_example(task: str, preds: list, refs: list) -> dict[str, list[float]]:
-    """Sentence-level scores x 100 (sentence BLEU, ROUGE, SQuAD, correct); mean-based corpus figures are their mean."""
-    if task == "translate":
-        from sacrebleu.metrics import BLEU
-
-        sent = BLEU(effective_order=True)
-        return {"sentence_bleu": [sent.sentence_score(p, [r]).score for p, r in zip(preds, refs)]}
-    if task == "summarize":
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(list(metrics.ROUGE_TYPES), use_stemmer=True)
-        scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
-        return {k: [100 * s[k].fmeasure for s in scores] for k in metrics.ROUGE_TYPES}
-    if task == "qa":
-        return {name: [100 * max(fn(p, g) for g in gs) for p, gs in zip(preds, refs)]
-                for name, fn in (("exact_match", metrics.exact_match), ("f1", metrics.f1))}
-    return {"accuracy": [100.0 * (p == r) for p, r in zip(preds, refs)]}
-
-
-def _corpus_ci(metric, preds: list[str], refs: list, n: int, seed: int) -> tuple[float, float]:
-    """bootstrap_ci of corpus BLEU/chrF, resampling sacrebleu's per-sentence statistics (same numbers, faster)."""
-    import numpy as np
-
-    stats = np.array(metric._extract_corpus_statistics(preds, metrics._ref_streams(refs, "bootstrap")))
-    idx = list(range(len(preds)))
-    return metrics.bootstrap_ci(lambda i, _: metric._compute_score_from_stats(stats[i].sum(0).tolist()).score,
-                                idx, idx, n=n, seed=seed)
-
-
-def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0) -> dict:
-    """Corpus figures, signatures, details, optional 95% CIs and one sentence score per example."""
-    from importlib.metadata import version
-
-    detail, signatures = {}, {}
-    if task == "translate":
-        full = metrics.translation_scores(preds, refs)
-        figures = {"bleu": full["bleu"], "chrf": full["chrf"]}
-        signatures = {"bleu": full["bleu_signature"], "chrf": full["chrf_signature"]}
-        detail = {k: full[k] for k in ("precisions", "brevity_penalty", "sys_len", "ref_len")}
-    elif task == "summarize":
-        figures = metrics.rouge(preds, refs)
-        signatures = {"rouge": f"rouge_score {version('rouge-score')}, use_stemmer=True, mean F-measure x 100"}
-    elif task == "qa":
-        figures, signatures = metrics.squad_scores(preds, refs), {"squad": "SQuAD v1.1 official normalisation"}
-    else:
-        full = metrics.classification_scores(preds, refs)
-        figures, detail = {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"]}, {"per_class": full["per_class"]}
-    each, cis = per_example(task, preds, refs), {}
-    if bootstrap:
-        from sacrebleu.metrics import BLEU, CHRF
-
-        cis = {k: metrics.bootstrap_ci(lambda p, _: sum(p) / len(p), v, v, n=bootstrap, seed=seed)
-               for k, v in each.items() if k in figures}
-        if task == "translate":
-            cis = {name: _corpus_ci(m, preds, refs, bootstrap, seed) for name, m in (("bleu", BLEU()), ("chrf", CHRF()))}
-    return {"metrics": figures, "signatures": signatures, "details": detail, "ci95": cis,
-            "sentence_metric": SENTENCE[task], "sentence": each[SENTENCE[task]]}
-
-
-def pair(preds: list[dict], refs: list[dict], ppath: Path, rpath: Path) -> list[tuple[dict, dict]]:
-    """Match by id when both files carry ids (every line then needs a unique one), else by line order."""
-    if not (any("id" in r for r in preds) and any("id" in r for r in refs)):
-        if len(preds) != len(refs):
-            raise UserError(f"{ppath} has {len(preds)} predictions but {rpath} has {len(refs)} references; "
-                            "they pair up by line (or give both an id field)")
-        return list(zip(preds, refs))
-    index = []
-    for rows, path in ((preds, ppath), (refs, rpath)):
-        if any("id" not in r for r in rows):
-            raise UserError(f"{path}: line(s) {[r['_line'] for r in rows if 'id' not in r][:5]} have no id "
-                            "while other lines do; give every line an id")
-        ids = [str(r["id"]) for r in rows]
-        if len(set(ids)) < len(ids):
-            raise UserError(f"{path}: duplicate id(s) {sorted({i for i in ids if ids.count(i) > 1})[:5]}")
-        index.append(dict(zip(ids, rows)))
-    p, r = index
-    if p.keys() != r.keys():
-        raise UserError(f"ids do not match: in {ppath.name} only: {[i for i in p if i not in r][:5]}; "
-                        f"in {rpath.name} only: {[i for i in r if i not in p][:5]}")
-    return [(p[i], r[i]) for i in r]
-
-
-# ------------------------------------------------------------------------------------------ outputs
-def prepare_out(out: Path, identity: dict, resume: bool, keep: int) -> list[dict]:
-    """Refuse a folder holding anything but an evaluation of the same thing; return the predictions kept."""
-    manifest, preds = out / "eval.json", out / "predictions.jsonl"
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out: {out} exists and is not a directory")
-    busy = out.is_dir() and any(out.iterdir())
-    if busy and not manifest.is_file():
-        raise UserError(f"--out: {out} is not empty and holds no gptkit evaluation; choose another directory")
-    old = json.loads(manifest.read_text()).get("identity", {}) if busy else identity
-    differs = sorted(k for k in {*old, *identity} if old.get(k) != identity.get(k))
-    if differs:
-        raise UserError(f"--out: {out} holds an evaluation of something else (differs in {', '.join(differs)}); "
-                        "choose another --out")
-    if resume and not busy:
-        raise UserError(f"--resume: {out} holds no evaluation to resume")
-    kept = []  # the complete, in-order prefix of the predictions written (a torn last line is dropped)
-    for line in preds.read_text(encoding="utf-8", errors="replace").split("\n") if resume and preds.is_file() else []:
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        if not isinstance(row, dict) or row.get("index") != len(kept) or len(kept) >= keep:
-            break
-        kept.append(row)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in ("metrics.json", "report.md", "predictions.jsonl.tmp"):
-        (out / name).unlink(missing_ok=True)
-    if keep:  # the kept prefix replaces the file atomically: a crash now loses nothing
-        append(out / "predictions.jsonl.tmp", kept)
-        os.replace(out / "predictions.jsonl.tmp", preds)
-    else:
-        preds.unlink(missing_ok=True)
-    manifest.write_text(json.dumps({"identity": identity}, indent=1))
-    return kept
-
-
-def append(path: Path, records: list[dict]) -> None:
-    """Append one batch of predictions and make it durable before the next batch starts."""
-    with open(path, "a", encoding="utf-8") as fh:
-        fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _ci(result: dict, key: str) -> str:
-    lo_hi = result.get("ci95", {}).get(key)
-    return f"[{lo_hi[0]:.2f}, {lo_hi[1]:.2f}]" if lo_hi else ""
-
-
-def table(result: dict) -> str:
-    head = f"{result['task']}: " + ", ".join(f"{v} {k}" for k, v in result["counts"].items())
-    return "\n".join([head, *(f"  {k:<16}{v:>10.4f}  {_ci(result, k)}".rstrip() for k, v in result["metrics"].items())])
-
-
-def _cell(value) -> str:
-    text = (" | ".join(value) if isinstance(value, list) else str(value)).replace("\n", " ").replace("|", "\\|")
-    return text if len(text) <= 200 else text[:197] + "..."
-
-
-def write_outputs(out: Path, result: dict, examples: list[dict]) -> None:
-    """metrics.json, then report.md: the table, signatures, the 5 best and 5 worst examples."""
-    (out / "metrics.json").write_text(json.dumps(result, indent=1, ensure_ascii=False))
-    lines = [f"# gptkit eval: {result['task']}", "", f"model: `{result.get('model', {}).get('path', '-')}`  ",
-             f"data: `{', '.join(result['data'])}`  ", table(result).split("\n")[0], "",
-             "| metric | value | 95% CI |", "|---|---:|---|"]
-    lines += [f"| {k} | {v:.4f} | {_ci(result, k)} |" for k, v in result["metrics"].items()]
-    lines += [f"\n{k}: `{v}`" for k, v in result.get("signatures", {}).items()]
-    for title, sign in (("5 best", -1), ("5 worst", 1)) if examples else ():
-        lines += ["", f"## {title} (by {result['sentence_metric']})", "",
-                  "| # | score | input | reference | prediction |", "|---:|---:|---|---|---|"]
-        lines += [f"| {e['index']} | {e['score']:.2f} | {_cell(e['input'])} | {_cell(e['reference'])} | "
-                  f"{_cell(e['prediction'])} |" for e in sorted(examples, key=lambda e: (sign * e["score"], e["index"]))[:5]]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-
-
-def finish(out: Path, base: dict, task: str, rows: list[dict], preds: list, refs: list, opts: Options) -> dict:
-    scored = score(task, preds, refs, opts.bootstrap, opts.seed)
-    result = {"task": task, **base, **scored, "counts": {"examples": len(preds)}, "out": str(out)}
-    examples = [{"index": i, "score": s, "prediction": p, "reference": r,
-                 "input": " / ".join(str(row[f]) for f in INPUTS[task] if f in row)}
-                for i, (s, p, r, row) in enumerate(zip(result.pop("sentence"), preds, refs, rows))]
-    write_outputs(out, result, examples)
-    return result
-
-
-def run_predictions(opts: Options, task: str) -> dict:
-    """Score a predictions file against a references file; no model is loaded."""
-    if not (opts.predictions and opts.references) or opts.model or opts.data or opts.resume or task == "lm":
-        raise UserError("eval: --predictions and --references go together, for a text task, without --model/--data")
-    ppath, rpath, cols = Path(opts.predictions), Path(opts.references), parse_columns(opts.columns)
-    preds = map_fields(read_rows(ppath, "--predictions"), ("prediction",), (), {}, "--predictions", ppath)
-    refs = map_fields(read_rows(rpath, "--references"), (REFERENCE[task],), INPUTS[task], cols, "--references", rpath)
-    pairs = pair(preds, refs, ppath, rpath)
-    bad = [p["_line"] for p, _ in pairs if not isinstance(p["prediction"], (str, int)) or p["prediction"] is True]
-    if bad:
-        raise UserError(f"--predictions: {ppath}: line {bad[0]}: prediction must be a string")
-    gold = [reference_of(task, r, f"--references: {rpath}: line {r['_line']}") for _, r in pairs]
-    data = {str(ppath): sha256(ppath), str(rpath): sha256(rpath)}
-    out = Path(opts.out or f"eval-{task}")
-    prepare_out(out, {"mode": "predictions", "task": task, "data": data, "columns": cols}, False, 0)
-    base = {"mode": "predictions", "settings": {"columns": cols, "bootstrap": opts.bootstrap}, "data": data}
-    return finish(out, base, task, [r for _, r in pairs], [str(p["prediction"]) for p, _ in pairs], gold, opts)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -417,14 +154,14 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
     with a causal LM, classify by label likelihood; few-shot generates itself (cut at the first newline)."""
     from gptkit.tasks import classify, load
 
-    if ctx.task == "classify":
-        if ctx.labels is None:
-            return classify.predict(ctx.model, ctx.tok, rows, ctx.recipe)
-        return label_scores(ctx, [prompt(ctx, r, start + j) for j, r in enumerate(rows)])
-    if not ctx.few_shot:
+    if ctx.task == "classify" and ctx.labels is None:
+        return classify.predict(ctx.model, ctx.tok, rows, ctx.recipe)
+    if ctx.task != "classify" and not ctx.few_shot:
         return [str(p) for p in load(ctx.task).predict(ctx.model, ctx.tok, rows, ctx.recipe)]
-    texts = generation.generate_batch(ctx.model, ctx.tok, [prompt(ctx, r, start + j) for j, r in enumerate(rows)],
-                                      ctx.decoding, batch_size=len(rows))
+    prompts = [prompt(ctx, r, start + j) for j, r in enumerate(rows)]
+    if ctx.task == "classify":
+        return label_scores(ctx, prompts)
+    texts = generation.generate_batch(ctx.model, ctx.tok, prompts, ctx.decoding, batch_size=len(rows))
     return [t[0].split("\n")[0].strip() for t in texts]
 
 
@@ -482,6 +219,7 @@ def sliding_nll(model, ids: list[int], context: int, stride: int, batch_size: in
     return total, count, sum(map(len, groups))
 
 
+# ------------------------------------------------------------------------------------------- modes
 def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
     from gptkit.modeling import context_length
 
@@ -492,7 +230,7 @@ def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
     if len(ids) < 2 or not 1 <= stride <= context:
         raise UserError(f"--data has {len(ids)} tokens (need >= 2)" if len(ids) < 2 else
                         f"--stride must be in [1, {context}] (the model's context), got {stride}")
-    model_fp, data_fp = fingerprint(Path(model_path)), {str(p): sha256(p) for p in data}
+    model_fp, data_fp = fingerprint(Path(model_path)), file_hashes(data)
     prepare_out(out, {"mode": "lm", "model": model_fp["sha256"], "data": data_fp, "stride": stride}, False, 0)
     started = time.time()
     nll, n, n_windows = sliding_nll(model, ids, context, stride, opts.batch_size)
@@ -512,18 +250,18 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     model, tok, run = load_model(model_path, task)
     cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
     fields, optional = (*INPUTS[task], REFERENCE[task]), ("text_pair",) if task == "classify" else ()
-    every = [r for p in data for r in map_fields(read_rows(p, "--data"), fields, optional, cols, "--data", p)]
+    every = [r for p in data for r in read_fields(p, "--data", fields, optional, cols)]
     rows = every[: opts.limit or None]
     refs = [reference_of(task, r, f"--data: line {r['_line']}") for r in rows]
     if opts.few_shot and not opts.train:
         raise UserError("--few-shot needs --train FILE to draw the demonstrations from")
     tp = Path(opts.train or "")
-    shots = map_fields(read_rows(tp, "--train"), fields, optional, cols, "--train", tp) if opts.few_shot else []
+    shots = read_fields(tp, "--train", fields, optional, cols) if opts.few_shot else []
     if len(shots) < opts.few_shot:
         raise UserError(f"--few-shot {opts.few_shot}: {tp} has only {len(shots)} examples")
     ctx = make_ctx(opts, task, model, tok, run, every, shots)  # labels: from all rows, whatever --limit
     model_fp = fingerprint(Path(model_path))
-    identity = {"mode": "model", "task": task, "model": model_fp["sha256"], "data": {str(p): sha256(p) for p in data},
+    identity = {"mode": "model", "task": task, "model": model_fp["sha256"], "data": file_hashes(data),
                 "columns": cols, "template": ctx.template, "decoding": asdict(ctx.decoding), "labels": ctx.labels,
                 "few_shot": opts.few_shot, "train": sha256(tp) if shots else None, "seed": opts.seed if shots else None}
     preds = [k["prediction"] for k in prepare_out(out, identity, opts.resume, len(rows))]
@@ -540,7 +278,27 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
                 "batch_size": opts.batch_size, "limit": opts.limit, "resumed_at": resumed_at if opts.resume else None,
                 "bootstrap": opts.bootstrap, "seconds": round(time.time() - started, 3)}
     base = {"mode": "model", "settings": settings, "model": model_fp, "data": identity["data"]}
-    return finish(out, base, task, rows, preds, refs, opts)
+    return finish(out, base, task, rows, preds, refs, opts.bootstrap, opts.seed)
+
+
+def run_predictions(opts: Options, task: str) -> dict:
+    """Score a predictions file against a references file; no model is loaded."""
+    if not (opts.predictions and opts.references) or opts.model or opts.data or opts.resume or task == "lm":
+        raise UserError("eval: --predictions and --references go together, for a text task, without --model/--data")
+    ppath, rpath, cols = Path(opts.predictions), Path(opts.references), parse_columns(opts.columns)
+    preds = read_fields(ppath, "--predictions", ("prediction",))
+    refs = read_fields(rpath, "--references", (REFERENCE[task],), INPUTS[task], cols)
+    pairs = pair(preds, refs, ppath, rpath)
+    bad = [p["_line"] for p, _ in pairs if not isinstance(p["prediction"], (str, int)) or p["prediction"] is True]
+    if bad:
+        raise UserError(f"--predictions: {ppath}: line {bad[0]}: prediction must be a string")
+    gold = [reference_of(task, r, f"--references: {rpath}: line {r['_line']}") for _, r in pairs]
+    data = file_hashes([ppath, rpath])
+    out = Path(opts.out or f"eval-{task}")
+    prepare_out(out, {"mode": "predictions", "task": task, "data": data, "columns": cols}, False, 0)
+    base = {"mode": "predictions", "settings": {"columns": cols, "bootstrap": opts.bootstrap}, "data": data}
+    return finish(out, base, task, [r for _, r in pairs], [str(p["prediction"]) for p, _ in pairs], gold,
+                  opts.bootstrap, opts.seed)
 
 
 # ------------------------------------------------------------------------------------------- entry

@@ -112,6 +112,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     val_rows = rows.get("validation", [])[: recipe.finetune.eval_examples or None]
     evaluate = (lambda m: task.score(task.predict(m, tokenizer, val_rows, recipe), val_rows)) if val_rows else None
     n_params = sum(p.numel() for p in model.parameters())
+    engine.check_batch(recipe.train, len(train), accelerator.num_processes)
     engine.check_disk_space(run_dir, n_params, recipe.train.keep_last)
     if accelerator.is_main_process and not resume:
         rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
