@@ -37,7 +37,7 @@ test_metrics.__test__ = False  # a helper, not a test
 @pytest.mark.slow
 def test_translate_learns_a_word_mapping(tmp_path, base):
     recipe = finetune_recipe(tmp_path, "tr", "translate", base, splits(tmp_path, translate_rows),
-                             train={"max_steps": 600, "eval_every": 200, "save_every": 200})
+                             train={"max_steps": 1200, "eval_every": 400, "save_every": 400})
     code, out, err = run_cli("finetune", str(recipe))
     assert code == 0, err
     scores = test_metrics(tmp_path / "tr")
@@ -147,3 +147,46 @@ def test_every_bundled_finetune_recipe_validates(base):
         recipe = load_recipe(path, [f"model.init_from={base}"])
         lines = ft.describe(recipe, recipe.task)
         assert "rows per split: train" in lines[0], (path, lines)
+
+
+@pytest.mark.slow
+def test_multitask_learns_both_tasks_in_one_model(tmp_path, base):
+    """translate and summarize share one model, sampled 1:1; each is scored with its own metric."""
+    import yaml
+
+    (tmp_path / "tr").mkdir()
+    (tmp_path / "su").mkdir()
+    tr, su = splits(tmp_path / "tr", translate_rows), splits(tmp_path / "su", summarize_rows)
+    recipe = {
+        "task": "multitask",
+        "model": {"init_from": str(base)},
+        "finetune": {"eval_examples": 100, "max_new_tokens": 16, "tasks": [
+            {"task": "translate", "weight": 1.0, **{f"{k}_files": [str(v)] for k, v in
+                                                    (("train", tr["train"]), ("val", tr["validation"]), ("test", tr["test"]))}},
+            {"task": "summarize", "weight": 1.0, "prompt": "{document} tldr",
+             **{f"{k}_files": [str(v)] for k, v in (("train", su["train"]), ("val", su["validation"]), ("test", su["test"]))}},
+        ]},
+        "train": {"max_steps": 800, "batch_size": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20,
+                  "eval_every": 400, "save_every": 400, "log_every": 50, "weight_decay": 0.0},
+        "output": {"dir": str(tmp_path / "mt")},
+    }
+    path = tmp_path / "mt.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli("finetune", str(path))
+    assert code == 0, err
+    scores = test_metrics(tmp_path / "mt")
+    assert scores["test_translate_bleu"] >= 90 and scores["test_summarize_rougeL"] >= 90, scores
+    assert scores["test_score"] == pytest.approx((scores["test_translate_bleu"] + scores["test_summarize_rougeL"]) / 2)
+
+
+def test_multitask_weights_set_each_tasks_share():
+    from gptkit.tasks._generative import Examples
+    from gptkit.tasks.multitask import Mixture
+
+    a = Examples([{"input_ids": [1], "labels": [1]}] * 30, 0)
+    b = Examples([{"input_ids": [2], "labels": [2]}] * 90, 0)
+    mix = Mixture([(3.0, a), (1.0, b)], weighted=True)
+    ids = mix.batch(list(range(len(mix))))["input_ids"][:, 0].tolist()
+    assert ids.count(1) == 90 and ids.count(2) == 30  # 3:1 by weight, whatever the sizes
+    plain = Mixture([(3.0, a), (1.0, b)], weighted=False)
+    assert len(plain) == 120  # validation and test: every example once

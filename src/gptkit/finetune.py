@@ -36,6 +36,28 @@ def load_rows(recipe: Recipe, task, files: list[str], field: str) -> list[dict]:
     return [{f: row[c] for f, c in present.items()} for row in table]
 
 
+def _splits(recipe: Recipe, task) -> dict[str, list[dict]]:
+    """Rows per split ("train", "validation", "test"); a task may load its own (multitask)."""
+    if hasattr(task, "load_splits"):
+        return task.load_splits(recipe)
+    files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
+    return {split: load_rows(recipe, task, files[split], field) for split, field in _SPLITS if files[split]}
+
+
+def _eval_subset(rows: list[dict], n: int | None) -> list[dict]:
+    """The first n validation rows, or of multi-task rows the first n of each task."""
+    if not n:
+        return rows
+    taken: dict[int, int] = {}
+    out = []
+    for r in rows:
+        k = r.get("_sub", 0)
+        if taken.get(k, 0) < n:
+            taken[k] = taken.get(k, 0) + 1
+            out.append(r)
+    return out
+
+
 def check(recipe: Recipe, task_name: str) -> None:
     """Read-only checks: base checkpoint and tokenizer, every split's files and columns."""
     if not recipe.model.init_from:
@@ -43,7 +65,7 @@ def check(recipe: Recipe, task_name: str) -> None:
     base = modeling.check_local_dir(recipe.model.init_from, "model.init_from")
     if not any((base / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
         raise UserError(f"model.init_from: {base} has no tokenizer files; save the tokenizer next to the model")
-    if not recipe.data.train_files:
+    if not recipe.data.train_files and task_name != "multitask":
         raise UserError("data.train_files: empty; finetune needs a training split")
     rundir.resolve_output(recipe.output.dir)
 
@@ -54,8 +76,7 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
 
     task = tasks.load(task_name)
     check(recipe, task_name)
-    files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
-    counts = [f"{split} {len(load_rows(recipe, task, files[split], field))}" for split, field in _SPLITS if files[split]]
+    counts = [f"{split} {len(r)}" for split, r in _splits(recipe, task).items()]
     config = AutoConfig.from_pretrained(recipe.model.init_from)
     n = modeling.meta_param_count(config)
     return [f"inputs: rows per split: {', '.join(counts)} (columns found)",
@@ -99,8 +120,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     check(recipe, task_name)
     run_dir = rundir.resolve_output(recipe.output.dir)
     rundir.check(run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
-    files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
-    rows = {split: load_rows(recipe, task, files[split], field) for split, field in _SPLITS if files[split]}
+    rows = _splits(recipe, task)
     tokenizer = _tokenizer(recipe)
     accelerator = engine.make_accelerator(recipe.train.precision)
     set_seed(recipe.train.seed)
@@ -109,7 +129,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     val = task.preprocess(recipe, tokenizer, rows["validation"], "validation", model) if "validation" in rows else None
     if recipe.finetune.method == "lora":
         model = _lora(recipe, model, task_name)
-    val_rows = rows.get("validation", [])[: recipe.finetune.eval_examples or None]
+    val_rows = _eval_subset(rows.get("validation", []), recipe.finetune.eval_examples)
     evaluate = (lambda m: task.score(task.predict(m, tokenizer, val_rows, recipe), val_rows)) if val_rows else None
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)

@@ -137,6 +137,18 @@ class TrainConfig(_Section):
         return self
 
 
+class SubTask(_Section):
+    """One task of a multi-task recipe (task: multitask): its data, prompt and sampling weight."""
+
+    task: Literal["translate", "summarize", "qa"] = Field(description="A generative task.")
+    weight: float = Field(1.0, gt=0.0, description="Share of training examples drawn from this task.")
+    train_files: list[str] = Field(description="Training files or globs.")
+    val_files: list[str] = Field(default_factory=list, description="Validation files (scored per task).")
+    test_files: list[str] = Field(default_factory=list, description="Test files (scored per task).")
+    columns: dict[str, str] = Field(default_factory=dict, description="Task field -> file column.")
+    prompt: str | None = Field(None, description="Prompt template (None = the task's default).")
+
+
 class FinetuneConfig(_Section):
     """Adapting a checkpoint (model.init_from) to a task: full or LoRA, what to keep, when to stop."""
 
@@ -153,9 +165,14 @@ class FinetuneConfig(_Section):
     max_length: int = Field(256, ge=8, description="Tokens per example (prompt + target); longer ones are cut.")
     metric: str | None = Field(None, description="Validation metric that picks the best checkpoint (None = task's).")
     patience: int | None = Field(None, ge=1, description="Early stopping: evaluations without improvement.")
-    eval_examples: int | None = Field(200, ge=1, description="Validation examples scored per evaluation (None = all).")
+    eval_examples: int | None = Field(
+        200, ge=1, description="Validation examples scored per evaluation, per task in multitask (None = all)."
+    )
     num_beams: int = Field(1, ge=1, description="Beam width when generating for evaluation.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per example for evaluation.")
+    tasks: list[SubTask] = Field(
+        default_factory=list, description="task: multitask — the generative tasks trained into one model."
+    )
     qa_mode: Literal["extractive", "generative"] = Field(
         "extractive", description="qa: predict a span of the context (start/end head), or generate the answer."
     )
@@ -173,7 +190,7 @@ class Recipe(_Section):
     """A whole run. Sections: model, tokenizer, data, train, output."""
 
     description: str = Field("", description="One line shown by `gptkit recipes`.")
-    task: Literal["pretrain", "classify", "qa", "translate", "summarize"] = Field(
+    task: Literal["pretrain", "classify", "qa", "translate", "summarize", "multitask"] = Field(
         "pretrain", description="What the run does: pretrain, or a finetune task (`--task` on the command line wins)."
     )
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -229,6 +246,11 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if isinstance(section, dict) and key in section:
             v = section[key]
             section[key] = [fix(x) for x in v] if isinstance(v, list) else fix(v)
+    subtasks = (raw.get("finetune") or {}).get("tasks") if isinstance(raw.get("finetune"), dict) else None
+    for sub in subtasks if isinstance(subtasks, list) else []:
+        for key in ("train_files", "val_files", "test_files"):
+            if isinstance(sub, dict) and isinstance(sub.get(key), list):
+                sub[key] = [fix(x) for x in sub[key]]
 
 
 def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import Any, Protocol, runtime_checkable
 
-FINETUNE_TASKS = ("classify", "qa", "translate", "summarize")
+FINETUNE_TASKS = ("classify", "qa", "translate", "summarize", "multitask")
 
 
 @runtime_checkable

@@ -1,0 +1,112 @@
+"""multitask: several generative tasks (translate, summarize, generative qa) trained into one causal LM.
+
+The recipe lists the tasks under ``finetune.tasks``, each with its own files, columns, prompt and a
+sampling weight; each task keeps its own preprocessing, prediction and metric (this module only routes
+rows to them), and validation reports every task's metrics plus ``score``, the mean of each task's
+primary metric, which picks the best checkpoint.
+"""
+
+from __future__ import annotations
+
+from gptkit import tasks
+from gptkit.errors import UserError
+from gptkit.tasks import _generative as gen
+
+FIELDS: tuple[str, ...] = ()
+OPTIONAL: tuple[str, ...] = ()
+METRIC = "val_score"
+PRIMARY = {"translate": "bleu", "summarize": "rougeL", "qa": "f1"}
+
+build_model = gen.build_model
+loss = gen.loss
+
+
+def sub_recipe(recipe, i: int):
+    """The recipe as task i alone sees it: its files, columns and prompt; qa is always generative here."""
+    sub = recipe.finetune.tasks[i]
+    data = recipe.data.model_copy(update={"train_files": sub.train_files, "val_files": sub.val_files,
+                                          "test_files": sub.test_files, "columns": sub.columns})
+    finetune = recipe.finetune.model_copy(update={"prompt": sub.prompt, "qa_mode": "generative", "tasks": []})
+    return recipe.model_copy(update={"task": sub.task, "data": data, "finetune": finetune})
+
+
+def _names(recipe) -> list[str]:
+    kinds = [s.task for s in recipe.finetune.tasks]
+    return [k if kinds.count(k) == 1 else f"{k}{i}" for i, k in enumerate(kinds)]
+
+
+def load_splits(recipe) -> dict[str, list[dict]]:
+    """Rows of every task and split, tagged with their task (``_sub`` index, ``_task`` kind, ``_name``)."""
+    from gptkit.finetune import load_rows
+
+    if not recipe.finetune.tasks:
+        raise UserError("finetune.tasks: task 'multitask' needs a list of tasks, each with task and train_files")
+    out: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for i, (sub, name) in enumerate(zip(recipe.finetune.tasks, _names(recipe))):
+        module, sr, tag = tasks.load(sub.task), sub_recipe(recipe, i), {"_sub": i, "_task": sub.task, "_name": name}
+        for split, files, key in (("train", sub.train_files, "train_files"), ("validation", sub.val_files, "val_files"),
+                                  ("test", sub.test_files, "test_files")):
+            if files:
+                out[split] += [{**r, **tag} for r in load_rows(sr, module, files, f"finetune.tasks[{i}].{key}")]
+    return {split: rows for split, rows in out.items() if rows}
+
+
+class Mixture:
+    """Examples of several tasks. For training, each task fills a share of the epoch proportional to its
+    weight (its examples repeated or subsampled to fit); otherwise every example appears once."""
+
+    def __init__(self, parts: list[tuple[float, gen.Examples]], weighted: bool):
+        self.parts = [p for _, p in parts]
+        total, wsum = sum(len(p) for p in self.parts), sum(w for w, _ in parts)
+        self.sizes = [max(1, round(total * w / wsum)) if weighted else len(p) for w, p in parts]
+        self.pad_id = self.parts[0].pad_id
+
+    def __len__(self) -> int:
+        return sum(self.sizes)
+
+    def _row(self, i: int) -> dict:
+        for part, size in zip(self.parts, self.sizes):
+            if i < size:
+                return part.rows[i % len(part)]
+            i -= size
+        raise IndexError(i)
+
+    def batch(self, indices: list[int], epochs: list[int] | None = None) -> dict:
+        rows = [self._row(i) for i in indices]
+        return gen.Examples(rows, self.pad_id).batch(list(range(len(rows))))
+
+
+def preprocess(recipe, tokenizer, rows, split, model=None) -> Mixture:
+    parts = []
+    for i, sub in enumerate(recipe.finetune.tasks):
+        mine = [r for r in rows if r["_sub"] == i]
+        if mine:
+            examples = tasks.load(sub.task).preprocess(sub_recipe(recipe, i), tokenizer, mine, f"{split} ({sub.task})",
+                                                       model)
+            parts.append((sub.weight, examples))
+    return Mixture(parts, weighted=split == "train")
+
+
+def predict(model, tokenizer, rows, recipe) -> list:
+    out: list = [None] * len(rows)
+    for i, sub in enumerate(recipe.finetune.tasks):
+        idx = [n for n, r in enumerate(rows) if r["_sub"] == i]
+        if idx:
+            preds = tasks.load(sub.task).predict(model, tokenizer, [rows[n] for n in idx], sub_recipe(recipe, i))
+            for n, p in zip(idx, preds):
+                out[n] = p
+    return out
+
+
+def score(predictions, rows) -> dict[str, float]:
+    """Each task's metrics, prefixed with its name, and ``score``: the mean of the tasks' primary metrics."""
+    result: dict[str, float] = {}
+    primaries = []
+    for i in sorted({r["_sub"] for r in rows}):
+        idx = [n for n, r in enumerate(rows) if r["_sub"] == i]
+        kind, name = rows[idx[0]]["_task"], rows[idx[0]]["_name"]
+        scores = tasks.load(kind).score([predictions[n] for n in idx], [rows[n] for n in idx])
+        result.update({f"{name}_{k}": v for k, v in scores.items()})
+        primaries.append(scores[PRIMARY[kind]])
+    result["score"] = sum(primaries) / len(primaries)
+    return result
