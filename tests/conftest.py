@@ -69,3 +69,14 @@ def run_cli(*args: str) -> tuple[int, str, str]:
 
 def gptkit_cmd() -> list[str]:
     return [sys.executable, "-m", "gptkit"]
+
+
+def assert_user_error(code: int, err: str, *needles: str) -> str:
+    """Exit code 2, no traceback, exactly one `error:` line, containing every needle."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("gptkit: ")]
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for n in needles:
+        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
+    return lines[0]

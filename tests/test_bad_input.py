@@ -7,17 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli, tiny_recipe
-
-
-def assert_user_error(code: int, err: str, *needles: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("gptkit: ")]
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-    return lines[0]
+from conftest import assert_user_error, run_cli, tiny_recipe
 
 
 def snapshot(root: Path) -> dict[str, bytes]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from tasks_helpers import translate_rows, write_jsonl
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'\n0123456789:;=>"))
@@ -71,8 +71,6 @@ def ok(*args: str) -> str:
     return out
 
 
-def assert_user_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("gptkit: ")]
     assert code == 2, err
     assert "Traceback" not in err, err
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -183,6 +181,18 @@ def test_batch_size_does_not_change_predictions(tmp_path, lm_dir, test_file):
     preds = lines(tmp_path / "b8" / "predictions.jsonl")
     assert [p["index"] for p in preds] == list(range(20)) and len({p["prediction"] for p in preds}) > 5
     assert one["model"]["files"]["model.safetensors"] and one["data"] == {str(test_file): eight["data"][str(test_file)]}
+
+
+def test_every_decoding_option_reaches_generation(tmp_path, lm_dir, test_file):
+    """Seeded sampling is reproducible and differs from greedy; the options are recorded in metrics.json."""
+    greedy = eval_model(lm_dir, test_file, tmp_path / "g")
+    args = ("--temperature", "1.5", "--top-k", "20", "--top-p", "0.95", "--repetition-penalty", "1.2", "--seed", "3")
+    a = eval_model(lm_dir, test_file, tmp_path / "a", *args)
+    eval_model(lm_dir, test_file, tmp_path / "b", *args)
+    read = lambda d: [p["prediction"] for p in lines(tmp_path / d / "predictions.jsonl")]  # noqa: E731
+    assert read("a") == read("b") != read("g")
+    assert a["settings"]["decoding"]["do_sample"] and a["settings"]["decoding"]["top_k"] == 20
+    assert not greedy["settings"]["decoding"]["do_sample"]
 
 
 def test_predictions_stream_and_resume_after_a_crash(tmp_path, lm_dir, test_file, monkeypatch):

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB chunks."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -61,7 +62,7 @@ def finalize(root: Path, step: int, keep_last: int) -> Path:
     for f in sorted(tmp.iterdir()):
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-        files[f.name] = {"size": f.stat().st_size, "sha256": _sha256(f)}
+        files[f.name] = {"size": f.stat().st_size, "sha256": sha256(f)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
     if final.exists():
@@ -85,7 +86,7 @@ def verify(path: Path) -> str | None:
             return f"missing file {name}"
         if f.stat().st_size != meta["size"]:
             return f"{name} has {f.stat().st_size} bytes, manifest says {meta['size']}"
-        if _sha256(f) != meta["sha256"]:
+        if sha256(f) != meta["sha256"]:
             return f"{name} does not match its checksum"
     return None
 

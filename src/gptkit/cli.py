@@ -139,6 +139,11 @@ def eval_(
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples (lm: windows) per batch.")] = 16,
     num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam width (default: the run's, else 1).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens generated per example.")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam decoding.")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (implies --sample).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k likeliest tokens (implies --sample).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (implies --sample).")] = None,
+    repetition_penalty: Annotated[Optional[float], typer.Option(help="Penalty > 1 discourages repeats.")] = None,
     limit: Annotated[Optional[int], typer.Option("--limit", help="Evaluate the first N examples only.")] = None,
     columns: Annotated[Optional[list[str]], typer.Option("--columns", help="field=column (repeatable).")] = None,
     stride: Annotated[Optional[int], typer.Option("--stride", help="lm: window stride (default: context/2).")] = None,
@@ -146,14 +151,15 @@ def eval_(
     bootstrap: Annotated[int, typer.Option("--bootstrap", help="Resamples for 95% confidence intervals (0 = off).")] = 0,
     few_shot: Annotated[int, typer.Option("--few-shot", help="Demonstrations from --train before each prompt.")] = 0,
     train: Annotated[Optional[str], typer.Option("--train", help="Examples to draw --few-shot demonstrations from.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Seeds demonstrations and bootstrap resampling.")] = 0,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds sampling, demonstrations and bootstrap resampling.")] = 0,
 ) -> None:
     """Score a model (or existing predictions): BLEU/chrF, ROUGE, SQuAD EM/F1, accuracy, perplexity."""
     from gptkit import evaluate
 
     opts = evaluate.Options(task=task, model=model, data=data, split=split, predictions=predictions,
                             references=references, out=out, batch_size=batch_size, num_beams=num_beams,
-                            max_new_tokens=max_new_tokens, limit=limit, columns=columns or [], stride=stride,
+                            max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k,
+                            top_p=top_p, repetition_penalty=repetition_penalty, limit=limit, columns=columns or [], stride=stride,
                             resume=resume, bootstrap=bootstrap, few_shot=few_shot, train=train, seed=seed)
     result = evaluate.run(opts, _load(recipe, overrides) if recipe else None)
     typer.echo(evaluate.table(result))

@@ -10,12 +10,12 @@ what to run; nothing here imports torch.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from gptkit import metrics
+from gptkit.checkpoint import sha256
 from gptkit.errors import UserError
 
 REFERENCE = {"translate": "target", "summarize": "summary", "qa": "answers", "classify": "label"}
@@ -24,14 +24,6 @@ SENTENCE = {"translate": "sentence_bleu", "summarize": "rougeL", "qa": "f1", "cl
 
 
 # ------------------------------------------------------------------------------------------ reading
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def file_hashes(paths: list[Path]) -> dict[str, str]:
     """{path: sha256} of input files, as eval.json and metrics.json record them."""
     return {str(p): sha256(p) for p in paths}

@@ -46,6 +46,11 @@ class Options:
     batch_size: int = 16
     num_beams: int | None = None
     max_new_tokens: int | None = None
+    sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
     limit: int | None = None
     columns: list[str] = field(default_factory=list)
     stride: int | None = None
@@ -167,17 +172,20 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
 
 def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots: list[dict]) -> Ctx:
     """The run's own recipe when it was trained for this task (prompt, decoding, qa_mode), else the task's
-    defaults (qa: generative); --max-new-tokens and --num-beams win."""
+    defaults (qa: generative); decoding options given on the command line win."""
     from gptkit.recipe import Recipe
     from gptkit.tasks import classify, load
 
     same = run is not None and run.task == task
     recipe = run if same else Recipe(task=task)
-    ft = recipe.finetune.model_copy(update={"max_new_tokens": opts.max_new_tokens or recipe.finetune.max_new_tokens,
-                                            "num_beams": opts.num_beams or recipe.finetune.num_beams,
+    given = {k: getattr(opts, k) for k in ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p",
+                                           "repetition_penalty") if getattr(opts, k) is not None}
+    sampling = opts.sample or any(k in given for k in ("temperature", "top_k", "top_p"))
+    ft = recipe.finetune.model_copy(update={**given, **({"do_sample": True} if sampling else {}),
                                             **({} if same or task != "qa" else {"qa_mode": "generative"})})
-    recipe = recipe.model_copy(update={"finetune": ft})
-    decoding = generation.DecodingOptions(max_new_tokens=ft.max_new_tokens, num_beams=ft.num_beams).validate()
+    recipe = recipe.model_copy(update={"finetune": ft, "train": recipe.train.model_copy(update={"seed": opts.seed})})
+    decoding = generation.decoding_from(ft, opts.seed)
+    decoding.validate()
     head = same and (task == "classify" or ft.qa_mode == "extractive" and task == "qa")  # load_model gave a head
     if head and opts.few_shot:
         raise UserError(f"--few-shot: {task} model has a task head; demonstrations need a causal LM")

@@ -97,6 +97,13 @@ class DecodingOptions:
         return kwargs
 
 
+def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
+    """The decoding a recipe's ``finetune`` section asks for when generating for evaluation."""
+    return DecodingOptions(max_new_tokens=ft.max_new_tokens, num_beams=ft.num_beams, do_sample=ft.do_sample,
+                           temperature=ft.temperature, top_k=ft.top_k, top_p=ft.top_p,
+                           repetition_penalty=ft.repetition_penalty, seed=seed if ft.do_sample else None)
+
+
 def load_for_generation(path: str | Path) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local ``save_pretrained`` directory, in eval mode.
 

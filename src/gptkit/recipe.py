@@ -170,6 +170,11 @@ class FinetuneConfig(_Section):
     )
     num_beams: int = Field(1, ge=1, description="Beam width when generating for evaluation.")
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per example for evaluation.")
+    do_sample: bool = Field(False, description="Sample when generating for evaluation (default greedy/beam).")
+    temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (with do_sample).")
+    top_k: int | None = Field(None, ge=1, description="Sample from the k likeliest tokens (with do_sample).")
+    top_p: float | None = Field(None, gt=0.0, le=1.0, description="Nucleus sampling mass (with do_sample).")
+    repetition_penalty: float = Field(1.0, gt=0.0, description="Penalty > 1 discourages repeated tokens.")
     tasks: list[SubTask] = Field(
         default_factory=list, description="task: multitask — the generative tasks trained into one model."
     )

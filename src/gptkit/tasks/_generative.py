@@ -88,9 +88,24 @@ def loss(model, batch: dict) -> torch.Tensor:
 
 
 def predict(model, tokenizer, rows, recipe, *, template: str) -> list[str]:
-    from gptkit.generation import DecodingOptions, generate_batch
+    from gptkit.generation import decoding_from, generate_batch
 
-    f = recipe.finetune
-    opts = DecodingOptions(max_new_tokens=f.max_new_tokens, num_beams=f.num_beams)
+    opts = decoding_from(recipe.finetune, recipe.train.seed)
     prompts = [render(template, r) for r in rows]
     return [outs[0].strip() for outs in generate_batch(model, tokenizer, prompts, opts, batch_size=32)]
+
+
+def bind(default_prompt: str, target: str):
+    """``preprocess`` and ``predict`` of a generative task whose prompt defaults to ``default_prompt``
+    (``finetune.prompt`` wins) and whose answer is the row's ``target`` field."""
+
+    def template(recipe) -> str:
+        return recipe.finetune.prompt or default_prompt
+
+    def bound_preprocess(recipe, tokenizer, rows, split, model=None):
+        return preprocess(recipe, tokenizer, rows, split, template=template(recipe), target=target)
+
+    def bound_predict(model, tokenizer, rows, recipe):
+        return predict(model, tokenizer, rows, recipe, template=template(recipe))
+
+    return bound_preprocess, bound_predict

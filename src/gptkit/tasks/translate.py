@@ -12,18 +12,7 @@ PROMPT = "{source} =>"
 
 build_model = gen.build_model
 loss = gen.loss
-
-
-def _template(recipe) -> str:
-    return recipe.finetune.prompt or PROMPT
-
-
-def preprocess(recipe, tokenizer, rows, split, model=None):
-    return gen.preprocess(recipe, tokenizer, rows, split, template=_template(recipe), target="target")
-
-
-def predict(model, tokenizer, rows, recipe):
-    return gen.predict(model, tokenizer, rows, recipe, template=_template(recipe))
+preprocess, predict = gen.bind(PROMPT, target="target")
 
 
 def score(predictions, rows):
