@@ -86,6 +86,12 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
     code, _, err = run_cli("pretrain", str(other), "--resume")
     assert_user_error(code, err, "model.n_layer: 2 -> 1", "--force")
     assert snapshot(tmp_path / "run") == before
+    # --force accepts a changed schedule, but a checkpoint of another shape still cannot be loaded
+    code, _, err = run_cli("pretrain", str(other), "--resume", "--force")
+    assert_user_error(code, err, "--resume", "does not fit this recipe's model")
+    code, _, err = run_cli("pretrain", str(recipe), "--resume", "--force", "train.lr=0.02", "train.max_steps=3")
+    assert code == 0, err
+    before = snapshot(tmp_path / "run")
     # a non-empty folder that is not a run is never deleted, even with --overwrite
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")

@@ -236,8 +236,12 @@ def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
     if ckpt is None:
         raise UserError(f"--resume: no complete checkpoint in {root}; start without --resume")
     raw = accelerator.unwrap_model(model, keep_torch_compile=False)
-    load_model(raw, str(ckpt / "model.safetensors"), device=str(accelerator.device))
-    opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+    try:
+        load_model(raw, str(ckpt / "model.safetensors"), device=str(accelerator.device))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+    except (RuntimeError, ValueError, KeyError) as e:  # e.g. --force across a change of model shape
+        raise UserError(f"--resume: {ckpt} does not fit this recipe's model ({str(e).strip().splitlines()[0][:200]})") \
+            from None
     rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
     rng = torch.load(rng_file if rng_file.exists() else ckpt / "rng-0.pt", weights_only=True)
     state = json.loads((ckpt / "state.json").read_text())
