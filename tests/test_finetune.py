@@ -190,3 +190,10 @@ def test_multitask_weights_set_each_tasks_share():
     assert ids.count(1) == 90 and ids.count(2) == 30  # 3:1 by weight, whatever the sizes
     plain = Mixture([(3.0, a), (1.0, b)], weighted=False)
     assert len(plain) == 120  # validation and test: every example once
+
+
+def test_validate_command_on_a_finetune_recipe(base):
+    code, out, err = run_cli("validate", "translate/multi30k-tiny", f"model.init_from={base}")
+    assert code == 0, err
+    assert "rows per split: train 10000, validation 1014, test 500" in out
+    assert "launch: accelerate launch --num_processes 1 -m gptkit finetune translate/multi30k-tiny" in out

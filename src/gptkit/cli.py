@@ -188,9 +188,10 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
         typer.echo(f"model: {rec.model.arch}, {plan.n_params:,} parameters (vocabulary {plan.vocab_size}{plan.vocab_note})")
         typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
                    f"(fp32 weights, grads, AdamW state, activations at batch {rec.train.batch_size})")
-    args = " ".join([recipe, *(overrides or [])])
-    typer.echo(f"launch: accelerate launch --num_processes 1 -m gptkit {rec.task} {args}")
-    typer.echo(f"    or: torchrun --nproc_per_node 1 -m gptkit {rec.task} {args}")
+    args = " ".join([recipe, *(overrides or [])])  # the same launch lines for every task
+    command = "pretrain" if rec.task == "pretrain" else "finetune"
+    typer.echo(f"launch: accelerate launch --num_processes 1 -m gptkit {command} {args}")
+    typer.echo(f"    or: torchrun --nproc_per_node 1 -m gptkit {command} {args}")
 
 
 @app.command()
