@@ -84,3 +84,15 @@ def finetune_recipe(tmp: Path, name: str, task: str, base: Path, splits: dict[st
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
+
+
+def splits(tmp: Path, make, n_train: int = 600) -> dict[str, Path]:
+    """train / validation / test files from a row maker ``make(n, seed)``, with distinct seeds."""
+    return {"train": write_jsonl(tmp / "train.jsonl", make(n_train, 1)),
+            "validation": write_jsonl(tmp / "val.jsonl", make(50, 2)),
+            "test": write_jsonl(tmp / "test.jsonl", make(50, 3))}
+
+
+def read_test_metrics(run: Path) -> dict:
+    """What the runner scored on the test split."""
+    return json.loads((run / "test_metrics.json").read_text())

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from tasks_helpers import (base_recipe, classify_rows, finetune_recipe, summarize_rows, translate_rows,
-                           write_jsonl)
+from tasks_helpers import (base_recipe, classify_rows, finetune_recipe, read_test_metrics, splits, summarize_rows,
+                           translate_rows, write_jsonl)
 
 
 @pytest.fixture(scope="module")
@@ -21,26 +21,13 @@ def base(tmp_path_factory) -> Path:
     return tmp / "base"
 
 
-def splits(tmp: Path, make, n_train: int = 600) -> dict[str, Path]:
-    return {"train": write_jsonl(tmp / "train.jsonl", make(n_train, 1)),
-            "validation": write_jsonl(tmp / "val.jsonl", make(50, 2)),
-            "test": write_jsonl(tmp / "test.jsonl", make(50, 3))}
-
-
-def test_metrics(run: Path) -> dict:
-    return json.loads((run / "test_metrics.json").read_text())
-
-
-test_metrics.__test__ = False  # a helper, not a test
-
-
 @pytest.mark.slow
 def test_translate_learns_a_word_mapping(tmp_path, base):
     recipe = finetune_recipe(tmp_path, "tr", "translate", base, splits(tmp_path, translate_rows),
                              train={"max_steps": 1200, "eval_every": 400, "save_every": 400})
     code, out, err = run_cli("finetune", str(recipe))
     assert code == 0, err
-    scores = test_metrics(tmp_path / "tr")
+    scores = read_test_metrics(tmp_path / "tr")
     assert scores["test_bleu"] >= 90, scores
     assert (tmp_path / "tr" / "best" / "config.json").is_file()
 
@@ -51,7 +38,7 @@ def test_summarize_learns_what_to_keep(tmp_path, base):
                              finetune={"prompt": "{document} tldr", "eval_examples": 50, "max_new_tokens": 8})
     code, _, err = run_cli("finetune", str(recipe))
     assert code == 0, err
-    assert test_metrics(tmp_path / "sum")["test_rougeL"] >= 90
+    assert read_test_metrics(tmp_path / "sum")["test_rougeL"] >= 90
 
 
 @pytest.mark.slow
@@ -60,7 +47,7 @@ def test_classify_head_learns_the_rule(tmp_path, base):
                              data={"columns": {"text": "sentence"}}, train={"max_steps": 150, "eval_every": 50})
     code, _, err = run_cli("finetune", str(recipe))
     assert code == 0, err
-    assert test_metrics(tmp_path / "cls")["test_accuracy"] >= 90
+    assert read_test_metrics(tmp_path / "cls")["test_accuracy"] >= 90
     config = json.loads((tmp_path / "cls" / "config.json").read_text())
     assert set(config["id2label"].values()) == {"warm", "cold"}
 
@@ -174,7 +161,7 @@ def test_multitask_learns_both_tasks_in_one_model(tmp_path, base):
     path.write_text(yaml.safe_dump(recipe))
     code, _, err = run_cli("finetune", str(path))
     assert code == 0, err
-    scores = test_metrics(tmp_path / "mt")
+    scores = read_test_metrics(tmp_path / "mt")
     assert scores["test_translate_bleu"] >= 90 and scores["test_summarize_rougeL"] >= 90, scores
     assert scores["test_score"] == pytest.approx((scores["test_translate_bleu"] + scores["test_summarize_rougeL"]) / 2)
 

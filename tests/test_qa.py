@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from conftest import run_cli
-from tasks_helpers import base_recipe, finetune_recipe, write_jsonl
+from tasks_helpers import base_recipe, finetune_recipe, read_test_metrics, splits, write_jsonl
 
 WORDS = "lamp moon star tree river stone cloud bird fish rain".split()
 MARKER = "key"
@@ -40,16 +40,7 @@ def qa_rows(n: int, seed: int) -> list[dict]:
 
 
 def qa_splits(tmp: Path, n_train: int = 600) -> dict[str, Path]:
-    return {"train": write_jsonl(tmp / "train.jsonl", qa_rows(n_train, 1)),
-            "validation": write_jsonl(tmp / "val.jsonl", qa_rows(50, 2)),
-            "test": write_jsonl(tmp / "test.jsonl", qa_rows(50, 3))}
-
-
-def test_metrics(run: Path) -> dict:
-    return json.loads((run / "test_metrics.json").read_text())
-
-
-test_metrics.__test__ = False  # a helper, not a test
+    return splits(tmp, qa_rows, n_train)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +65,7 @@ def test_extractive_head_learns_the_word_after_the_marker(tmp_path, base):
                              train={"max_steps": 200, "eval_every": 100})
     code, _, err = run_cli("finetune", str(recipe))
     assert code == 0, err
-    scores = test_metrics(tmp_path / "qa")
+    scores = read_test_metrics(tmp_path / "qa")
     assert scores["test_exact_match"] >= 90, scores
     config = json.loads((tmp_path / "qa" / "best" / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForQuestionAnswering"]
@@ -88,7 +79,7 @@ def test_generative_answers_learn_the_same_task(tmp_path, base):
                              train={"max_steps": 1200, "eval_every": 600, "save_every": 600})
     code, _, err = run_cli("finetune", str(recipe))
     assert code == 0, err
-    scores = test_metrics(tmp_path / "gqa")
+    scores = read_test_metrics(tmp_path / "gqa")
     assert scores["test_exact_match"] >= 90, scores
 
 
