@@ -184,3 +184,27 @@ def test_validate_command_on_a_finetune_recipe(base):
     assert code == 0, err
     assert "rows per split: train 10000, validation 1014, test 500" in out
     assert "launch: accelerate launch --num_processes 1 -m gptkit finetune translate/multi30k-tiny" in out
+
+
+def test_evaluation_runs_outside_the_mixed_precision_wrapper():
+    """accelerate wraps a prepared model's forward in autocast; validation and test scoring use the model's
+    own forward (fp32 weights, as saved; generation under per-op autocast was 3.9x slower on an H100)."""
+    import torch
+    from accelerate import Accelerator
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptkit.engine import own_forward
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=50, n_positions=16)).eval()
+    ids = torch.randint(0, 50, (2, 12))
+    with torch.no_grad():
+        reference = model(ids).logits
+        prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+        wrapped = prepared(ids).logits
+        with own_forward(prepared):
+            own = prepared(ids).logits
+        after = prepared(ids).logits
+    assert not torch.equal(wrapped, reference)  # autocast was on: bf16 matmuls
+    assert torch.equal(own, reference)
+    assert torch.equal(after, wrapped)  # the training forward is restored

@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +118,24 @@ def make_accelerator(precision: str):
     return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not torch.cuda.is_available())
 
 
+@contextmanager
+def own_forward(model):
+    """Run ``model`` with its own forward instead of accelerate's mixed-precision wrapper (autocast around
+    every call). For evaluation: generation is launch-bound, and per-op autocast casts made it 3.9x slower
+    on an H100 (96 SciTLDR summaries, beam 4, GPT-2 small: 12.8 s under bf16 autocast, 3.3 s in fp32); it
+    also makes validation metrics those of the fp32 weights that are saved and that `gptkit eval` scores."""
+    original = model.__dict__.get("_original_forward")
+    if original is None:
+        yield model
+        return
+    wrapped = model.__dict__["forward"]
+    model.forward = original
+    try:
+        yield model
+    finally:
+        model.forward = wrapped
+
+
 @dataclass
 class Job:
     """What a task hands to :func:`fit`.
@@ -170,7 +188,8 @@ def _validate(job: Job, model, loss_fn, accelerator) -> dict[str, float]:
     if job.evaluate is not None:
         raw = accelerator.unwrap_model(model, keep_torch_compile=False)
         raw.eval()
-        metrics.update({f"val_{k}": v for k, v in job.evaluate(raw).items()})
+        with own_forward(raw):
+            metrics.update({f"val_{k}": v for k, v in job.evaluate(raw).items()})
         raw.train()
     return metrics
 

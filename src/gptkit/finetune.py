@@ -154,11 +154,14 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
 
 def _score_test(recipe, task, task_name, run_dir: Path, tokenizer, rows, model) -> dict:
     """Scores of the best checkpoint (or the final model) on the test split, written to test_metrics.json."""
+    from gptkit.engine import own_forward
+
     best = run_dir / "best"
-    if best.is_dir():
-        model = load_trained(best, task_name, recipe)
+    if best.is_dir():  # scored where training ran (loaded on the CPU, it once took minutes on a GPU machine)
+        model = load_trained(best, task_name, recipe).to(next(model.parameters()).device)
     model.eval()
-    scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows).items()}
+    with own_forward(model):
+        scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows).items()}
     (run_dir / "test_metrics.json").write_text(json.dumps(scores, indent=1))
     log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     return scores
