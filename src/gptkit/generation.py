@@ -197,7 +197,8 @@ def generate_batch(
                 chunk = order[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(model.device)
                 output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-                new_tokens = output if encoder_decoder else output[:, batch["input_ids"].shape[1] :]
+                # a decoder's output starts with its start token; a decoder-only model's with the prompt
+                new_tokens = output[:, 1:] if encoder_decoder else output[:, batch["input_ids"].shape[1] :]
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for j, i in enumerate(chunk):
                     results[i] = texts[j * n : (j + 1) * n]
@@ -250,7 +251,7 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
                                     streamer=_WriterStreamer(tokenizer, out), **options.to_generate_kwargs(tokenizer))
         out.write("\n")
         out.flush()
-        return [tokenizer.decode(output[0], skip_special_tokens=True)]
+        return [tokenizer.decode(output[0, 1:], skip_special_tokens=True)]
     limit = _context_size(model)
     chunk_opts = options
     if limit is not None and options.max_new_tokens >= limit:
