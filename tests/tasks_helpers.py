@@ -96,3 +96,37 @@ def splits(tmp: Path, make, n_train: int = 600) -> dict[str, Path]:
 def read_test_metrics(run: Path) -> dict:
     """What the runner scored on the test split."""
     return json.loads((run / "test_metrics.json").read_text())
+
+
+def seq2seq_base(out: Path, arch: str = "bart") -> Path:
+    """A tiny randomly initialised encoder-decoder (BART or T5, 2+2 layers, 64 wide) and a byte-level BPE
+    tokenizer trained on the task words, saved so that Auto classes load them offline. The tokenizer appends
+    </s> to encoder inputs (as T5's does); pad, bos, eos and the decoder start token are set consistently."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForSeq2SeqLM, BartConfig, PreTrainedTokenizerFast, T5Config
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    text = [" ".join(rng.choice(SRC + TGT) for _ in range(12)) for _ in range(400)]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
+    ids = {"vocab_size": len(fast), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    if arch == "bart":  # BART's decoder starts from </s>; T5's from <pad>
+        config = BartConfig(d_model=64, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
+                            decoder_attention_heads=4, encoder_ffn_dim=128, decoder_ffn_dim=128,
+                            max_position_embeddings=128, dropout=0.0, forced_eos_token_id=None,
+                            decoder_start_token_id=2, **ids)
+    else:
+        config = T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
+                          decoder_start_token_id=0, **ids)
+    torch.manual_seed(0)
+    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(str(out))
+    fast.save_pretrained(str(out))
+    return out

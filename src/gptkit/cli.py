@@ -130,7 +130,7 @@ def eval_(
     recipe: Annotated[Optional[str], typer.Argument(help="Recipe: evaluates its output.dir run on data.test_files.")] = None,
     overrides: Overrides = None,
     task: Annotated[Optional[str], typer.Option("--task", help="translate, summarize, qa, classify or lm.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Fine-tuned run or local causal-LM directory.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Fine-tuned run or local model directory.")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Examples (jsonl/csv/json/parquet; .txt for lm).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Recipe split: test, validation or train.")] = None,
     predictions: Annotated[Optional[str], typer.Option("--predictions", help="Score this JSONL of predictions.")] = None,
@@ -196,7 +196,7 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
 
 @app.command()
 def generate(
-    model_dir: Annotated[str, typer.Argument(help="A gptkit run directory or any local causal-LM directory.")],
+    model_dir: Annotated[str, typer.Argument(help="A gptkit run directory or any local model directory.")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 100,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
@@ -208,7 +208,9 @@ def generate(
     num_samples: Annotated[int, typer.Option(help="Sequences to return.")] = 1,
     seed: Annotated[Optional[int], typer.Option(help="Random seed for sampling.")] = None,
 ) -> None:
-    """Continue a prompt with a trained model: greedy, beam, temperature, top-k, top-p; streams tokens."""
+    """Continue a prompt with a trained model: greedy, beam, temperature, top-k, top-p; streams tokens.
+
+    An encoder-decoder model (T5, BART) reads the prompt and prints only its output."""
     from gptkit import generation
 
     do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))

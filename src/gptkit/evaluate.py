@@ -24,6 +24,7 @@ from pathlib import Path
 
 from gptkit import generation, metrics
 from gptkit.errors import UserError
+from gptkit.modeling import is_encoder_decoder
 from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
                                 read_fields, read_text, reference_of, sha256, write_outputs)
 from gptkit.eval_report import table  # noqa: F401  (cli prints evaluate.table(result))
@@ -73,7 +74,8 @@ def _run_of(path: Path):
 
 
 def load_model(raw: str, task: str):
-    """(model, tokenizer, run recipe or None): a fine-tuned run (LoRA too) or any local causal-LM directory."""
+    """(model, tokenizer, run recipe or None): a fine-tuned run (LoRA too) or any local model directory (causal, or
+    sequence-to-sequence when its config is an encoder-decoder)."""
     import torch
     from transformers import AutoTokenizer
 
@@ -190,6 +192,10 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
     if head and opts.few_shot:
         raise UserError(f"--few-shot: {task} model has a task head; demonstrations need a causal LM")
     labels = classify.label_names(rows + shots) if task == "classify" and not same else None
+    if is_encoder_decoder(model.config) and (opts.few_shot or labels is not None):
+        what = "--few-shot: demonstrations need" if opts.few_shot else "--task classify: label likelihoods need"
+        raise UserError(f"{what} a decoder-only model; {opts.model or 'the model'} is an encoder-decoder "
+                        f"({model.config.model_type})")
     template = ft.prompt or (CLASSIFY_PROMPT if task == "classify" else load(task).PROMPT)
     return Ctx(task, model, tok, recipe, template, decoding, labels, shots, opts.few_shot, opts.seed)
 
@@ -233,6 +239,9 @@ def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
 
     text = "\n\n".join(read_text(p, "--data") for p in data)
     model, tok, _ = load_model(model_path, "lm")
+    if is_encoder_decoder(model.config):
+        raise UserError(f"--task lm: perplexity needs a decoder-only model; {model_path} is an encoder-decoder "
+                        f"({model.config.model_type})")
     ids, context = tok(text)["input_ids"], context_length(model.config)
     stride = opts.stride or max(1, context // 2)
     if len(ids) < 2 or not 1 <= stride <= context:

@@ -18,6 +18,7 @@ from gptkit.recipe import Recipe
 
 log = logging.getLogger(__name__)
 
+SEQ2SEQ_TASKS = ("translate", "summarize", "multitask")  # tasks an encoder-decoder base can be fine-tuned for
 _SPLITS = (("train", "data.train_files"), ("validation", "data.val_files"), ("test", "data.test_files"))  # (split, field)
 
 
@@ -67,20 +68,31 @@ def check(recipe: Recipe, task_name: str) -> None:
         raise UserError(f"model.init_from: {base} has no tokenizer files; save the tokenizer next to the model")
     if not recipe.data.train_files and task_name != "multitask":
         raise UserError("data.train_files: empty; finetune needs a training split")
+    _check_seq2seq(recipe, task_name)
     rundir.resolve_output(recipe.output.dir)
+
+
+def _check_seq2seq(recipe: Recipe, task_name: str) -> None:
+    """An encoder-decoder base trains translate and summarize (alone or mixed); the other tasks need a decoder."""
+    config = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
+    if not modeling.is_encoder_decoder(config):
+        return
+    subs = [s.task for s in recipe.finetune.tasks] if task_name == "multitask" else []
+    bad = task_name if task_name not in SEQ2SEQ_TASKS else next((t for t in subs if t not in SEQ2SEQ_TASKS), None)
+    if bad:
+        raise UserError(f"model.init_from: {recipe.model.init_from} is an encoder-decoder ({config.model_type}); "
+                        f"task {bad} needs a decoder-only base (encoder-decoder bases train translate and summarize)")
 
 
 def describe(recipe: Recipe, task_name: str) -> list[str]:
     """What `gptkit validate` reports for a fine-tuning recipe: base model size and rows per split."""
-    from transformers import AutoConfig
-
     task = tasks.load(task_name)
     check(recipe, task_name)
     counts = [f"{split} {len(r)}" for split, r in _splits(recipe, task).items()]
-    config = AutoConfig.from_pretrained(recipe.model.init_from)
+    config = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
     n = modeling.meta_param_count(config)
     return [f"inputs: rows per split: {', '.join(counts)} (columns found)",
-            f"base model: {config.model_type}, {n:,} parameters, from {recipe.model.init_from}",
+            f"base model: {modeling.describe_arch(config)}, {n:,} parameters, from {recipe.model.init_from}",
             f"method: {recipe.finetune.method}; best checkpoint by {recipe.finetune.metric or task.METRIC}"]
 
 
@@ -98,8 +110,9 @@ def _lora(recipe: Recipe, model, task_name: str):
 
     f = recipe.finetune
     kind = {"classify": TaskType.SEQ_CLS, "qa": TaskType.QUESTION_ANS if f.qa_mode == "extractive" else None}
+    lm = TaskType.SEQ_2_SEQ_LM if modeling.is_encoder_decoder(model.config) else TaskType.CAUSAL_LM
     cfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, target_modules=f.lora_targets,
-                     task_type=kind.get(task_name) or TaskType.CAUSAL_LM)  # heads are saved with the adapters
+                     task_type=kind.get(task_name) or lm)  # heads are saved with the adapters
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
@@ -167,20 +180,22 @@ def _score_test(recipe, task, task_name, run_dir: Path, tokenizer, rows, model) 
     return scores
 
 
-def _auto_class(task_name: str, recipe: Recipe):
-    """The Auto class of a task's model: classify and extractive qa have heads, the rest are causal LMs."""
-    from transformers import AutoModelForCausalLM, AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+def _auto_class(task_name: str, recipe: Recipe, path: Path | None = None):
+    """The Auto class of a task's model: classify and extractive qa have heads; the rest are language models,
+    sequence-to-sequence when the saved config (``path``'s, else the base's) is an encoder-decoder."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
     if task_name == "classify":
         return AutoModelForSequenceClassification
     if task_name == "qa" and recipe.finetune.qa_mode == "extractive":
         return AutoModelForQuestionAnswering
-    return AutoModelForCausalLM
+    saved = str(path) if path is not None and (path / "config.json").is_file() else recipe.model.init_from or ""
+    return modeling.lm_class(modeling.base_config(saved, "model", recipe.model.trust_remote_code))
 
 
 def load_trained(path: Path, task_name: str, recipe: Recipe):
     """A fine-tuned model directory: full weights, or LoRA adapters on their base checkpoint."""
-    cls = _auto_class(task_name, recipe)
+    cls = _auto_class(task_name, recipe, path)
     if (path / "adapter_config.json").is_file():
         from peft import PeftModel
 

@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
 from gptkit.errors import UserError
+from gptkit.modeling import is_encoder_decoder, lm_class
 
 # Files that carry a vocabulary; tokenizer_config.json alone is not enough to build a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
@@ -107,7 +108,8 @@ def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
 def load_for_generation(path: str | Path) -> tuple[Any, Any]:
     """Load ``(model, tokenizer)`` from a local ``save_pretrained`` directory, in eval mode.
 
-    Never downloads: a hub name such as ``gpt2`` is a :class:`UserError`. The tokenizer gets
+    Never downloads: a hub name such as ``gpt2`` is a :class:`UserError`. A causal LM, or a
+    sequence-to-sequence LM when the config is an encoder-decoder (T5, BART). The tokenizer gets
     ``pad_token = eos_token`` when it has no pad token (needed for batched generation).
     """
     directory = Path(path).expanduser()
@@ -125,7 +127,8 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
         )
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True)
+        model = lm_class(AutoConfig.from_pretrained(directory, local_files_only=True)).from_pretrained(
+            directory, local_files_only=True)
     except (OSError, ValueError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{directory}: cannot load model/tokenizer: {first_line}") from exc
@@ -138,13 +141,15 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
 
 
 def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions) -> list[list[int]]:
-    """Token ids per prompt; empty prompts start from BOS/EOS, long ones keep their last tokens."""
+    """Token ids per prompt; empty prompts start from BOS/EOS. A long prompt keeps its last tokens (decoder-only:
+    they must leave room for the new ones) or, for an encoder, its first (as fine-tuning cut them)."""
     ids = tokenizer(list(prompts))["input_ids"]
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and options.max_new_tokens >= limit:
         raise UserError(f"max_new_tokens={options.max_new_tokens} must be < the model's context size ({limit} tokens)")
-    keep = None if limit is None else limit - options.max_new_tokens
+    encoder = is_encoder_decoder(model.config)
+    keep = None if limit is None else limit if encoder else limit - options.max_new_tokens
     encoded = []
     for i, seq in enumerate(ids):
         if not seq:
@@ -152,8 +157,10 @@ def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: Dec
                 raise UserError(f"prompt {i} is empty and the tokenizer has no bos/eos token to start from")
             seq = [start]
         if keep is not None and len(seq) > keep:
-            warnings.warn(f"prompt {i} has {len(seq)} tokens; keeping the last {keep} to fit the context", stacklevel=3)
-            seq = seq[-keep:]
+            which = "first" if encoder else "last"
+            warnings.warn(f"prompt {i} has {len(seq)} tokens; keeping the {which} {keep} to fit the context",
+                          stacklevel=3)
+            seq = tokenizer(prompts[i], truncation=True, max_length=keep)["input_ids"] if encoder else seq[-keep:]
         encoded.append(list(seq))
     return encoded
 
@@ -176,7 +183,7 @@ def generate_batch(
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     kwargs = options.to_generate_kwargs(tokenizer)
     n = options.num_return_sequences
-    encoder_decoder = bool(getattr(model.config, "is_encoder_decoder", False))
+    encoder_decoder = is_encoder_decoder(model.config)
     results: list[list[str]] = [[] for _ in prompts]
     saved = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "right" if encoder_decoder else "left"
@@ -190,7 +197,8 @@ def generate_batch(
                 chunk = order[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(model.device)
                 output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-                new_tokens = output if encoder_decoder else output[:, batch["input_ids"].shape[1] :]
+                # a decoder's output starts with its start token; a decoder-only model's with the prompt
+                new_tokens = output[:, 1:] if encoder_decoder else output[:, batch["input_ids"].shape[1] :]
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for j, i in enumerate(chunk):
                     results[i] = texts[j * n : (j + 1) * n]
@@ -216,7 +224,8 @@ def _context_size(model: Any) -> int | None:
 
 
 def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, out: TextIO | None = None) -> list[str]:
-    """Write the prompt and its continuation to ``out`` (``sys.stdout`` at call time), as it is produced.
+    """Write the prompt and its continuation to ``out`` (``sys.stdout`` at call time), as it is produced;
+    an encoder-decoder's output is not a continuation, so only the output is written.
 
     A single sequence without beams is streamed token by token; when prompt + max_new_tokens exceed the
     model's context it keeps going with a sliding window (the last half context as the prompt of the next
@@ -225,12 +234,24 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
     """
     out = sys.stdout if out is None else out
     options.validate()
+    encoder_decoder = is_encoder_decoder(model.config)
+    shown = "" if encoder_decoder else prompt
     if options.num_beams > 1 or options.num_return_sequences > 1:
         texts = generate_batch(model, tokenizer, [prompt], options)[0]
         for i, text in enumerate(texts, 1):
-            out.write(f"=== sample {i}/{len(texts)} ===\n{prompt}{text}\n")
+            out.write(f"=== sample {i}/{len(texts)} ===\n{shown}{text}\n")
         out.flush()
         return texts
+    if encoder_decoder:  # the decoder has its own context: one call, nothing to slide
+        input_ids = torch.tensor(_encode_prompts(model, tokenizer, [prompt], options), device=model.device)
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        with torch.inference_mode():
+            output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                                    streamer=_WriterStreamer(tokenizer, out), **options.to_generate_kwargs(tokenizer))
+        out.write("\n")
+        out.flush()
+        return [tokenizer.decode(output[0, 1:], skip_special_tokens=True)]
     limit = _context_size(model)
     chunk_opts = options
     if limit is not None and options.max_new_tokens >= limit:

@@ -66,8 +66,41 @@ def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
 
     if cfg.init_from:
         path = check_local_dir(cfg.init_from, "model.init_from")
-        return AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        if is_encoder_decoder(config):
+            raise UserError(f"model.init_from: {path} is an encoder-decoder ({config.model_type}); pretrain continues "
+                            "decoder-only (GPT-style) models")
+        return config
     return build_config(cfg, vocab_size, eos_id)
+
+
+def is_encoder_decoder(config) -> bool:
+    """Whether a config describes an encoder-decoder (T5, BART, Marian, ...) rather than a decoder-only LM."""
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+def lm_class(config):
+    """The Auto class of a config's language model: sequence-to-sequence for encoder-decoders, else causal."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    return AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
+
+
+def base_config(path: str, field: str = "model.init_from", trust_remote_code: bool = False):
+    """The config of a local checkpoint directory, or one clear error."""
+    from transformers import AutoConfig
+
+    p = check_local_dir(path, field)
+    try:
+        return AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{field}: cannot read {p / 'config.json'}: {first}") from None
+
+
+def describe_arch(config) -> str:
+    """``gpt2``, or ``bart (encoder-decoder)``: what ``gptkit validate`` prints for a base model."""
+    return f"{config.model_type} (encoder-decoder)" if is_encoder_decoder(config) else config.model_type
 
 
 def build_model(cfg: ModelConfig, config):
@@ -92,12 +125,12 @@ def context_length(config) -> int:
 
 
 def meta_param_count(config) -> int:
-    """Parameter count without allocating weights (the model is built on the meta device)."""
+    """Parameter count without allocating weights (the model is built on the meta device); encoder-decoders
+    count both stacks (their causal-LM class would be the decoder alone)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = lm_class(config).from_config(config)
     return sum(p.numel() for p in model.parameters())
 
 

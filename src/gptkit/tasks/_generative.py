@@ -1,5 +1,10 @@
-"""Shared by translate and summarize: a causal LM trained on "prompt + target + EOS" with the loss on
-the target only, evaluated by generating from the prompt. The tasks differ in fields, prompt and metric."""
+"""Shared by translate and summarize: a language model trained on a prompt and a target, with the loss on
+the target only, evaluated by generating from the prompt. The tasks differ in fields, prompt and metric.
+
+A decoder-only base (GPT-2, Llama) reads "prompt + target + EOS" as one sequence. An encoder-decoder base
+(T5, BART, Marian; ``is_encoder_decoder`` in its config) reads the prompt in its encoder and is taught
+"target + EOS" through its decoder. One flag, ``Examples.decoder_start``, tells the two apart.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +12,45 @@ import logging
 
 import torch
 
+from gptkit import modeling
 from gptkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
 
-class Examples:
-    """Tokenized examples; ``batch`` right-pads them (token labels, where rows have them, with -100)."""
+def _pad(seqs: list[list[int]], value: int, width: int | None = None) -> torch.Tensor:
+    out = torch.full((len(seqs), width or max(map(len, seqs))), value, dtype=torch.long)
+    for j, s in enumerate(seqs):
+        out[j, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return out
 
-    def __init__(self, rows: list[dict[str, list[int]]], pad_id: int):
-        self.rows, self.pad_id = rows, pad_id
+
+class Examples:
+    """Tokenized examples; ``batch`` right-pads them (token labels, where rows have them, with -100).
+
+    With ``decoder_start`` (the token an encoder-decoder's decoder starts from), rows are sequence-to-sequence:
+    ``input_ids`` feed the encoder and ``labels`` the decoder, each padded to its own width; the decoder reads
+    the labels shifted right behind ``decoder_start``.
+    """
+
+    def __init__(self, rows: list[dict[str, list[int]]], pad_id: int, decoder_start: int | None = None):
+        self.rows, self.pad_id, self.decoder_start = rows, pad_id, decoder_start
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def batch(self, indices: list[int], epochs: list[int] | None = None) -> dict:
         rows = [self.rows[i] for i in indices]
-        width = max(len(r["input_ids"]) for r in rows)
-        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, r in enumerate(rows):
-            n = len(r["input_ids"])
-            ids[j, :n], mask[j, :n] = torch.tensor(r["input_ids"]), 1
-            if "labels" in r:
-                labels[j, :n] = torch.tensor(r["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        ids = _pad([r["input_ids"] for r in rows], self.pad_id)
+        out = {"input_ids": ids, "attention_mask": _pad([[1] * len(r["input_ids"]) for r in rows], 0)}
+        if self.decoder_start is None:
+            out["labels"] = _pad([r.get("labels", []) for r in rows], -100, ids.shape[1])
+            return out
+        targets = [r["labels"] for r in rows]
+        out["labels"] = _pad(targets, -100)
+        out["decoder_input_ids"] = _pad([[self.decoder_start, *t[:-1]] for t in targets], self.pad_id)
+        out["decoder_attention_mask"] = _pad([[1] * len(t) for t in targets], 0)
+        return out
 
 
 def render(template: str, row: dict, field: str = "finetune.prompt") -> str:
@@ -43,21 +61,38 @@ def render(template: str, row: dict, field: str = "finetune.prompt") -> str:
                         f"(fields: {sorted(row)})") from None
 
 
-def build_model(recipe, tokenizer, train_rows):
-    from transformers import AutoModelForCausalLM
+def _base(recipe):
+    return modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
 
-    model = AutoModelForCausalLM.from_pretrained(recipe.model.init_from, attn_implementation=recipe.model.attn_implementation)
+
+def build_model(recipe, tokenizer, train_rows):
+    """The base checkpoint as a causal LM, or as a sequence-to-sequence LM when it is an encoder-decoder."""
+    cls = modeling.lm_class(_base(recipe))
+    model = cls.from_pretrained(recipe.model.init_from, attn_implementation=recipe.model.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 
 
 def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str) -> Examples:
-    """prompt tokens (label -100) + target tokens + EOS; cut to finetune.max_length, cuts counted."""
-    limit = min(recipe.finetune.max_length, _context(recipe, tokenizer))
+    """Decoder-only: prompt tokens (label -100) + target tokens + EOS, the prompt cut from the left to fit.
+    Encoder-decoder: the prompt, with the tokenizer's special tokens as generation encodes it, for the encoder
+    and target + EOS as labels, each cut at the end to fit. Both fit finetune.max_length; cuts are counted."""
+    config = _base(recipe)
+    seq2seq, limit = modeling.is_encoder_decoder(config), recipe.finetune.max_length
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    limit = min(limit, int(context)) if context else limit  # T5's relative positions set no limit
     out, cut = [], 0
     for row in rows:
-        prompt = tokenizer(render(template, row), add_special_tokens=False)["input_ids"]
+        text = render(template, row)
         answer = tokenizer(str(row[target]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if seq2seq:
+            prompt = tokenizer(text)["input_ids"]
+            if len(prompt) > limit or len(answer) > limit:
+                cut += 1
+                prompt, answer = tokenizer(text, truncation=True, max_length=limit)["input_ids"], answer[:limit]
+            out.append({"input_ids": prompt, "labels": answer})
+            continue
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         if len(prompt) + len(answer) > limit:
             cut += 1
             answer = answer[: max(1, limit // 2)] if len(answer) > limit // 2 else answer
@@ -66,20 +101,28 @@ def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str) ->
     if cut:
         log.warning("%s: %d of %d examples longer than %d tokens were truncated (finetune.max_length)",
                     split, cut, len(rows), limit)
-    return Examples(out, tokenizer.pad_token_id)
+    return Examples(out, tokenizer.pad_token_id, _decoder_start(recipe, config) if seq2seq else None)
 
 
-def _context(recipe, tokenizer) -> int:
-    from transformers import AutoConfig
-
-    cfg = AutoConfig.from_pretrained(recipe.model.init_from)
-    return int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings)
+def _decoder_start(recipe, config) -> int:
+    start = config.decoder_start_token_id
+    if start is None:
+        raise UserError(f"model.init_from: {recipe.model.init_from} is an encoder-decoder whose config.json sets no "
+                        "decoder_start_token_id; set it (T5: the pad id; BART: the eos id)")
+    return int(start)
 
 
 def loss(model, batch: dict) -> torch.Tensor:
-    """Mean over examples of each example's mean target-token loss: independent of padding and batching."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = batch["labels"][:, 1:]
+    """Mean over examples of each example's mean target-token loss: independent of padding and batching.
+    A decoder-only model predicts token t+1 at position t; a decoder predicts labels[t] at position t."""
+    if "decoder_input_ids" in batch:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                       decoder_input_ids=batch["decoder_input_ids"],
+                       decoder_attention_mask=batch["decoder_attention_mask"]).logits
+        labels = batch["labels"]
+    else:
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        labels = batch["labels"][:, 1:]
     tok = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
     ).view(labels.shape)

@@ -1,4 +1,5 @@
-"""multitask: several generative tasks (translate, summarize, generative qa) trained into one causal LM.
+"""multitask: several generative tasks (translate, summarize, generative qa) trained into one language model
+(decoder-only; an encoder-decoder base takes translate and summarize only).
 
 The recipe lists the tasks under ``finetune.tasks``, each with its own files, columns, prompt and a
 sampling weight; each task keeps its own preprocessing, prediction and metric (this module only routes
@@ -59,7 +60,7 @@ class Mixture:
         self.parts = [p for _, p in parts]
         total, wsum = sum(len(p) for p in self.parts), sum(w for w, _ in parts)
         self.sizes = [max(1, round(total * w / wsum)) if weighted else len(p) for w, p in parts]
-        self.pad_id = self.parts[0].pad_id
+        self.pad_id, self.decoder_start = self.parts[0].pad_id, self.parts[0].decoder_start
 
     def __len__(self) -> int:
         return sum(self.sizes)
@@ -73,7 +74,7 @@ class Mixture:
 
     def batch(self, indices: list[int], epochs: list[int] | None = None) -> dict:
         rows = [self._row(i) for i in indices]
-        return gen.Examples(rows, self.pad_id).batch(list(range(len(rows))))
+        return gen.Examples(rows, self.pad_id, self.decoder_start).batch(list(range(len(rows))))
 
 
 def preprocess(recipe, tokenizer, rows, split, model=None) -> Mixture:
