@@ -191,6 +191,7 @@ def test_evaluation_runs_outside_the_mixed_precision_wrapper():
     own forward (fp32 weights, as saved; generation under per-op autocast was 3.9x slower on an H100)."""
     import torch
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from gptkit.engine import own_forward
@@ -200,7 +201,11 @@ def test_evaluation_runs_outside_the_mixed_precision_wrapper():
     ids = torch.randint(0, 50, (2, 12))
     with torch.no_grad():
         reference = model(ids).logits
-        prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+        AcceleratorState._reset_state(True)  # a singleton: earlier in-process runs fixed its precision
+        try:
+            prepared = Accelerator(mixed_precision="bf16", cpu=True).prepare_model(model)
+        finally:
+            AcceleratorState._reset_state(True)
         wrapped = prepared(ids).logits
         with own_forward(prepared):
             own = prepared(ids).logits
@@ -208,3 +213,30 @@ def test_evaluation_runs_outside_the_mixed_precision_wrapper():
     assert not torch.equal(wrapped, reference)  # autocast was on: bf16 matmuls
     assert torch.equal(own, reference)
     assert torch.equal(after, wrapped)  # the training forward is restored
+
+
+def test_long_documents_lose_their_end_not_the_instruction(tmp_path, base, caplog):
+    """A summarize example too long for finetune.max_length keeps the document's start and the "TL;DR:" cue
+    (the document field is shortened), in training and in the prompts generated from."""
+    from gptkit import finetune as ft
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import _generative as gen
+    from gptkit.tasks import summarize
+
+    rows = summarize_rows(3, 4)
+    rows[0]["document"] = " ".join([rows[0]["document"]] * 20)
+    recipe = load_recipe(finetune_recipe(tmp_path, "s", "summarize", base, splits(tmp_path, summarize_rows, 20),
+                                         finetune={"max_length": 40}))
+    tok = ft._tokenizer(recipe)
+    with caplog.at_level("WARNING"):
+        data = summarize.preprocess(recipe, tok, rows, "train")
+    assert "1 of 3 examples longer than 40 tokens were truncated" in caplog.text
+    long = data.rows[0]
+    n_prompt = long["labels"].count(-100)
+    prompt = tok.decode(long["input_ids"][:n_prompt])
+    answer = tok(rows[0]["summary"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert len(long["input_ids"]) <= 40 and long["input_ids"][n_prompt:] == answer  # the whole summary is kept
+    assert prompt.endswith("\nTL;DR:") and rows[0]["document"].startswith(prompt[: -len("\nTL;DR:")].rstrip())
+    assert tok.decode(data.rows[1]["input_ids"]).startswith(rows[1]["document"])
+    text, cut = gen.fit_prompt(tok, summarize.PROMPT, rows[0], "document", 24)
+    assert cut and text.endswith("\nTL;DR:") and len(tok(text)["input_ids"]) <= 24

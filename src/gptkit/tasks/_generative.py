@@ -61,6 +61,32 @@ def render(template: str, row: dict, field: str = "finetune.prompt") -> str:
                         f"(fields: {sorted(row)})") from None
 
 
+def fit_prompt(tokenizer, template: str, row: dict, field: str | None, budget: int, *, special: bool = False
+               ) -> tuple[str, bool]:
+    """(the rendered prompt, whether it was shortened): when the prompt is longer than ``budget`` tokens, the
+    row's ``field`` (the document, the source, the context) loses its end, so the instruction around it
+    ("TL;DR:", the question) survives. Callers still hard-cut what no field can absorb."""
+    text = render(template, row)
+    over = len(tokenizer(text, add_special_tokens=special)["input_ids"]) - budget
+    if over <= 0 or field is None or f"{{{field}}}" not in template:
+        return text, over > 0
+    ids = tokenizer(str(row[field]), add_special_tokens=False)["input_ids"]
+    keep = len(ids)
+    for _ in range(4):  # merges across the cut can move the count by a token or two
+        keep = max(0, keep - over)
+        text = render(template, {**row, field: tokenizer.decode(ids[:keep]).rstrip("\ufffd")})
+        over = len(tokenizer(text, add_special_tokens=special)["input_ids"]) - budget
+        if over <= 0 or keep == 0:
+            break
+    return text, True
+
+
+def _limit(recipe, config) -> int:
+    """Tokens a training example may have: finetune.max_length within the model's positions (T5 has no limit)."""
+    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return min(recipe.finetune.max_length, int(context)) if context else recipe.finetune.max_length
+
+
 def _base(recipe):
     return modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
 
@@ -73,30 +99,28 @@ def build_model(recipe, tokenizer, train_rows):
     return model
 
 
-def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str) -> Examples:
-    """Decoder-only: prompt tokens (label -100) + target tokens + EOS, the prompt cut from the left to fit.
-    Encoder-decoder: the prompt, with the tokenizer's special tokens as generation encodes it, for the encoder
-    and target + EOS as labels, each cut at the end to fit. Both fit finetune.max_length; cuts are counted."""
+def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str, shorten: str | None = None
+               ) -> Examples:
+    """Decoder-only: prompt tokens (label -100) + target tokens + EOS. Encoder-decoder: the prompt, with the
+    tokenizer's special tokens as generation encodes it, for the encoder and target + EOS as labels. Both fit
+    finetune.max_length: the target keeps its start (at most half the room in a decoder-only model), the
+    prompt's ``shorten`` field loses its end (:func:`fit_prompt`); cuts are counted and reported."""
     config = _base(recipe)
-    seq2seq, limit = modeling.is_encoder_decoder(config), recipe.finetune.max_length
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    limit = min(limit, int(context)) if context else limit  # T5's relative positions set no limit
+    seq2seq, limit = modeling.is_encoder_decoder(config), _limit(recipe, config)
     out, cut = [], 0
     for row in rows:
-        text = render(template, row)
         answer = tokenizer(str(row[target]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        if seq2seq:
-            prompt = tokenizer(text)["input_ids"]
-            if len(prompt) > limit or len(answer) > limit:
-                cut += 1
-                prompt, answer = tokenizer(text, truncation=True, max_length=limit)["input_ids"], answer[:limit]
-            out.append({"input_ids": prompt, "labels": answer})
+        room = limit if seq2seq else limit - min(len(answer), max(1, limit // 2))
+        text, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
+        if seq2seq:  # what the field could not absorb is cut at the end, keeping the closing special token
+            cut += shortened or len(answer) > limit
+            out.append({"input_ids": tokenizer(text, truncation=True, max_length=limit)["input_ids"],
+                        "labels": answer[:limit]})
             continue
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(prompt) + len(answer) > limit:
-            cut += 1
-            answer = answer[: max(1, limit // 2)] if len(answer) > limit // 2 else answer
-            prompt = prompt[-(limit - len(answer)) :]
+        cut += shortened or len(prompt) + len(answer) > limit
+        answer = answer[: max(1, limit // 2)] if len(prompt) + len(answer) > limit else answer
+        prompt = prompt[-(limit - len(answer)) :]  # what the field could not absorb
         out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
     if cut:
         log.warning("%s: %d of %d examples longer than %d tokens were truncated (finetune.max_length)",
@@ -130,25 +154,30 @@ def loss(model, batch: dict) -> torch.Tensor:
     return ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
 
 
-def predict(model, tokenizer, rows, recipe, *, template: str) -> list[str]:
+def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | None = None) -> list[str]:
+    """Generated answers; prompts are fitted as in training (a decoder-only model keeps room for the answer)."""
     from gptkit.generation import decoding_from, generate_batch
 
     opts = decoding_from(recipe.finetune, recipe.train.seed)
-    prompts = [render(template, r) for r in rows]
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    room = _limit(recipe, model.config) - (0 if seq2seq else opts.max_new_tokens)
+    prompts = [fit_prompt(tokenizer, template, r, shorten, room, special=seq2seq)[0] if room > 0 else render(template, r)
+               for r in rows]
     return [outs[0].strip() for outs in generate_batch(model, tokenizer, prompts, opts, batch_size=32)]
 
 
-def bind(default_prompt: str, target: str):
+def bind(default_prompt: str, target: str, shorten: str):
     """``preprocess`` and ``predict`` of a generative task whose prompt defaults to ``default_prompt``
-    (``finetune.prompt`` wins) and whose answer is the row's ``target`` field."""
+    (``finetune.prompt`` wins), whose answer is the row's ``target`` field and whose long inputs lose the end
+    of their ``shorten`` field."""
 
     def template(recipe) -> str:
         return recipe.finetune.prompt or default_prompt
 
     def bound_preprocess(recipe, tokenizer, rows, split, model=None):
-        return preprocess(recipe, tokenizer, rows, split, template=template(recipe), target=target)
+        return preprocess(recipe, tokenizer, rows, split, template=template(recipe), target=target, shorten=shorten)
 
     def bound_predict(model, tokenizer, rows, recipe):
-        return predict(model, tokenizer, rows, recipe, template=template(recipe))
+        return predict(model, tokenizer, rows, recipe, template=template(recipe), shorten=shorten)
 
     return bound_preprocess, bound_predict

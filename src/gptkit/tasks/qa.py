@@ -154,7 +154,8 @@ def preprocess(recipe, tokenizer, rows, split, model):
     check_answers(rows, split)
     if not _extractive(recipe):
         targets = [{**r, "target": " " + r["answers"]["text"][0]} for r in rows]
-        return gen.preprocess(recipe, tokenizer, targets, split, template=_template(recipe), target="target")
+        return gen.preprocess(recipe, tokenizer, targets, split, template=_template(recipe), target="target",
+                              shorten="context")
     out = windows(recipe, tokenizer, rows, _limit(recipe, model), split)
     for w in out:
         w["start_positions"], w["end_positions"] = answer_positions(w, rows[w["row"]])
@@ -190,7 +191,7 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
     """Answer texts. Extractive: the best span over all windows of each row, cut from the context by the
     tokens' character offsets ("" when a row has no valid span); generative: the generated text."""
     if not _extractive(recipe):
-        return gen.predict(model, tokenizer, rows, recipe, template=_template(recipe))
+        return gen.predict(model, tokenizer, rows, recipe, template=_template(recipe), shorten="context")
     wins = windows(recipe, tokenizer, rows, _limit(recipe, model), "predict")
     data = gen.Examples(wins, tokenizer.pad_token_id)
     best: list[tuple[float, str]] = [(float("-inf"), "")] * len(rows)

@@ -12,7 +12,7 @@ PROMPT = "{document}\nTL;DR:"
 
 build_model = gen.build_model
 loss = gen.loss
-preprocess, predict = gen.bind(PROMPT, target="summary")
+preprocess, predict = gen.bind(PROMPT, target="summary", shorten="document")
 
 
 def score(predictions, rows):

@@ -12,7 +12,7 @@ PROMPT = "{source} =>"
 
 build_model = gen.build_model
 loss = gen.loss
-preprocess, predict = gen.bind(PROMPT, target="target")
+preprocess, predict = gen.bind(PROMPT, target="target", shorten="source")
 
 
 def score(predictions, rows):
