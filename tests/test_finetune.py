@@ -112,7 +112,7 @@ def test_bad_finetune_input(tmp_path, base, case, sections, needles):
     assert not (tmp_path / "bad").exists()
 
 
-def test_unseen_validation_label_and_unknown_task(tmp_path, base):
+def test_unseen_labels_and_unknown_task(tmp_path, base):
     s = splits(tmp_path, classify_rows, 40)
     write_jsonl(s["validation"], [{"sentence": "red red red", "label": "tepid"}])
     recipe = finetune_recipe(tmp_path, "bad", "classify", base, s, data={"columns": {"text": "sentence"}})
@@ -120,6 +120,12 @@ def test_unseen_validation_label_and_unknown_task(tmp_path, base):
     assert code == 2 and "never seen in training" in err and "tepid" in err, err
     code, _, err = run_cli("finetune", str(recipe), "--task", "poetry")
     assert code == 2 and "not a fine-tuning task" in err
+    s = splits(tmp_path, classify_rows, 40)  # the test split is checked before training, not after it
+    write_jsonl(s["test"], [{"sentence": "red red red", "label": "lukewarm"}])
+    recipe = finetune_recipe(tmp_path, "bad", "classify", base, s, data={"columns": {"text": "sentence"}})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 2 and "test split has labels never seen in training" in err and "lukewarm" in err, err
+    assert not (tmp_path / "bad").exists()
 
 
 def test_every_bundled_finetune_recipe_validates(base):

@@ -140,6 +140,8 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     model = task.build_model(recipe, tokenizer, rows["train"])
     train = task.preprocess(recipe, tokenizer, rows["train"], "train", model)
     val = task.preprocess(recipe, tokenizer, rows["validation"], "validation", model) if "validation" in rows else None
+    if "test" in rows:  # its labels, answers and prompt fields are checked now, not after training
+        task.preprocess(recipe, tokenizer, rows["test"], "test", model)
     if recipe.finetune.method == "lora":
         model = _lora(recipe, model, task_name)
     val_rows = _eval_subset(rows.get("validation", []), recipe.finetune.eval_examples)
