@@ -170,6 +170,17 @@ def test_multitask_learns_both_tasks_in_one_model(tmp_path, base):
     scores = read_test_metrics(tmp_path / "mt")
     assert scores["test_translate_bleu"] >= 90 and scores["test_summarize_rougeL"] >= 90, scores
     assert scores["test_score"] == pytest.approx((scores["test_translate_bleu"] + scores["test_summarize_rougeL"]) / 2)
+    # gptkit eval scores the run as a whole (each task on its own test files, with its own prompt), or one task
+    code, out, err = run_cli("eval", "--model", str(tmp_path / "mt" / "best"), "--split", "test")
+    assert code == 0, err
+    whole = json.loads((tmp_path / "mt" / "eval-multitask" / "metrics.json").read_text())["metrics"]
+    assert {f"test_{k}": v for k, v in whole.items()} == pytest.approx(scores) and "score" in out
+    assert (tmp_path / "mt" / "eval-multitask" / "summarize" / "predictions.jsonl").is_file()
+    code, _, err = run_cli("eval", "--model", str(tmp_path / "mt" / "best"), "--task", "summarize", "--out",
+                           str(tmp_path / "one"))
+    assert code == 0, err
+    one = json.loads((tmp_path / "one" / "metrics.json").read_text())["metrics"]
+    assert one["rougeL"] == pytest.approx(scores["test_summarize_rougeL"])  # the task's own prompt, not the default
 
 
 def test_multitask_weights_set_each_tasks_share():

@@ -262,9 +262,23 @@ def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
     return result
 
 
-def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: Path, columns: dict) -> dict:
+def _task_view(run, task: str, index: int | None = None):
+    """A multi-task run as one of its tasks sees it (files, columns, prompt): task ``index``, else the first
+    of kind ``task``; any other run as it is."""
+    if run is None or run.task != "multitask":
+        return run
+    from gptkit.tasks import multitask
+
+    kinds = [s.task for s in run.finetune.tasks]
+    index = index if index is not None else kinds.index(task) if task in kinds else None
+    return run if index is None else multitask.sub_recipe(run, index)
+
+
+def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: Path, columns: dict,
+              index: int | None = None) -> dict:
     """Predict batch by batch, appending each batch to predictions.jsonl, then score everything written."""
     model, tok, run = load_model(model_path, task)
+    run = _task_view(run, task, index)
     cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
     fields, optional = (*INPUTS[task], REFERENCE[task]), ("text_pair",) if task == "classify" else ()
     every = [r for p in data for r in read_fields(p, "--data", fields, optional, cols)]
@@ -350,6 +364,33 @@ def _recipe_model(recipe) -> str:
     return recipe.model.init_from
 
 
+def run_multitask(opts: Options, recipe, model_path: str, out: Path) -> dict:
+    """Each task of a multi-task run on its own split (files, columns, prompt), into OUT/<task name>/, and
+    OUT/metrics.json: every task's metrics and ``score``, the mean of their primary metrics (as in training)."""
+    from gptkit.tasks import multitask
+
+    if opts.data:
+        raise UserError("--data: a multi-task run is scored on each task's own split; to score one task on a file, "
+                        "add --task (translate, summarize or qa)")
+    metrics, counts, data, parts = {}, {}, {}, {}
+    for i, name in enumerate(multitask._names(recipe)):
+        sub = multitask.sub_recipe(recipe, i)
+        files, _ = _data(opts, sub)
+        log.info("eval: task %s (%s) on %s", name, sub.task, ", ".join(map(str, files)))
+        part = run_model(opts, sub.task, model_path, files, out / name, {**sub.data.columns,
+                                                                           **parse_columns(opts.columns)}, index=i)
+        metrics.update({f"{name}_{k}": v for k, v in part["metrics"].items()})
+        metrics[f"_{name}"] = part["metrics"][multitask.PRIMARY[sub.task]]
+        counts[name], parts[name] = part["counts"]["examples"], part["out"]
+        data.update(part["data"])
+    primaries = [metrics.pop(f"_{n}") for n in counts]
+    metrics["score"] = sum(primaries) / len(primaries)
+    result = {"task": "multitask", "mode": "multitask", "model": {"path": model_path}, "data": data,
+              "metrics": metrics, "counts": counts, "tasks": parts, "out": str(out)}
+    write_outputs(out, result, [])
+    return result
+
+
 def run(opts: Options, recipe=None) -> dict:
     """Resolve mode, task, model, data and output folder; evaluate; return what metrics.json holds."""
     model_path = opts.model or (_recipe_model(recipe) if recipe is not None and not opts.predictions else None)
@@ -358,8 +399,14 @@ def run(opts: Options, recipe=None) -> dict:
         raise UserError("eval: pass --model DIR with --data FILE, a RECIPE, or --predictions with --references")
     source = recipe or run_recipe
     task = opts.task or (None if source is None else "lm" if source.task == "pretrain" else source.task)
+    if task == "multitask" and source is not None and source.task == "multitask" and model_path:
+        split = opts.split or "test"  # each task falls back to its validation files when it has no test files
+        return run_multitask(opts, source, model_path,
+                             Path(opts.out) if opts.out else home / f"eval-multitask{'-' + split if split != 'test' else ''}")
+    source = _task_view(source, task) if task in TASKS else source  # one task of a multi-task run: its split
     if task not in TASKS:
-        raise UserError(f"--task: '{task}' is not an eval task; expected one of {', '.join(TASKS)}" if task else
+        raise UserError(f"--task: '{task}' is not an eval task; expected one of {', '.join(TASKS)} (multitask: a "
+                        "multi-task run or recipe)" if task else
                         "eval: --task is required (translate, summarize, qa, classify or lm)")
     if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1) or min(opts.bootstrap, opts.few_shot) < 0:
         raise UserError("--batch-size and --limit must be >= 1; --bootstrap and --few-shot >= 0")
