@@ -18,6 +18,8 @@ Library imports (sacrebleu, rouge_score, numpy) happen inside the functions that
 
 from __future__ import annotations
 
+import logging
+
 import math
 import re
 import string
@@ -118,6 +120,7 @@ def rouge(predictions: Sequence[str], references: References) -> dict[str, float
     """
     from rouge_score import rouge_scorer
 
+    logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs "Using default tokenizer." each time
     _check_pairs(predictions, references, "rouge")
     per_example = _refs_per_example(references, "rouge")
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
