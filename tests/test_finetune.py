@@ -257,3 +257,18 @@ def test_long_documents_lose_their_end_not_the_instruction(tmp_path, base, caplo
     assert tok.decode(data.rows[1]["input_ids"]).startswith(rows[1]["document"])
     text, cut = gen.fit_prompt(tok, summarize.PROMPT, rows[0], "document", 24)
     assert cut and text.endswith("\nTL;DR:") and len(tok(text)["input_ids"]) <= 24
+
+
+def test_empty_split_and_base_without_tokenizer(tmp_path, base):
+    import shutil
+
+    s = splits(tmp_path, translate_rows, 20)
+    s["validation"].write_text("\n")
+    code, _, err = run_cli("finetune", str(finetune_recipe(tmp_path, "bad", "translate", base, s)))
+    assert code == 2 and "Traceback" not in err and "data.val_files" in err and "empty" in err, err
+    bare = tmp_path / "bare"
+    shutil.copytree(base, bare, ignore=shutil.ignore_patterns("tokenizer*", "vocab*", "merges*", "special*"))
+    s = splits(tmp_path, translate_rows, 20)
+    code, _, err = run_cli("finetune", str(finetune_recipe(tmp_path, "bad", "translate", bare, s)))
+    assert code == 2 and "model.init_from" in err and "no tokenizer files" in err, err
+    assert not (tmp_path / "bad").exists()
