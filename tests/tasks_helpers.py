@@ -130,3 +130,15 @@ def seq2seq_base(out: Path, arch: str = "bart") -> Path:
     AutoModelForSeq2SeqLM.from_config(config).save_pretrained(str(out))
     fast.save_pretrained(str(out))
     return out
+
+
+def preprocess_capped(tmp: Path, task: str, base: Path, rows: list[dict], make, max_length: int, caplog):
+    """(examples, tokenizer): ``rows`` tokenized for ``task`` with finetune.max_length, warnings captured."""
+    from gptkit import finetune as ft
+    from gptkit import tasks
+    from gptkit.recipe import load_recipe
+
+    recipe = load_recipe(finetune_recipe(tmp, "p", task, base, splits(tmp, make, 20), finetune={"max_length": max_length}))
+    tok = ft._tokenizer(recipe)
+    with caplog.at_level("WARNING"):
+        return tasks.load(task).preprocess(recipe, tok, rows, "train", None), tok

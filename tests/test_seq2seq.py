@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_user_error, run_cli
-from tasks_helpers import (classify_rows, finetune_recipe, read_test_metrics, seq2seq_base, splits, summarize_rows,
-                           translate_rows)
+from tasks_helpers import (classify_rows, finetune_recipe, preprocess_capped, read_test_metrics, seq2seq_base, splits,
+                           summarize_rows, translate_rows)
 
 @pytest.fixture(scope="module")
 def bart(tmp_path_factory) -> Path:
@@ -81,18 +81,10 @@ def test_seq2seq_loss_is_padding_correct(tmp_path, arch, request):
 
 
 def test_seq2seq_truncation_is_counted(tmp_path, bart, caplog):
-    from gptkit import finetune as ft
-    from gptkit.recipe import load_recipe
-    from gptkit.tasks import translate
-
     rows = translate_rows(4, 5)
     rows[0]["source"] = " ".join([rows[0]["source"]] * 10)
     rows[1]["target"] = " ".join([rows[1]["target"]] * 10)
-    recipe = load_recipe(finetune_recipe(tmp_path, "p", "translate", bart, splits(tmp_path, translate_rows, 20),
-                                         finetune={"max_length": 24}))
-    tok = ft._tokenizer(recipe)
-    with caplog.at_level("WARNING"):
-        data = translate.preprocess(recipe, tok, rows, "train")
+    data, tok = preprocess_capped(tmp_path, "translate", bart, rows, translate_rows, 24, caplog)
     assert "2 of 4 examples longer than 24 tokens were truncated" in caplog.text
     assert max(len(r["input_ids"]) for r in data.rows) == 24 and max(len(r["labels"]) for r in data.rows) == 24
     assert data.rows[0]["input_ids"][-1] == tok.eos_token_id  # the source is cut, its special token kept

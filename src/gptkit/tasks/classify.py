@@ -79,6 +79,12 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
     return out
 
 
+PER_CLASS_UP_TO = 20  # classes whose precision/recall/F1 are reported one by one (beyond: accuracy, macro-F1)
+
+
 def score(predictions, rows):
+    """accuracy, macro_f1 and, for up to 20 classes, precision_<label>, recall_<label>, f1_<label>."""
     out = metrics.classification_scores(predictions, [str(r["label"]) for r in rows])
-    return {"accuracy": out["accuracy"], "macro_f1": out["macro_f1"]}
+    per_class = out["per_class"] if len(out["per_class"]) <= PER_CLASS_UP_TO else {}
+    return {"accuracy": out["accuracy"], "macro_f1": out["macro_f1"],
+            **{f"{k}_{label}": m[k] for label, m in per_class.items() for k in ("precision", "recall", "f1")}}
