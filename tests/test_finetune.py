@@ -131,7 +131,8 @@ def test_unseen_labels_and_unknown_task(tmp_path, base):
 
 
 def test_every_bundled_finetune_recipe_validates(base):
-    """Each bundled fine-tuning recipe resolves, finds its files and columns, and sees the base model."""
+    """Each bundled fine-tuning recipe resolves, finds its files and columns, sees the base model, and its batch
+    fits its training data."""
     from gptkit import finetune as ft
     from gptkit.cli import bundled_recipes_dir
     from gptkit.recipe import load_recipe

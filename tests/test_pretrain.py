@@ -111,8 +111,8 @@ def test_validate_reports_real_parameter_count(trained):
 
 
 def test_cli_import_stays_light():
-    """`gptkit --help` must not import torch or transformers (they take seconds to import)."""
-    code = "import sys, gptkit.cli; heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)"
+    """`gptkit --help`, and scoring a predictions file, must not import torch or transformers (seconds each)."""
+    code = "import sys, gptkit.cli, gptkit.evaluate; heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
 

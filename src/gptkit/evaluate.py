@@ -21,13 +21,17 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from gptkit import generation, metrics
+from gptkit import metrics
 from gptkit.errors import UserError
-from gptkit.modeling import is_encoder_decoder
+from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder
 from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
                                 read_fields, read_text, reference_of, sha256, write_outputs)
 from gptkit.eval_report import table  # noqa: F401  (cli prints evaluate.table(result))
+
+if TYPE_CHECKING:
+    from gptkit.generation import DecodingOptions
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +83,8 @@ def load_model(raw: str, task: str):
     import torch
     from transformers import AutoTokenizer
 
+    from gptkit import generation
+
     from gptkit import finetune
     from gptkit.tasks import FINETUNE_TASKS
 
@@ -90,8 +96,8 @@ def load_model(raw: str, task: str):
         model, tok = generation.load_for_generation(path)
     elif run.task != task and (run.task == "classify" or run.task == "qa" and run.finetune.qa_mode == "extractive"):
         raise UserError(f"--model: {path} has a {run.task} head (fine-tuned for {run.task}); it cannot do {task}")
-    elif not any((home / f).is_file() for f in generation.TOKENIZER_FILES):
-        raise UserError(f"--model: {home}: no tokenizer files (expected one of {', '.join(generation.TOKENIZER_FILES)})")
+    elif not any((home / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"--model: {home}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     else:
         try:
             tok = AutoTokenizer.from_pretrained(str(home), local_files_only=True)
@@ -105,7 +111,7 @@ def load_model(raw: str, task: str):
 def fingerprint(path: Path) -> dict:
     """sha256 of what defines a model: weights, configs and tokenizer files (not logs, runs or eval outputs)."""
     files = {p.name: sha256(p) for p in sorted(Path(path).iterdir()) if p.is_file() and
-             (p.suffix in (".safetensors", ".bin", ".model", ".txt") or p.name in generation.TOKENIZER_FILES or
+             (p.suffix in (".safetensors", ".bin", ".model", ".txt") or p.name in TOKENIZER_FILES or
               p.name.endswith(("config.json", "special_tokens_map.json")))}
     return {"path": str(path), "sha256": hashlib.sha256(json.dumps(files).encode()).hexdigest(), "files": files}
 
@@ -117,7 +123,7 @@ class Ctx:
     tok: object
     recipe: object
     template: str
-    decoding: generation.DecodingOptions
+    decoding: DecodingOptions  # gptkit.generation is imported where a model is loaded (it pulls in torch)
     labels: list[str] | None  # classify with a causal LM: the labels whose likelihood is compared
     shots: list[dict]
     few_shot: int
@@ -159,6 +165,7 @@ def label_scores(ctx: Ctx, prompts: list[str]) -> list[str]:
 def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
     """One batch: the task module's predict (classifier head, span head, or generation through generate_batch);
     with a causal LM, classify by label likelihood; few-shot generates itself (cut at the first newline)."""
+    from gptkit import generation
     from gptkit.tasks import classify, load
 
     if ctx.task == "classify" and ctx.labels is None:
@@ -175,6 +182,7 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
 def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots: list[dict]) -> Ctx:
     """The run's own recipe when it was trained for this task (prompt, decoding, qa_mode), else the task's
     defaults (qa: generative); decoding options given on the command line win."""
+    from gptkit import generation
     from gptkit.recipe import Recipe
     from gptkit.tasks import classify, load
 

@@ -64,7 +64,7 @@ def check(recipe: Recipe, task_name: str) -> None:
     if not recipe.model.init_from:
         raise UserError("model.init_from: finetune needs a local base checkpoint directory (e.g. a gptkit pretrain run)")
     base = modeling.check_local_dir(recipe.model.init_from, "model.init_from")
-    if not any((base / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer.model")):
+    if not any((base / f).is_file() for f in modeling.TOKENIZER_FILES):
         raise UserError(f"model.init_from: {base} has no tokenizer files; save the tokenizer next to the model")
     if not recipe.data.train_files and task_name != "multitask":
         raise UserError("data.train_files: empty; finetune needs a training split")
@@ -88,7 +88,12 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
     """What `gptkit validate` reports for a fine-tuning recipe: base model size and rows per split."""
     task = tasks.load(task_name)
     check(recipe, task_name)
-    counts = [f"{split} {len(r)}" for split, r in _splits(recipe, task).items()]
+    rows = _splits(recipe, task)
+    counts = [f"{split} {len(r)}" for split, r in rows.items()]
+    if "train" in rows:  # one process; launched on more, the run itself checks again
+        from gptkit.engine import check_batch
+
+        check_batch(recipe.train, len(rows["train"]), 1)
     config = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
     n = modeling.meta_param_count(config)
     return [f"inputs: rows per split: {', '.join(counts)} (columns found)",

@@ -16,10 +16,9 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
 from gptkit.errors import UserError
-from gptkit.modeling import is_encoder_decoder, lm_class
+from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder, lm_class
 
 # Files that carry a vocabulary; tokenizer_config.json alone is not enough to build a tokenizer.
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 
 
 @dataclass

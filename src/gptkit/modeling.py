@@ -9,6 +9,8 @@ from gptkit.errors import UserError
 from gptkit.recipe import ModelConfig
 
 
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")  # any one will do
+
 def check_local_dir(path: str, field: str) -> Path:
     """A local checkpoint directory, or one clear error (never a network attempt)."""
     p = Path(path)
