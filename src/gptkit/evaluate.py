@@ -83,11 +83,11 @@ def load_model(raw: str, task: str):
     import torch
     from transformers import AutoTokenizer
 
-    from gptkit import generation
-
-    from gptkit import finetune
+    from gptkit import finetune, generation
+    from gptkit.modeling import quiet_loading
     from gptkit.tasks import FINETUNE_TASKS
 
+    quiet_loading()
     path = Path(raw).expanduser()
     if not path.is_dir():
         raise UserError(f"--model: {raw} is not a local directory; gptkit works offline and never downloads models")

@@ -128,11 +128,10 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
         command: list[str] | None = None) -> dict:
     """Fine-tune, keep the best checkpoint by the task's metric, score the test split, save."""
     from accelerate.utils import set_seed
-    from transformers.utils import logging as hf_logging
 
     from gptkit import engine
 
-    hf_logging.disable_progress_bar()
+    modeling.quiet_loading()
     task = tasks.load(task_name)
     recipe = recipe.model_copy(update={"task": task_name})
     check(recipe, task_name)

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
 from gptkit.errors import UserError
-from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder, lm_class
+from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder, lm_class, quiet_loading
 
 # Files that carry a vocabulary; tokenizer_config.json alone is not enough to build a tokenizer.
 
@@ -111,6 +111,7 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
     sequence-to-sequence LM when the config is an encoder-decoder (T5, BART). The tokenizer gets
     ``pad_token = eos_token`` when it has no pad token (needed for batched generation).
     """
+    quiet_loading()
     directory = Path(path).expanduser()
     if not directory.is_dir():
         raise UserError(

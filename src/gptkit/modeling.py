@@ -76,6 +76,14 @@ def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
     return build_config(cfg, vocab_size, eos_id)
 
 
+def quiet_loading() -> None:
+    """No "Loading weights" progress bars: transformers reads HF_HUB_DISABLE_PROGRESS_BARS only when it is first
+    imported, which may be before the CLI sets it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def is_encoder_decoder(config) -> bool:
     """Whether a config describes an encoder-decoder (T5, BART, Marian, ...) rather than a decoder-only LM."""
     return bool(getattr(config, "is_encoder_decoder", False))
