@@ -52,6 +52,8 @@ def test_classify_head_learns_the_rule(tmp_path, base):
     assert scores["test_macro_f1"] == pytest.approx((scores["test_f1_warm"] + scores["test_f1_cold"]) / 2)
     config = json.loads((tmp_path / "cls" / "config.json").read_text())
     assert set(config["id2label"].values()) == {"warm", "cold"}
+    code, _, err = run_cli("generate", str(tmp_path / "cls"), "--prompt", "hello")
+    assert code == 2 and "task head" in err and "Traceback" not in err, err
 
 
 def test_prompt_masked_loss_is_padding_correct(tmp_path, base):
@@ -95,6 +97,9 @@ def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, base):
     base_model = AutoModelForCausalLM.from_pretrained(str(base))
     changed = [k for k, v in merged.state_dict().items() if not (v == base_model.state_dict()[k]).all()]
     assert changed and all("attn" in k for k in changed)  # LoRA's default GPT-2 target is c_attn
+    # gptkit generate takes the LoRA run itself (adapters on its base) and agrees with the merged model
+    said = [run_cli("generate", str(d), "--prompt", "red big =>", "--max-new-tokens", "8") for d in (run, run / "merged")]
+    assert said[0][0] == 0 and said[0][1] == said[1][1] and said[0][1].strip(), said
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptkit import metrics
+from gptkit import metrics, rundir
 from gptkit.errors import UserError
 from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder
 from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
@@ -67,44 +67,24 @@ class Options:
 
 
 # ------------------------------------------------------------------------------------------- models
-def _run_of(path: Path):
-    """(recipe, run dir) of a gptkit run directory or of its best/ checkpoint; (None, path) otherwise."""
-    from gptkit.recipe import load_recipe
-
-    for home in (path, path.parent) if path.name == "best" else (path,):
-        if (home / "recipe.yaml").is_file():
-            return load_recipe(home / "recipe.yaml"), home
-    return None, path
-
-
 def load_model(raw: str, task: str):
     """(model, tokenizer, run recipe or None): a fine-tuned run (LoRA too) or any local model directory (causal, or
     sequence-to-sequence when its config is an encoder-decoder)."""
     import torch
-    from transformers import AutoTokenizer
 
-    from gptkit import finetune, generation
-    from gptkit.modeling import quiet_loading
+    from gptkit import generation
     from gptkit.tasks import FINETUNE_TASKS
 
-    quiet_loading()
     path = Path(raw).expanduser()
     if not path.is_dir():
         raise UserError(f"--model: {raw} is not a local directory; gptkit works offline and never downloads models")
-    run, home = _run_of(path)
+    run, home = rundir.run_of(path)
     if run is None or run.task not in FINETUNE_TASKS:
         model, tok = generation.load_for_generation(path)
     elif run.task != task and (run.task == "classify" or run.task == "qa" and run.finetune.qa_mode == "extractive"):
         raise UserError(f"--model: {path} has a {run.task} head (fine-tuned for {run.task}); it cannot do {task}")
-    elif not any((home / f).is_file() for f in TOKENIZER_FILES):
-        raise UserError(f"--model: {home}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
     else:
-        try:
-            tok = AutoTokenizer.from_pretrained(str(home), local_files_only=True)
-            model = finetune.load_trained(path, run.task, run).eval()
-        except (OSError, ValueError) as e:
-            raise UserError(f"--model: {path}: cannot load: {(str(e).strip().splitlines() or ['?'])[0]}") from None
-        tok.pad_token = tok.pad_token or tok.eos_token
+        model, tok = generation.load_run(path, home, run)
     return model.to("cuda") if torch.cuda.is_available() else model, tok, run
 
 
@@ -361,8 +341,6 @@ def _data(opts: Options, recipe) -> tuple[list[Path], str]:
 
 def _recipe_model(recipe) -> str:
     """A recipe's model: its output.dir run (best/ when kept), else model.init_from (the base checkpoint)."""
-    from gptkit import rundir
-
     out = rundir.resolve_output(recipe.output.dir)
     if any((out / f).is_file() for f in ("config.json", "adapter_config.json")):
         return str(out / "best" if (out / "best").is_dir() else out)
@@ -402,7 +380,7 @@ def run_multitask(opts: Options, recipe, model_path: str, out: Path) -> dict:
 def run(opts: Options, recipe=None) -> dict:
     """Resolve mode, task, model, data and output folder; evaluate; return what metrics.json holds."""
     model_path = opts.model or (_recipe_model(recipe) if recipe is not None and not opts.predictions else None)
-    run_recipe, home = _run_of(Path(model_path).expanduser()) if model_path else (None, Path("."))
+    run_recipe, home = rundir.run_of(Path(model_path).expanduser()) if model_path else (None, Path("."))
     if not (model_path or opts.predictions or opts.references):
         raise UserError("eval: pass --model DIR with --data FILE, a RECIPE, or --predictions with --references")
     source = recipe or run_recipe

@@ -15,6 +15,7 @@ from typing import Any, TextIO
 import torch
 from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
+from gptkit import rundir
 from gptkit.errors import UserError
 from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder, lm_class, quiet_loading
 
@@ -118,6 +119,12 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
             f"{path} is not a local directory; gptkit works offline and never downloads models: "
             "pass a directory written by save_pretrained (config.json, weights, tokenizer files)"
         )
+    run, home = rundir.run_of(directory)
+    if run is not None and (run.task == "classify" or run.task == "qa" and run.finetune.qa_mode == "extractive"):
+        raise UserError(f"{directory}: a {run.task} run has a task head ({'labels' if run.task == 'classify' else 'spans'}), "
+                        "not a language model; use gptkit eval on it")
+    if run is not None and (directory / "adapter_config.json").is_file():
+        return load_run(directory, home, run)
     if not (directory / "config.json").is_file():
         raise UserError(f"{directory}: no config.json; expected a model directory written by save_pretrained")
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
@@ -138,6 +145,25 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def load_run(directory: Path, home: Path, run: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a fine-tuning run (``home``, or its ``best/`` as ``directory``) with its task's
+    model class; LoRA adapters go on the base checkpoint its recipe names (``gptkit export --merge`` makes one
+    standalone folder)."""
+    from gptkit import finetune
+
+    quiet_loading()
+    if not any((home / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{home}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(home, local_files_only=True)
+        model = finetune.load_trained(directory, run.task, run)
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{directory}: cannot load (base model.init_from {run.model.init_from}): {first_line}") from exc
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return model.eval(), tokenizer
 
 
 def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions) -> list[list[int]]:

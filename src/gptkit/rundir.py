@@ -109,3 +109,13 @@ def environment(command: list[str]) -> dict:
         "command": command or sys.argv,
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def run_of(path: Path):
+    """(recipe, run dir) of a gptkit run directory or of its best/ checkpoint; (None, path) otherwise."""
+    from gptkit.recipe import load_recipe
+
+    for home in (path, path.parent) if path.name == "best" else (path,):
+        if (home / RECIPE_FILE).is_file():
+            return load_recipe(home / RECIPE_FILE), home
+    return None, path
