@@ -30,6 +30,15 @@ def test_overrides_are_typed_by_the_schema(tmp_path):
     assert r.train.max_steps == 7 and r.train.compile is True and r.model.arch == "llama"
 
 
+def test_text_overrides_are_taken_as_written(tmp_path):
+    r = load_recipe(write(tmp_path / "r.yaml", "train: {max_steps: 5}\n"),
+                    ["finetune.prompt=translate English to German: {source}", "description=1.0", "finetune.metric=null"])
+    assert r.finetune.prompt == "translate English to German: {source}"
+    assert r.description == "1.0" and r.finetune.metric is None
+    quoted = load_recipe(write(tmp_path / "q.yaml", "{}\n"), ['finetune.prompt="Q: {question}"'])
+    assert quoted.finetune.prompt == "Q: {question}"  # YAML quoting still works
+
+
 def test_yaml_float_without_dot_is_still_a_float(tmp_path):
     # PyYAML reads "3e-4" as a string; the schema must still type it as a number
     r = load_recipe(write(tmp_path / "r.yaml", "train: {lr: 3e-4, min_lr: 1e-5}\n"))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -282,14 +282,27 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
+    """key.path=value, the value read as YAML (numbers, booleans, lists), except that a text field takes the
+    value as written: `finetune.prompt=translate English to German: {source}` is not a mapping."""
     key, sep, value = item.partition("=")
     if not sep or not key or any(not p for p in key.split(".")):
         raise UserError(f"override '{item}': expected key.path=value, e.g. train.lr=3e-4")
+    parts = key.split(".")
+    quoted = len(value) > 1 and value[0] == value[-1] and value[0] in "'\""
+    if _is_text_field(parts) and value not in ("null", "~") and not quoted:
+        return parts, value
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
         parsed = value
-    return key.split("."), parsed
+    return parts, parsed
+
+
+def _is_text_field(parts: list[str]) -> bool:
+    """Whether the schema types this dotted field as text (str or str | None), not a literal or number."""
+    model = _section_model(tuple(parts))
+    field = model.model_fields.get(parts[-1]) if model else None
+    return field is not None and field.annotation in (str, str | None, Optional[str])
 
 
 def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, cwd: Path) -> None:
