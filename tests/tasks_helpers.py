@@ -98,10 +98,11 @@ def read_test_metrics(run: Path) -> dict:
     return json.loads((run / "test_metrics.json").read_text())
 
 
-def seq2seq_base(out: Path, arch: str = "bart") -> Path:
+def seq2seq_base(out: Path, arch: str = "bart", bos: bool = False) -> Path:
     """A tiny randomly initialised encoder-decoder (BART or T5, 2+2 layers, 64 wide) and a byte-level BPE
     tokenizer trained on the task words, saved so that Auto classes load them offline. The tokenizer appends
-    </s> to encoder inputs (as T5's does); pad, bos, eos and the decoder start token are set consistently."""
+    </s> to encoder inputs (as T5's does; ``bos``: "<s> ... </s>" and a forced BOS, as facebook/bart-* checkpoints
+    have); pad, bos, eos and the decoder start token are set consistently."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import AutoModelForSeq2SeqLM, BartConfig, PreTrainedTokenizerFast, T5Config
@@ -114,7 +115,8 @@ def seq2seq_base(out: Path, arch: str = "bart") -> Path:
     text = [" ".join(rng.choice(SRC + TGT) for _ in range(12)) for _ in range(400)]
     tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=specials, show_progress=False,
                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 2)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A </s>" if bos else "$A </s>",
+                                                       special_tokens=[("<s>", 1), ("</s>", 2)])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>")
     ids = {"vocab_size": len(fast), "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
@@ -127,7 +129,9 @@ def seq2seq_base(out: Path, arch: str = "bart") -> Path:
         config = T5Config(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4, dropout_rate=0.0,
                           decoder_start_token_id=0, **ids)
     torch.manual_seed(0)
-    AutoModelForSeq2SeqLM.from_config(config).save_pretrained(str(out))
+    model = AutoModelForSeq2SeqLM.from_config(config)
+    model.generation_config.forced_bos_token_id = 1 if bos else None  # transformers 5 reads it from here
+    model.save_pretrained(str(out))
     fast.save_pretrained(str(out))
     return out
 

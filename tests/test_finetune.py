@@ -178,6 +178,8 @@ def test_multitask_learns_both_tasks_in_one_model(tmp_path, base):
     scores = read_test_metrics(tmp_path / "mt")
     assert scores["test_translate_bleu"] >= 90 and scores["test_summarize_rougeL"] >= 90, scores
     assert scores["test_score"] == pytest.approx((scores["test_translate_bleu"] + scores["test_summarize_rougeL"]) / 2)
+    code, _, err = run_cli("eval", "--model", str(tmp_path / "mt"), "--batch-size", "0")
+    assert code == 2 and "--batch-size" in err and "Traceback" not in err, err  # checked before any task runs
     # gptkit eval scores the run as a whole (each task on its own test files, with its own prompt), or one task
     code, out, err = run_cli("eval", "--model", str(tmp_path / "mt" / "best"), "--split", "test")
     assert code == 0, err
@@ -274,3 +276,19 @@ def test_empty_split_and_base_without_tokenizer(tmp_path, base):
     code, _, err = run_cli("finetune", str(finetune_recipe(tmp_path, "bad", "translate", bare, s)))
     assert code == 2 and "model.init_from" in err and "no tokenizer files" in err, err
     assert not (tmp_path / "bad").exists()
+
+
+def test_decoding_and_class_metric_names():
+    """Sampling evaluates without beams unless asked; class labels make safe metric names over a fixed set."""
+    from gptkit.generation import decoding_from
+    from gptkit.recipe import FinetuneConfig
+    from gptkit.tasks import classify
+
+    assert decoding_from(FinetuneConfig()).num_beams == 4
+    assert decoding_from(FinetuneConfig(do_sample=True)).num_beams == 1
+    assert decoding_from(FinetuneConfig(do_sample=True, num_beams=3)).num_beams == 3
+    rows = [{"label": "very good"}, {"label": "a/b"}]
+    got = classify.score(["very good", "something else"], rows)  # a predicted class outside the references
+    assert set(got) == {"accuracy", "macro_f1", *(f"{m}_{k}" for m in ("precision", "recall", "f1")
+                                                  for k in ("very_good", "a_b"))}
+    assert got["accuracy"] == 50.0 and got["f1_a_b"] == 0.0

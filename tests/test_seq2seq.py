@@ -202,3 +202,20 @@ def test_pretrain_refuses_an_encoder_decoder_base(tmp_path, corpus, bart):
     code, _, err = run_cli("pretrain", str(recipe))
     assert_user_error(code, err, f"model.init_from: {bart} is an encoder-decoder (bart)", "decoder-only")
     assert not (tmp_path / "run").exists()
+
+
+def test_bart_style_targets_start_with_the_bos_that_generation_forces(tmp_path, caplog):
+    """facebook/bart-* checkpoints force <s> as the first generated token: training targets carry it too
+    (tokenizer(text_target=...)), so the decoder is fine-tuned on the prefix it decodes from."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM
+
+    base = seq2seq_base(tmp_path / "bart-bos", "bart", bos=True)
+    data, tok = preprocess_capped(tmp_path, "translate", base, translate_rows(3, 1), translate_rows, 64, caplog)
+    batch = data.batch([0])
+    assert batch["labels"][0, 0] == tok.bos_token_id and batch["labels"][0, -1] == tok.eos_token_id
+    model = AutoModelForSeq2SeqLM.from_pretrained(str(base)).eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=batch["input_ids"], max_new_tokens=3, do_sample=False, num_beams=1)
+    assert out[0, :2].tolist() == batch["decoder_input_ids"][0, :2].tolist() == [2, tok.bos_token_id]
+

@@ -137,7 +137,7 @@ def eval_(
     references: Annotated[Optional[str], typer.Option("--references", help="JSONL of references for --predictions.")] = None,
     out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: MODEL_DIR/eval-TASK).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples (lm: windows) per batch.")] = 16,
-    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam width (default: the run's, else 1).")] = None,
+    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam width (default: the run's, else 4; 1 when sampling).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens generated per example.")] = None,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam decoding.")] = False,
     temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (implies --sample).")] = None,

@@ -200,7 +200,7 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
         return False
     if job.select not in metrics:
         raise UserError(f"finetune.metric: '{job.select}' is not among the validation metrics {sorted(metrics)}")
-    value, lower = metrics[job.select], "loss" in job.select or "perplexity" in job.select
+    value, lower = metrics[job.select], job.select in ("val_loss", "val_perplexity")  # the rest: higher is better
     best = counters.get("best")
     if best is None or (value < best if lower else value > best):
         counters.update(best=value, best_step=step, stale=0)

@@ -171,8 +171,11 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
     given = {k: getattr(opts, k) for k in ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p",
                                            "repetition_penalty") if getattr(opts, k) is not None}
     sampling = opts.sample or any(k in given for k in ("temperature", "top_k", "top_p"))
-    ft = recipe.finetune.model_copy(update={**given, **({"do_sample": True} if sampling else {}),
-                                            **({} if same or task != "qa" else {"qa_mode": "generative"})})
+    if sampling:  # plain sampling unless --num-beams asks for beam sampling
+        given = {"num_beams": 1, **given, "do_sample": True}
+    if not same:  # a plain model: prompts are fitted to its context, not to a training max_length
+        given = {"max_length": 10**9, **given}
+    ft = recipe.finetune.model_copy(update={**given, **({} if same or task != "qa" else {"qa_mode": "generative"})})
     recipe = recipe.model_copy(update={"finetune": ft, "train": recipe.train.model_copy(update={"seed": opts.seed})})
     decoding = generation.decoding_from(ft, opts.seed)
     decoding.validate()
@@ -383,6 +386,8 @@ def run(opts: Options, recipe=None) -> dict:
     run_recipe, home = rundir.run_of(Path(model_path).expanduser()) if model_path else (None, Path("."))
     if not (model_path or opts.predictions or opts.references):
         raise UserError("eval: pass --model DIR with --data FILE, a RECIPE, or --predictions with --references")
+    if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1) or min(opts.bootstrap, opts.few_shot) < 0:
+        raise UserError("--batch-size and --limit must be >= 1; --bootstrap and --few-shot >= 0")
     source = recipe or run_recipe
     task = opts.task or (None if source is None else "lm" if source.task == "pretrain" else source.task)
     if task == "multitask" and source is not None and source.task == "multitask" and model_path:
@@ -394,8 +399,6 @@ def run(opts: Options, recipe=None) -> dict:
         raise UserError(f"--task: '{task}' is not an eval task; expected one of {', '.join(TASKS)} (multitask: a "
                         "multi-task run or recipe)" if task else
                         "eval: --task is required (translate, summarize, qa, classify or lm)")
-    if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1) or min(opts.bootstrap, opts.few_shot) < 0:
-        raise UserError("--batch-size and --limit must be >= 1; --bootstrap and --few-shot >= 0")
     if opts.predictions or opts.references:
         return run_predictions(opts, task)
     data, split = _data(opts, source)

@@ -90,7 +90,8 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
     check(recipe, task_name)
     rows = _splits(recipe, task)
     counts = [f"{split} {len(r)}" for split, r in rows.items()]
-    if "train" in rows:  # one process; launched on more, the run itself checks again
+    windowed = task_name == "qa" and recipe.finetune.qa_mode == "extractive"  # trains on >= 1 window per row
+    if "train" in rows and not windowed:  # one process; launched on more, the run itself checks again
         from gptkit.engine import check_batch
 
         check_batch(recipe.train, len(rows["train"]), 1)
@@ -177,7 +178,9 @@ def _score_test(recipe, task, task_name, run_dir: Path, tokenizer, rows, model) 
 
     best = run_dir / "best"
     if best.is_dir():  # scored where training ran (loaded on the CPU, it once took minutes on a GPU machine)
-        model = load_trained(best, task_name, recipe).to(next(model.parameters()).device)
+        device = next(model.parameters()).device
+        model.to("cpu")  # one model on the accelerator at a time
+        model = load_trained(best, task_name, recipe).to(device)
     model.eval()
     with own_forward(model):
         scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows).items()}

@@ -100,7 +100,8 @@ class DecodingOptions:
 
 def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
     """The decoding a recipe's ``finetune`` section asks for when generating for evaluation."""
-    return DecodingOptions(max_new_tokens=ft.max_new_tokens, num_beams=ft.num_beams, do_sample=ft.do_sample,
+    beams = ft.num_beams or (1 if ft.do_sample else 4)  # beam search unless sampling (then plain sampling)
+    return DecodingOptions(max_new_tokens=ft.max_new_tokens, num_beams=beams, do_sample=ft.do_sample,
                            temperature=ft.temperature, top_k=ft.top_k, top_p=ft.top_p,
                            repetition_penalty=ft.repetition_penalty, seed=seed if ft.do_sample else None)
 
@@ -159,7 +160,7 @@ def load_run(directory: Path, home: Path, run: Any) -> tuple[Any, Any]:
     try:
         tokenizer = AutoTokenizer.from_pretrained(home, local_files_only=True)
         model = finetune.load_trained(directory, run.task, run)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: adapters of another base (size mismatch)
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{directory}: cannot load (base model.init_from {run.model.init_from}): {first_line}") from exc
     tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token

@@ -168,7 +168,9 @@ class FinetuneConfig(_Section):
     eval_examples: int | None = Field(
         200, ge=1, description="Validation examples scored per evaluation, per task in multitask (None = all)."
     )
-    num_beams: int = Field(4, ge=1, description="Beam width when generating for evaluation (1 = greedy).")
+    num_beams: int | None = Field(
+        None, ge=1, description="Beam width when generating for evaluation (1 = greedy); None = 4, or 1 when sampling."
+    )
     max_new_tokens: int = Field(64, ge=1, description="Tokens generated per example for evaluation.")
     do_sample: bool = Field(False, description="Sample when generating for evaluation (default greedy/beam).")
     temperature: float = Field(1.0, gt=0.0, description="Sampling temperature (with do_sample).")

@@ -109,7 +109,7 @@ def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str, sh
     seq2seq, limit = modeling.is_encoder_decoder(config), _limit(recipe, config)
     out, cut = [], 0
     for row in rows:
-        answer = tokenizer(str(row[target]), add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        answer = _target_ids(tokenizer, str(row[target]), seq2seq)
         room = limit if seq2seq else limit - min(len(answer), max(1, limit // 2))
         text, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
         if seq2seq:  # what the field could not absorb is cut at the end, keeping the closing special token
@@ -126,6 +126,15 @@ def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str, sh
         log.warning("%s: %d of %d examples longer than %d tokens were truncated (finetune.max_length)",
                     split, cut, len(rows), limit)
     return Examples(out, tokenizer.pad_token_id, _decoder_start(recipe, config) if seq2seq else None)
+
+
+def _target_ids(tokenizer, text: str, seq2seq: bool) -> list[int]:
+    """The answer's tokens and EOS. A decoder's targets carry the tokenizer's target special tokens, as
+    Hugging Face's seq2seq examples build them (BART: <s> ... </s>, matching the forced BOS its checkpoints
+    generate; T5 and Marian: ... </s>)."""
+    eos = tokenizer.eos_token_id
+    ids = tokenizer(text_target=text)["input_ids"] if seq2seq else tokenizer(text, add_special_tokens=False)["input_ids"]
+    return ids if ids and ids[-1] == eos else [*ids, eos]
 
 
 def _decoder_start(recipe, config) -> int:

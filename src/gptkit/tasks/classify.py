@@ -6,6 +6,8 @@ from the training split and saved in the model config (``id2label``/``label2id``
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from gptkit import metrics
@@ -83,8 +85,14 @@ PER_CLASS_UP_TO = 20  # classes whose precision/recall/F1 are reported one by on
 
 
 def score(predictions, rows):
-    """accuracy, macro_f1 and, for up to 20 classes, precision_<label>, recall_<label>, f1_<label>."""
-    out = metrics.classification_scores(predictions, [str(r["label"]) for r in rows])
+    """accuracy, macro_f1 over the classes the references hold (a fixed set, whatever is predicted) and, for up
+    to 20 of them, precision_<label>, recall_<label>, f1_<label> (label cut to letters, digits, - and _)."""
+    gold = [str(r["label"]) for r in rows]
+    out = metrics.classification_scores(predictions, gold, labels=sorted(set(gold)))
     per_class = out["per_class"] if len(out["per_class"]) <= PER_CLASS_UP_TO else {}
     return {"accuracy": out["accuracy"], "macro_f1": out["macro_f1"],
-            **{f"{k}_{label}": m[k] for label, m in per_class.items() for k in ("precision", "recall", "f1")}}
+            **{f"{k}_{_key(label)}": m[k] for label, m in per_class.items() for k in ("precision", "recall", "f1")}}
+
+
+def _key(label: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_") or "_"
