@@ -266,9 +266,10 @@ def _task_view(run, task: str, index: int | None = None):
 
 
 def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: Path, columns: dict,
-              index: int | None = None) -> dict:
-    """Predict batch by batch, appending each batch to predictions.jsonl, then score everything written."""
-    model, tok, run = load_model(model_path, task)
+              index: int | None = None, loaded: tuple | None = None) -> dict:
+    """Predict batch by batch, appending each batch to predictions.jsonl, then score everything written.
+    ``loaded``: (model, tokenizer, run, fingerprint) already loaded (a multi-task run's tasks share them)."""
+    model, tok, run, model_fp = loaded or (*load_model(model_path, task), fingerprint(Path(model_path)))
     run = _task_view(run, task, index)
     cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
     fields, optional = (*INPUTS[task], REFERENCE[task]), ("text_pair",) if task == "classify" else ()
@@ -282,7 +283,6 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     if len(shots) < opts.few_shot:
         raise UserError(f"--few-shot {opts.few_shot}: {tp} has only {len(shots)} examples")
     ctx = make_ctx(opts, task, model, tok, run, every, shots)  # labels: from all rows, whatever --limit
-    model_fp = fingerprint(Path(model_path))
     identity = {"mode": "model", "task": task, "model": model_fp["sha256"], "data": file_hashes(data),
                 "columns": cols, "template": ctx.template, "decoding": asdict(ctx.decoding), "labels": ctx.labels,
                 "few_shot": opts.few_shot, "train": sha256(tp) if shots else None, "seed": opts.seed if shots else None}
@@ -362,12 +362,13 @@ def run_multitask(opts: Options, recipe, model_path: str, out: Path) -> dict:
         raise UserError("--data: a multi-task run is scored on each task's own split; to score one task on a file, "
                         "add --task (translate, summarize or qa)")
     metrics, counts, data, parts = {}, {}, {}, {}
+    loaded = (*load_model(model_path, "multitask"), fingerprint(Path(model_path)))  # once for all its tasks
     for i, name in enumerate(multitask._names(recipe)):
         sub = multitask.sub_recipe(recipe, i)
         files, _ = _data(opts, sub)
         log.info("eval: task %s (%s) on %s", name, sub.task, ", ".join(map(str, files)))
         part = run_model(opts, sub.task, model_path, files, out / name, {**sub.data.columns,
-                                                                           **parse_columns(opts.columns)}, index=i)
+                                                                           **parse_columns(opts.columns)}, i, loaded)
         metrics.update({f"{name}_{k}": v for k, v in part["metrics"].items()})
         metrics[f"_{name}"] = part["metrics"][multitask.PRIMARY[sub.task]]
         counts[name], parts[name] = part["counts"]["examples"], part["out"]
