@@ -37,6 +37,8 @@ def test_text_overrides_are_taken_as_written(tmp_path):
     assert r.description == "1.0" and r.finetune.metric is None
     quoted = load_recipe(write(tmp_path / "q.yaml", "{}\n"), ['finetune.prompt="Q: {question}"'])
     assert quoted.finetune.prompt == "Q: {question}"  # YAML quoting still works
+    cols = load_recipe(write(tmp_path / "c.yaml", "{}\n"), ["data.columns.label=yes", "data.columns.text=1"])
+    assert cols.data.columns == {"label": "yes", "text": "1"}  # column names, not a bool and an int
 
 
 def test_yaml_float_without_dot_is_still_a_float(tmp_path):

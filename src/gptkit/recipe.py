@@ -304,6 +304,10 @@ def _is_text_field(parts: list[str]) -> bool:
     """Whether the schema types this dotted field as text (str or str | None), not a literal or number."""
     model = _section_model(tuple(parts))
     field = model.model_fields.get(parts[-1]) if model else None
+    if field is None and len(parts) > 1:  # an entry of a text mapping: data.columns.text=sentence
+        parent_model = _section_model(tuple(parts[:-1]))
+        parent = parent_model.model_fields.get(parts[-2]) if parent_model else None
+        return parent is not None and parent.annotation == dict[str, str]
     return field is not None and field.annotation in (str, str | None, Optional[str])
 
 
