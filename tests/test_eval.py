@@ -379,7 +379,7 @@ def test_perplexity_stride_equal_context_is_non_overlapping(tmp_path, lm_dir):
 
 
 def test_windows_score_each_token_once_with_the_longest_context():
-    from gptkit.evaluate import windows
+    from gptkit.modeling import windows
 
     for n, context, stride in [(250, 64, 32), (250, 64, 64), (100, 64, 7), (10, 64, 32), (65, 64, 1)]:
         scored = []

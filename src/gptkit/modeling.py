@@ -156,3 +156,36 @@ def training_memory_bytes(config, n_params: int, batch_size: int, bytes_per_act:
     acts = L * (34 * batch_size * T * d + 5 * batch_size * H * T * T) * bytes_per_act // 2
     logits = 2 * batch_size * T * V * 4
     return states + acts + logits
+
+
+# Perplexity: the model side (summed NLL over sliding windows); metrics.perplexity_from_nll turns it into a figure.
+def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) per window: each token after the first is scored once, with the
+    longest left context the window allows (the Hugging Face strided-perplexity recipe)."""
+    out, prev_end = [], 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + context, n_tokens)
+        out.append((begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return out
+
+
+def sliding_nll(model, ids: list[int], context: int, stride: int, batch_size: int) -> tuple[float, int, int]:
+    """(summed NLL in nats, tokens scored, windows); windows of equal length run batch_size at a time."""
+    import torch
+
+    groups: list[list] = []
+    for w in windows(len(ids), context, stride):
+        same = groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]
+        groups[-1].append(w) if same else groups.append([w])
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for group in groups:
+            x = torch.tensor([ids[b:e] for b, e, _ in group], device=model.device)
+            logp = model(input_ids=x).logits.float().log_softmax(-1)
+            for j, (b, e, first) in enumerate(group):
+                total -= logp[j, first - b - 1 : e - b - 1].gather(-1, x[j, first - b : e - b, None]).sum().item()
+                count += e - first
+    return total, count, sum(map(len, groups))
