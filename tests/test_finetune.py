@@ -259,7 +259,7 @@ def test_long_documents_lose_their_end_not_the_instruction(tmp_path, base, caplo
     assert len(long["input_ids"]) <= 40 and long["input_ids"][n_prompt:] == answer  # the whole summary is kept
     assert prompt.endswith("\nTL;DR:") and rows[0]["document"].startswith(prompt[: -len("\nTL;DR:")].rstrip())
     assert tok.decode(data.rows[1]["input_ids"]).startswith(rows[1]["document"])
-    text, cut = gen.fit_prompt(tok, summarize.PROMPT, rows[0], "document", 24)
+    text, _, cut = gen.fit_prompt(tok, summarize.PROMPT, rows[0], "document", 24)
     assert cut and text.endswith("\nTL;DR:") and len(tok(text)["input_ids"]) <= 24
 
 

@@ -73,7 +73,7 @@ def load_model(raw: str, task: str):
     import torch
 
     from gptkit import generation
-    from gptkit.tasks import FINETUNE_TASKS
+    from gptkit.tasks import FINETUNE_TASKS, has_head
 
     path = Path(raw).expanduser()
     if not path.is_dir():
@@ -81,7 +81,7 @@ def load_model(raw: str, task: str):
     run, home = rundir.run_of(path)
     if run is None or run.task not in FINETUNE_TASKS:
         model, tok = generation.load_for_generation(path)
-    elif run.task != task and (run.task == "classify" or run.task == "qa" and run.finetune.qa_mode == "extractive"):
+    elif run.task != task and has_head(run.task, run):
         raise UserError(f"--model: {path} has a {run.task} head (fine-tuned for {run.task}); it cannot do {task}")
     else:
         model, tok = generation.load_run(path, home, run)
@@ -164,7 +164,7 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
     defaults (qa: generative); decoding options given on the command line win."""
     from gptkit import generation
     from gptkit.recipe import Recipe
-    from gptkit.tasks import classify, load
+    from gptkit.tasks import classify, has_head, load
 
     same = run is not None and run.task == task
     recipe = run if same else Recipe(task=task)
@@ -179,7 +179,7 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
     recipe = recipe.model_copy(update={"finetune": ft, "train": recipe.train.model_copy(update={"seed": opts.seed})})
     decoding = generation.decoding_from(ft, opts.seed)
     decoding.validate()
-    head = same and (task == "classify" or ft.qa_mode == "extractive" and task == "qa")  # load_model gave a head
+    head = same and has_head(task, recipe)  # load_model gave a head
     if head and opts.few_shot:
         raise UserError(f"--few-shot: {task} model has a task head; demonstrations need a causal LM")
     labels = classify.label_names(rows + shots) if task == "classify" and not same else None

@@ -17,9 +17,8 @@ from transformers import AutoConfig, AutoTokenizer, TextStreamer
 
 from gptkit import rundir
 from gptkit.errors import UserError
+from gptkit.tasks import has_head
 from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder, lm_class, quiet_loading
-
-# Files that carry a vocabulary; tokenizer_config.json alone is not enough to build a tokenizer.
 
 
 @dataclass
@@ -121,7 +120,7 @@ def load_for_generation(path: str | Path) -> tuple[Any, Any]:
             "pass a directory written by save_pretrained (config.json, weights, tokenizer files)"
         )
     run, home = rundir.run_of(directory)
-    if run is not None and (run.task == "classify" or run.task == "qa" and run.finetune.qa_mode == "extractive"):
+    if run is not None and has_head(run.task, run):
         raise UserError(f"{directory}: a {run.task} run has a task head ({'labels' if run.task == 'classify' else 'spans'}), "
                         "not a language model; use gptkit eval on it")
     if run is not None and (directory / "adapter_config.json").is_file():

@@ -9,7 +9,8 @@ from gptkit.errors import UserError
 from gptkit.recipe import ModelConfig
 
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")  # any one will do
+# Files that carry a vocabulary (any one will do); tokenizer_config.json alone cannot build a tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 
 def check_local_dir(path: str, field: str) -> Path:
     """A local checkpoint directory, or one clear error (never a network attempt)."""
@@ -128,6 +129,12 @@ def build_model(cfg: ModelConfig, config):
         except (OSError, ValueError) as e:
             raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+
+
+def max_positions(config) -> int | None:
+    """Positions the model can attend over; None for relative-position models without a limit (T5)."""
+    n = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    return int(n) if n else None
 
 
 def context_length(config) -> int:

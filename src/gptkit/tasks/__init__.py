@@ -29,6 +29,11 @@ class FinetuneTask(Protocol):
     def score(self, predictions: list, rows: list[dict]) -> dict[str, float]: ...
 
 
+def has_head(task: str, recipe: Any) -> bool:
+    """Whether a fine-tuned model of this task ends in a task head (labels, spans) rather than the LM head."""
+    return task == "classify" or task == "qa" and recipe.finetune.qa_mode == "extractive"
+
+
 def load(name: str) -> FinetuneTask:
     """The module of a fine-tuning task."""
     return importlib.import_module(f"gptkit.tasks.{name}")  # type: ignore[return-value]

@@ -62,29 +62,29 @@ def render(template: str, row: dict, field: str = "finetune.prompt") -> str:
 
 
 def fit_prompt(tokenizer, template: str, row: dict, field: str | None, budget: int, *, special: bool = False
-               ) -> tuple[str, bool]:
-    """(the rendered prompt, whether it was shortened): when the prompt is longer than ``budget`` tokens, the
-    row's ``field`` (the document, the source, the context) loses its end, so the instruction around it
-    ("TL;DR:", the question) survives. Callers still hard-cut what no field can absorb."""
+               ) -> tuple[str, list[int], bool]:
+    """(the rendered prompt, its token ids, whether it was shortened): when the prompt is longer than ``budget``
+    tokens, the row's ``field`` (the document, the source, the context) loses its end, so the instruction
+    around it ("TL;DR:", the question) survives. Callers still hard-cut what no field can absorb."""
     text = render(template, row)
-    over = len(tokenizer(text, add_special_tokens=special)["input_ids"]) - budget
-    if over <= 0 or field is None or f"{{{field}}}" not in template:
-        return text, over > 0
+    prompt = tokenizer(text, add_special_tokens=special)["input_ids"]
+    if len(prompt) <= budget or field is None or f"{{{field}}}" not in template:
+        return text, prompt, len(prompt) > budget
     ids = tokenizer(str(row[field]), add_special_tokens=False)["input_ids"]
     keep = len(ids)
     for _ in range(4):  # merges across the cut can move the count by a token or two
-        keep = max(0, keep - over)
+        keep = max(0, keep - (len(prompt) - budget))
         text = render(template, {**row, field: tokenizer.decode(ids[:keep]).rstrip("\ufffd")})
-        over = len(tokenizer(text, add_special_tokens=special)["input_ids"]) - budget
-        if over <= 0 or keep == 0:
+        prompt = tokenizer(text, add_special_tokens=special)["input_ids"]
+        if len(prompt) <= budget or keep == 0:
             break
-    return text, True
+    return text, prompt, True
 
 
 def _limit(recipe, config) -> int:
     """Tokens a training example may have: finetune.max_length within the model's positions (T5 has no limit)."""
-    context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    return min(recipe.finetune.max_length, int(context)) if context else recipe.finetune.max_length
+    context = modeling.max_positions(config)
+    return min(recipe.finetune.max_length, context) if context else recipe.finetune.max_length
 
 
 def _base(recipe):
@@ -111,13 +111,13 @@ def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str, sh
     for row in rows:
         answer = _target_ids(tokenizer, str(row[target]), seq2seq)
         room = limit if seq2seq else limit - min(len(answer), max(1, limit // 2))
-        text, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
+        text, prompt, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
         if seq2seq:  # what the field could not absorb is cut at the end, keeping the closing special token
             cut += shortened or len(answer) > limit
-            out.append({"input_ids": tokenizer(text, truncation=True, max_length=limit)["input_ids"],
-                        "labels": answer[:limit]})
+            if len(prompt) > limit:
+                prompt = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+            out.append({"input_ids": prompt, "labels": answer[:limit]})
             continue
-        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         cut += shortened or len(prompt) + len(answer) > limit
         answer = answer[: max(1, limit // 2)] if len(prompt) + len(answer) > limit else answer
         prompt = prompt[-(limit - len(answer)) :]  # what the field could not absorb
@@ -168,7 +168,7 @@ def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | Non
     from gptkit.generation import decoding_from, generate_batch
 
     opts = decoding_from(recipe.finetune, recipe.train.seed)
-    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    seq2seq = modeling.is_encoder_decoder(model.config)
     room = _limit(recipe, model.config) - (0 if seq2seq else opts.max_new_tokens)
     prompts = [fit_prompt(tokenizer, template, r, shorten, room, special=seq2seq)[0] if room > 0 else render(template, r)
                for r in rows]
