@@ -138,11 +138,11 @@ def seq2seq_base(out: Path, arch: str = "bart", bos: bool = False) -> Path:
 
 def preprocess_capped(tmp: Path, task: str, base: Path, rows: list[dict], make, max_length: int, caplog):
     """(examples, tokenizer): ``rows`` tokenized for ``task`` with finetune.max_length, warnings captured."""
-    from gptkit import finetune as ft
+    from gptkit import trained
     from gptkit import tasks
     from gptkit.recipe import load_recipe
 
     recipe = load_recipe(finetune_recipe(tmp, "p", task, base, splits(tmp, make, 20), finetune={"max_length": max_length}))
-    tok = ft._tokenizer(recipe)
+    tok = trained.tokenizer_of(recipe.model.init_from)
     with caplog.at_level("WARNING"):
         return tasks.load(task).preprocess(recipe, tok, rows, "train", None), tok

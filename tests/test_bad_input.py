@@ -106,7 +106,7 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
 
 def test_bugs_still_show_a_traceback(tmp_path, corpus, monkeypatch):
     """Internal errors are not dressed up as user errors: traceback and a different exit code."""
-    from gptkit.tasks import pretrain
+    from gptkit import pretrain
 
     def boom(*a, **k):
         raise RuntimeError("internal bug")

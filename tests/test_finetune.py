@@ -60,14 +60,14 @@ def test_prompt_masked_loss_is_padding_correct(tmp_path, base):
     """The loss of a padded batch equals the mean of each example's loss computed alone."""
     import torch
 
-    from gptkit import finetune as ft
+    from gptkit import trained
     from gptkit.recipe import load_recipe
     from gptkit.tasks import translate
 
     rows = translate_rows(5, 9)
     rows[0]["source"] += " red red red"  # lengths differ, so the batch needs padding
     recipe = load_recipe(finetune_recipe(tmp_path, "p", "translate", base, splits(tmp_path, translate_rows, 20)))
-    tok = ft._tokenizer(recipe)
+    tok = trained.tokenizer_of(recipe.model.init_from)
     model = translate.build_model(recipe, tok, rows).eval()
     data = translate.preprocess(recipe, tok, rows, "train")
     assert len({len(r["input_ids"]) for r in data.rows}) > 1
@@ -194,7 +194,7 @@ def test_multitask_learns_both_tasks_in_one_model(tmp_path, base):
 
 
 def test_multitask_weights_set_each_tasks_share():
-    from gptkit.tasks._generative import Examples
+    from gptkit.tasks.generative import Examples
     from gptkit.tasks.multitask import Mixture
 
     a = Examples([{"input_ids": [1], "labels": [1]}] * 30, 0)
@@ -245,7 +245,7 @@ def test_evaluation_runs_outside_the_mixed_precision_wrapper():
 def test_long_documents_lose_their_end_not_the_instruction(tmp_path, base, caplog):
     """A summarize example too long for finetune.max_length keeps the document's start and the "TL;DR:" cue
     (the document field is shortened), in training and in the prompts generated from."""
-    from gptkit.tasks import _generative as gen
+    from gptkit.tasks import generative as gen
     from gptkit.tasks import summarize
 
     rows = summarize_rows(3, 4)

@@ -10,7 +10,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
 
 from gptkit.errors import UserError
-from gptkit.generation import DecodingOptions, generate_batch, load_for_generation, stream
+from gptkit.generation import DecodingOptions, generate_batch, stream
+from gptkit.trained import load_lm as load_for_generation
 
 CHARS = sorted(set("abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ.,!?'\n0123456789"))
 PROMPTS = ["a", "hello world", "The cat sat on the mat.", "xyz", "Once upon a time there was", "q", "", "ab cd"]

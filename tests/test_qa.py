@@ -101,7 +101,7 @@ class SpanStub(torch.nn.Module):
 
 
 def test_long_context_answer_in_a_later_window(tmp_path, base):
-    from gptkit import finetune as ft
+    from gptkit import trained
     from gptkit.recipe import load_recipe
     from gptkit.tasks import qa
 
@@ -111,7 +111,7 @@ def test_long_context_answer_in_a_later_window(tmp_path, base):
             qa_row(["moon", MARKER, "tree"], 1, "what is second?")]  # token " key": its offsets hold the space
     recipe = load_recipe(finetune_recipe(tmp_path, "long", "qa", base, qa_splits(tmp_path, 20),
                                          finetune={"max_length": 32, "doc_stride": 6, "max_answer_tokens": 8}))
-    tok = ft._tokenizer(recipe)
+    tok = trained.tokenizer_of(recipe.model.init_from)
     stub = SpanStub({}, n_positions=64)
     data = qa.preprocess(recipe, tok, rows, "train", stub)
     long = [w for w in data.rows if w["row"] == 0]

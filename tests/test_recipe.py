@@ -144,7 +144,7 @@ def test_bundled_recipes_exist():
 @pytest.mark.parametrize("path", BUNDLED, ids=lambda p: p.stem)
 def test_every_bundled_recipe_validates(path):
     """Pretraining recipes are checked here; fine-tuning ones need a base model (tests/test_finetune.py)."""
-    from gptkit.tasks import pretrain
+    from gptkit import pretrain
 
     first = path.read_text().splitlines()[0]
     folder = path.parent.name

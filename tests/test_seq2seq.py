@@ -53,7 +53,7 @@ def test_seq2seq_loss_is_padding_correct(tmp_path, arch, request):
     the encoder reads the prompt, the labels are the target + EOS only."""
     import torch
 
-    from gptkit import finetune as ft
+    from gptkit import trained
     from gptkit.recipe import load_recipe
     from gptkit.tasks import summarize
 
@@ -62,7 +62,7 @@ def test_seq2seq_loss_is_padding_correct(tmp_path, arch, request):
     rows[0]["document"] += " red red red"  # both sides of the batch need padding
     rows[1]["summary"] += " blue blue"
     recipe = load_recipe(finetune_recipe(tmp_path, "p", "summarize", base, splits(tmp_path, summarize_rows, 20)))
-    tok = ft._tokenizer(recipe)
+    tok = trained.tokenizer_of(recipe.model.init_from)
     model = summarize.build_model(recipe, tok, rows).eval()
     data = summarize.preprocess(recipe, tok, rows, "train")
     assert len({len(r["input_ids"]) for r in data.rows}) > 1 and len({len(r["labels"]) for r in data.rows}) > 1
@@ -93,7 +93,7 @@ def test_seq2seq_truncation_is_counted(tmp_path, bart, caplog):
 def test_seq2seq_lora_merges_into_a_plain_seq2seq_model(tmp_path, bart):
     from transformers import AutoModelForSeq2SeqLM
 
-    from gptkit import finetune as ft
+    from gptkit import trained
     from gptkit.generation import DecodingOptions, generate_batch
     from gptkit.recipe import load_recipe
 
@@ -110,8 +110,8 @@ def test_seq2seq_lora_merges_into_a_plain_seq2seq_model(tmp_path, bart):
     base = _model(bart)
     changed = [k for k, v in merged.state_dict().items() if not (v == base.state_dict()[k]).all()]
     assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), changed
-    adapter = ft.load_trained(run, "translate", load_recipe(run / "recipe.yaml")).eval()
-    tok = ft._tokenizer(load_recipe(run / "recipe.yaml"))
+    adapter = trained.load_model(run, "translate", load_recipe(run / "recipe.yaml")).eval()
+    tok = trained.tokenizer_of(load_recipe(run / "recipe.yaml").model.init_from)
     prompts = [f"{r['source']} =>" for r in translate_rows(6, 4)]
     opts = DecodingOptions(max_new_tokens=8)
     expected = generate_batch(adapter, tok, prompts, opts)

@@ -78,7 +78,7 @@ def pretrain(
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a recipe that changed.")] = False,
 ) -> None:
     """Train a tokenizer and a GPT-style causal LM from scratch (or continue one) on local text."""
-    from gptkit.tasks import pretrain as task
+    from gptkit import pretrain as task
 
     rec = _load(recipe, overrides)
     metrics = task.run(rec, resume=resume, overwrite=overwrite, force=force, command=sys.argv)
@@ -112,16 +112,16 @@ def finetune(
 
 @app.command()
 def export(
-    run_dir: Annotated[str, typer.Argument(help="A LoRA fine-tuning run directory.")],
+    run_dir: Annotated[str, typer.Argument(help="A fine-tuning run directory (LoRA or full).")],
     merge: Annotated[bool, typer.Option("--merge", help="Merge the LoRA adapters into the base weights.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: RUN_DIR/merged).")] = None,
 ) -> None:
-    """Write a standalone checkpoint from a LoRA run that plain transformers loads."""
-    from gptkit import finetune as ft
+    """Write a standalone checkpoint of a fine-tuning run's model (LoRA merged) that plain transformers loads."""
+    from gptkit import trained
 
     if not merge:
         raise UserError("export: pass --merge (merging adapters into the base model is the only export so far)")
-    path = ft.export_merged(Path(run_dir), Path(out) if out else Path(run_dir) / "merged")
+    path = trained.export(Path(run_dir), Path(out) if out else Path(run_dir) / "merged")
     typer.echo(f"merged model written to {path}")
 
 
@@ -170,7 +170,7 @@ def eval_(
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Resolve and check a recipe without training: inputs exist, model size, memory, launch line."""
     from gptkit.recipe import recipe_to_yaml
-    from gptkit.tasks import pretrain as task
+    from gptkit import pretrain as task
 
     rec = _load(recipe, overrides)
     if rec.task != "pretrain":
@@ -226,7 +226,9 @@ def generate(
         seed=seed,
     )
     opts.validate()
-    model, tokenizer = generation.load_for_generation(model_dir)
+    from gptkit import trained
+
+    model, tokenizer = trained.load_lm(model_dir)
     generation.stream(model, tokenizer, prompt, opts)
 
 

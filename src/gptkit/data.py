@@ -219,3 +219,20 @@ def pretrain_splits(cfg: DataConfig, tokenizer, context: int, seed: int = 0) -> 
             "raise data.val_fraction, add data.val_files, or set data.val_fraction=0"
         )
     return Blocks(train, context, seed), (Blocks(val, context) if val is not None else None)
+
+
+def load_rows(files: list[str], field: str, fields: tuple[str, ...], optional: tuple[str, ...] = (),
+              columns: dict[str, str] | None = None) -> list[dict]:
+    """Rows of a fine-tuning split renamed to the task's field names (``columns`` maps a field to its file
+    column); a missing required column is one error naming the file and the columns it has."""
+    paths = resolve_files(files, field)
+    table = load_table(paths, field)
+    cols = columns or {}
+    wanted = {f: cols.get(f, f) for f in (*fields, *optional)}
+    missing = [f"{c}" + (f" (data.columns.{f})" if f in cols else "") for f, c in wanted.items()
+               if f in fields and c not in table.column_names]
+    if missing:
+        raise UserError(f"{field}: {paths[0]} has no column {', '.join(missing)}; columns found: {table.column_names} "
+                        "(map them with data.columns)")
+    present = {f: c for f, c in wanted.items() if c in table.column_names}
+    return [{f: row[c] for f, c in present.items()} for row in table]

@@ -154,6 +154,7 @@ class Job:
     evaluate: Callable[[Any], dict[str, float]] | None = None  # task metrics on validation (model unwrapped)
     select: str | None = None  # logged metric that picks the best model, saved to run_dir/best
     patience: int | None = None  # stop after this many evaluations without a better `select`
+    save: Callable[[Any, Path], None] | None = None  # writes a model folder (best/); None: save_pretrained
 
 
 @torch.no_grad()
@@ -209,7 +210,8 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
 
             tmp, final, old = job.run_dir / ".best.tmp", job.run_dir / "best", job.run_dir / ".best.old"
             shutil.rmtree(tmp, ignore_errors=True)
-            accelerator.unwrap_model(model, keep_torch_compile=False).save_pretrained(str(tmp))
+            raw = accelerator.unwrap_model(model, keep_torch_compile=False)
+            job.save(raw, tmp) if job.save else raw.save_pretrained(str(tmp))
             if final.exists():  # never a moment without a complete best/ (or its .old twin)
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)

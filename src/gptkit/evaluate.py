@@ -72,19 +72,19 @@ def load_model(raw: str, task: str):
     sequence-to-sequence when its config is an encoder-decoder)."""
     import torch
 
-    from gptkit import generation
-    from gptkit.tasks import FINETUNE_TASKS, has_head
+    from gptkit import trained
+    from gptkit.tasks import FINETUNE_TASKS
 
     path = Path(raw).expanduser()
     if not path.is_dir():
         raise UserError(f"--model: {raw} is not a local directory; gptkit works offline and never downloads models")
     run, home = rundir.run_of(path)
     if run is None or run.task not in FINETUNE_TASKS:
-        model, tok = generation.load_for_generation(path)
-    elif run.task != task and has_head(run.task, run):
+        model, tok = trained.load_lm(path)
+    elif run.task != task and trained.has_head(run.task, run):
         raise UserError(f"--model: {path} has a {run.task} head (fine-tuned for {run.task}); it cannot do {task}")
     else:
-        model, tok = generation.load_run(path, home, run)
+        model, tok = trained.load_run(path, home, run)
     return model.to("cuda") if torch.cuda.is_available() else model, tok, run
 
 
@@ -112,7 +112,7 @@ class Ctx:
 
 def prompt(ctx: Ctx, row: dict, index: int | None = None) -> str:
     """The task prompt, after K demonstrations drawn by a generator seeded with (seed, example index)."""
-    from gptkit.tasks._generative import render
+    from gptkit.tasks.generative import render
 
     demos = random.Random(f"{ctx.seed}-{index}").sample(ctx.shots, ctx.few_shot) if index is not None else []
     golds = [reference_of(ctx.task, d, "--train") for d in demos]
@@ -164,7 +164,8 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
     defaults (qa: generative); decoding options given on the command line win."""
     from gptkit import generation
     from gptkit.recipe import Recipe
-    from gptkit.tasks import classify, has_head, load
+    from gptkit.tasks import classify, load
+    from gptkit.trained import has_head
 
     same = run is not None and run.task == task
     recipe = run if same else Recipe(task=task)

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 
 from gptkit import data as data_mod
-from gptkit import modeling, rundir, tasks
+from gptkit import modeling, rundir, tasks, trained
 from gptkit.errors import UserError
 from gptkit.recipe import Recipe
 
@@ -22,27 +22,13 @@ SEQ2SEQ_TASKS = ("translate", "summarize", "multitask")  # tasks an encoder-deco
 _SPLITS = (("train", "data.train_files"), ("validation", "data.val_files"), ("test", "data.test_files"))  # (split, field)
 
 
-def load_rows(recipe: Recipe, task, files: list[str], field: str) -> list[dict]:
-    """Rows of one split with the task's field names (data.columns maps fields to file columns)."""
-    paths = data_mod.resolve_files(files, field)
-    table = data_mod.load_table(paths, field)
-    cols = recipe.data.columns
-    wanted = {f: cols.get(f, f) for f in (*task.FIELDS, *task.OPTIONAL)}
-    missing = [f"{c}" + (f" (data.columns.{f})" if f in cols else "") for f, c in wanted.items()
-               if f in task.FIELDS and c not in table.column_names]
-    if missing:
-        raise UserError(f"{field}: {paths[0]} has no column {', '.join(missing)}; columns found: {table.column_names} "
-                        "(map them with data.columns)")
-    present = {f: c for f, c in wanted.items() if c in table.column_names}
-    return [{f: row[c] for f, c in present.items()} for row in table]
-
-
 def _splits(recipe: Recipe, task) -> dict[str, list[dict]]:
     """Rows per split ("train", "validation", "test"); a task may load its own (multitask)."""
     if hasattr(task, "load_splits"):
         return task.load_splits(recipe)
     files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
-    return {split: load_rows(recipe, task, files[split], field) for split, field in _SPLITS if files[split]}
+    return {split: data_mod.load_rows(files[split], field, task.FIELDS, task.OPTIONAL, recipe.data.columns)
+            for split, field in _SPLITS if files[split]}
 
 
 def _eval_subset(rows: list[dict], n: int | None) -> list[dict]:
@@ -102,15 +88,6 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
             f"method: {recipe.finetune.method}; best checkpoint by {recipe.finetune.metric or task.METRIC}"]
 
 
-def _tokenizer(recipe: Recipe):
-    from gptkit.tokenizer import load_local
-
-    tok = load_local(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
-
-
 def _lora(recipe: Recipe, model, task_name: str):
     from peft import LoraConfig, TaskType, get_peft_model
 
@@ -139,7 +116,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     run_dir = rundir.resolve_output(recipe.output.dir)
     rundir.check(run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
     rows = _splits(recipe, task)
-    tokenizer = _tokenizer(recipe)
+    tokenizer = trained.tokenizer_of(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
     accelerator = engine.make_accelerator(recipe.train.precision)
     set_seed(recipe.train.seed)
     model = task.build_model(recipe, tokenizer, rows["train"])
@@ -159,73 +136,35 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     accelerator.wait_for_everyone()
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
                      loss_fn=task.loss, evaluate=evaluate, select=(recipe.finetune.metric or task.METRIC) if evaluate
-                     else None, patience=recipe.finetune.patience)
+                     else None, patience=recipe.finetune.patience, save=lambda m, path: trained.save(m, tokenizer, path))
     result = engine.fit(job, accelerator)
     if accelerator.is_main_process:
-        model.save_pretrained(str(run_dir))
-        for folder in (run_dir, run_dir / "best"):  # both load on their own (gptkit generate, transformers)
-            if folder.is_dir():
-                tokenizer.save_pretrained(str(folder))
+        model = _keep_best(recipe, task_name, run_dir, tokenizer, accelerator.unwrap_model(model))
         if "test" in rows:
-            result.update(_score_test(recipe, task, task_name, run_dir, tokenizer, rows["test"], model))
+            result.update(_score_test(recipe, task, run_dir, tokenizer, rows["test"], model))
     accelerator.wait_for_everyone()
     return result
 
 
-def _score_test(recipe, task, task_name, run_dir: Path, tokenizer, rows, model) -> dict:
-    """Scores of the best checkpoint (or the final model) on the test split, written to test_metrics.json."""
-    from gptkit.engine import own_forward
-
+def _keep_best(recipe: Recipe, task_name: str, run_dir: Path, tokenizer, model):
+    """The run's model: the best checkpoint by finetune.metric when validation kept one (as the Trainer's
+    load_best_model_at_end), else the final weights; saved in the run directory, and returned."""
     best = run_dir / "best"
-    if best.is_dir():  # scored where training ran (loaded on the CPU, it once took minutes on a GPU machine)
+    if best.is_dir():  # reloaded where training ran (on the CPU, test scoring once took minutes on a GPU machine)
         device = next(model.parameters()).device
         model.to("cpu")  # one model on the accelerator at a time
-        model = load_trained(best, task_name, recipe).to(device)
+        model = trained.load_model(best, task_name, recipe).to(device)
+    trained.save(model, tokenizer, run_dir)
+    return model
+
+
+def _score_test(recipe, task, run_dir: Path, tokenizer, rows, model) -> dict:
+    """Scores of the run's model on the test split, written to test_metrics.json."""
+    from gptkit.engine import own_forward
+
     model.eval()
     with own_forward(model):
         scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows).items()}
     (run_dir / "test_metrics.json").write_text(json.dumps(scores, indent=1))
     log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     return scores
-
-
-def _auto_class(task_name: str, recipe: Recipe, path: Path | None = None):
-    """The Auto class of a task's model: classify and extractive qa have heads; the rest are language models,
-    sequence-to-sequence when the saved config (``path``'s, else the base's) is an encoder-decoder."""
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
-
-    if task_name == "classify":
-        return AutoModelForSequenceClassification
-    if task_name == "qa" and recipe.finetune.qa_mode == "extractive":
-        return AutoModelForQuestionAnswering
-    saved = str(path) if path is not None and (path / "config.json").is_file() else recipe.model.init_from or ""
-    return modeling.lm_class(modeling.base_config(saved, "model", recipe.model.trust_remote_code))
-
-
-def load_trained(path: Path, task_name: str, recipe: Recipe):
-    """A fine-tuned model directory: full weights, or LoRA adapters on their base checkpoint."""
-    cls = _auto_class(task_name, recipe, path)
-    if (path / "adapter_config.json").is_file():
-        from peft import PeftModel
-
-        base = cls.from_pretrained(recipe.model.init_from)
-        return PeftModel.from_pretrained(base, str(path))
-    return cls.from_pretrained(str(path))
-
-
-def export_merged(run_dir: Path, out: Path) -> Path:
-    """Merge a LoRA run's adapters into its base model and save a standalone checkpoint."""
-    import yaml
-
-    from gptkit.recipe import Recipe as _R
-
-    saved = run_dir / rundir.RECIPE_FILE
-    if not saved.is_file() or not (run_dir / "adapter_config.json").is_file():
-        raise UserError(f"{run_dir}: not a LoRA fine-tuning run (no {rundir.RECIPE_FILE} / adapter_config.json)")
-    recipe = _R.model_validate(yaml.safe_load(saved.read_text()))
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out: {out} is not empty; choose a new directory")
-    merged = load_trained(run_dir, recipe.task, recipe).merge_and_unload()
-    merged.save_pretrained(str(out))
-    _tokenizer(recipe).save_pretrained(str(out))
-    return out

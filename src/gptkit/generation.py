@@ -1,7 +1,7 @@
-"""Decoding layer: decoding options, offline model loading, batched and streamed generation.
+"""Decoding layer: decoding options, batched and streamed generation.
 
-Used by ``gptkit generate`` (:func:`stream`) and ``gptkit eval`` (:func:`generate_batch`). Everything
-here works on local directories only; nothing is ever downloaded.
+Used by ``gptkit generate`` (:func:`stream`), ``gptkit eval`` and fine-tuning validation
+(:func:`generate_batch`). Models are loaded by :mod:`gptkit.trained`.
 """
 
 from __future__ import annotations
@@ -9,16 +9,13 @@ from __future__ import annotations
 import sys
 import warnings
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers import AutoConfig, AutoTokenizer, TextStreamer
+from transformers import TextStreamer
 
-from gptkit import rundir
 from gptkit.errors import UserError
-from gptkit.tasks import has_head
-from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder, lm_class, quiet_loading
+from gptkit.modeling import is_encoder_decoder
 
 
 @dataclass
@@ -105,67 +102,6 @@ def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
                            repetition_penalty=ft.repetition_penalty, seed=seed if ft.do_sample else None)
 
 
-def load_for_generation(path: str | Path) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` from a local ``save_pretrained`` directory, in eval mode.
-
-    Never downloads: a hub name such as ``gpt2`` is a :class:`UserError`. A causal LM, or a
-    sequence-to-sequence LM when the config is an encoder-decoder (T5, BART). The tokenizer gets
-    ``pad_token = eos_token`` when it has no pad token (needed for batched generation).
-    """
-    quiet_loading()
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise UserError(
-            f"{path} is not a local directory; gptkit works offline and never downloads models: "
-            "pass a directory written by save_pretrained (config.json, weights, tokenizer files)"
-        )
-    run, home = rundir.run_of(directory)
-    if run is not None and has_head(run.task, run):
-        raise UserError(f"{directory}: a {run.task} run has a task head ({'labels' if run.task == 'classify' else 'spans'}), "
-                        "not a language model; use gptkit eval on it")
-    if run is not None and (directory / "adapter_config.json").is_file():
-        return load_run(directory, home, run)
-    if not (directory / "config.json").is_file():
-        raise UserError(f"{directory}: no config.json; expected a model directory written by save_pretrained")
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(
-            f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
-            "save the tokenizer next to the model"
-        )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
-        model = lm_class(AutoConfig.from_pretrained(directory, local_files_only=True)).from_pretrained(
-            directory, local_files_only=True)
-    except (OSError, ValueError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{directory}: cannot load model/tokenizer: {first_line}") from exc
-    if tokenizer.pad_token is None:
-        if tokenizer.eos_token is None:
-            raise UserError(f"{directory}: the tokenizer has neither a pad nor an eos token; cannot pad batches")
-        tokenizer.pad_token = tokenizer.eos_token
-    model.eval()
-    return model, tokenizer
-
-
-def load_run(directory: Path, home: Path, run: Any) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of a fine-tuning run (``home``, or its ``best/`` as ``directory``) with its task's
-    model class; LoRA adapters go on the base checkpoint its recipe names (``gptkit export --merge`` makes one
-    standalone folder)."""
-    from gptkit import finetune
-
-    quiet_loading()
-    if not any((home / name).is_file() for name in TOKENIZER_FILES):
-        raise UserError(f"{home}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(home, local_files_only=True)
-        model = finetune.load_trained(directory, run.task, run)
-    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: adapters of another base (size mismatch)
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"{directory}: cannot load (base model.init_from {run.model.init_from}): {first_line}") from exc
-    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
-    return model.eval(), tokenizer
-
-
 def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions) -> list[list[int]]:
     """Token ids per prompt; empty prompts start from BOS/EOS. A long prompt keeps its last tokens (decoder-only:
     they must leave room for the new ones) or, for an encoder, its first (as fine-tuning cut them)."""
@@ -214,7 +150,7 @@ def generate_batch(
     saved = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "right" if encoder_decoder else "left"
     try:
-        if tokenizer.pad_token is None:  # tokenizers not loaded by load_for_generation
+        if tokenizer.pad_token is None:  # tokenizers not loaded by gptkit.trained
             tokenizer.pad_token = tokenizer.eos_token
         if options.seed is not None:
             torch.manual_seed(options.seed)

@@ -1,7 +1,7 @@
 """Task modules. Fine-tuning tasks share one shape (:class:`FinetuneTask`), checked by a test.
 
-``pretrain`` is its own module with the same run/check verbs; the fine-tuning tasks plug into
-:mod:`gptkit.finetune`, which owns data loading, LoRA, the call to the one training loop and saving.
+The fine-tuning tasks plug into :mod:`gptkit.finetune` (the runner beside :mod:`gptkit.pretrain`), which owns
+splits, LoRA, the call to the one training loop and saving (:mod:`gptkit.trained`).
 """
 
 from __future__ import annotations
@@ -27,11 +27,6 @@ class FinetuneTask(Protocol):
     def predict(self, model: Any, tokenizer: Any, rows: list[dict], recipe: Any) -> list: ...
 
     def score(self, predictions: list, rows: list[dict]) -> dict[str, float]: ...
-
-
-def has_head(task: str, recipe: Any) -> bool:
-    """Whether a fine-tuned model of this task ends in a task head (labels, spans) rather than the LM head."""
-    return task == "classify" or task == "qa" and recipe.finetune.qa_mode == "extractive"
 
 
 def load(name: str) -> FinetuneTask:

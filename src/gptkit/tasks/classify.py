@@ -12,7 +12,7 @@ import torch
 
 from gptkit import metrics
 from gptkit.errors import UserError
-from gptkit.tasks._generative import Examples as _Padded
+from gptkit.tasks.generative import Examples as _Padded
 
 FIELDS = ("text", "label")
 OPTIONAL = ("text_pair",)

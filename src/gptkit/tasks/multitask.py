@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from gptkit import tasks
 from gptkit.errors import UserError
-from gptkit.tasks import _generative as gen
+from gptkit.tasks import generative as gen
 
 FIELDS: tuple[str, ...] = ()
 OPTIONAL: tuple[str, ...] = ()
@@ -38,7 +38,7 @@ def _names(recipe) -> list[str]:
 
 def load_splits(recipe) -> dict[str, list[dict]]:
     """Rows of every task and split, tagged with their task (``_sub`` index, ``_task`` kind, ``_name``)."""
-    from gptkit.finetune import load_rows
+    from gptkit.data import load_rows
 
     if not recipe.finetune.tasks:
         raise UserError("finetune.tasks: task 'multitask' needs a list of tasks, each with task and train_files")
@@ -48,7 +48,8 @@ def load_splits(recipe) -> dict[str, list[dict]]:
         for split, files, key in (("train", sub.train_files, "train_files"), ("validation", sub.val_files, "val_files"),
                                   ("test", sub.test_files, "test_files")):
             if files:
-                out[split] += [{**r, **tag} for r in load_rows(sr, module, files, f"finetune.tasks[{i}].{key}")]
+                rows = load_rows(files, f"finetune.tasks[{i}].{key}", module.FIELDS, module.OPTIONAL, sr.data.columns)
+                out[split] += [{**r, **tag} for r in rows]
     return {split: rows for split, rows in out.items() if rows}
 
 

@@ -8,7 +8,7 @@ Hugging Face layout: character offsets into the context); ``id`` is optional.
   ``finetune.doc_stride``; a training window that does not hold the first answer points at token 0 (as in
   Hugging Face's run_qa). A prediction is the best span over all windows of a row.
 - ``finetune.qa_mode: generative``: a causal LM trained on "prompt + first answer + EOS" with the loss on
-  the answer only (:mod:`gptkit.tasks._generative`), evaluated by generating from the prompt.
+  the answer only (:mod:`gptkit.tasks.generative`), evaluated by generating from the prompt.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 
 from gptkit import metrics
 from gptkit.errors import UserError
-from gptkit.tasks import _generative as gen
+from gptkit.tasks import generative as gen
 
 log = logging.getLogger(__name__)
 

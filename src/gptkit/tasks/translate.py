@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gptkit import metrics
-from gptkit.tasks import _generative as gen
+from gptkit.tasks import generative as gen
 
 FIELDS = ("source", "target")
 OPTIONAL = ()

@@ -1,7 +1,8 @@
-"""Pretraining: tokenizer + causal LM from scratch (or continued) on local text.
+"""The pretraining runner (beside :mod:`gptkit.finetune`): tokenizer + causal LM from scratch (or continued)
+on local text.
 
-Same verbs as every task module: ``check`` (read-only validation, used by ``gptkit validate``),
-``prepare`` (data and model), ``run`` (train through :func:`gptkit.engine.fit`, save).
+Verbs: ``check`` (read-only validation, used by ``gptkit validate``) and ``run`` (tokenizer and data,
+train through :func:`gptkit.engine.fit`, save through :mod:`gptkit.trained`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gptkit import data as data_mod
-from gptkit import modeling, rundir
+from gptkit import modeling, rundir, trained
 from gptkit.errors import UserError
 from gptkit.recipe import Recipe
 from gptkit.tokenizer import build_tokenizer, load_local
@@ -138,6 +139,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume)
     metrics = engine.fit(job, accelerator)
     if accelerator.is_main_process:
-        accelerator.unwrap_model(model).save_pretrained(str(plan.run_dir))
+        trained.save(accelerator.unwrap_model(model), None, plan.run_dir)  # the tokenizer is already there
     accelerator.wait_for_everyone()
     return metrics

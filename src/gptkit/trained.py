@@ -1,0 +1,167 @@
+"""A trained model on disk: the one place that saves and loads them (runs, their best/, exports).
+
+Every command that reads or writes a model calls down to this module: ``finetune`` and ``pretrain`` save
+with :func:`save`; ``eval``, ``generate`` and ``export`` load with :func:`load_run` / :func:`load_dir`.
+
+A folder written by :func:`save` always holds ``config.json`` with what fine-tuning set (the label map,
+``num_labels``, ``pad_token_id``) and the tokenizer, whether the weights are full or LoRA adapters (peft
+writes no config of its own): a LoRA folder is rebuilt as "base checkpoint with the saved config" +
+adapters, so a classifier keeps its labels and its trained head (peft's ``modules_to_save``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from gptkit import modeling, rundir
+from gptkit.errors import UserError
+from gptkit.modeling import TOKENIZER_FILES
+
+log = logging.getLogger(__name__)
+
+ADAPTER_FILE = "adapter_config.json"
+
+
+def has_head(task: str, recipe: Any) -> bool:
+    """Whether a fine-tuned model of this task ends in a task head (labels, spans) rather than the LM head."""
+    return task == "classify" or task == "qa" and recipe.finetune.qa_mode == "extractive"
+
+
+def ensure_pad(tokenizer: Any, where: str = "the tokenizer") -> Any:
+    """Batches need a pad token: the EOS token when the tokenizer has none (GPT-2's convention)."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise UserError(f"{where}: the tokenizer has neither a pad nor an eos token; cannot pad batches")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def tokenizer_of(path: str | Path, field: str = "model.init_from", trust_remote_code: bool = False) -> Any:
+    """The tokenizer saved next to a model, with a pad token."""
+    from gptkit.tokenizer import load_local
+
+    return ensure_pad(load_local(str(path), field, trust_remote_code), str(path))
+
+
+def model_class(task: str, recipe: Any, config: Any):
+    """The Auto class of a task's model: classify and extractive qa end in heads; the rest are language models
+    (sequence-to-sequence when ``config`` is an encoder-decoder's)."""
+    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+
+    if task == "classify":
+        return AutoModelForSequenceClassification
+    if task == "qa" and recipe.finetune.qa_mode == "extractive":
+        return AutoModelForQuestionAnswering
+    return modeling.lm_class(config)
+
+
+def is_adapter_dir(path: Path) -> bool:
+    return (Path(path) / ADAPTER_FILE).is_file()
+
+
+def save(model: Any, tokenizer: Any, out: Path) -> None:
+    """Weights (full, or LoRA adapters with the heads they train), ``config.json`` and the tokenizer in ``out``."""
+    out = Path(out)
+    model.save_pretrained(str(out))
+    if hasattr(model, "peft_config"):  # peft saves adapters only; the base's config carries labels and pad id
+        model.get_base_model().config.save_pretrained(str(out))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def load_model(path: Path, task: str, recipe: Any):
+    """A model folder written by :func:`save` for ``task``: full weights, or LoRA adapters on the recipe's base
+    (``model.init_from``) built with the folder's own config."""
+    from transformers import AutoConfig
+
+    modeling.quiet_loading()
+    path = Path(path)
+    trust = recipe.model.trust_remote_code
+    saved = path / "config.json"
+    config_src = str(path) if saved.is_file() else recipe.model.init_from or ""
+    config = AutoConfig.from_pretrained(config_src, trust_remote_code=trust) if saved.is_file() else \
+        modeling.base_config(config_src, "model.init_from", trust)
+    cls = model_class(task, recipe, config)
+    if not is_adapter_dir(path):
+        return cls.from_pretrained(str(path), trust_remote_code=trust)
+    from peft import PeftModel
+
+    base = cls.from_pretrained(recipe.model.init_from, config=config, trust_remote_code=trust)
+    return PeftModel.from_pretrained(base, str(path))
+
+
+def load_run(directory: Path, home: Path, run: Any) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a fine-tuning run (``home``, or its ``best/`` as ``directory``) with its task's
+    model class, in eval mode; LoRA adapters go on the base checkpoint its recipe names."""
+    if not any((home / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(f"{home}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)})")
+    try:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(home, local_files_only=True)
+        model = load_model(directory, run.task, run)
+    except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: adapters of another base (size mismatch)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{directory}: cannot load (base model.init_from {run.model.init_from}): {first_line}") from exc
+    return model.eval(), ensure_pad(tokenizer, str(home))
+
+
+def load_lm(path: str | Path) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a language model in a local folder (a run, its best/, or any ``save_pretrained``
+    directory), in eval mode. Never downloads: a hub name is a :class:`UserError`. Task-head runs are refused."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    modeling.quiet_loading()
+    directory = Path(path).expanduser()
+    if not directory.is_dir():
+        raise UserError(
+            f"{path} is not a local directory; gptkit works offline and never downloads models: "
+            "pass a directory written by save_pretrained (config.json, weights, tokenizer files)"
+        )
+    run, home = rundir.run_of(directory)
+    if run is not None and has_head(run.task, run):
+        raise UserError(f"{directory}: a {run.task} run has a task head ({'labels' if run.task == 'classify' else 'spans'}), "
+                        "not a language model; use gptkit eval on it")
+    if run is not None and is_adapter_dir(directory):
+        return load_run(directory, home, run)
+    if not (directory / "config.json").is_file():
+        raise UserError(f"{directory}: no config.json; expected a model directory written by save_pretrained")
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
+            "save the tokenizer next to the model"
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        config = AutoConfig.from_pretrained(directory, local_files_only=True)
+        model = modeling.lm_class(config).from_pretrained(directory, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"{directory}: cannot load model/tokenizer: {first_line}") from exc
+    return model.eval(), ensure_pad(tokenizer, str(directory))
+
+
+def export(run_dir: Path, out: Path) -> Path:
+    """A standalone copy of a fine-tuning run's model in ``out``: LoRA adapters merged into their base (heads
+    included), full weights as they are; with the run's recipe (method: full), so `gptkit eval` scores it with
+    the same prompt and settings, and configs that plain transformers loads (label names included)."""
+    from gptkit.recipe import load_recipe, recipe_to_yaml
+
+    run_dir = Path(run_dir)
+    if not (run_dir / rundir.RECIPE_FILE).is_file() or not (run_dir / "config.json").is_file() and \
+            not is_adapter_dir(run_dir):
+        raise UserError(f"{run_dir}: not a gptkit fine-tuning run (no {rundir.RECIPE_FILE} and model)")
+    recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
+    if recipe.task == "pretrain":
+        raise UserError(f"{run_dir}: a pretraining run is already a standalone checkpoint; nothing to export")
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"--out: {out} is not empty; choose a new directory")
+    model = load_model(run_dir, recipe.task, recipe)
+    if is_adapter_dir(run_dir):
+        model = model.merge_and_unload()
+    save(model, tokenizer_of(run_dir, "export"), out)
+    standalone = recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update={"method": "full"})})
+    (out / rundir.RECIPE_FILE).write_text(recipe_to_yaml(standalone))
+    return out
