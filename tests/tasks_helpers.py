@@ -42,6 +42,43 @@ def classify_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def classify3_rows(n: int, seed: int) -> list[dict]:
+    """Three string labels by the first word: 'warm' (first three words of SRC), 'mild' (next three), 'cold'."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        words = [rng.choice(SRC) for _ in range(3)]
+        k = SRC.index(words[0])
+        rows.append({"text": " ".join(words), "label": "warm" if k < 3 else "mild" if k < 6 else "cold"})
+    return rows
+
+
+WORDS = "lamp moon star tree river stone cloud bird fish rain".split()
+MARKER = "key"
+QUESTION = f"what follows {MARKER}?"
+
+
+def qa_row(words: list[str], pos: int, question: str = QUESTION) -> dict:
+    """A row whose answer is ``words[pos]``, with its character offset in the joined context."""
+    context = " ".join(words)
+    start = len(" ".join(words[:pos])) + (1 if pos else 0)
+    assert context[start : start + len(words[pos])] == words[pos]
+    return {"question": question, "context": context, "answers": {"text": [words[pos]], "answer_start": [start]}}
+
+
+def qa_rows(n: int, seed: int) -> list[dict]:
+    """6-12 words with the marker somewhere before the end; the answer is the word right after the marker."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 11))]
+        pos = rng.randrange(len(words))
+        words.insert(pos, MARKER)
+        rows.append({"id": f"{seed}-{i}", **qa_row(words, pos + 1)})
+    return rows
+
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

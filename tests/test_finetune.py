@@ -57,7 +57,8 @@ def test_classify_head_learns_the_rule(tmp_path, base):
 
 
 def test_prompt_masked_loss_is_padding_correct(tmp_path, base):
-    """The loss of a padded batch equals the mean of each example's loss computed alone."""
+    """The summed loss of a padded batch equals the sum of each example's loss computed alone (per token and per
+    example), and its count the target tokens (answer + EOS)."""
     import torch
 
     from gptkit import trained
@@ -72,13 +73,50 @@ def test_prompt_masked_loss_is_padding_correct(tmp_path, base):
     data = translate.preprocess(recipe, tok, rows, "train")
     assert len({len(r["input_ids"]) for r in data.rows}) > 1
     with torch.no_grad():
-        batched = translate.loss(model, data.batch(list(range(5))))
-        alone = torch.stack([translate.loss(model, data.batch([i])) for i in range(5)]).mean()
-    assert torch.allclose(batched, alone, atol=1e-5), (batched, alone)
+        for per in ("token", "example"):
+            batched = translate.loss(model, data.batch(list(range(5))), per)
+            alone = torch.stack([translate.loss(model, data.batch([i]), per) for i in range(5)]).sum()
+            assert torch.allclose(batched, alone, atol=1e-4), (per, batched, alone)
+    assert translate.count(data.batch(list(range(5)))) == sum(len(r["labels"]) - r["labels"].count(-100)
+                                                               for r in data.rows)
+    assert translate.count(data.batch(list(range(5))), per="example") == 5
     first = data.rows[0]
     n_prompt = first["labels"].count(-100)
     assert first["labels"][n_prompt:] == first["input_ids"][n_prompt:]  # loss on the target only...
     assert first["input_ids"][-1] == tok.eos_token_id  # ...which ends with EOS
+
+
+@pytest.mark.parametrize("per", ["token", "example"])
+def test_accumulated_micro_batches_give_the_whole_batch_gradient(tmp_path, base, per):
+    """One step over 8 examples of different lengths: the gradient is the same whole, or in 4 micro-batches of
+    2 (each divided by the step's items, not averaged per micro-batch)."""
+    import torch
+    from accelerate import Accelerator
+
+    from gptkit import engine, trained
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import translate
+
+    rows = translate_rows(8, 5)
+    for i in range(0, 8, 3):
+        rows[i]["target"] += " rot blau gruen"  # uneven target lengths, so per-micro-batch means would differ
+    recipe = load_recipe(finetune_recipe(tmp_path, "g", "translate", base, splits(tmp_path, translate_rows, 20)))
+    tok = trained.tokenizer_of(recipe.model.init_from)
+    model = translate.build_model(recipe, tok, rows).eval()
+    data = translate.preprocess(recipe, tok, rows, "train")
+    acc = Accelerator(cpu=True)
+    grads = []
+    for parts in ([list(range(8))], [[0, 1], [2, 3], [4, 5], [6, 7]]):
+        model.zero_grad()
+        engine.backward_step(model, [data.batch(p) for p in parts], lambda m, b: translate.loss(m, b, per),
+                             lambda b: translate.count(b, per), acc)
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6, rtol=1e-4), (grads[0] - grads[1]).abs().max()
+    model.zero_grad()
+    whole = data.batch(list(range(8)))
+    (translate.loss(model, whole, per) / translate.count(whole, per)).backward()
+    mean = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    assert torch.allclose(grads[0], mean, atol=1e-6, rtol=1e-4)
 
 
 def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, base):
@@ -96,7 +134,9 @@ def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, base):
     merged = AutoModelForCausalLM.from_pretrained(str(run / "merged"))
     base_model = AutoModelForCausalLM.from_pretrained(str(base))
     changed = [k for k, v in merged.state_dict().items() if not (v == base_model.state_dict()[k]).all()]
-    assert changed and all("attn" in k for k in changed)  # LoRA's default GPT-2 target is c_attn
+    # every linear layer of the blocks is adapted (attention and MLP); embeddings and the LM head are not
+    assert {k.split(".")[-2] for k in changed} == {"c_attn", "c_proj", "c_fc"}, changed
+    assert all(k.startswith("transformer.h.") for k in changed), changed
     # gptkit generate takes the LoRA run itself (adapters on its base) and agrees with the merged model
     said = [run_cli("generate", str(d), "--prompt", "red big =>", "--max-new-tokens", "8") for d in (run, run / "merged")]
     assert said[0][0] == 0 and said[0][1] == said[1][1] and said[0][1].strip(), said
@@ -279,7 +319,8 @@ def test_empty_split_and_base_without_tokenizer(tmp_path, base):
 
 
 def test_decoding_and_class_metric_names():
-    """Sampling evaluates without beams unless asked; class labels make safe metric names over a fixed set."""
+    """Sampling evaluates without beams unless asked; class labels make safe metric names; the macro average runs
+    over the labels in the references or the predictions (scikit-learn's default), in training as in eval."""
     from gptkit.generation import decoding_from
     from gptkit.recipe import FinetuneConfig
     from gptkit.tasks import classify
@@ -290,5 +331,9 @@ def test_decoding_and_class_metric_names():
     rows = [{"label": "very good"}, {"label": "a/b"}]
     got = classify.score(["very good", "something else"], rows)  # a predicted class outside the references
     assert set(got) == {"accuracy", "macro_f1", *(f"{m}_{k}" for m in ("precision", "recall", "f1")
-                                                  for k in ("very_good", "a_b"))}
-    assert got["accuracy"] == 50.0 and got["f1_a_b"] == 0.0
+                                                  for k in ("very_good", "a_b", "something_else"))}
+    assert got["accuracy"] == 50.0 and got["f1_a_b"] == 0.0 and got["f1_very_good"] == 100.0
+    assert got["macro_f1"] == pytest.approx(100 / 3)  # sklearn: f1_score(refs, preds, average="macro") = 0.333
+    from gptkit.eval_report import score
+
+    assert score("classify", ["very good", "something else"], ["very good", "a/b"])["metrics"] == got

@@ -151,8 +151,24 @@ def test_rouge_lsum_splits_sentences_on_newlines():
     ours = metrics.rouge(pred, ref)
     assert ours["rougeLsum"] == pytest.approx(reference_rouge(pred, ref)["rougeLsum"])
     assert ours["rougeLsum"] > ours["rougeL"]  # sentence order swapped: summary-level LCS wins
-    flat = metrics.rouge([pred[0].replace("\n", " ")], [ref[0].replace("\n", " ")])
+    flat = metrics.rouge([pred[0].replace("\n", " ")], [ref[0].replace("\n", " ")], sentence_splitter=None)
     assert flat["rougeLsum"] == pytest.approx(flat["rougeL"]) == pytest.approx(ours["rougeL"])
+
+
+def test_rouge_lsum_splits_running_text_into_sentences():
+    """Summaries as models write them (sentences on one line): Lsum is computed over the sentences found, as
+    rouge_score computes it when given one sentence per line; ROUGE-1/2/L do not change."""
+    pred = ["The dog barked loudly. The cat sat on the mat."]
+    ref = ["The cat sat on a mat. The dog barked! Dr. Smith saw it, e.g. from the U.S. embassy."]
+    ours = metrics.rouge(pred, ref)
+    lines = ["The dog barked loudly.\nThe cat sat on the mat.",
+             "The cat sat on a mat.\nThe dog barked!\nDr. Smith saw it, e.g. from the U.S. embassy."]
+    assert metrics.split_sentences(ref[0]) == lines[1].split("\n")
+    direct = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True).score(lines[1], lines[0])["rougeLsum"]
+    assert ours["rougeLsum"] == pytest.approx(100 * direct.fmeasure, abs=1e-9)
+    assert ours["rougeLsum"] > ours["rougeL"]
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert ours[key] == pytest.approx(reference_rouge(pred, ref)[key], abs=1e-9)
 
 
 def test_rouge_multi_reference_takes_best_per_example():
@@ -168,9 +184,22 @@ def test_rouge_multi_reference_takes_best_per_example():
         assert ours[key] == pytest.approx(100 * np.mean([m[key].fmeasure for m in multi]))
 
 
-def test_rouge_tokenizer_drops_non_ascii():
-    # Documented rouge_score behaviour: only [a-z0-9] survive tokenisation.
+def test_rouge_tokenizer_drops_non_ascii_unless_unicode():
+    # Documented rouge_score behaviour: only [a-z0-9] survive its default tokenisation.
     assert metrics.rouge(["Хорошо сказано"], ["Хорошо сказано"])["rouge1"] == 0.0
+
+    class Whitespace:  # what any-script tokenisation must give on lower-case, punctuation-free text
+        def tokenize(self, text):
+            return text.lower().split()
+
+    pred, ref = "кошка сидит на ковре", "кошка сидела на ковре утром"
+    ours = metrics.rouge([pred], [ref], tokenizer="unicode")
+    direct = rouge_scorer.RougeScorer(list(metrics.ROUGE_TYPES), tokenizer=Whitespace()).score(ref, pred)
+    for key in metrics.ROUGE_TYPES:
+        assert ours[key] == pytest.approx(100 * direct[key].fmeasure, abs=1e-9) and ours[key] > 0
+    # English text scores as with rouge_score's own tokenizer (same stemming of ASCII words)
+    assert metrics.rouge(ROUGE_PREDS, ROUGE_REFS, tokenizer="unicode") == pytest.approx(metrics.rouge(ROUGE_PREDS, ROUGE_REFS))
+    assert metrics.UnicodeTokenizer().tokenize("猫が座った") == ["猫", "が", "座", "っ", "た"]
 
 
 # ----------------------------------------------------------------------------------- SQuAD v1.1

@@ -12,32 +12,8 @@ import torch
 import yaml
 
 from conftest import run_cli
-from tasks_helpers import base_recipe, finetune_recipe, read_test_metrics, splits, write_jsonl
-
-WORDS = "lamp moon star tree river stone cloud bird fish rain".split()
-MARKER = "key"
-QUESTION = f"what follows {MARKER}?"
-
-
-def qa_row(words: list[str], pos: int, question: str = QUESTION) -> dict:
-    """A row whose answer is ``words[pos]``, with its character offset in the joined context."""
-    context = " ".join(words)
-    start = len(" ".join(words[:pos])) + (1 if pos else 0)
-    assert context[start : start + len(words[pos])] == words[pos]
-    return {"question": question, "context": context, "answers": {"text": [words[pos]], "answer_start": [start]}}
-
-
-def qa_rows(n: int, seed: int) -> list[dict]:
-    """6-12 words with the marker somewhere before the end; the answer is the word right after the marker."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        words = [rng.choice(WORDS) for _ in range(rng.randint(5, 11))]
-        pos = rng.randrange(len(words))
-        words.insert(pos, MARKER)
-        rows.append({"id": f"{seed}-{i}", **qa_row(words, pos + 1)})
-    return rows
-
+from tasks_helpers import (MARKER, QUESTION, WORDS, base_recipe, finetune_recipe, qa_row, qa_rows, read_test_metrics,
+                           splits, write_jsonl)
 
 def qa_splits(tmp: Path, n_train: int = 600) -> dict[str, Path]:
     return splits(tmp, qa_rows, n_train)

@@ -152,6 +152,7 @@ def eval_(
     few_shot: Annotated[int, typer.Option("--few-shot", help="Demonstrations from --train before each prompt.")] = 0,
     train: Annotated[Optional[str], typer.Option("--train", help="Examples to draw --few-shot demonstrations from.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds sampling, demonstrations and bootstrap resampling.")] = 0,
+    rouge_tokenizer: Annotated[Optional[str], typer.Option("--rouge-tokenizer", help="summarize: default (rouge_score's, English) or unicode (any script); default: the run's.")] = None,
 ) -> None:
     """Score a model (or existing predictions): BLEU/chrF, ROUGE, SQuAD EM/F1, accuracy, perplexity."""
     from gptkit import evaluate
@@ -160,7 +161,8 @@ def eval_(
                             references=references, out=out, batch_size=batch_size, num_beams=num_beams,
                             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k,
                             top_p=top_p, repetition_penalty=repetition_penalty, limit=limit, columns=columns or [], stride=stride,
-                            resume=resume, bootstrap=bootstrap, few_shot=few_shot, train=train, seed=seed)
+                            resume=resume, bootstrap=bootstrap, few_shot=few_shot, train=train, seed=seed,
+                            rouge_tokenizer=rouge_tokenizer)
     result = evaluate.run(opts, _load(recipe, overrides) if recipe else None)
     typer.echo(evaluate.table(result))
     typer.echo(f"wrote {result['out']}: metrics.json, report.md" + (", predictions.jsonl" if result["mode"] == "model" else ""))

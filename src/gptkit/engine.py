@@ -56,9 +56,14 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Mean next-token cross-entropy; ``labels`` are already shifted (see :class:`gptkit.data.Blocks`)."""
+    """Summed next-token cross-entropy; ``labels`` are already shifted (see :class:`gptkit.data.Blocks`)."""
     logits = model(input_ids=batch["input_ids"]).logits
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten())
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="sum")
+
+
+def all_tokens(batch: dict) -> int:
+    """What :func:`causal_lm_loss` sums over: every label."""
+    return batch["labels"].numel()
 
 
 class DataOrder:
@@ -142,6 +147,12 @@ class Job:
 
     ``train_data`` offers ``len()`` and ``batch(indices, epochs)`` (the epoch of each index, for data that
     varies per epoch); ``val_data`` offers ``len()`` and ``batch(indices)``.
+
+    ``loss_fn(model, batch)`` returns a loss *summed* over items (target tokens, or examples) and
+    ``count_fn(batch)`` the number of those items, read off the batch alone. A step divides the summed loss
+    by the items of all its micro-batches on all processes (as transformers' ``num_items_in_batch``), so
+    gradient accumulation and process count never change the gradient. Validation uses ``eval_loss_fn`` /
+    ``eval_count_fn`` (default: the training pair), and reports their ratio as ``val_loss``.
     """
 
     model: torch.nn.Module
@@ -149,7 +160,10 @@ class Job:
     val_data: Any | None
     cfg: TrainConfig
     run_dir: Path
-    loss_fn: Callable[[Any, dict], torch.Tensor] | None = None  # None: next-token cross-entropy
+    loss_fn: Callable[[Any, dict], torch.Tensor] | None = None  # summed; None: next-token cross-entropy
+    count_fn: Callable[[dict], int] | None = None  # items loss_fn sums over; None: every label (all_tokens)
+    eval_loss_fn: Callable[[Any, dict], torch.Tensor] | None = None  # validation pair (None: the training one)
+    eval_count_fn: Callable[[dict], int] | None = None
     resume: bool = False
     evaluate: Callable[[Any], dict[str, float]] | None = None  # task metrics on validation (model unwrapped)
     select: str | None = None  # logged metric that picks the best model, saved to run_dir/best
@@ -158,8 +172,8 @@ class Job:
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, loss_fn, batch_size: int, max_batches: int | None, accelerator) -> float:
-    """Mean loss over the first ``max_batches`` global validation batches, sharded across processes."""
+def evaluate_loss(model, data, loss_fn, count_fn, batch_size: int, max_batches: int | None, accelerator) -> float:
+    """Summed loss / items over the first ``max_batches`` global validation batches, sharded across processes."""
     model.eval()
     world = accelerator.num_processes
     # the same examples whatever the process count: max_batches global batches of batch_size x world
@@ -167,11 +181,13 @@ def evaluate_loss(model, data, loss_fn, batch_size: int, max_batches: int | None
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for b in range(accelerator.process_index, math.ceil(limit / batch_size), world):
         idx = list(range(b * batch_size, min(limit, (b + 1) * batch_size)))
-        batch = to_device(data.batch(idx), accelerator.device)
-        total += torch.tensor([loss_fn(model, batch).item() * len(idx), len(idx)], device=total.device, dtype=total.dtype)
+        batch = data.batch(idx)
+        items = count_fn(batch)
+        total += torch.tensor([loss_fn(model, to_device(batch, accelerator.device)).item(), items],
+                              device=total.device, dtype=total.dtype)
     total = accelerator.reduce(total, "sum")
     model.train()
-    return float(total[0] / total[1])
+    return float(total[0] / total[1].clamp(min=1))
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -181,10 +197,13 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _validate(job: Job, model, loss_fn, accelerator) -> dict[str, float]:
+def _validate(job: Job, model, accelerator) -> dict[str, float]:
     metrics: dict[str, float] = {}
     if job.val_data is not None:
-        val = evaluate_loss(model, job.val_data, loss_fn, job.cfg.batch_size, job.cfg.eval_batches, accelerator)
+        loss_fn = job.eval_loss_fn or job.loss_fn or causal_lm_loss
+        count_fn = job.eval_count_fn or job.count_fn or all_tokens
+        val = evaluate_loss(model, job.val_data, loss_fn, count_fn, job.cfg.batch_size, job.cfg.eval_batches,
+                            accelerator)
         metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
     if job.evaluate is not None:
         raw = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -276,6 +295,23 @@ def _restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def backward_step(model, batches: list[dict], loss_fn, count_fn, accelerator) -> tuple[torch.Tensor, float]:
+    """Accumulate the gradient of one optimizer step over its micro-batches: each summed loss is divided by the
+    items of every micro-batch on every process (all-reduced first), so the gradient equals that of the whole
+    global batch at once. Returns (this process's summed loss, detached; the global item count)."""
+    world = accelerator.num_processes
+    local = float(sum(count_fn(b) for b in batches))
+    items = float(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")) if world > 1 else local
+    scale = world / max(items, 1.0)  # DDP averages gradients over processes: world / items makes it a sum / items
+    loss_sum = torch.zeros((), device=accelerator.device)
+    for m, batch in enumerate(batches):
+        with accelerator.no_sync(model) if m < len(batches) - 1 else nullcontext():
+            loss = loss_fn(model, to_device(batch, accelerator.device))
+            accelerator.backward(loss * scale)
+        loss_sum += loss.detach().float()
+    return loss_sum, max(items, 1.0)
+
+
 def check_batch(cfg: TrainConfig, n_examples: int, processes: int) -> None:
     """Refuse a global batch larger than the training set (an epoch would repeat inside one step)."""
     per_step = cfg.batch_size * cfg.grad_accum * processes
@@ -305,7 +341,7 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     from tqdm.auto import tqdm
 
     cfg, main = job.cfg, accelerator.is_main_process
-    model, loss_fn = job.model, job.loss_fn or causal_lm_loss
+    model, loss_fn, count_fn = job.model, job.loss_fn or causal_lm_loss, job.count_fn or all_tokens
     if cfg.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     # the fused kernel is ~3x faster than the per-tensor loop on CPU too (bench/pretrain_throughput.py)
@@ -334,19 +370,14 @@ def fit(job: Job, accelerator) -> dict[str, float]:
             lr = lr_at(step - 1, cfg)
             for group in opt.param_groups:
                 group["lr"] = lr
-            loss_sum = torch.zeros((), device=accelerator.device)
-            for micro in range(accum):
-                pos = (step - 1) * global_batch + (micro * world + rank) * B
-                batch = to_device(job.train_data.batch(*order.take(pos, B)), accelerator.device)
-                with accelerator.no_sync(model) if micro < accum - 1 else nullcontext():
-                    loss = loss_fn(model, batch)
-                    accelerator.backward(loss / accum)
-                loss_sum += loss.detach()
-                tokens += batch["input_ids"].numel() * world
-            # one collective per step: the mean loss across processes and whether any got a signal
-            flags = torch.stack([loss_sum / accum, torch.tensor(float(stop.signum or 0), device=loss_sum.device)])
+            batches = [job.train_data.batch(*order.take((step - 1) * global_batch + (m * world + rank) * B, B))
+                       for m in range(accum)]
+            loss_sum, items = backward_step(model, batches, loss_fn, count_fn, accelerator)
+            tokens += sum(b["input_ids"].numel() for b in batches) * world
+            # one collective per step: the summed loss across processes and whether any got a signal
+            flags = torch.stack([loss_sum, torch.tensor(float(stop.signum or 0), device=loss_sum.device)])
             flags = accelerator.reduce(flags, "sum") if world > 1 else flags
-            step_loss, signum = flags[0].item() / world, int(flags[1].item()) and (stop.signum or signal.SIGTERM)
+            step_loss, signum = flags[0].item() / items, int(flags[1].item()) and (stop.signum or signal.SIGTERM)
             if not math.isfinite(step_loss):
                 opt.zero_grad(set_to_none=True)
                 counters["bad_steps"] += 1
@@ -375,7 +406,7 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                 run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
             stop_early = False
             if (job.val_data is not None or job.evaluate) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                metrics = _validate(job, model, loss_fn, accelerator)
+                metrics = _validate(job, model, accelerator)
                 tracker.log(step, metrics)
                 last.update(metrics)
                 if main:

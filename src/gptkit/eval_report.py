@@ -122,7 +122,7 @@ def pair(preds: list[dict], refs: list[dict], ppath: Path, rpath: Path) -> list[
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def per_example(task: str, preds: list, refs: list) -> dict[str, list[float]]:
+def per_example(task: str, preds: list, refs: list, rouge_tokenizer: str = "default") -> dict[str, list[float]]:
     """Sentence-level scores x 100 (sentence BLEU, ROUGE, SQuAD, correct); mean-based corpus figures are their mean."""
     if task == "translate":
         from sacrebleu.metrics import BLEU
@@ -130,11 +130,7 @@ def per_example(task: str, preds: list, refs: list) -> dict[str, list[float]]:
         sent = BLEU(effective_order=True)
         return {"sentence_bleu": [sent.sentence_score(p, [r]).score for p, r in zip(preds, refs)]}
     if task == "summarize":
-        from rouge_score import rouge_scorer
-
-        scorer = rouge_scorer.RougeScorer(list(metrics.ROUGE_TYPES), use_stemmer=True)
-        scores = [scorer.score(r, p) for p, r in zip(preds, refs)]
-        return {k: [100 * s[k].fmeasure for s in scores] for k in metrics.ROUGE_TYPES}
+        return metrics.rouge_per_example(preds, refs, tokenizer=rouge_tokenizer)
     if task == "qa":
         return {name: [100 * max(fn(p, g) for g in gs) for p, gs in zip(preds, refs)]
                 for name, fn in (("exact_match", metrics.exact_match), ("f1", metrics.f1))}
@@ -151,25 +147,27 @@ def _corpus_ci(metric, preds: list[str], refs: list, n: int, seed: int) -> tuple
                                 idx, idx, n=n, seed=seed)
 
 
-def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0) -> dict:
-    """Corpus figures, signatures, details, optional 95% CIs and one sentence score per example."""
+def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0, rouge_tokenizer: str = "default"
+          ) -> dict:
+    """Corpus figures (:func:`gptkit.metrics.task_scores`, as fine-tuning reports them), signatures, details,
+    optional 95% CIs and one sentence score per example."""
     from importlib.metadata import version
 
+    figures = metrics.task_scores(task, preds, refs, rouge_tokenizer=rouge_tokenizer)
     detail, signatures = {}, {}
     if task == "translate":
         full = metrics.translation_scores(preds, refs)
-        figures = {"bleu": full["bleu"], "chrf": full["chrf"]}
         signatures = {"bleu": full["bleu_signature"], "chrf": full["chrf_signature"]}
         detail = {k: full[k] for k in ("precisions", "brevity_penalty", "sys_len", "ref_len")}
     elif task == "summarize":
-        figures = metrics.rouge(preds, refs)
-        signatures = {"rouge": f"rouge_score {version('rouge-score')}, use_stemmer=True, mean F-measure x 100"}
+        signatures = {"rouge": f"rouge_score {version('rouge-score')}, use_stemmer=True, tokenizer {rouge_tokenizer}, "
+                               "rougeLsum over split_sentences (rule-based), mean F-measure x 100"}
     elif task == "qa":
-        figures, signatures = metrics.squad_scores(preds, refs), {"squad": "SQuAD v1.1 official normalisation"}
+        signatures = {"squad": "SQuAD v1.1 official normalisation"}
     else:
-        full = metrics.classification_scores(preds, refs)
-        figures, detail = {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"]}, {"per_class": full["per_class"]}
-    each, cis = per_example(task, preds, refs), {}
+        detail = {"per_class": metrics.classification_scores(preds, refs)["per_class"],
+                  "macro_average": "over the labels present in the references or the predictions (scikit-learn's)"}
+    each, cis = per_example(task, preds, refs, rouge_tokenizer), {}
     if bootstrap:
         from sacrebleu.metrics import BLEU, CHRF
 
@@ -258,9 +256,9 @@ def write_outputs(out: Path, result: dict, examples: list[dict]) -> None:
 
 
 def finish(out: Path, base: dict, task: str, rows: list[dict], preds: list, refs: list, bootstrap: int,
-           seed: int) -> dict:
+           seed: int, rouge_tokenizer: str = "default") -> dict:
     """Score, then write metrics.json and report.md; return what metrics.json holds."""
-    scored = score(task, preds, refs, bootstrap, seed)
+    scored = score(task, preds, refs, bootstrap, seed, rouge_tokenizer)
     result = {"task": task, **base, **scored, "counts": {"examples": len(preds)}, "out": str(out)}
     examples = [{"index": i, "score": s, "prediction": p, "reference": r,
                  "input": " / ".join(str(row[f]) for f in INPUTS[task] if f in row)}

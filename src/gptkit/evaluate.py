@@ -64,6 +64,7 @@ class Options:
     few_shot: int = 0
     train: str | None = None
     seed: int = 0
+    rouge_tokenizer: str | None = None  # None: the run's finetune.rouge_tokenizer, else rouge_score's default
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -269,7 +270,8 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
                 "batch_size": opts.batch_size, "limit": opts.limit, "resumed_at": resumed_at if opts.resume else None,
                 "bootstrap": opts.bootstrap, "seconds": round(time.time() - started, 3)}
     base = {"mode": "model", "settings": settings, "model": model_fp, "data": identity["data"]}
-    return finish(out, base, task, rows, preds, refs, opts.bootstrap, opts.seed)
+    return finish(out, base, task, rows, preds, refs, opts.bootstrap, opts.seed,
+                  opts.rouge_tokenizer or ctx.recipe.finetune.rouge_tokenizer)
 
 
 def run_predictions(opts: Options, task: str) -> dict:
@@ -289,7 +291,7 @@ def run_predictions(opts: Options, task: str) -> dict:
     prepare_out(out, {"mode": "predictions", "task": task, "data": data, "columns": cols}, False, 0)
     base = {"mode": "predictions", "settings": {"columns": cols, "bootstrap": opts.bootstrap}, "data": data}
     return finish(out, base, task, [r for _, r in pairs], [str(p["prediction"]) for p, _ in pairs], gold,
-                  opts.bootstrap, opts.seed)
+                  opts.bootstrap, opts.seed, opts.rouge_tokenizer or "default")
 
 
 # ------------------------------------------------------------------------------------------- entry
@@ -358,6 +360,8 @@ def run(opts: Options, recipe=None) -> dict:
         raise UserError("eval: pass --model DIR with --data FILE, a RECIPE, or --predictions with --references")
     if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1) or min(opts.bootstrap, opts.few_shot) < 0:
         raise UserError("--batch-size and --limit must be >= 1; --bootstrap and --few-shot >= 0")
+    if opts.rouge_tokenizer not in (None, *metrics.ROUGE_TOKENIZERS):
+        raise UserError(f"--rouge-tokenizer: expected {' or '.join(metrics.ROUGE_TOKENIZERS)}, got {opts.rouge_tokenizer!r}")
     source = recipe or run_recipe
     task = opts.task or (None if source is None else "lm" if source.task == "pretrain" else source.task)
     if task == "multitask" and source is not None and source.task == "multitask" and model_path:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from functools import partial
 from pathlib import Path
 
 from gptkit import data as data_mod
@@ -88,14 +89,33 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
             f"method: {recipe.finetune.method}; best checkpoint by {recipe.finetune.metric or task.METRIC}"]
 
 
+_HEADS = ("lm_head", "score", "classifier", "qa_outputs")  # output layers: trained whole (task heads) or kept
+
+
+def lora_targets(model) -> list[str]:
+    """Every linear layer of the blocks (peft's "all-linear", resolved here so that a task head is never
+    adapted as well as trained): what QLoRA found necessary to match full fine-tuning. GPT-2's Conv1D counts."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    return sorted({name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, (nn.Linear, Conv1D)) and name.rsplit(".", 1)[-1] not in _HEADS})
+
+
 def _lora(recipe: Recipe, model, task_name: str):
+    """LoRA adapters on ``finetune.lora_targets`` (default: every linear layer of the blocks); a task head
+    (classification ``score``, span ``qa_outputs``) is trained whole and saved with the adapters (peft's
+    ``modules_to_save`` for its SEQ_CLS and QUESTION_ANS task types)."""
     from peft import LoraConfig, TaskType, get_peft_model
 
     f = recipe.finetune
     kind = {"classify": TaskType.SEQ_CLS, "qa": TaskType.QUESTION_ANS if f.qa_mode == "extractive" else None}
     lm = TaskType.SEQ_2_SEQ_LM if modeling.is_encoder_decoder(model.config) else TaskType.CAUSAL_LM
-    cfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, target_modules=f.lora_targets,
-                     task_type=kind.get(task_name) or lm)  # heads are saved with the adapters
+    from transformers.pytorch_utils import Conv1D
+
+    conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 stores its linear layers transposed
+    cfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, fan_in_fan_out=conv1d,
+                     target_modules=f.lora_targets or lora_targets(model), task_type=kind.get(task_name) or lm)
     try:
         return get_peft_model(model, cfg)
     except ValueError as e:
@@ -127,16 +147,19 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     if recipe.finetune.method == "lora":
         model = _lora(recipe, model, task_name)
     val_rows = _eval_subset(rows.get("validation", []), recipe.finetune.eval_examples)
-    evaluate = (lambda m: task.score(task.predict(m, tokenizer, val_rows, recipe), val_rows)) if val_rows else None
+    evaluate = (lambda m: task.score(task.predict(m, tokenizer, val_rows, recipe), val_rows, recipe)) if val_rows else None
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
     engine.check_disk_space(run_dir, n_params, recipe.train.keep_last)
     if accelerator.is_main_process and not resume:
         rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
     accelerator.wait_for_everyone()
+    per = recipe.finetune.loss  # validation loss (and perplexity) is per token whatever training averages
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
-                     loss_fn=task.loss, evaluate=evaluate, select=(recipe.finetune.metric or task.METRIC) if evaluate
-                     else None, patience=recipe.finetune.patience, save=lambda m, path: trained.save(m, tokenizer, path))
+                     loss_fn=partial(task.loss, per=per), count_fn=partial(task.count, per=per),
+                     eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,
+                     select=(recipe.finetune.metric or task.METRIC) if evaluate else None,
+                     patience=recipe.finetune.patience, save=lambda m, path: trained.save(m, tokenizer, path))
     result = engine.fit(job, accelerator)
     if accelerator.is_main_process:
         model = _keep_best(recipe, task_name, run_dir, tokenizer, accelerator.unwrap_model(model))
@@ -164,7 +187,7 @@ def _score_test(recipe, task, run_dir: Path, tokenizer, rows, model) -> dict:
 
     model.eval()
     with own_forward(model):
-        scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows).items()}
+        scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows, recipe).items()}
     (run_dir / "test_metrics.json").write_text(json.dumps(scores, indent=1))
     log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     return scores

@@ -7,11 +7,14 @@ one-line message when they are empty or differ in length.
 * BLEU / chrF: ``sacrebleu.metrics.BLEU`` / ``CHRF`` with their defaults (13a tokenizer, exp
   smoothing; chrF2 with 6 char n-grams), so the numbers and signature strings equal the
   ``sacrebleu`` command-line tool's.
-* ROUGE: ``rouge_score.rouge_scorer.RougeScorer(use_stemmer=True)``. Its tokenizer lower-cases
-  and keeps only ``[a-z0-9]``: non-ASCII letters become separators, so e.g. German umlauts split
-  words and text in a non-Latin script scores 0. Use it for English.
+* ROUGE: ``rouge_score.rouge_scorer.RougeScorer(use_stemmer=True)``, one sentence per line for
+  ROUGE-Lsum (:func:`split_sentences`). Its default tokenizer lower-cases and keeps only
+  ``[a-z0-9]``, so text in a non-Latin script scores 0: ``tokenizer="unicode"`` keeps every script.
 * SQuAD v1.1: a transcription of the official evaluation script.
-* Classification: plain Python (no sklearn), same conventions as sklearn with ``zero_division=0``.
+* Classification: plain Python (no sklearn), same conventions as sklearn with ``zero_division=0``;
+  macro averages run over the labels present in the references or the predictions (sklearn's default).
+* :func:`task_scores` is the one scoring path: fine-tuning validation and test, and `gptkit eval`, call it,
+  so a metric name means the same number everywhere.
 
 Library imports (sacrebleu, rouge_score, numpy) happen inside the functions that need them.
 """
@@ -104,32 +107,92 @@ def translation_scores(predictions: Sequence[str], references: References) -> di
 
 # ------------------------------------------------------------------------------------- ROUGE
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+ROUGE_TOKENIZERS = ("default", "unicode")
+
+_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs etc fig figs eq eqs al e.g i.e cf no vol pp ca approx "
+                           "inc ltd co corp dept univ jan feb mar apr jun jul aug sep sept oct nov dec".split())
+_SENTENCE_END = re.compile(r"""(?<=[.!?。！？])["'”’)\]]*\s+""")
 
 
-def rouge(predictions: Sequence[str], references: References) -> dict[str, float]:
+def split_sentences(text: str) -> list[str]:
+    """Rule-based sentence splitter (no model download): existing line breaks, then after ``. ! ?`` (and CJK
+    full stops) followed by whitespace, unless the word before the period is a common abbreviation (Dr., e.g.,
+    Fig.) an initial or a dotted acronym (J., U.S.). Used to put one sentence per line before ROUGE-Lsum, as nltk's
+    ``sent_tokenize`` does in the Hugging Face summarization examples."""
+    out: list[str] = []
+    for line in text.splitlines():
+        start = 0
+        for m in _SENTENCE_END.finditer(line):
+            words = line[start : m.start()].split()
+            last = words[-1].rstrip(".!?\"'”’)]").lower() if words else ""
+            initial = len(last) == 1 and last.isalpha() or "." in last and len(last) <= 5  # J. R. / U.S.
+            if line[m.start() - 1] == "." and (last in _ABBREVIATIONS or initial):
+                continue
+            out.append(line[start : m.start()].strip())
+            start = m.end()
+        out.append(line[start:].strip())
+    return [s for s in out if s]
+
+
+class UnicodeTokenizer:
+    """A rouge_score tokenizer for any script: lower-cased runs of Unicode letters and digits (``\\w+``), each
+    CJK ideograph or kana on its own (those scripts do not separate words). With ``use_stemmer``, ASCII
+    words longer than 3 letters go through the Porter stemmer, as rouge_score's default tokenizer does."""
+
+    _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+
+    def __init__(self, use_stemmer: bool = False):
+        from nltk.stem import porter
+
+        self._stemmer = porter.PorterStemmer() if use_stemmer else None
+
+    def tokenize(self, text: str) -> list[str]:
+        tokens = self._TOKEN.findall(text.lower())
+        if self._stemmer is None:
+            return tokens
+        return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
+
+
+def rouge(predictions: Sequence[str], references: References, *,
+          sentence_splitter: Callable[[str], list[str]] | None = split_sentences,
+          tokenizer: str = "default") -> dict[str, float]:
     """Mean ROUGE-1/2/L/Lsum F-measure x 100 (rouge_score, Porter stemmer on).
 
-    * ``rougeLsum`` is summary-level LCS over sentences, and rouge_score splits sentences on
-      ``"\\n"`` only. Following the Hugging Face convention, the caller puts one sentence per
-      line (e.g. ``"\\n".join(nltk.sent_tokenize(text))``) in both predictions and references;
-      text without newlines gives ``rougeLsum == rougeL``.
-    * Several references per prediction: each ROUGE type takes, per example, the best
-      F-measure over the references (as ``RougeScorer.score_multi`` and HF ``evaluate`` do).
-    * The result is the exact mean over examples, not the bootstrap "mid" that HF ``evaluate``
-      reports by default (``use_aggregator=True``), which can differ slightly.
+    * ``rougeLsum`` is summary-level LCS over sentences; rouge_score finds sentences at line breaks only, so
+      predictions and references are first put one sentence per line by ``sentence_splitter`` (default
+      :func:`split_sentences`, rule-based, offline; ``None`` keeps the text's own lines). ROUGE-1/2/L do not
+      see line breaks, so they are unchanged by it.
+    * ``tokenizer``: ``"default"`` is rouge_score's (lower-case, keeps only ``[a-z0-9]``: text in a
+      non-Latin script scores 0; use it for English, as papers do); ``"unicode"`` is :class:`UnicodeTokenizer`.
+    * Several references per prediction: each ROUGE type takes, per example, the best F-measure over the
+      references (as ``RougeScorer.score_multi`` and HF ``evaluate`` do).
+    * The result is the exact mean over examples, not the bootstrap "mid" that HF ``evaluate`` reports by
+      default (``use_aggregator=True``), which can differ slightly.
     """
+    each = rouge_per_example(predictions, references, sentence_splitter=sentence_splitter, tokenizer=tokenizer)
+    return {key: sum(values) / len(values) for key, values in each.items()}
+
+
+def rouge_per_example(predictions: Sequence[str], references: References, *,
+                      sentence_splitter: Callable[[str], list[str]] | None = split_sentences,
+                      tokenizer: str = "default") -> dict[str, list[float]]:
+    """Per example, each ROUGE type's F-measure x 100 (best over its references); :func:`rouge` is their mean."""
     from rouge_score import rouge_scorer
 
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score logs "Using default tokenizer." each time
     _check_pairs(predictions, references, "rouge")
+    if tokenizer not in ROUGE_TOKENIZERS:
+        raise UserError(f"rouge: tokenizer must be one of {', '.join(ROUGE_TOKENIZERS)}, got {tokenizer!r}")
     per_example = _refs_per_example(references, "rouge")
-    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True,
+                                      tokenizer=UnicodeTokenizer(use_stemmer=True) if tokenizer == "unicode" else None)
+    lines = (lambda t: "\n".join(sentence_splitter(t))) if sentence_splitter else (lambda t: t)
+    out: dict[str, list[float]] = {key: [] for key in ROUGE_TYPES}
     for pred, refs in zip(predictions, per_example):
-        scores = [scorer.score(ref, pred) for ref in refs]  # rouge_score takes (target, prediction)
+        scores = [scorer.score(lines(ref), lines(pred)) for ref in refs]  # rouge_score takes (target, prediction)
         for key in ROUGE_TYPES:
-            totals[key] += max(s[key].fmeasure for s in scores)
-    return {key: 100.0 * total / len(predictions) for key, total in totals.items()}
+            out[key].append(100.0 * max(s[key].fmeasure for s in scores))
+    return out
 
 
 # ----------------------------------------------------------------------------------- SQuAD v1.1
@@ -190,10 +253,11 @@ def classification_scores(predictions: Sequence[Hashable], references: Sequence[
                           labels: Sequence[Hashable] | None = None) -> dict[str, Any]:
     """Accuracy, macro-F1 and per-class precision/recall/F1/support, all x 100 (support is a count).
 
-    ``labels`` fixes the classes (and their order) that per-class scores and the macro average
-    cover; by default every label seen in either list, sorted. Accuracy counts all examples, so a
-    prediction outside ``labels`` is simply wrong. A 0/0 ratio (a class never predicted, or never
-    present) is 0, as sklearn's ``zero_division=0``.
+    ``labels=None`` (what gptkit always uses): the classes are every label present in the references
+    or the predictions, sorted — scikit-learn's default for ``f1_score(average="macro")``, so a class
+    that is predicted but never true counts with F1 0. Given ``labels`` fixes the classes (and their
+    order) that per-class scores and the macro average cover. Accuracy counts all examples. A 0/0
+    ratio (a class never predicted, or never present) is 0, as sklearn's ``zero_division=0``.
     """
     _check_pairs(predictions, references, "classification_scores")
     classes = list(labels) if labels is not None else _label_order(predictions, references)
@@ -212,6 +276,38 @@ def classification_scores(predictions: Sequence[Hashable], references: Sequence[
     accuracy = sum(1 for p, r in pairs if p == r) / len(pairs)
     macro_f1 = sum(v["f1"] for v in per_class.values()) / len(classes)
     return {"accuracy": 100.0 * accuracy, "macro_f1": macro_f1, "per_class": per_class}
+
+
+# ------------------------------------------------------------------------------ the task figures
+PER_CLASS_UP_TO = 20  # classes whose precision/recall/F1 are reported one by one (beyond: accuracy, macro-F1)
+TASK_METRICS = {"translate": ("bleu", "chrf"), "summarize": ROUGE_TYPES, "qa": ("exact_match", "f1"),
+                "classify": ("accuracy", "macro_f1")}
+
+
+def label_key(label: str) -> str:
+    """A class label as part of a metric name (letters, digits, - and _)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(label)).strip("_") or "_"
+
+
+def task_scores(task: str, predictions: Sequence, references: Sequence, *, rouge_tokenizer: str = "default"
+                ) -> dict[str, float]:
+    """The figures of a task, as fine-tuning validation/test and `gptkit eval` report them: translate: bleu, chrf;
+    summarize: rouge1/2/L/Lsum; qa: exact_match, f1 (``references``: lists of gold answers); classify: accuracy,
+    macro_f1 (labels present in references or predictions) and, up to 20 classes, precision_/recall_/f1_<label>."""
+    if task == "translate":
+        out = translation_scores(predictions, references)
+    elif task == "summarize":
+        out = rouge(predictions, references, tokenizer=rouge_tokenizer)
+    elif task == "qa":
+        out = squad_scores(predictions, references)
+    elif task == "classify":
+        full = classification_scores([str(p) for p in predictions], [str(r) for r in references])
+        per_class = full["per_class"] if len(full["per_class"]) <= PER_CLASS_UP_TO else {}
+        return {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
+                **{f"{k}_{label_key(c)}": m[k] for c, m in per_class.items() for k in ("precision", "recall", "f1")}}
+    else:
+        raise UserError(f"task_scores: unknown task {task!r}; expected one of {', '.join(TASK_METRICS)}")
+    return {k: out[k] for k in TASK_METRICS[task]}
 
 
 # -------------------------------------------------------------------------------- perplexity

@@ -153,16 +153,20 @@ class FinetuneConfig(_Section):
     """Adapting a checkpoint (model.init_from) to a task: full or LoRA, what to keep, when to stop."""
 
     method: Literal["full", "lora"] = Field("full", description="Train every weight, or LoRA adapters (peft).")
-    lora_r: int = Field(8, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(16, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA path.")
     lora_targets: list[str] | None = Field(
-        None, description="Module names to adapt (None = peft's defaults for the architecture)."
+        None, description="Module names to adapt (None = every linear layer of the blocks, as peft's all-linear)."
     )
     prompt: str | None = Field(
         None, description="Generative tasks: template with {field} slots (None = the task's default)."
     )
     max_length: int = Field(256, ge=8, description="Tokens per example (prompt + target); longer ones are cut.")
+    loss: Literal["token", "example"] = Field(
+        "token", description="Generative tasks: average the loss over the step's target tokens (as Trainer), or "
+        "over examples (each example's mean token loss). Validation loss and perplexity are always per token."
+    )
     metric: str | None = Field(None, description="Validation metric that picks the best checkpoint (None = task's).")
     patience: int | None = Field(None, ge=1, description="Early stopping: evaluations without improvement.")
     eval_examples: int | None = Field(
@@ -185,6 +189,9 @@ class FinetuneConfig(_Section):
     )
     doc_stride: int = Field(64, ge=1, description="qa (extractive): token overlap between windows of a long context.")
     max_answer_tokens: int = Field(30, ge=1, description="qa (extractive): longest span considered.")
+    rouge_tokenizer: Literal["default", "unicode"] = Field(
+        "default", description="summarize: ROUGE tokenizer; default = rouge_score's (English), unicode = any script."
+    )
 
 
 class OutputConfig(_Section):

@@ -6,8 +6,6 @@ from the training split and saved in the model config (``id2label``/``label2id``
 
 from __future__ import annotations
 
-import re
-
 import torch
 
 from gptkit import metrics
@@ -64,8 +62,14 @@ def preprocess(recipe, tokenizer, rows, split, model):
     return _Labelled(out, tokenizer.pad_token_id)
 
 
-def loss(model, batch: dict) -> torch.Tensor:
-    return model(**batch).loss
+def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
+    """Cross-entropy of the label, summed over the batch's examples."""
+    return model(**batch).loss * batch["input_ids"].shape[0]
+
+
+def count(batch: dict, per: str = "token") -> int:
+    """Examples: one label each, whatever ``per`` says."""
+    return batch["input_ids"].shape[0]
 
 
 @torch.no_grad()
@@ -81,18 +85,6 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
     return out
 
 
-PER_CLASS_UP_TO = 20  # classes whose precision/recall/F1 are reported one by one (beyond: accuracy, macro-F1)
-
-
-def score(predictions, rows):
-    """accuracy, macro_f1 over the classes the references hold (a fixed set, whatever is predicted) and, for up
-    to 20 of them, precision_<label>, recall_<label>, f1_<label> (label cut to letters, digits, - and _)."""
-    gold = [str(r["label"]) for r in rows]
-    out = metrics.classification_scores(predictions, gold, labels=sorted(set(gold)))
-    per_class = out["per_class"] if len(out["per_class"]) <= PER_CLASS_UP_TO else {}
-    return {"accuracy": out["accuracy"], "macro_f1": out["macro_f1"],
-            **{f"{k}_{_key(label)}": m[k] for label, m in per_class.items() for k in ("precision", "recall", "f1")}}
-
-
-def _key(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", label).strip("_") or "_"
+def score(predictions, rows, recipe=None):
+    """accuracy, macro_f1 and per-class figures (:func:`gptkit.metrics.task_scores`, as `gptkit eval` reports)."""
+    return metrics.task_scores("classify", predictions, [str(r["label"]) for r in rows])

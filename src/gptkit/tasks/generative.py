@@ -145,22 +145,34 @@ def _decoder_start(recipe, config) -> int:
     return int(start)
 
 
-def loss(model, batch: dict) -> torch.Tensor:
-    """Mean over examples of each example's mean target-token loss: independent of padding and batching.
-    A decoder-only model predicts token t+1 at position t; a decoder predicts labels[t] at position t."""
+def _targets(batch: dict) -> torch.Tensor:
+    """The labels a position predicts: a decoder-only model predicts token t+1 at position t; a decoder labels[t]."""
+    return batch["labels"] if "decoder_input_ids" in batch else batch["labels"][:, 1:]
+
+
+def count(batch: dict, per: str = "token") -> int:
+    """Items :func:`loss` sums over: target tokens (``per="token"``) or examples (``per="example"``)."""
+    return batch["input_ids"].shape[0] if per == "example" else int((_targets(batch) != -100).sum())
+
+
+def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
+    """Summed target-token cross-entropy (``per="token"``, what Trainer and the papers average), or the sum
+    over examples of each example's mean target-token loss (``per="example"``); the engine divides by
+    :func:`count` over the whole step. Both are independent of padding and of how a step is batched."""
     if "decoder_input_ids" in batch:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        decoder_input_ids=batch["decoder_input_ids"],
                        decoder_attention_mask=batch["decoder_attention_mask"]).logits
-        labels = batch["labels"]
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-        labels = batch["labels"][:, 1:]
+    labels = _targets(batch)
     tok = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
     ).view(labels.shape)
     mask = labels != -100
-    return ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).mean()
+    if per == "token":
+        return (tok * mask).sum()
+    return ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
 
 
 def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | None = None) -> list[str]:

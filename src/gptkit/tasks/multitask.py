@@ -19,7 +19,7 @@ METRIC = "val_score"
 PRIMARY = {"translate": "bleu", "summarize": "rougeL", "qa": "f1"}
 
 build_model = gen.build_model
-loss = gen.loss
+loss, count = gen.loss, gen.count
 
 
 def sub_recipe(recipe, i: int):
@@ -100,14 +100,15 @@ def predict(model, tokenizer, rows, recipe) -> list:
     return out
 
 
-def score(predictions, rows) -> dict[str, float]:
+def score(predictions, rows, recipe=None) -> dict[str, float]:
     """Each task's metrics, prefixed with its name, and ``score``: the mean of the tasks' primary metrics."""
     result: dict[str, float] = {}
     primaries = []
     for i in sorted({r["_sub"] for r in rows}):
         idx = [n for n, r in enumerate(rows) if r["_sub"] == i]
         kind, name = rows[idx[0]]["_task"], rows[idx[0]]["_name"]
-        scores = tasks.load(kind).score([predictions[n] for n in idx], [rows[n] for n in idx])
+        sub = sub_recipe(recipe, i) if recipe is not None else None
+        scores = tasks.load(kind).score([predictions[n] for n in idx], [rows[n] for n in idx], sub)
         result.update({f"{name}_{k}": v for k, v in scores.items()})
         primaries.append(scores[PRIMARY[kind]])
     result["score"] = sum(primaries) / len(primaries)

@@ -164,11 +164,16 @@ def preprocess(recipe, tokenizer, rows, split, model):
     return _Spans(out, tokenizer.pad_token_id)
 
 
-def loss(model, batch: dict) -> torch.Tensor:
-    """The span head's loss for extractive batches (they carry start_positions), else the answer-only LM loss."""
+def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
+    """The span head's loss summed over windows for extractive batches (they carry start_positions), else the
+    answer-only LM loss (:func:`gptkit.tasks.generative.loss`)."""
     if "start_positions" in batch:
-        return model(**batch).loss
-    return gen.loss(model, batch)
+        return model(**batch).loss * batch["input_ids"].shape[0]
+    return gen.loss(model, batch, per)
+
+
+def count(batch: dict, per: str = "token") -> int:
+    return batch["input_ids"].shape[0] if "start_positions" in batch else gen.count(batch, per)
 
 
 def best_span(start_logits, end_logits, offsets: list, max_tokens: int) -> tuple[float, int, int]:
@@ -215,7 +220,6 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
     return [text for _, text in best]
 
 
-def score(predictions, rows):
+def score(predictions, rows, recipe=None):
     """SQuAD v1.1 exact match and F1 (x100), each the max over a row's gold answers."""
-    out = metrics.squad_scores(predictions, [list(r["answers"]["text"]) for r in rows])
-    return {"exact_match": out["exact_match"], "f1": out["f1"]}
+    return metrics.task_scores("qa", predictions, [list(r["answers"]["text"]) for r in rows])

@@ -11,10 +11,10 @@ METRIC = "val_rougeL"
 PROMPT = "{document}\nTL;DR:"
 
 build_model = gen.build_model
-loss = gen.loss
+loss, count = gen.loss, gen.count
 preprocess, predict = gen.bind(PROMPT, target="summary", shorten="document")
 
 
-def score(predictions, rows):
-    out = metrics.rouge(predictions, [r["summary"] for r in rows])
-    return {k: out[k] for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")}
+def score(predictions, rows, recipe=None):
+    tokenizer = recipe.finetune.rouge_tokenizer if recipe is not None else "default"
+    return metrics.task_scores("summarize", predictions, [r["summary"] for r in rows], rouge_tokenizer=tokenizer)

@@ -11,10 +11,9 @@ METRIC = "val_bleu"
 PROMPT = "{source} =>"
 
 build_model = gen.build_model
-loss = gen.loss
+loss, count = gen.loss, gen.count
 preprocess, predict = gen.bind(PROMPT, target="target", shorten="source")
 
 
-def score(predictions, rows):
-    out = metrics.translation_scores(predictions, [r["target"] for r in rows])
-    return {"bleu": out["bleu"], "chrf": out["chrf"]}
+def score(predictions, rows, recipe=None):
+    return metrics.task_scores("translate", predictions, [r["target"] for r in rows])
