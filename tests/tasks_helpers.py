@@ -130,6 +130,17 @@ def splits(tmp: Path, make, n_train: int = 600) -> dict[str, Path]:
             "test": write_jsonl(tmp / "test.jsonl", make(50, 3))}
 
 
+def lora_test_metrics(recipe: Path, out: Path, *overrides: str) -> dict:
+    """The same recipe fine-tuned with LoRA (its defaults; the recipe's learning rate and steps): test metrics."""
+    from conftest import run_cli
+
+    code, _, err = run_cli("finetune", str(recipe), "finetune.method=lora", f"output.dir={out}", *overrides)
+    assert code == 0, err
+    scores = read_test_metrics(out)
+    print(f"LoRA {out.name}: {scores}")
+    return scores
+
+
 def read_test_metrics(run: Path) -> dict:
     """What the runner scored on the test split."""
     return json.loads((run / "test_metrics.json").read_text())
@@ -169,6 +180,32 @@ def seq2seq_base(out: Path, arch: str = "bart", bos: bool = False) -> Path:
     model = AutoModelForSeq2SeqLM.from_config(config)
     model.generation_config.forced_bos_token_id = 1 if bos else None  # transformers 5 reads it from here
     model.save_pretrained(str(out))
+    fast.save_pretrained(str(out))
+    return out
+
+
+def llama_base(out: Path) -> Path:
+    """A tiny randomly initialised Llama (2 layers, 64 wide) whose tokenizer starts every sequence with <s> and
+    has no pad token, as Llama checkpoints do; saved so that the Auto classes load it offline."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    rng = random.Random(0)
+    text = [" ".join(rng.choice(SRC + TGT) for _ in range(12)) + " =>" for _ in range(400)]
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                                      show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=64, bos_token_id=1, eos_token_id=2,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(str(out))
     fast.save_pretrained(str(out))
     return out
 

@@ -296,3 +296,12 @@ def test_stream_slides_past_the_context(model, tok):
     texts = stream(model, tok, "ab", options, out=out)
     assert len(tok(texts[0])["input_ids"]) == limit * 2 + 5
     assert out.getvalue() == "ab" + texts[0] + "\n"
+
+
+def test_seeded_sampling_leaves_the_callers_random_state_alone(model, tok):
+    """Sampled validation inside a training loop must not reset the loop's RNG (dropout, later sampling)."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    generate_batch(model, tok, PROMPTS, DecodingOptions(max_new_tokens=4, do_sample=True, seed=7))
+    assert torch.equal(torch.rand(3), expected)

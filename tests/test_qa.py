@@ -12,8 +12,10 @@ import torch
 import yaml
 
 from conftest import run_cli
-from tasks_helpers import (MARKER, QUESTION, WORDS, base_recipe, finetune_recipe, qa_row, qa_rows, read_test_metrics,
-                           splits, write_jsonl)
+from tasks_helpers import (MARKER, QUESTION, WORDS, base_recipe, finetune_recipe, lora_test_metrics, qa_row, qa_rows,
+                           read_test_metrics, splits, write_jsonl)
+
+LORA_SHARE = {"extractive": 0.9}  # of the full fine-tune's F1 (measured 0.98; see test_finetune.LORA_SHARE)
 
 def qa_splits(tmp: Path, n_train: int = 600) -> dict[str, Path]:
     return splits(tmp, qa_rows, n_train)
@@ -43,6 +45,8 @@ def test_extractive_head_learns_the_word_after_the_marker(tmp_path, base):
     assert code == 0, err
     scores = read_test_metrics(tmp_path / "qa")
     assert scores["test_exact_match"] >= 90, scores
+    lora = lora_test_metrics(recipe, tmp_path / "qa-lora")
+    assert lora["test_f1"] >= LORA_SHARE["extractive"] * scores["test_f1"], lora
     config = json.loads((tmp_path / "qa" / "best" / "config.json").read_text())
     assert config["architectures"] == ["GPT2ForQuestionAnswering"]
 

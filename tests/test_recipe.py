@@ -170,3 +170,17 @@ def test_recipe_folders_match_task_modules():
     assert folders <= schema_tasks, folders - schema_tasks
     for name in tasks.FINETUNE_TASKS:
         assert isinstance(tasks.load(name), tasks.FinetuneTask), name
+
+
+def test_lora_learning_rate_default_and_what_the_run_records(tmp_path):
+    """LoRA takes train.lr 1e-3 unless the recipe (or an override) sets it; full fine-tuning keeps 3e-4."""
+    from gptkit.recipe import LORA_LR, load_recipe, recipe_to_yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text("task: translate\nfinetune: {method: lora}\n")
+    assert load_recipe(path).train.lr == LORA_LR == 1e-3
+    assert "lr: 0.001" in recipe_to_yaml(load_recipe(path))  # the run's recipe.yaml shows the rate used
+    assert load_recipe(path, ["train.lr=5e-4"]).train.lr == 5e-4
+    assert load_recipe(path, ["finetune.method=full"]).train.lr == 3e-4
+    path.write_text("task: translate\nfinetune: {method: lora}\ntrain: {lr: 2.0e-4}\n")
+    assert load_recipe(path).train.lr == 2e-4

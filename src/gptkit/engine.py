@@ -165,7 +165,8 @@ class Job:
     eval_loss_fn: Callable[[Any, dict], torch.Tensor] | None = None  # validation pair (None: the training one)
     eval_count_fn: Callable[[dict], int] | None = None
     resume: bool = False
-    evaluate: Callable[[Any], dict[str, float]] | None = None  # task metrics on validation (model unwrapped)
+    evaluate: Callable[[Any], dict[str, float]] | None = None  # task metrics on validation (model unwrapped;
+    # called on every process, which may each predict a shard)
     select: str | None = None  # logged metric that picks the best model, saved to run_dir/best
     patience: int | None = None  # stop after this many evaluations without a better `select`
     save: Callable[[Any, Path], None] | None = None  # writes a model folder (best/); None: save_pretrained
@@ -211,6 +212,10 @@ def _validate(job: Job, model, accelerator) -> dict[str, float]:
         with own_forward(raw):
             metrics.update({f"val_{k}": v for k, v in job.evaluate(raw).items()})
         raw.train()
+    if accelerator.num_processes > 1:  # decisions (best, early stop) are the main process's, on every rank
+        from accelerate.utils import broadcast_object_list
+
+        metrics = broadcast_object_list([metrics], from_process=0)[0]
     return metrics
 
 
@@ -261,6 +266,8 @@ def _save(job: Job, step: int, model, opt, accelerator, counters: dict) -> None:
     if accelerator.is_main_process:
         save_model(accelerator.unwrap_model(model, keep_torch_compile=False), str(tmp / "model.safetensors"))
         torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker, for an exact resume
+            torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **counters}))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -279,6 +286,8 @@ def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
     try:
         load_model(raw, str(ckpt / "model.safetensors"), device=str(accelerator.device))
         opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+        if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
+            accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. --force across a change of model shape
         raise UserError(f"--resume: {ckpt} does not fit this recipe's model ({str(e).strip().splitlines()[0][:200]})") \
             from None

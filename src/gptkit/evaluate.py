@@ -126,12 +126,13 @@ def label_scores(ctx: Ctx, prompts: list[str]) -> list[str]:
     import torch
 
     from gptkit.modeling import context_length
+    from gptkit.tokenizer import prompt_ids
 
     seqs, spans = [], []
     for p in prompts:
         for label in ctx.labels:
             tail = ctx.tok(" " + label, add_special_tokens=False)["input_ids"]
-            seqs.append((ctx.tok(p)["input_ids"] + tail)[-context_length(ctx.model.config):])
+            seqs.append((prompt_ids(ctx.tok, p) + tail)[-context_length(ctx.model.config):])
             spans.append((len(seqs[-1]) - len(tail), tail))
     width, pad = max(map(len, seqs)), ctx.tok.pad_token_id or 0
     ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=ctx.model.device)

@@ -147,7 +147,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     if recipe.finetune.method == "lora":
         model = _lora(recipe, model, task_name)
     val_rows = _eval_subset(rows.get("validation", []), recipe.finetune.eval_examples)
-    evaluate = (lambda m: task.score(task.predict(m, tokenizer, val_rows, recipe), val_rows, recipe)) if val_rows else None
+    evaluate = _sharded_scoring(task, tokenizer, val_rows, recipe, accelerator) if val_rows else None
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
     engine.check_disk_space(run_dir, n_params, recipe.train.keep_last)
@@ -167,6 +167,26 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
             result.update(_score_test(recipe, task, run_dir, tokenizer, rows["test"], model))
     accelerator.wait_for_everyone()
     return result
+
+
+def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelerator):
+    """Validation metrics with the prediction split across processes (rank r predicts rows r, r+world, ...);
+    every rank gathers all predictions in order and scores them (the engine then takes the main process's
+    figures, so every rank makes the same best-checkpoint and early-stopping decisions)."""
+    from accelerate.utils import gather_object
+
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    def evaluate(model) -> dict[str, float]:
+        mine = list(range(rank, len(rows), world))
+        preds = task.predict(model, tokenizer, [rows[i] for i in mine], recipe)
+        pairs = list(zip(mine, preds))
+        if world > 1:
+            pairs = gather_object(pairs)
+        ordered = [p for _, p in sorted(pairs, key=lambda ip: ip[0])]
+        return task.score(ordered, rows, recipe)
+
+    return evaluate
 
 
 def _keep_best(recipe: Recipe, task_name: str, run_dir: Path, tokenizer, model):

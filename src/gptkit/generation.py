@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any, TextIO
 
@@ -16,6 +17,7 @@ from transformers import TextStreamer
 
 from gptkit.errors import UserError
 from gptkit.modeling import is_encoder_decoder
+from gptkit.tokenizer import prompt_ids
 
 
 @dataclass
@@ -105,12 +107,12 @@ def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
 def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions) -> list[list[int]]:
     """Token ids per prompt; empty prompts start from BOS/EOS. A long prompt keeps its last tokens (decoder-only:
     they must leave room for the new ones) or, for an encoder, its first (as fine-tuning cut them)."""
-    ids = tokenizer(list(prompts))["input_ids"]
+    encoder = is_encoder_decoder(model.config)
+    ids = [prompt_ids(tokenizer, p, encoder) for p in prompts]  # as fine-tuning encoded them
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and options.max_new_tokens >= limit:
         raise UserError(f"max_new_tokens={options.max_new_tokens} must be < the model's context size ({limit} tokens)")
-    encoder = is_encoder_decoder(model.config)
     keep = None if limit is None else limit if encoder else limit - options.max_new_tokens
     encoded = []
     for i, seq in enumerate(ids):
@@ -125,6 +127,19 @@ def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: Dec
             seq = tokenizer(prompts[i], truncation=True, max_length=keep)["input_ids"] if encoder else seq[-keep:]
         encoded.append(list(seq))
     return encoded
+
+
+@contextmanager
+def _seeded(model: Any, seed: int | None):
+    """Seed sampling without touching the caller's random state (validation runs inside a training loop whose
+    dropout and data must not depend on whether it sampled)."""
+    if seed is None:
+        yield
+        return
+    devices = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 def generate_batch(
@@ -152,9 +167,7 @@ def generate_batch(
     try:
         if tokenizer.pad_token is None:  # tokenizers not loaded by gptkit.trained
             tokenizer.pad_token = tokenizer.eos_token
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
-        with torch.inference_mode():
+        with _seeded(model, options.seed), torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(model.device)

@@ -103,13 +103,16 @@ class DataConfig(_Section):
     num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
 
 
+LORA_LR = 1e-3  # train.lr's default for finetune.method: lora (3x the full default; tested on the learning tasks)
+
+
 class TrainConfig(_Section):
     """The optimisation loop (shared by every command that trains)."""
 
     max_steps: int = Field(1000, ge=1, description="Optimizer steps.")
     batch_size: int = Field(8, ge=1, description="Micro-batch size per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
-    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (AdamW).")
+    lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (AdamW); unset with finetune.method lora: 1e-3.")
     min_lr: float = Field(3e-5, ge=0.0, description="Floor the schedule decays to.")
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
@@ -213,6 +216,15 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @model_validator(mode="after")
+    def _lora_learning_rate(self) -> Recipe:
+        """LoRA's low-rank updates learn with a larger step than full fine-tuning: unless the recipe sets
+        train.lr, a LoRA fine-tune uses LORA_LR (resolved here, so the recipe saved with the run shows it)."""
+        if self.finetune.method == "lora" and "lr" not in self.train.model_fields_set:
+            self.train.lr = LORA_LR
+            self.train.model_fields_set.add("lr")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- loading

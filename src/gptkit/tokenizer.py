@@ -88,3 +88,28 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[list[str]], context: i
     if cfg.kind == "char":
         return train_char(texts, context)
     return train_bpe(texts, cfg.vocab_size, context)
+
+
+def prompt_ids(tokenizer, text: str, encoder: bool = False) -> list[int]:
+    """Token ids of a prompt, encoded the same way in training, evaluation and generation. An encoder's input
+    takes the tokenizer's special tokens (T5's </s>, BART's <s>...</s>). A decoder-only prompt starts with BOS
+    when the tokenizer puts one there (Llama-style tokenizers; GPT-2's adds nothing) and never ends in EOS, which
+    would tell the model the text is over."""
+    if encoder:
+        return tokenizer(text)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if adds_bos(tokenizer) else ids
+
+
+def adds_bos(tokenizer) -> bool:
+    """Whether the tokenizer starts a sequence with its BOS token when asked for special tokens."""
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return False
+    cached = getattr(tokenizer, "_gptkit_adds_bos", None)
+    if cached is None:
+        plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+        special = tokenizer("a")["input_ids"]
+        cached = len(special) > len(plain) and special[0] == bos and plain[:1] != [bos]
+        tokenizer._gptkit_adds_bos = cached
+    return cached

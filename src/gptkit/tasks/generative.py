@@ -14,6 +14,7 @@ import torch
 
 from gptkit import modeling
 from gptkit.errors import UserError
+from gptkit.tokenizer import prompt_ids
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +64,12 @@ def render(template: str, row: dict, field: str = "finetune.prompt") -> str:
 
 def fit_prompt(tokenizer, template: str, row: dict, field: str | None, budget: int, *, special: bool = False
                ) -> tuple[str, list[int], bool]:
-    """(the rendered prompt, its token ids, whether it was shortened): when the prompt is longer than ``budget``
+    """(the rendered prompt, its token ids as :func:`gptkit.tokenizer.prompt_ids` encodes it for generation —
+    ``special``: an encoder's input —, whether it was shortened): when the prompt is longer than ``budget``
     tokens, the row's ``field`` (the document, the source, the context) loses its end, so the instruction
     around it ("TL;DR:", the question) survives. Callers still hard-cut what no field can absorb."""
     text = render(template, row)
-    prompt = tokenizer(text, add_special_tokens=special)["input_ids"]
+    prompt = prompt_ids(tokenizer, text, special)
     if len(prompt) <= budget or field is None or f"{{{field}}}" not in template:
         return text, prompt, len(prompt) > budget
     ids = tokenizer(str(row[field]), add_special_tokens=False)["input_ids"]
@@ -75,7 +77,7 @@ def fit_prompt(tokenizer, template: str, row: dict, field: str | None, budget: i
     for _ in range(4):  # merges across the cut can move the count by a token or two
         keep = max(0, keep - (len(prompt) - budget))
         text = render(template, {**row, field: tokenizer.decode(ids[:keep]).rstrip("\ufffd")})
-        prompt = tokenizer(text, add_special_tokens=special)["input_ids"]
+        prompt = prompt_ids(tokenizer, text, special)
         if len(prompt) <= budget or keep == 0:
             break
     return text, prompt, True

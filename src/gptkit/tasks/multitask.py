@@ -9,6 +9,8 @@ primary metric, which picks the best checkpoint.
 
 from __future__ import annotations
 
+import numpy as np
+
 from gptkit import tasks
 from gptkit.errors import UserError
 from gptkit.tasks import generative as gen
@@ -54,27 +56,41 @@ def load_splits(recipe) -> dict[str, list[dict]]:
 
 
 class Mixture:
-    """Examples of several tasks. For training, each task fills a share of the epoch proportional to its
-    weight (its examples repeated or subsampled to fit); otherwise every example appears once."""
+    """Examples of several tasks. For training, each task fills a share of every epoch proportional to its weight;
+    the rows of a share are read from an endless stream of seeded permutations of the task's rows (a new one per
+    pass), so over epochs every row is seen equally often (±1) and none is skipped, and the row at any slot is a
+    pure function of (seed, epoch, slot): resume stays exact. Otherwise every example appears once, in order."""
 
-    def __init__(self, parts: list[tuple[float, gen.Examples]], weighted: bool):
-        self.parts = [p for _, p in parts]
+    def __init__(self, parts: list[tuple[float, gen.Examples]], weighted: bool, seed: int = 0):
+        self.parts, self.seed, self.weighted = [p for _, p in parts], seed, weighted
         total, wsum = sum(len(p) for p in self.parts), sum(w for w, _ in parts)
         self.sizes = [max(1, round(total * w / wsum)) if weighted else len(p) for w, p in parts]
         self.pad_id, self.decoder_start = self.parts[0].pad_id, self.parts[0].decoder_start
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
 
     def __len__(self) -> int:
         return sum(self.sizes)
 
-    def _row(self, i: int) -> dict:
-        for part, size in zip(self.parts, self.sizes):
+    def _perm(self, k: int, rounds: int) -> np.ndarray:
+        if (k, rounds) not in self._perms:
+            if len(self._perms) > 64:
+                self._perms.clear()
+            self._perms[k, rounds] = np.random.default_rng([self.seed, k, rounds]).permutation(len(self.parts[k]))
+        return self._perms[k, rounds]
+
+    def row(self, i: int, epoch: int = 0) -> dict:
+        """The example at slot ``i`` of ``epoch``."""
+        for k, (part, size) in enumerate(zip(self.parts, self.sizes)):
             if i < size:
-                return part.rows[i % len(part)]
+                if not self.weighted:
+                    return part.rows[i]
+                pos = epoch * size + i  # position in task k's stream of permutations
+                return part.rows[int(self._perm(k, pos // len(part))[pos % len(part)])]
             i -= size
         raise IndexError(i)
 
     def batch(self, indices: list[int], epochs: list[int] | None = None) -> dict:
-        rows = [self._row(i) for i in indices]
+        rows = [self.row(i, e) for i, e in zip(indices, epochs or [0] * len(indices))]
         return gen.Examples(rows, self.pad_id, self.decoder_start).batch(list(range(len(rows))))
 
 
@@ -86,7 +102,7 @@ def preprocess(recipe, tokenizer, rows, split, model=None) -> Mixture:
             examples = tasks.load(sub.task).preprocess(sub_recipe(recipe, i), tokenizer, mine, f"{split} ({sub.task})",
                                                        model)
             parts.append((sub.weight, examples))
-    return Mixture(parts, weighted=split == "train")
+    return Mixture(parts, weighted=split == "train", seed=recipe.train.seed)
 
 
 def predict(model, tokenizer, rows, recipe) -> list:
