@@ -36,7 +36,8 @@ def tiny_recipe(path: Path, corpus: Path, out: Path, **sections) -> Path:
         "model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "context": 32, "tie_embeddings": False},
         "data": {"train_files": [str(corpus)], "val_fraction": 0.1},
         "train": {"max_steps": 20, "batch_size": 8, "lr": 1e-2, "min_lr": 1e-3, "warmup_steps": 5,
-                  "eval_every": 10, "eval_batches": 4, "log_every": 1, "save_every": 10},
+                  "eval_every": 10, "eval_batches": 4, "log_every": 1, "save_every": 10,
+                  "seed": int(os.environ.get("GPTKIT_TEST_SEED", "1337"))},
         "output": {"dir": str(out)},
     }
     for sec, values in sections.items():

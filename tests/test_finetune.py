@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from tasks_helpers import (base_recipe, classify_rows, finetune_recipe, llama_base, lora_test_metrics, preprocess_capped,
+from tasks_helpers import (SEED, base_recipe, classify_rows, finetune_recipe, llama_base, lora_test_metrics, preprocess_capped,
                            read_test_metrics, splits, summarize_rows, translate_rows, write_jsonl)
 
 
@@ -88,7 +88,7 @@ def test_llama_base_encodes_prompts_as_generation_does_and_learns(tmp_path):
     data = translate.preprocess(load_recipe(recipe), tok, rows, "train")
     model = translate.build_model(load_recipe(recipe), tok, rows)
     for row, ex in zip(rows, data.rows):
-        prompt = _encode_prompts(model, tok, [translate.PROMPT.format(**row)], DecodingOptions())[0]
+        prompt = _encode_prompts(model, tok, [translate.PROMPT.format(**row)], DecodingOptions(max_new_tokens=8))[0]
         assert prompt[0] == tok.bos_token_id and ex["input_ids"][: len(prompt)] == prompt
         assert ex["labels"][: len(prompt)] == [-100] * len(prompt) and ex["input_ids"][-1] == tok.eos_token_id
     code, _, err = run_cli("finetune", str(recipe))
@@ -248,7 +248,7 @@ def test_multitask_learns_both_tasks_in_one_model(tmp_path, base):
              **{f"{k}_files": [str(v)] for k, v in (("train", su["train"]), ("val", su["validation"]), ("test", su["test"]))}},
         ]},
         "train": {"max_steps": 800, "batch_size": 16, "lr": 3e-3, "min_lr": 3e-4, "warmup_steps": 20,
-                  "eval_every": 400, "save_every": 400, "log_every": 50, "weight_decay": 0.0},
+                  "eval_every": 400, "save_every": 400, "log_every": 50, "weight_decay": 0.0, "seed": SEED},
         "output": {"dir": str(tmp_path / "mt")},
     }
     path = tmp_path / "mt.yaml"
