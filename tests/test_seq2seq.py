@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_user_error, run_cli
-from tasks_helpers import (classify_rows, finetune_recipe, preprocess_capped, read_test_metrics, seq2seq_base, splits,
-                           summarize_rows, translate_rows)
+from tasks_helpers import (classify_rows, finetune_recipe, learned_mapping, preprocess_capped, read_test_metrics,
+                           seq2seq_base, splits, summarize_rows, translate_rows)
 
 @pytest.fixture(scope="module")
 def bart(tmp_path_factory) -> Path:
@@ -24,10 +24,12 @@ def t5(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def translated(tmp_path_factory, bart) -> Path:
-    """A full fine-tune of the tiny BART on the word-mapping translation (default prompt), with a test split."""
+    """A full fine-tune of the tiny BART on the word-mapping translation (default prompt), with a test split. A
+    randomly initialised BART learns it in a sudden drop whose timing depends on the init: at 600 steps test BLEU
+    was 6.9-96.5 over 3 seeds; at 1,200 it is 95-99 over 4."""
     tmp = tmp_path_factory.mktemp("tr")
     recipe = finetune_recipe(tmp, "tr", "translate", bart, splits(tmp, translate_rows),
-                             train={"max_steps": 600, "eval_every": 200, "save_every": 200})
+                             train={"max_steps": 1200, "eval_every": 400, "save_every": 400})
     code, _, err = run_cli("finetune", str(recipe))
     assert code == 0, err
     return tmp / "tr"
@@ -37,7 +39,7 @@ def test_seq2seq_translate_learns_a_word_mapping(translated):
     from transformers import AutoConfig
 
     scores = read_test_metrics(translated)
-    assert scores["test_bleu"] >= 90, scores
+    assert learned_mapping(scores), scores
     assert AutoConfig.from_pretrained(translated / "best").architectures == ["BartForConditionalGeneration"]
 
 

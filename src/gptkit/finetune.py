@@ -84,9 +84,16 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
         check_batch(recipe.train, len(rows["train"]), 1)
     config = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
     n = modeling.meta_param_count(config)
+    f, method = recipe.finetune, recipe.finetune.method
+    if method == "lora":
+        import torch
+
+        with torch.device("meta"):
+            targets = f.lora_targets or lora_targets(modeling.lm_class(config).from_config(config))
+        method += f" (r {f.lora_r}, alpha {f.lora_alpha}, lr {recipe.train.lr:g}, on {', '.join(targets)})"
     return [f"inputs: rows per split: {', '.join(counts)} (columns found)",
             f"base model: {modeling.describe_arch(config)}, {n:,} parameters, from {recipe.model.init_from}",
-            f"method: {recipe.finetune.method}; best checkpoint by {recipe.finetune.metric or task.METRIC}"]
+            f"method: {method}; best checkpoint by {f.metric or task.METRIC}; loss averaged per {f.loss}"]
 
 
 _HEADS = ("lm_head", "score", "classifier", "qa_outputs")  # output layers: trained whole (task heads) or kept
