@@ -17,8 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-# the test session tokenizes into its own cache, never the user's
+# the test session tokenizes into its own cache, never the user's, and sees an empty Hugging Face cache (a hub
+# test lays out its own): what a developer has downloaded cannot change a result
 os.environ["GPTKIT_CACHE"] = tempfile.mkdtemp(prefix="gptkit-test-cache-")
+os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="gptkit-test-hf-")
 
 
 @pytest.fixture

@@ -423,7 +423,7 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
         (data + [f("e.jsonl", "")], ["e.jsonl", "empty"]),
         (["eval", "--task", "poetry", "--predictions", p3, "--references", r2], ["poetry", "not an eval task"]),
         (["eval", "--model", str(tmp / "notok"), "--task", "translate", "--data", str(test_file)], ["no tokenizer"]),
-        (["eval", "--model", str(tmp / "absent"), "--task", "translate", "--data", str(test_file)], ["not a local"]),
+        (["eval", "--model", str(tmp / "absent"), "--task", "translate", "--data", str(test_file)], ["neither a local directory nor a Hugging Face hub id"]),
         (data + [str(test_file), "--out", str(tmp / "fresh"), "--resume"], ["--resume", "holds no evaluation to resume"]),
         (["eval", "--model", str(lm_dir), "--task", "lm", "--data", f("t.txt", "abc"), "--stride", "65"], ["--stride"]),
         (["eval", "--model", str(lm_dir), "--task", "lm", "--data", f("bad.txt", b"ok\nok\n\xc3\x28\n")],

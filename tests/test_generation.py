@@ -262,11 +262,12 @@ def test_generate_kwargs_only_pass_sampling_params_when_sampling(tok):
     assert (sample_kwargs["temperature"], sample_kwargs["top_k"], sample_kwargs["top_p"]) == (0.5, 0, 1.0)
 
 
-def test_load_for_generation_rejects_non_local_paths(tmp_path, monkeypatch):
+def test_load_for_generation_rejects_what_it_cannot_resolve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    for name in ["gpt2", str(tmp_path / "missing")]:
-        with pytest.raises(UserError, match="not a local directory; gptkit works offline"):
-            load_for_generation(name)
+    with pytest.raises(UserError, match="not in the local Hugging Face cache .*hf download gpt2"):
+        load_for_generation("gpt2")  # the test session's cache is empty and HF_HUB_OFFLINE=1 (conftest)
+    with pytest.raises(UserError, match="neither a local directory nor a Hugging Face hub id"):
+        load_for_generation(str(tmp_path / "missing"))
 
 
 def test_load_for_generation_needs_config_and_tokenizer(tmp_path, model):

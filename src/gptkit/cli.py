@@ -31,9 +31,9 @@ RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or a bundled recipe
 
 
 def _setup_offline_and_logging() -> None:
-    # gptkit never downloads: fail fast on hub names instead of waiting on the network.
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
-        os.environ.setdefault(var, "1")
+    # Hub ids are resolved by gptkit.hub (local cache first; a download only when HF_HUB_OFFLINE is not set);
+    # everything else reads local files: datasets never needs the hub.
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -76,9 +76,9 @@ def load_model(raw: str, task: str):
     from gptkit import trained
     from gptkit.tasks import FINETUNE_TASKS
 
-    path = Path(raw).expanduser()
-    if not path.is_dir():
-        raise UserError(f"--model: {raw} is not a local directory; gptkit works offline and never downloads models")
+    from gptkit import hub
+
+    path = hub.resolve(raw, "--model").path
     run, home = rundir.run_of(path)
     if run is None or run.task not in FINETUNE_TASKS:
         model, tok = trained.load_lm(path)
@@ -355,8 +355,13 @@ def run_multitask(opts: Options, recipe, model_path: str, out: Path) -> dict:
 
 def run(opts: Options, recipe=None) -> dict:
     """Resolve mode, task, model, data and output folder; evaluate; return what metrics.json holds."""
-    model_path = opts.model or (_recipe_model(recipe) if recipe is not None and not opts.predictions else None)
+    from gptkit import hub
+
+    given = opts.model and str(hub.resolve(opts.model, "--model").path)  # a hub id: its snapshot in the local cache
+    model_path = given or (_recipe_model(recipe) if recipe is not None and not opts.predictions else None)
     run_recipe, home = rundir.run_of(Path(model_path).expanduser()) if model_path else (None, Path("."))
+    if given and not Path(opts.model).expanduser().is_dir():
+        home = Path(".")  # default output beside the user, never inside the Hugging Face cache
     if not (model_path or opts.predictions or opts.references):
         raise UserError("eval: pass --model DIR with --data FILE, a RECIPE, or --predictions with --references")
     if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1) or min(opts.bootstrap, opts.few_shot) < 0:

@@ -49,8 +49,9 @@ def _eval_subset(rows: list[dict], n: int | None) -> list[dict]:
 def check(recipe: Recipe, task_name: str) -> None:
     """Read-only checks: base checkpoint and tokenizer, every split's files and columns."""
     if not recipe.model.init_from:
-        raise UserError("model.init_from: finetune needs a local base checkpoint directory (e.g. a gptkit pretrain run)")
-    base = modeling.check_local_dir(recipe.model.init_from, "model.init_from")
+        raise UserError("model.init_from: finetune needs a base checkpoint: a local directory (e.g. a gptkit pretrain "
+                        "run) or a Hugging Face hub id")
+    base = modeling.model_dir(recipe.model.init_from, "model.init_from")
     if not any((base / f).is_file() for f in modeling.TOKENIZER_FILES):
         raise UserError(f"model.init_from: {base} has no tokenizer files; save the tokenizer next to the model")
     if not recipe.data.train_files and task_name != "multitask":

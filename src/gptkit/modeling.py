@@ -12,14 +12,12 @@ from gptkit.recipe import ModelConfig
 # Files that carry a vocabulary (any one will do); tokenizer_config.json alone cannot build a tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
 
-def check_local_dir(path: str, field: str) -> Path:
-    """A local checkpoint directory, or one clear error (never a network attempt)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(
-            f"{field}: '{path}' is not a local directory; gptkit works offline and never downloads "
-            "(download the checkpoint once elsewhere and point to its folder)"
-        )
+def model_dir(path: str, field: str) -> Path:
+    """The checkpoint folder of a local directory or a hub id (its snapshot in the local Hugging Face cache,
+    :mod:`gptkit.hub`), or one clear error."""
+    from gptkit import hub
+
+    p = hub.resolve(path, field).path
     if not (p / "config.json").is_file():
         raise UserError(f"{field}: '{path}' has no config.json; expected a Hugging Face checkpoint directory")
     return p
@@ -68,7 +66,7 @@ def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
     from transformers import AutoConfig
 
     if cfg.init_from:
-        path = check_local_dir(cfg.init_from, "model.init_from")
+        path = model_dir(cfg.init_from, "model.init_from")
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
         if is_encoder_decoder(config):
             raise UserError(f"model.init_from: {path} is an encoder-decoder ({config.model_type}); pretrain continues "
@@ -101,7 +99,7 @@ def base_config(path: str, field: str = "model.init_from", trust_remote_code: bo
     """The config of a local checkpoint directory, or one clear error."""
     from transformers import AutoConfig
 
-    p = check_local_dir(path, field)
+    p = model_dir(path, field)
     try:
         return AutoConfig.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError) as e:
@@ -124,7 +122,8 @@ def build_model(cfg: ModelConfig, config):
     if cfg.init_from:
         try:
             return AutoModelForCausalLM.from_pretrained(
-                cfg.init_from, attn_implementation=cfg.attn_implementation, trust_remote_code=cfg.trust_remote_code
+                model_dir(cfg.init_from, "model.init_from"), attn_implementation=cfg.attn_implementation,
+                trust_remote_code=cfg.trust_remote_code
             )
         except (OSError, ValueError) as e:
             raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None

@@ -47,7 +47,7 @@ def check(recipe: Recipe) -> Plan:
     val = data_mod.resolve_files(recipe.data.val_files, "data.val_files") if recipe.data.val_files else []
     tok, mcfg = recipe.tokenizer, recipe.model
     if mcfg.init_from:
-        modeling.check_local_dir(mcfg.init_from, "model.init_from")
+        modeling.model_dir(mcfg.init_from, "model.init_from")
     cached = _tokenizer_cache_dir(recipe, train)
     if tok.kind == "pretrained":
         vocab, note = len(load_local(tok.path or "", trust_remote_code=mcfg.trust_remote_code)), ""

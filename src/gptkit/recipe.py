@@ -33,7 +33,8 @@ class ModelConfig(_Section):
 
     arch: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture family (transformers config class).")
     init_from: str | None = Field(
-        None, description="Local Hugging Face checkpoint directory to continue from; overrides the size spec."
+        None, description="Checkpoint to continue from: a local directory or a Hugging Face hub id "
+        "(org/name[@revision], from the local cache; downloaded once unless HF_HUB_OFFLINE=1); overrides the size spec."
     )
     n_layer: int = Field(4, ge=1, le=256, description="Transformer blocks.")
     n_head: int = Field(4, ge=1, description="Attention heads per block.")
@@ -69,7 +70,7 @@ class TokenizerConfig(_Section):
         "bpe", description="bpe: train byte-level BPE; char: one token per character; pretrained: load `path`."
     )
     vocab_size: int = Field(8192, ge=260, description="Target vocabulary size for bpe (ignored for char).")
-    path: str | None = Field(None, description="Local tokenizer directory (kind: pretrained).")
+    path: str | None = Field(None, description="Tokenizer directory or hub id (kind: pretrained).")
 
     @model_validator(mode="after")
     def _path_for_pretrained(self) -> TokenizerConfig:
@@ -260,18 +261,26 @@ _PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_d
 _PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files"), ("data", "test_files")}
 
 
+_MODEL_FIELDS = {("model", "init_from"), ("tokenizer", "path")}  # a folder, or a hub id (org/name[@revision])
+
+
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
-    def fix(p: Any) -> Any:
+    from gptkit.hub import is_hub_id
+
+    def fix(p: Any, hub_ok: bool = False) -> Any:
         if not isinstance(p, str) or not p:
             return p
         p = str(Path(p).expanduser())
-        return p if Path(p).is_absolute() else str((base / p).resolve())
+        if Path(p).is_absolute():
+            return p
+        local = base / p
+        return p if hub_ok and not local.exists() and is_hub_id(p) else str(local.resolve())
 
     for sec, key in _PATH_FIELDS | _PATH_LIST_FIELDS:
         section = raw.get(sec)
         if isinstance(section, dict) and key in section:
             v = section[key]
-            section[key] = [fix(x) for x in v] if isinstance(v, list) else fix(v)
+            section[key] = [fix(x) for x in v] if isinstance(v, list) else fix(v, (sec, key) in _MODEL_FIELDS)
     subtasks = (raw.get("finetune") or {}).get("tasks") if isinstance(raw.get("finetune"), dict) else None
     for sub in subtasks if isinstance(subtasks, list) else []:
         for key in ("train_files", "val_files", "test_files"):

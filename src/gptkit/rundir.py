@@ -92,7 +92,17 @@ def create(run_dir: Path, recipe: Recipe, *, overwrite: bool, command: list[str]
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
-    (run_dir / RUN_FILE).write_text(json.dumps(environment(command), indent=1))
+    (run_dir / RUN_FILE).write_text(json.dumps({**environment(command), "sources": sources(recipe)}, indent=1))
+
+
+def sources(recipe: Recipe) -> dict:
+    """Where the recipe's base model and tokenizer came from: a local path, or a hub id with the commit its
+    revision resolved to."""
+    from gptkit import hub
+
+    named = {"model.init_from": recipe.model.init_from,
+             "tokenizer.path": recipe.tokenizer.path if recipe.tokenizer.kind == "pretrained" else None}
+    return {field: hub.resolve(value, field).record() for field, value in named.items() if value}
 
 
 def environment(command: list[str]) -> dict:

@@ -65,15 +65,12 @@ def train_bpe(texts: Iterable[list[str]], vocab_size: int, model_max_length: int
 
 
 def load_local(path: str, field: str = "tokenizer.path", trust_remote_code: bool = False):
-    """A tokenizer from a local directory; hub names fail at once instead of trying the network."""
+    """A tokenizer from a local directory or a hub id (resolved through the local Hugging Face cache)."""
     from transformers import AutoTokenizer
 
-    p = Path(path)
-    if not p.is_dir():
-        raise UserError(
-            f"{field}: '{path}' is not a local directory; gptkit works offline and never downloads "
-            "(download the tokenizer once elsewhere and point to its folder)"
-        )
+    from gptkit import hub
+
+    p = hub.resolve(path, field).path
     try:
         tok = AutoTokenizer.from_pretrained(str(p), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:

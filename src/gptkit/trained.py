@@ -88,7 +88,8 @@ def load_model(path: Path, task: str, recipe: Any):
         return cls.from_pretrained(str(path), trust_remote_code=trust)
     from peft import PeftModel
 
-    base = cls.from_pretrained(recipe.model.init_from, config=config, trust_remote_code=trust)
+    base = cls.from_pretrained(modeling.model_dir(recipe.model.init_from or "", "model.init_from"), config=config,
+                               trust_remote_code=trust)
     return PeftModel.from_pretrained(base, str(path))
 
 
@@ -113,13 +114,10 @@ def load_lm(path: str | Path) -> tuple[Any, Any]:
     directory), in eval mode. Never downloads: a hub name is a :class:`UserError`. Task-head runs are refused."""
     from transformers import AutoConfig, AutoTokenizer
 
+    from gptkit import hub
+
     modeling.quiet_loading()
-    directory = Path(path).expanduser()
-    if not directory.is_dir():
-        raise UserError(
-            f"{path} is not a local directory; gptkit works offline and never downloads models: "
-            "pass a directory written by save_pretrained (config.json, weights, tokenizer files)"
-        )
+    directory = hub.resolve(str(path), "model").path
     run, home = rundir.run_of(directory)
     if run is not None and has_head(run.task, run):
         raise UserError(f"{directory}: a {run.task} run has a task head ({'labels' if run.task == 'classify' else 'spans'}), "

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from gptkit import metrics
+from gptkit import metrics, modeling
 from gptkit.errors import UserError
 from gptkit.tasks.generative import Examples as _Padded
 
@@ -32,7 +32,8 @@ def build_model(recipe, tokenizer, train_rows):
 
     names = label_names(train_rows)
     model = AutoModelForSequenceClassification.from_pretrained(
-        recipe.model.init_from, num_labels=len(names), id2label=dict(enumerate(names)),
+        modeling.model_dir(recipe.model.init_from or "", "model.init_from"), num_labels=len(names),
+        id2label=dict(enumerate(names)),
         label2id={n: i for i, n in enumerate(names)}, attn_implementation=recipe.model.attn_implementation,
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # GPT-style heads read the last non-pad token

@@ -96,7 +96,8 @@ def _base(recipe):
 def build_model(recipe, tokenizer, train_rows):
     """The base checkpoint as a causal LM, or as a sequence-to-sequence LM when it is an encoder-decoder."""
     cls = modeling.lm_class(_base(recipe))
-    model = cls.from_pretrained(recipe.model.init_from, attn_implementation=recipe.model.attn_implementation)
+    model = cls.from_pretrained(modeling.model_dir(recipe.model.init_from or "", "model.init_from"),
+                                attn_implementation=recipe.model.attn_implementation)
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

@@ -17,7 +17,7 @@ import logging
 
 import torch
 
-from gptkit import metrics
+from gptkit import metrics, modeling
 from gptkit.errors import UserError
 from gptkit.tasks import generative as gen
 
@@ -66,7 +66,8 @@ def build_model(recipe, tokenizer, train_rows):
 
     try:
         model = AutoModelForQuestionAnswering.from_pretrained(
-            recipe.model.init_from, attn_implementation=recipe.model.attn_implementation)
+            modeling.model_dir(recipe.model.init_from or "", "model.init_from"),
+            attn_implementation=recipe.model.attn_implementation)
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise

@@ -1,0 +1,87 @@
+"""Hub ids (``name``, ``org/name``, ``org/name@revision``) resolve through a Hugging Face cache laid out as
+huggingface_hub lays it out (``models--org--name/refs/main``, ``snapshots/<sha>/``), offline, sockets guarded."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+from conftest import assert_user_error, run_cli
+from tasks_helpers import base_recipe, finetune_recipe, splits, translate_rows
+
+MAIN, PINNED = "a" * 40, "b" * 40
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    tmp = tmp_path_factory.mktemp("hub_base")
+    code, _, err = run_cli("pretrain", str(base_recipe(tmp)))
+    assert code == 0, err
+    return tmp / "base"
+
+
+@pytest.fixture
+def cache(tmp_path, tiny, monkeypatch) -> Path:
+    """``tiny-gpt`` and ``org/tiny-gpt`` at commit MAIN (refs/main); ``org/tiny-gpt`` also at PINNED, whose config
+    differs (a marker field), so a test can tell which snapshot was loaded. No network: sockets raise."""
+    root = tmp_path / "hub"
+    for repo in ("tiny-gpt", "org/tiny-gpt"):
+        folder = root / f"models--{repo.replace('/', '--')}"
+        shutil.copytree(tiny, folder / "snapshots" / MAIN, ignore=shutil.ignore_patterns("checkpoints", "*.jsonl",
+                                                                                         "tensorboard", "*.png"))
+        (folder / "refs").mkdir()
+        (folder / "refs" / "main").write_text(MAIN)
+    pinned = root / "models--org--tiny-gpt" / "snapshots" / PINNED
+    shutil.copytree(root / "models--org--tiny-gpt" / "snapshots" / MAIN, pinned)
+    config = json.loads((pinned / "config.json").read_text())
+    (pinned / "config.json").write_text(json.dumps({**config, "gptkit_test_marker": "pinned"}))
+    monkeypatch.setenv("HF_HUB_CACHE", str(root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    return root
+
+
+@pytest.mark.parametrize("name, commit, offline", [("tiny-gpt", MAIN, "1"), ("org/tiny-gpt", MAIN, ""),
+                                                   (f"org/tiny-gpt@{PINNED}", PINNED, "1")])
+def test_finetune_eval_and_generate_from_a_hub_id(tmp_path, cache, monkeypatch, name, commit, offline):
+    """With HF_HUB_OFFLINE=1, and with the network allowed: a cached id is used without asking the hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+    recipe = finetune_recipe(tmp_path, "run", "translate", Path("unused"), splits(tmp_path, translate_rows, 40),
+                             train={"max_steps": 4, "eval_every": 4, "save_every": 4, "batch_size": 8},
+                             finetune={"eval_examples": 4, "max_new_tokens": 4})
+    code, _, err = run_cli("finetune", str(recipe), f"model.init_from={name}")
+    assert code == 0, err
+    source = json.loads((tmp_path / "run" / "run.json").read_text())["sources"]["model.init_from"]
+    assert source["hub_id"] == name.partition("@")[0] and source["commit"] == commit
+    assert source["path"].endswith(f"snapshots/{commit}")
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config.get("gptkit_test_marker") == ("pinned" if commit == PINNED else None)
+    code, out, err = run_cli("eval", "--model", name, "--task", "translate", "--data", str(tmp_path / "test.jsonl"),
+                             "--max-new-tokens", "4", "--out", str(tmp_path / "e"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["model"]["path"].endswith(commit)
+    code, out, err = run_cli("generate", name, "--prompt", "red =>", "--max-new-tokens", "4")
+    assert code == 0 and out.startswith("red =>"), err
+
+
+def test_an_id_missing_from_the_cache_says_how_to_fetch_it(tmp_path, cache):
+    recipe = finetune_recipe(tmp_path, "run", "translate", Path("unused"), splits(tmp_path, translate_rows, 20))
+    code, _, err = run_cli("finetune", str(recipe), "model.init_from=meta-llama/Llama-3.2-1B")
+    assert_user_error(code, err, "model.init_from", "meta-llama/Llama-3.2-1B", "HF_HUB_OFFLINE=1",
+                      "hf download meta-llama/Llama-3.2-1B")
+    code, _, err = run_cli("finetune", str(recipe), "model.init_from=org/tiny-gpt@" + "c" * 40)
+    assert_user_error(code, err, "model.init_from", "hf download org/tiny-gpt --revision " + "c" * 40)
+    code, _, err = run_cli("generate", "nobody/nothing", "--prompt", "x")
+    assert_user_error(code, err, "nobody/nothing", "hf download nobody/nothing")
+    code, _, err = run_cli("finetune", str(recipe), "model.init_from=./not/a/dir")
+    assert_user_error(code, err, "model.init_from", "neither a local directory nor a Hugging Face hub id")
+    assert not (tmp_path / "run").exists()
