@@ -183,6 +183,29 @@ def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, base):
     assert said[0][0] == 0 and said[0][1] == said[1][1] and said[0][1].strip(), said
 
 
+def test_lora_on_a_bfloat16_base(tmp_path, base):
+    """model.dtype: bfloat16 loads the base in bf16 (a 7B base never materialises in fp32); LoRA adapters train in
+    fp32 on it; the run reloads the same way, and validate estimates the memory of each method."""
+    import torch
+
+    from gptkit import trained
+    from gptkit.recipe import load_recipe
+
+    recipe = finetune_recipe(tmp_path, "bf", "translate", base, splits(tmp_path, translate_rows, 40),
+                             model={"dtype": "bfloat16"}, finetune={"method": "lora", "eval_examples": 4},
+                             train={"max_steps": 6, "eval_every": 6, "save_every": 6, "batch_size": 8})
+    code, out, err = run_cli("validate", str(recipe))
+    assert code == 0 and "model.dtype bfloat16" in out and "LoRA" in out and "sharded over 8" in out, out
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    losses = [json.loads(line)["train_loss"] for line in (tmp_path / "bf" / "metrics.jsonl").read_text().splitlines()
+              if "train_loss" in line]
+    assert losses and all(loss == loss and loss < 20 for loss in losses)  # finite
+    model = trained.load_model(tmp_path / "bf", "translate", load_recipe(tmp_path / "bf" / "recipe.yaml"))
+    dtypes = {next((k for k in ("lora_A", "lora_B") if k in name), "base"): p.dtype for name, p in model.named_parameters()}
+    assert dtypes["base"] == torch.bfloat16 and dtypes["lora_A"] == dtypes["lora_B"] == torch.float32, dtypes
+
+
 @pytest.mark.parametrize(
     "case, sections, needles",
     [

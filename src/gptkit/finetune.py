@@ -86,15 +86,33 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
     config = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
     n = modeling.meta_param_count(config)
     f, method = recipe.finetune, recipe.finetune.method
-    if method == "lora":
-        import torch
+    import torch
 
-        with torch.device("meta"):
-            targets = f.lora_targets or lora_targets(modeling.lm_class(config).from_config(config))
+    with torch.device("meta"):
+        meta = modeling.lm_class(config).from_config(config)
+    targets = f.lora_targets or lora_targets(meta)
+    if method == "lora":
         method += f" (r {f.lora_r}, alpha {f.lora_alpha}, lr {recipe.train.lr:g}, on {', '.join(targets)})"
     return [f"inputs: rows per split: {', '.join(counts)} (columns found)",
             f"base model: {modeling.describe_arch(config)}, {n:,} parameters, from {recipe.model.init_from}",
-            f"method: {method}; best checkpoint by {f.metric or task.METRIC}; loss averaged per {f.loss}"]
+            f"method: {method}; best checkpoint by {f.metric or task.METRIC}; loss averaged per {f.loss}",
+            _memory_line(recipe, meta, n, targets)]
+
+
+def _memory_line(recipe: Recipe, meta, n: int, targets: list[str]) -> str:
+    """Training-state memory per process (weights, gradients, AdamW moments; activations excluded) for full
+    fine-tuning, LoRA, and full fine-tuning sharded over 8 processes (FSDP full shard / ZeRO-3)."""
+    from torch import nn
+
+    width = {"float32": 4, "auto": 4, "bfloat16": 2, "float16": 2}[recipe.model.dtype]
+    adapters = sum(recipe.finetune.lora_r * sum(m.weight.shape) for name, m in meta.named_modules()
+                   if name.rsplit(".", 1)[-1] in targets and isinstance(getattr(m, "weight", None), nn.Parameter))
+    full = n * (width + width + 8)  # weights and gradients in model.dtype, two fp32 AdamW moments
+    lora = n * width + adapters * 16  # frozen base; adapters: fp32 weights, gradients and moments
+    gib = 2**30
+    return (f"training memory per process, activations excluded (model.dtype {recipe.model.dtype}): full "
+            f"{full / gib:.2f} GiB, LoRA {lora / gib:.2f} GiB ({adapters:,} adapter parameters), full sharded over "
+            f"8 processes {full / 8 / gib:.2f} GiB")
 
 
 _HEADS = ("lm_head", "score", "classifier", "qa_outputs")  # output layers: trained whole (task heads) or kept

@@ -112,6 +112,12 @@ def describe_arch(config) -> str:
     return f"{config.model_type} (encoder-decoder)" if is_encoder_decoder(config) else config.model_type
 
 
+def load_kwargs(cfg: ModelConfig) -> dict:
+    """How every model of a recipe loads: attention kernel, weight dtype, remote code."""
+    return {"attn_implementation": cfg.attn_implementation, "dtype": cfg.dtype,
+            "trust_remote_code": cfg.trust_remote_code}
+
+
 def build_model(cfg: ModelConfig, config):
     """The causal LM: weights from ``init_from`` when set, else randomly initialised."""
     from transformers import AutoModelForCausalLM
@@ -121,10 +127,7 @@ def build_model(cfg: ModelConfig, config):
 
     if cfg.init_from:
         try:
-            return AutoModelForCausalLM.from_pretrained(
-                model_dir(cfg.init_from, "model.init_from"), attn_implementation=cfg.attn_implementation,
-                trust_remote_code=cfg.trust_remote_code
-            )
+            return AutoModelForCausalLM.from_pretrained(model_dir(cfg.init_from, "model.init_from"), **load_kwargs(cfg))
         except (OSError, ValueError) as e:
             raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None
     return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)

@@ -55,6 +55,11 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
         "sdpa", description="Attention kernel; sdpa uses torch's fused scaled-dot-product attention."
     )
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Weights of init_from load in this dtype (auto: as saved), so a large base never "
+        "materialises in fp32 first. With LoRA the frozen base stays in it and the adapters train in fp32; full "
+        "fine-tuning in bfloat16 keeps no fp32 master weights."
+    )
 
     @model_validator(mode="after")
     def _heads_divide_width(self) -> ModelConfig:

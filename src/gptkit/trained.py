@@ -89,7 +89,7 @@ def load_model(path: Path, task: str, recipe: Any):
     from peft import PeftModel
 
     base = cls.from_pretrained(modeling.model_dir(recipe.model.init_from or "", "model.init_from"), config=config,
-                               trust_remote_code=trust)
+                               **{**modeling.load_kwargs(recipe.model), "attn_implementation": None})
     return PeftModel.from_pretrained(base, str(path))
 
 

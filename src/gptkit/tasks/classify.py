@@ -34,7 +34,7 @@ def build_model(recipe, tokenizer, train_rows):
     model = AutoModelForSequenceClassification.from_pretrained(
         modeling.model_dir(recipe.model.init_from or "", "model.init_from"), num_labels=len(names),
         id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)}, attn_implementation=recipe.model.attn_implementation,
+        label2id={n: i for i, n in enumerate(names)}, **modeling.load_kwargs(recipe.model),
     )
     model.config.pad_token_id = tokenizer.pad_token_id  # GPT-style heads read the last non-pad token
     return model

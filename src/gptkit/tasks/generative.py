@@ -97,7 +97,7 @@ def build_model(recipe, tokenizer, train_rows):
     """The base checkpoint as a causal LM, or as a sequence-to-sequence LM when it is an encoder-decoder."""
     cls = modeling.lm_class(_base(recipe))
     model = cls.from_pretrained(modeling.model_dir(recipe.model.init_from or "", "model.init_from"),
-                                attn_implementation=recipe.model.attn_implementation)
+                                **modeling.load_kwargs(recipe.model))
     model.config.pad_token_id = tokenizer.pad_token_id
     return model
 

@@ -67,7 +67,7 @@ def build_model(recipe, tokenizer, train_rows):
     try:
         model = AutoModelForQuestionAnswering.from_pretrained(
             modeling.model_dir(recipe.model.init_from or "", "model.init_from"),
-            attn_implementation=recipe.model.attn_implementation)
+            **modeling.load_kwargs(recipe.model))
     except ValueError as e:
         if "Unrecognized configuration class" not in str(e):
             raise
