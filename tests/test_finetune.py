@@ -16,9 +16,9 @@ from tasks_helpers import (SEED, base_recipe, classify_rows, finetune_recipe, le
 # What LoRA (defaults: every linear layer, r 16; the recipe's lr and steps) reaches, as a share of the full
 # fine-tune's figure on the same held-out data. The tiny bases are barely pretrained, so LoRA, which cannot move
 # their embeddings, starts far behind; on a real base the gap is much smaller.
-# Measured (seed 1337, 2 threads): translate BLEU 20.6 of 95 (0.22), summarize ROUGE-L 31.2 of 100 (0.31),
-# classify accuracy 100 of 100; the bounds leave room for other CPUs, thread counts and seeds.
-LORA_SHARE = {"translate": 0.1, "summarize": 0.15, "classify": 0.9}
+# Measured (seeds 1337 and 1, 1-2 threads): translate BLEU 20-33 of 88-95 (0.22+), summarize ROUGE-L 30-32 of
+# 100, classify accuracy 100 of 100, multitask score 13.6-16.4 of ~98; the bounds leave room for other CPUs.
+LORA_SHARE = {"translate": 0.1, "summarize": 0.15, "classify": 0.9, "multitask": 0.08}  # multitask: 0.14-0.17
 
 
 @pytest.fixture(scope="module")
@@ -281,6 +281,8 @@ def test_multitask_learns_both_tasks_in_one_model(tmp_path, base):
     assert code == 0, err
     scores = read_test_metrics(tmp_path / "mt")
     assert learned_mapping(scores, "test_translate_") and scores["test_summarize_rougeL"] >= 90, scores
+    lora = lora_test_metrics(path, tmp_path / "mt-lora")
+    assert lora["test_score"] >= LORA_SHARE["multitask"] * scores["test_score"], lora
     assert scores["test_score"] == pytest.approx((scores["test_translate_bleu"] + scores["test_summarize_rougeL"]) / 2)
     code, _, err = run_cli("eval", "--model", str(tmp_path / "mt"), "--batch-size", "0")
     assert code == 2 and "--batch-size" in err and "Traceback" not in err, err  # checked before any task runs

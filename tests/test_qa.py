@@ -15,7 +15,9 @@ from conftest import run_cli
 from tasks_helpers import (MARKER, QUESTION, WORDS, base_recipe, finetune_recipe, lora_test_metrics, qa_row, qa_rows,
                            read_test_metrics, splits, write_jsonl)
 
-LORA_SHARE = {"extractive": 0.9}  # of the full fine-tune's F1 (measured 0.98; see test_finetune.LORA_SHARE)
+# of the full fine-tune's F1 (see test_finetune.LORA_SHARE): extractive measured 0.98-1.0 (the span head trains
+# whole); generative 0.16-0.18 (F1 15-17: LoRA barely starts the copy circuit on this 20-step base)
+LORA_SHARE = {"extractive": 0.9, "generative": 0.08}
 
 def qa_splits(tmp: Path, n_train: int = 600) -> dict[str, Path]:
     return splits(tmp, qa_rows, n_train)
@@ -63,6 +65,8 @@ def test_generative_answers_learn_the_same_task(tmp_path, base):
     assert code == 0, err
     scores = read_test_metrics(tmp_path / "gqa")
     assert scores["test_exact_match"] >= 90, scores
+    lora = lora_test_metrics(recipe, tmp_path / "gqa-lora")
+    assert lora["test_f1"] >= LORA_SHARE["generative"] * scores["test_f1"], lora
 
 
 class SpanStub(torch.nn.Module):
