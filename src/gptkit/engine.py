@@ -331,20 +331,6 @@ def check_batch(cfg: TrainConfig, n_examples: int, processes: int) -> None:
         )
 
 
-def check_disk_space(run_dir: Path, n_params: int, keep_last: int) -> None:
-    """Refuse to start when the retained checkpoints (+1 being written, + final model) cannot fit."""
-    import shutil
-
-    need = (keep_last + 1) * 12 * n_params + 4 * n_params  # fp32 weights + two AdamW moments each
-    existing = next(p for p in (run_dir, *run_dir.parents) if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < need:
-        raise UserError(
-            f"output.dir: {run_dir} has {free / 1e9:.2f} GB free; {keep_last} kept checkpoints of this model "
-            f"need about {need / 1e9:.2f} GB (lower train.keep_last or free space)"
-        )
-
-
 def fit(job: Job, accelerator) -> dict[str, float]:
     """Train ``job.model`` for ``cfg.max_steps`` optimizer steps; returns the last logged metrics."""
     from tqdm.auto import tqdm

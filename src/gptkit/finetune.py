@@ -176,7 +176,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     evaluate = _sharded_scoring(task, tokenizer, val_rows, recipe, accelerator) if val_rows else None
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
-    engine.check_disk_space(run_dir, n_params, recipe.train.keep_last)
+    rundir.check_disk_space(run_dir, n_params, recipe.train.keep_last)
     if accelerator.is_main_process and not resume:
         rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
     accelerator.wait_for_everyone()

@@ -128,7 +128,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     model = modeling.build_model(recipe.model, config)
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
-    engine.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
+    rundir.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
     if accelerator.is_main_process:
         if not resume:
             rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
