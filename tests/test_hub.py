@@ -85,3 +85,32 @@ def test_an_id_missing_from_the_cache_says_how_to_fetch_it(tmp_path, cache):
     code, _, err = run_cli("finetune", str(recipe), "model.init_from=./not/a/dir")
     assert_user_error(code, err, "model.init_from", "neither a local directory nor a Hugging Face hub id")
     assert not (tmp_path / "run").exists()
+
+
+def test_lora_run_stays_on_the_commit_it_trained_on_and_recipe_eval(tmp_path, cache, monkeypatch):
+    """A LoRA run on org/tiny-gpt (main = MAIN) reloads on MAIN after the cache's main moves to PINNED; `gptkit eval
+    RECIPE` before training evaluates the hub base and writes beside the user, not into the cache."""
+    from gptkit import trained
+    from gptkit.recipe import load_recipe
+
+    recipe = finetune_recipe(tmp_path, "run", "translate", Path("unused"), splits(tmp_path, translate_rows, 40),
+                             model={"init_from": "org/tiny-gpt"}, finetune={"method": "lora", "eval_examples": 4,
+                                                                              "max_new_tokens": 4},
+                             train={"max_steps": 4, "eval_every": 4, "save_every": 4, "batch_size": 8})
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli("eval", str(recipe), "--max-new-tokens", "4")
+    assert code == 0, err
+    assert (tmp_path / "eval-translate" / "metrics.json").is_file() and not list(cache.rglob("eval-*"))
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    (cache / "models--org--tiny-gpt" / "refs" / "main").write_text(PINNED)
+    model = trained.load_model(tmp_path / "run", "translate", load_recipe(tmp_path / "run" / "recipe.yaml"))
+    assert model.get_base_model().name_or_path.endswith(MAIN)
+
+
+def test_float16_weights_are_not_trained_directly(tmp_path, cache):
+    recipe = finetune_recipe(tmp_path, "run", "translate", Path("unused"), splits(tmp_path, translate_rows, 20),
+                             model={"init_from": "tiny-gpt", "dtype": "float16"})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert_user_error(code, err, "model.dtype", "float16", "finetune.method: lora")
+    assert not (tmp_path / "run").exists()

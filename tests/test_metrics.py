@@ -326,3 +326,11 @@ def test_empty_reference_list_for_an_example_raises():
     for fn in (metrics.bleu, metrics.rouge, metrics.squad_scores):
         with pytest.raises(UserError, match=r"references\[1\]"):
             fn(["a", "b"], [["a"], []])
+
+
+def test_sentence_splitter_edge_cases_and_cjk_tokens():
+    assert metrics.split_sentences("The value was 3.5. Next one. I said no. He left.") == [
+        "The value was 3.5.", "Next one.", "I said no.", "He left."]
+    assert metrics.split_sentences("今天天气很好。我们去公园！好吗？") == ["今天天气很好。", "我们去公园！", "好吗？"]
+    # CJK characters are tokens of their own even beside digits and Latin letters
+    assert metrics.UnicodeTokenizer().tokenize("2023年5月 GPT模型") == ["2023", "年", "5", "月", "gpt", "模", "型"]

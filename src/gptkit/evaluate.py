@@ -357,10 +357,10 @@ def run(opts: Options, recipe=None) -> dict:
     """Resolve mode, task, model, data and output folder; evaluate; return what metrics.json holds."""
     from gptkit import hub
 
-    given = opts.model and str(hub.resolve(opts.model, "--model").path)  # a hub id: its snapshot in the local cache
-    model_path = given or (_recipe_model(recipe) if recipe is not None and not opts.predictions else None)
+    named = opts.model or (_recipe_model(recipe) if recipe is not None and not opts.predictions else None)
+    model_path = named and str(hub.resolve(named, "--model").path)  # a hub id: its snapshot in the local cache
     run_recipe, home = rundir.run_of(Path(model_path).expanduser()) if model_path else (None, Path("."))
-    if given and not Path(opts.model).expanduser().is_dir():
+    if named and not Path(named).expanduser().is_dir():
         home = Path(".")  # default output beside the user, never inside the Hugging Face cache
     if not (model_path or opts.predictions or opts.references):
         raise UserError("eval: pass --model DIR with --data FILE, a RECIPE, or --predictions with --references")

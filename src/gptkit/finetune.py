@@ -172,6 +172,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
         task.preprocess(recipe, tokenizer, rows["test"], "test", model)
     if recipe.finetune.method == "lora":
         model = _lora(recipe, model, task_name)
+    modeling.trainable_precision(model, recipe.finetune.method)
     val_rows = _eval_subset(rows.get("validation", []), recipe.finetune.eval_examples)
     evaluate = _sharded_scoring(task, tokenizer, val_rows, recipe, accelerator) if val_rows else None
     n_params = sum(p.numel() for p in model.parameters())

@@ -109,9 +109,10 @@ def translation_scores(predictions: Sequence[str], references: References) -> di
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 ROUGE_TOKENIZERS = ("default", "unicode")
 
-_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs etc fig figs eq eqs al e.g i.e cf no vol pp ca approx "
+_ABBREVIATIONS = frozenset("mr mrs ms dr prof sr jr st vs etc fig figs eq eqs al e.g i.e cf vol pp ca approx "
                            "inc ltd co corp dept univ jan feb mar apr jun jul aug sep sept oct nov dec".split())
-_SENTENCE_END = re.compile(r"""(?<=[.!?。！？])["'”’)\]]*\s+""")
+_SENTENCE_END = re.compile(r"""(?<=[.!?])["'”’)\]]*\s+|(?<=[。！？])["'”’」』)\]]*\s*""")  # CJK: no space needed
+_ACRONYM = re.compile(r"(?:[a-z]\.)+[a-z]")  # u.s, e.g (the final period is stripped before matching)
 
 
 def split_sentences(text: str) -> list[str]:
@@ -125,7 +126,7 @@ def split_sentences(text: str) -> list[str]:
         for m in _SENTENCE_END.finditer(line):
             words = line[start : m.start()].split()
             last = words[-1].rstrip(".!?\"'”’)]").lower() if words else ""
-            initial = len(last) == 1 and last.isalpha() or "." in last and len(last) <= 5  # J. R. / U.S.
+            initial = len(last) == 1 and last.isalpha() and last != "i" or _ACRONYM.fullmatch(last)  # J. R. / U.S.
             if line[m.start() - 1] == "." and (last in _ABBREVIATIONS or initial):
                 continue
             out.append(line[start : m.start()].strip())
@@ -139,7 +140,8 @@ class UnicodeTokenizer:
     CJK ideograph or kana on its own (those scripts do not separate words). With ``use_stemmer``, ASCII
     words longer than 3 letters go through the Porter stemmer, as rouge_score's default tokenizer does."""
 
-    _TOKEN = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[^\W_]+", re.UNICODE)
+    _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+    _TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+", re.UNICODE)
 
     def __init__(self, use_stemmer: bool = False):
         from nltk.stem import porter

@@ -118,6 +118,20 @@ def load_kwargs(cfg: ModelConfig) -> dict:
             "trust_remote_code": cfg.trust_remote_code}
 
 
+def trainable_precision(model, method: str) -> None:
+    """Train in fp32 or bf16: LoRA's trainable parts (adapters, task heads) are made fp32 whatever the base's
+    dtype; fp16 weights cannot be trained directly (their gradients cannot be unscaled), so that is refused."""
+    import torch
+
+    if method == "lora":
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()
+    if any(p.requires_grad and p.dtype == torch.float16 for p in model.parameters()):
+        raise UserError("model.dtype: float16 weights cannot be trained directly (fp16 gradients cannot be "
+                        "unscaled); use bfloat16 or float32, or finetune.method: lora on the float16 base")
+
+
 def build_model(cfg: ModelConfig, config):
     """The causal LM: weights from ``init_from`` when set, else randomly initialised."""
     from transformers import AutoModelForCausalLM

@@ -126,6 +126,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
         raise UserError(f"model.context: {recipe.model.context} exceeds the checkpoint's {ctx} positions")
     set_seed(recipe.train.seed)
     model = modeling.build_model(recipe.model, config)
+    modeling.trainable_precision(model, "full")
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
     rundir.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)

@@ -88,9 +88,24 @@ def load_model(path: Path, task: str, recipe: Any):
         return cls.from_pretrained(str(path), trust_remote_code=trust)
     from peft import PeftModel
 
-    base = cls.from_pretrained(modeling.model_dir(recipe.model.init_from or "", "model.init_from"), config=config,
+    base = cls.from_pretrained(modeling.model_dir(_pinned_base(path, recipe), "model.init_from"), config=config,
                                **{**modeling.load_kwargs(recipe.model), "attn_implementation": None})
     return PeftModel.from_pretrained(base, str(path))
+
+
+def _pinned_base(path: Path, recipe: Any) -> str:
+    """The base a LoRA folder was trained on: model.init_from, pinned to the commit run.json recorded when it is
+    a hub id (the cache's main may have moved since)."""
+    name = recipe.model.init_from or ""
+    for home in (path, path.parent):
+        record = home / rundir.RUN_FILE
+        if record.is_file() and "@" not in name:
+            import json
+
+            source = json.loads(record.read_text()).get("sources", {}).get("model.init_from", {})
+            if source.get("hub_id") == name and source.get("commit"):
+                return f"{name}@{source['commit']}"
+    return name
 
 
 def load_run(directory: Path, home: Path, run: Any) -> tuple[Any, Any]:
