@@ -117,6 +117,15 @@ def base_recipe(tmp: Path) -> Path:
     return path
 
 
+def pretrained_base(tmp: Path) -> Path:
+    """Pretrain :func:`base_recipe` in ``tmp``: a barely trained 2-layer GPT whose BPE tokenizer knows the words."""
+    from conftest import run_cli
+
+    code, _, err = run_cli("pretrain", str(base_recipe(tmp)))
+    assert code == 0, err
+    return tmp / "base"
+
+
 def finetune_recipe(tmp: Path, name: str, task: str, base: Path, splits: dict[str, Path], **sections) -> Path:
     recipe = {
         "task": task,

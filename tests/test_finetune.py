@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from tasks_helpers import (SEED, base_recipe, classify_rows, finetune_recipe, learned_mapping, llama_base,
-                           lora_test_metrics, preprocess_capped, read_test_metrics, splits, summarize_rows,
-                           translate_rows, write_jsonl)
+from tasks_helpers import (SEED, classify_rows, finetune_recipe, learned_mapping, llama_base, lora_test_metrics,
+                           preprocess_capped, pretrained_base, read_test_metrics, splits, summarize_rows, translate_rows,
+                           write_jsonl)
 
 
 # What LoRA (defaults: every linear layer, r 16; the recipe's lr and steps) reaches, as a share of the full
@@ -24,10 +24,7 @@ LORA_SHARE = {"translate": 0.1, "summarize": 0.15, "classify": 0.9, "multitask":
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A barely pretrained 2-layer GPT with a BPE tokenizer that knows the task words."""
-    tmp = tmp_path_factory.mktemp("base")
-    code, _, err = run_cli("pretrain", str(base_recipe(tmp)))
-    assert code == 0, err
-    return tmp / "base"
+    return pretrained_base(tmp_path_factory.mktemp("base"))
 
 
 @pytest.mark.slow

@@ -11,17 +11,14 @@ from pathlib import Path
 import pytest
 
 from conftest import assert_user_error, run_cli
-from tasks_helpers import base_recipe, finetune_recipe, splits, translate_rows
+from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
 
 MAIN, PINNED = "a" * 40, "b" * 40
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("hub_base")
-    code, _, err = run_cli("pretrain", str(base_recipe(tmp)))
-    assert code == 0, err
-    return tmp / "base"
+    return pretrained_base(tmp_path_factory.mktemp("hub_base"))
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from tasks_helpers import (base_recipe, classify3_rows, classify_rows, finetune_recipe, qa_rows, splits,
+from tasks_helpers import (classify3_rows, classify_rows, finetune_recipe, pretrained_base, qa_rows, splits,
                            summarize_rows, translate_rows)
 
 CASES = {  # name: (task, row maker, recipe sections)
@@ -28,10 +28,7 @@ CASES = {  # name: (task, row maker, recipe sections)
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("paths_base")
-    code, _, err = run_cli("pretrain", str(base_recipe(tmp)))
-    assert code == 0, err
-    return tmp / "base"
+    return pretrained_base(tmp_path_factory.mktemp("paths_base"))
 
 
 def _recipe(tmp: Path, case: str, method: str, base: Path) -> tuple[Path, Path]:
