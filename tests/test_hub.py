@@ -79,6 +79,11 @@ def test_an_id_missing_from_the_cache_says_how_to_fetch_it(tmp_path, cache):
     assert_user_error(code, err, "model.init_from", "hf download org/tiny-gpt --revision " + "c" * 40)
     code, _, err = run_cli("generate", "nobody/nothing", "--prompt", "x")
     assert_user_error(code, err, "nobody/nothing", "hf download nobody/nothing")
+    partial = cache / "models--org--tokenizer-only"  # what a tokenizer-only from_pretrained leaves in a cache
+    shutil.copytree(cache / "models--org--tiny-gpt", partial)
+    (partial / "snapshots" / MAIN / "model.safetensors").unlink()
+    code, _, err = run_cli("finetune", str(recipe), "model.init_from=org/tokenizer-only")
+    assert_user_error(code, err, "model.init_from", "without its safetensors weights", "hf download org/tokenizer-only")
     code, _, err = run_cli("finetune", str(recipe), "model.init_from=./not/a/dir")
     assert_user_error(code, err, "model.init_from", "neither a local directory nor a Hugging Face hub id")
     assert not (tmp_path / "run").exists()

@@ -48,19 +48,24 @@ def is_hub_id(name: str) -> bool:
     return bool(_ID.match(repo_id)) and not name.startswith((".", "/", "~"))
 
 
-def resolve(name: str, field: str) -> Source:
-    """A local directory as it is, or a hub id's snapshot folder in the local cache (fetched when allowed)."""
+def resolve(name: str, field: str, weights: bool = False) -> Source:
+    """A local directory as it is, or a hub id's snapshot folder in the local cache (fetched when allowed).
+    ``weights``: the snapshot must hold safetensors weights (a cache filled by a tokenizer-only download does not)."""
     path = Path(name).expanduser()
     if path.is_dir():
         return Source(path)
     if not is_hub_id(name):
         raise UserError(f"{field}: '{name}' is neither a local directory nor a Hugging Face hub id "
                         "(name, org/name or org/name@revision)")
-    return _snapshot(name, field, offline(), os.environ.get("HF_HUB_CACHE", ""), os.environ.get("HF_HOME", ""))
+    return _snapshot(name, field, weights, offline(), os.environ.get("HF_HUB_CACHE", ""), os.environ.get("HF_HOME", ""))
+
+
+def _has_weights(folder: str | Path) -> bool:
+    return any(Path(folder).glob("*.safetensors"))
 
 
 @lru_cache(maxsize=32)
-def _snapshot(name: str, field: str, no_network: bool, *_cache_env: str) -> Source:
+def _snapshot(name: str, field: str, weights: bool, no_network: bool, *_cache_env: str) -> Source:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, LocalEntryNotFoundError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -73,6 +78,11 @@ def _snapshot(name: str, field: str, no_network: bool, *_cache_env: str) -> Sour
                                    cache_dir=cache)
     except LocalEntryNotFoundError:
         folder = None
+    if folder and weights and not _has_weights(folder):
+        if no_network:
+            raise UserError(f"{field}: '{name}' is in the local Hugging Face cache ({cache}) without its safetensors "
+                            f"weights and HF_HUB_OFFLINE=1; fetch them once with `{fetch}`")
+        folder = None  # a cache filled by a tokenizer-only download: fetch the rest
     try:
         folder = folder or snapshot_download(repo_id, revision=revision or None, allow_patterns=FILES,
                                              local_files_only=no_network, cache_dir=cache)

@@ -17,7 +17,7 @@ def model_dir(path: str, field: str) -> Path:
     :mod:`gptkit.hub`), or one clear error."""
     from gptkit import hub
 
-    p = hub.resolve(path, field).path
+    p = hub.resolve(path, field, weights=True).path
     if not (p / "config.json").is_file():
         raise UserError(f"{field}: '{path}' has no config.json; expected a Hugging Face checkpoint directory")
     return p
