@@ -1,7 +1,7 @@
 """A trained model on disk: the one place that saves and loads them (runs, their best/, exports).
 
 Every command that reads or writes a model calls down to this module: ``finetune`` and ``pretrain`` save
-with :func:`save`; ``eval``, ``generate`` and ``export`` load with :func:`load_run` / :func:`load_dir`.
+with :func:`save`; ``eval``, ``generate`` and ``export`` load with :func:`load_run` / :func:`load_lm`.
 
 A folder written by :func:`save` always holds ``config.json`` with what fine-tuning set (the label map,
 ``num_labels``, ``pad_token_id``) and the tokenizer, whether the weights are full or LoRA adapters (peft
@@ -11,15 +11,12 @@ adapters, so a classifier keeps its labels and its trained head (peft's ``module
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from gptkit import modeling, rundir
 from gptkit.errors import UserError
 from gptkit.modeling import TOKENIZER_FILES
-
-log = logging.getLogger(__name__)
 
 ADAPTER_FILE = "adapter_config.json"
 
@@ -50,10 +47,8 @@ def model_class(task: str, recipe: Any, config: Any):
     (sequence-to-sequence when ``config`` is an encoder-decoder's)."""
     from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
 
-    if task == "classify":
-        return AutoModelForSequenceClassification
-    if task == "qa" and recipe.finetune.qa_mode == "extractive":
-        return AutoModelForQuestionAnswering
+    if has_head(task, recipe):
+        return AutoModelForSequenceClassification if task == "classify" else AutoModelForQuestionAnswering
     return modeling.lm_class(config)
 
 
@@ -79,10 +74,10 @@ def load_model(path: Path, task: str, recipe: Any):
     modeling.quiet_loading()
     path = Path(path)
     trust = recipe.model.trust_remote_code
-    saved = path / "config.json"
-    config_src = str(path) if saved.is_file() else recipe.model.init_from or ""
-    config = AutoConfig.from_pretrained(config_src, trust_remote_code=trust) if saved.is_file() else \
-        modeling.base_config(config_src, "model.init_from", trust)
+    if (path / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
+    else:  # adapters saved before runs kept their config
+        config = modeling.base_config(recipe.model.init_from or "", "model.init_from", trust)
     cls = model_class(task, recipe, config)
     if not is_adapter_dir(path):
         return cls.from_pretrained(str(path), trust_remote_code=trust)
