@@ -14,17 +14,19 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterator
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
+from gptkit.corpus import FORMATS as _BUILDERS
 from gptkit.errors import UserError
 from gptkit.recipe import DataConfig
 
 log = logging.getLogger(__name__)
+PROGRESS_EVERY = 5.0  # seconds between records of how far an interrupted tokenization got
 
-_BUILDERS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def resolve_files(patterns: list[str], field: str) -> list[str]:
@@ -83,45 +85,6 @@ def load_table(files: list[str], field: str, **kwargs):
     return ds
 
 
-def load_texts(files: list[str], cfg: DataConfig, field: str):
-    """A ``datasets.Dataset`` with a single ``text`` column; each listed text column is a document.
-
-    Files of different formats load separately and are concatenated in the order given.
-    """
-    import datasets
-
-    by_builder: dict[str, list[str]] = {}
-    for f in files:
-        by_builder.setdefault(_BUILDERS[Path(f).suffix.lower()], []).append(f)
-    parts = [_texts_of(group, builder, cfg, field) for builder, group in by_builder.items()]
-    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
-
-
-def _texts_of(files: list[str], builder: str, cfg: DataConfig, field: str):
-    if builder == "text":
-        return load_table(files, field, sample_by=cfg.sample_by).select_columns(["text"])
-    ds = load_table(files, field)
-    cols = [cfg.text_column] if isinstance(cfg.text_column, str) else list(cfg.text_column)
-    missing = [c for c in cols if c not in ds.column_names]
-    if missing:
-        raise UserError(f"{field}: column '{missing[0]}' not found in {files[0]} (data.text_column); "
-                        f"columns: {ds.column_names}")
-    if len(cols) == 1:
-        ds = ds.select_columns(cols)
-        return ds.rename_column(cols[0], "text") if cols[0] != "text" else ds
-
-    def flatten(batch: dict) -> dict:  # several text columns: each cell becomes its own document
-        return {"text": [str(batch[c][i]) for i in range(len(batch[cols[0]])) for c in cols]}
-
-    return ds.map(flatten, batched=True, remove_columns=ds.column_names)
-
-
-def iter_text_batches(ds, batch_size: int = 1000) -> Iterator[list[str]]:
-    """Stream the text column in batches (for tokenizer training)."""
-    for batch in ds.iter(batch_size=batch_size):
-        yield [t for t in batch["text"] if t]
-
-
 def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("GPTKIT_CACHE") or Path.home() / ".cache" / "gptkit")
 
@@ -136,36 +99,100 @@ def _cache_key(files: list[str], cfg: DataConfig, tokenizer) -> str:
     return h.hexdigest()[:24]
 
 
+def text_settings(cfg: DataConfig):
+    """The recipe's text settings as :mod:`gptkit.corpus` reads them."""
+    from gptkit import corpus
+
+    cols = (cfg.text_column,) if isinstance(cfg.text_column, str) else tuple(cfg.text_column)
+    return corpus.Settings(sample_by=cfg.sample_by, text_columns=cols, piece=corpus.PIECE)
+
+
+def num_proc(cfg: DataConfig) -> int:
+    return cfg.num_proc or len(os.sched_getaffinity(0))
+
+
+@contextmanager
+def _locked(path: Path):
+    """An exclusive lock on ``path`` (another process tokenizing the same corpus waits, then reads its cache)."""
+    import fcntl
+
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np.ndarray:
-    """Tokenize ``files`` into one memory-mapped stream of token ids (EOS after every document)."""
+    """Tokenize ``files`` into one memory-mapped stream of token ids (EOS after every document).
+
+    Streams the corpus in units (:mod:`gptkit.corpus`) on ``data.num_proc`` processes with a progress bar
+    (MB/s, ETA), appending each unit's ids to ``.<key>.partial``. Progress is recorded every few seconds, so
+    a killed run resumes where it stopped; the stream is renamed into place only when complete."""
+    from tqdm.auto import tqdm
+
+    from gptkit import corpus
+
     root = cache_root(cfg) / "streams"
     key = _cache_key(files, cfg, tokenizer)
     path, meta_path = root / f"{key}.bin", root / f"{key}.json"
-    if meta_path.exists() and path.exists():
-        meta = json.loads(meta_path.read_text())
-        log.info("using cached tokens for %s (%d tokens)", field, meta["n_tokens"])
-        return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
-    ds = load_texts(files, cfg, field)
-    eos = tokenizer.eos_token_id
-
-    def encode(batch: dict) -> dict:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [x + [eos] for x, t in zip(ids, batch["text"]) if t]}
-
-    tokenized = ds.map(encode, batched=True, remove_columns=["text"], num_proc=cfg.num_proc, new_fingerprint=key)
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".{key}.{os.getpid()}.tmp"
-    n = 0
-    with open(tmp, "wb") as fh:
-        for batch in tokenized.iter(batch_size=1000):
-            chunk = np.fromiter((t for ids in batch["ids"] for t in ids), dtype=dtype)
-            fh.write(chunk.tobytes())
-            n += len(chunk)
-    os.replace(tmp, path)  # atomic: a concurrent or killed run never sees half a stream
-    meta_path.write_text(json.dumps({"n_tokens": n, "dtype": np.dtype(dtype).name, "files": files}))
-    log.info("tokenized %s: %d tokens", field, n)
+    with _locked(root / f".{key}.lock"):
+        if meta_path.exists() and path.exists():
+            meta = json.loads(meta_path.read_text())
+            log.info("using cached tokens for %s (%d tokens)", field, meta["n_tokens"])
+            return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
+        settings = text_settings(cfg)
+        units = corpus.plan(files, settings)
+        dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.uint32)
+        partial, progress = root / f".{key}.partial", root / f".{key}.progress.json"
+        done, n, nbytes = 0, 0, 0
+        if partial.exists() and progress.exists():  # an interrupted run: keep what it recorded as complete
+            state = json.loads(progress.read_text())
+            done, n, nbytes = state["units"], state["tokens"], state["bytes"]
+            log.info("resuming tokenization of %s after %d of %d units", field, done, len(units))
+        with open(partial, "r+b" if done else "wb") as fh:
+            fh.truncate(n * dtype.itemsize)
+            fh.seek(n * dtype.itemsize)
+            total = sum(u.size for u in units)
+            bar = tqdm(total=total, initial=nbytes, unit="B", unit_scale=True, unit_divisor=1024,
+                       desc=f"tokenizing {field}", mininterval=1.0, disable=None)
+            saved, checked = time.monotonic(), False
+            for ids, read in corpus.tokenize(units[done:], settings, tokenizer.backend_tokenizer.to_str(),
+                                             tokenizer.eos_token_id, dtype.name, num_proc(cfg)):
+                fh.write(ids.tobytes())
+                done, n, nbytes = done + 1, n + len(ids), nbytes + read
+                bar.update(read)
+                if not checked and nbytes > 0:  # free disk for the rest, at this unit's tokens per byte
+                    checked = True
+                    _check_free(root, (total - nbytes) * len(ids) / max(read, 1) * dtype.itemsize, field)
+                if time.monotonic() - saved >= PROGRESS_EVERY:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    _write_json(progress, {"units": done, "tokens": n, "bytes": nbytes})
+                    saved = time.monotonic()
+            bar.close()
+        os.replace(partial, path)
+        meta_path.write_text(json.dumps({"n_tokens": n, "dtype": dtype.name, "files": files}))
+        progress.unlink(missing_ok=True)
+    log.info("tokenized %s: %d tokens from %.1f MB", field, n, nbytes / 1e6)
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _check_free(root: Path, need: float, field: str) -> None:
+    import shutil
+
+    free = shutil.disk_usage(root).free
+    if free < need * 1.1:
+        raise UserError(f"{field}: tokenizing needs about {need / 1e9:.1f} GB more in {root}, but only "
+                        f"{free / 1e9:.1f} GB are free; free space or set data.cache_dir")
 
 
 class Blocks:

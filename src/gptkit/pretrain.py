@@ -8,12 +8,14 @@ train through :func:`gptkit.engine.fit`, save through :mod:`gptkit.trained`).
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from gptkit import corpus
 from gptkit import data as data_mod
 from gptkit import modeling, rundir, trained
 from gptkit.errors import UserError
@@ -71,6 +73,8 @@ def _tokenizer_cache_dir(recipe: Recipe, files: list[str]) -> Path:
         h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     t = recipe.tokenizer
     h.update(f"{t.kind}|{t.vocab_size}|{recipe.data.text_column}|{recipe.data.sample_by}|{recipe.model.context}".encode())
+    if sum(os.path.getsize(f) for f in files) > t.train_bytes:  # a sample: its size and seed decide the tokenizer
+        h.update(f"|{t.train_bytes}|{recipe.train.seed}".encode())
     return data_mod.cache_root(recipe.data) / "tokenizers" / h.hexdigest()[:24]
 
 
@@ -93,16 +97,29 @@ def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None =
     if (cached / "tokenizer.json").is_file():
         log.info("using cached tokenizer %s", cached)
         return AutoTokenizer.from_pretrained(str(cached))
-    texts = data_mod.load_texts(train_files, recipe.data, "data.train_files")
-    tok = build_tokenizer(tok_cfg, data_mod.iter_text_batches(texts), recipe.model.context)
+    settings = data_mod.text_settings(recipe.data)
+    units = corpus.plan(train_files, settings)
+    chosen = corpus.sample(units, tok_cfg.train_bytes, recipe.train.seed)
+    total, used = sum(u.size for u in units), sum(u.size for u in chosen)
+    log.info("training the %s tokenizer on %s of %s corpus bytes (%.0f%%%s)", tok_cfg.kind, _mb(used), _mb(total),
+             100 * used / max(total, 1), f", a sample seeded {recipe.train.seed}: tokenizer.train_bytes" if used < total
+             else "")
+    tok = build_tokenizer(tok_cfg, corpus.texts(chosen, settings), recipe.model.context)
     tmp = cached.with_name(cached.name + f".{os.getpid()}.tmp")
     tok.save_pretrained(str(tmp))
+    (tmp / "gptkit_tokenizer_training.json").write_text(json.dumps(
+        {"kind": tok_cfg.kind, "corpus_bytes": total, "sample_bytes": used, "seed": recipe.train.seed,
+         "files": train_files}, indent=1))
     if cached.exists():  # another process finished first; keep its copy
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, cached)
     log.info("trained %s tokenizer: %d tokens", tok_cfg.kind, len(tok))
     return tok
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,

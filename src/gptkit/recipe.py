@@ -19,9 +19,22 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gptkit.errors import UserError
+
+
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'500MB' -> 500_000_000; '2GiB' -> 2 * 2**30; a plain number is bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", text)
+    if not m or m.group(2).upper() not in _UNITS:
+        raise ValueError(f"expected a size such as 500MB or 2GB, got '{text}'")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
 class _Section(BaseModel):
@@ -76,6 +89,15 @@ class TokenizerConfig(_Section):
     )
     vocab_size: int = Field(8192, ge=260, description="Target vocabulary size for bpe (ignored for char).")
     path: str | None = Field(None, description="Tokenizer directory or hub id (kind: pretrained).")
+    train_bytes: int = Field(
+        256_000_000, ge=1_000_000, description="bpe/char: train on a seeded sample of this many bytes of the corpus "
+        "(all of it when smaller); a number or a size such as 500MB or 2GB."
+    )
+
+    @field_validator("train_bytes", mode="before")
+    @classmethod
+    def _size(cls, v: object) -> object:
+        return parse_size(v) if isinstance(v, str) else v
 
     @model_validator(mode="after")
     def _path_for_pretrained(self) -> TokenizerConfig:
@@ -106,7 +128,7 @@ class DataConfig(_Section):
     cache_dir: str | None = Field(
         None, description="Tokenized-data cache (None = $GPTKIT_CACHE or ~/.cache/gptkit)."
     )
-    num_proc: int = Field(1, ge=1, description="Processes for tokenization.")
+    num_proc: int | None = Field(None, ge=1, description="Tokenization processes (None = every available core).")
 
 
 LORA_LR = 1e-3  # train.lr's default for finetune.method: lora (3x the full default; tested on the learning tasks)

@@ -1,0 +1,331 @@
+"""Pretraining corpora read and tokenized in bounded pieces, so memory stays flat however large the files are.
+
+A corpus is cut into *units*, each read, split into documents and tokenized on its own — by worker
+processes in parallel for the token stream, and by the seeded sampler that feeds tokenizer training:
+
+- ``.txt`` and JSON-lines files: byte ranges of about ``Settings.piece`` bytes. Unit ``i`` of a file starts
+  at the first *cut* at or after ``i * piece`` (found by scanning a small window), so every unit is computed
+  independently of the others. A clean cut lies between documents: after a newline (``sample_by: line`` and
+  JSON lines). Other text (a ``document`` — a whole .txt file —, paragraphs, a line longer than the window)
+  is cut *inside* a document, just before a whitespace byte that follows a non-space one. Byte-level BPE
+  pre-tokenizes at exactly such points, so the pieces tokenize to the ids the whole document would; EOS still
+  goes only between documents.
+- ``.parquet``: one unit per row group. ``.csv`` and JSON (not JSON-lines) files: batches of rows loaded
+  with ``datasets`` (Arrow, memory-mapped, so flat as well).
+
+This module imports nothing heavy at the top: tokenization workers start with it alone.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+
+from gptkit.errors import UserError
+
+PIECE = 1 << 20  # bytes of text per unit
+WINDOW = 1 << 16  # bytes scanned past a unit's nominal start for a cut
+TABLE_ROWS = 2000  # rows per unit of a csv / JSON-array table
+POOL_MIN_UNITS = 8  # smaller corpora are tokenized in the main process (no worker start-up)
+FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_BEFORE_NEWLINE = re.compile(rb"\S\n")
+_BEFORE_SPACE = re.compile(rb"\S\s")
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One independently readable part of one file."""
+
+    file: str
+    kind: str  # "text" | "jsonl" | "parquet" | "table"
+    index: int  # byte piece, row group or row batch
+    size: int  # bytes of the file it stands for (for progress and sampling)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What reading needs from the recipe's data section (plain values, cheap to send to workers)."""
+
+    sample_by: str = "document"
+    text_columns: tuple[str, ...] = ("text",)
+    piece: int = PIECE
+
+
+def plan(files: list[str], settings: Settings) -> list[Unit]:
+    """The units of ``files``, in order. Checks the text columns on the first row of each structured file."""
+    units: list[Unit] = []
+    for f in files:
+        kind, size = _kind(f), os.path.getsize(f)
+        if kind in ("text", "jsonl"):
+            if kind == "jsonl":
+                _check_columns(f, _first_row(f), settings)
+            starts = list(range(0, size, settings.piece)) + [size]
+            units += [Unit(f, kind, i, b - a) for i, (a, b) in enumerate(itertools.pairwise(starts))]
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(f)
+            _check_columns(f, dict.fromkeys(pf.schema_arrow.names), settings)
+            rows = max(1, pf.metadata.num_rows)
+            units += [Unit(f, kind, g, size * pf.metadata.row_group(g).num_rows // rows)
+                      for g in range(pf.num_row_groups)]
+        else:
+            table = _table(f)
+            _check_columns(f, dict.fromkeys(table.column_names), settings)
+            n = max(1, -(-len(table) // TABLE_ROWS))
+            units += [Unit(f, kind, i, size // n) for i in range(n)]
+    return units
+
+
+def _kind(path: str) -> str:
+    builder = FORMATS[Path(path).suffix.lower()]
+    if builder == "json":
+        with open(path, "rb") as fh:
+            head = fh.read(4096).lstrip()
+        return "jsonl" if head.startswith(b"{") else "table"
+    return {"text": "text", "parquet": "parquet", "csv": "table"}[builder]
+
+
+def _first_row(path: str) -> dict:
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            if raw.strip():
+                return _row(raw, path, lambda n=lineno: n)
+    raise UserError(f"{path}: no JSON rows")
+
+
+def _row(raw: bytes, path: str, lineno) -> dict:
+    """A JSON-lines row; ``lineno()`` is only called (it may read the file) to name a bad line."""
+    try:
+        row = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        msg = e.msg if isinstance(e, json.JSONDecodeError) else "not valid UTF-8 text"
+        raise UserError(f"{path}: line {lineno()}: invalid JSON ({msg}); expected one JSON object per line") from None
+    if not isinstance(row, dict):
+        raise UserError(f"{path}: line {lineno()}: expected a JSON object per line, got {type(row).__name__}")
+    return row
+
+
+def _check_columns(path: str, row: dict, settings: Settings) -> None:
+    missing = [c for c in settings.text_columns if c not in row]
+    if missing:
+        raise UserError(f"data.text_column: column '{missing[0]}' not found in {path}; columns: {list(row)}")
+
+
+@lru_cache(maxsize=4)
+def _table(path: str):
+    """A csv or JSON-array file through ``datasets``: converted to Arrow once, then memory-mapped."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    builder = FORMATS[Path(path).suffix.lower()]
+    try:
+        return datasets.load_dataset(builder, data_files=[path], split="train")
+    except Exception as e:  # datasets wraps every parse error
+        raise UserError(f"{path}: could not load ({str(e).splitlines()[0]})") from None
+
+
+# --- reading one unit -------------------------------------------------------------------------------
+
+
+def _clean_cut(buf: bytes, lead: int, kind: str, sample_by: str) -> int | None:
+    """First position p >= lead in ``buf`` right after a newline, where JSON lines and ``sample_by: line``
+    documents end; None for other kinds (their cuts are inner cuts, see :func:`read`)."""
+    if kind == "jsonl" or (kind == "text" and sample_by == "line"):
+        i = buf.find(b"\n", lead - 1)
+        return i + 1 if i >= 0 else None
+    return None
+
+
+def _inner_cut(buf: bytes, lead: int) -> int:
+    """A cut inside a document: before a newline, else any whitespace, that follows a non-space byte (where
+    byte-level BPE splits anyway); else at the first UTF-8 character start."""
+    for pattern in (_BEFORE_NEWLINE, _BEFORE_SPACE):
+        m = pattern.search(buf, lead - 1)
+        if m:
+            return m.start() + 1
+    return next((p for p in range(lead, len(buf)) if buf[p] & 0xC0 != 0x80), len(buf))
+
+
+def _cut(fh, size: int, target: int, kind: str, sample_by: str) -> tuple[int, bool]:
+    """The cut at or after byte ``target``, and whether it is clean (between documents)."""
+    if target <= 0:
+        return 0, True
+    if target >= size:
+        return size, True
+    lead = min(2, target)
+    base = target - lead
+    fh.seek(base)
+    buf = fh.read(lead + WINDOW)
+    p = _clean_cut(buf, lead, kind, sample_by)
+    if p is not None:
+        return base + p, True
+    if base + len(buf) >= size:  # the file ends inside the window: that is the cut
+        return size, True
+    if kind == "text":
+        return base + _inner_cut(buf, lead), False
+    while True:  # a JSON line longer than the window: read on to its end
+        chunk = fh.read(WINDOW)
+        i = chunk.find(b"\n")
+        if not chunk or i >= 0:
+            return (fh.tell() - len(chunk) + i + 1 if chunk else size), True
+
+
+def read(unit: Unit, settings: Settings) -> tuple[list[str], list[bool], int]:
+    """A unit's texts, whether each ends a document (is followed by EOS), and the bytes it covers."""
+    if unit.kind in ("parquet", "table"):
+        if unit.kind == "parquet":
+            import pyarrow.parquet as pq
+
+            table = pq.ParquetFile(unit.file).read_row_group(unit.index, columns=list(settings.text_columns))
+            columns = {c: table.column(c).to_pylist() for c in settings.text_columns}
+        else:
+            rows = _table(unit.file)[unit.index * TABLE_ROWS : (unit.index + 1) * TABLE_ROWS]
+            columns = {c: rows[c] for c in settings.text_columns}
+        texts = _cells(columns, settings)
+        return texts, [True] * len(texts), unit.size
+    size = os.path.getsize(unit.file)
+    with open(unit.file, "rb") as fh:
+        start, clean_start = _cut(fh, size, unit.index * settings.piece, unit.kind, settings.sample_by)
+        end, clean_end = _cut(fh, size, (unit.index + 1) * settings.piece, unit.kind, settings.sample_by)
+        if end <= start:
+            return [], [], 0
+        fh.seek(start)
+        raw = fh.read(end - start)
+    if unit.kind == "jsonl":
+        texts = []
+        for n, line in enumerate(raw.split(b"\n")):
+            if line.strip():
+                row = _row(line, unit.file, lambda n=n: _line_of(unit.file, start, n))
+                if any(c not in row for c in settings.text_columns):
+                    _check_columns(f"{unit.file}: line {_line_of(unit.file, start, n)}", row, settings)
+                texts += _cells({c: [row[c]] for c in settings.text_columns}, settings)
+        return texts, [True] * len(texts), end - start
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = _line_of(unit.file, start, raw[: e.start].count(b"\n"))
+        raise UserError(f"{unit.file}: line {line}: not valid UTF-8 text") from None
+    if "\r" in text:  # universal newlines, as Python's text mode reads them
+        text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if settings.sample_by == "document":
+        return [text], [end == size], end - start
+    parts = text.split("\n" if settings.sample_by == "line" else "\n\n")
+    # After an inner cut the first part continues the previous unit's last document (whose text had no EOS):
+    # it is kept even when empty, to put that EOS. Before an inner cut the last part is unfinished: no EOS.
+    # Inner cuts fall before whitespace that follows a non-space byte, so never inside a separator: splitting
+    # the pieces gives the parts of the whole text, the one at each cut in two.
+    texts, eos = [], []
+    for k, part in enumerate(parts):
+        if part or (k == 0 and not clean_start):
+            texts.append(part)
+            eos.append(k < len(parts) - 1 or clean_end)
+    return texts, eos, end - start
+
+
+def _cells(columns: dict[str, list], settings: Settings) -> list[str]:
+    """Every non-empty cell of the text columns is a document (row by row, columns in the recipe's order)."""
+    cols = [columns[c] for c in settings.text_columns]
+    return [str(v) for row in zip(*cols) for v in row if v is not None and str(v) != ""]
+
+
+def _line_of(path: str, start: int, lines_into_unit: int) -> int:
+    """1-based number of the line ``lines_into_unit`` lines after byte ``start`` (for error messages)."""
+    count = 0
+    with open(path, "rb") as fh:
+        while fh.tell() < start:
+            chunk = fh.read(min(1 << 20, start - fh.tell()))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+    return count + lines_into_unit + 1
+
+
+# --- sampling (tokenizer training) ------------------------------------------------------------------
+
+
+def sample(units: list[Unit], budget: int, seed: int) -> list[Unit]:
+    """A seeded random choice of units holding about ``budget`` bytes, in corpus order (all when smaller)."""
+    if sum(u.size for u in units) <= budget:
+        return units
+    chosen, total = [], 0
+    for i in np.random.default_rng([seed, 7]).permutation(len(units)):
+        if total >= budget:
+            break
+        chosen.append(int(i))
+        total += units[i].size
+    return [units[i] for i in sorted(chosen)]
+
+
+def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
+    """The texts of ``units``, one batch per unit (pieces of a long document come as separate texts)."""
+    for u in units:
+        batch = read(u, settings)[0]
+        if batch:
+            yield batch
+
+
+# --- tokenization ----------------------------------------------------------------------------------------
+
+
+def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype) -> np.ndarray:
+    """Token ids of ``texts`` (a ``tokenizers.Tokenizer``), EOS after those that end a document, as one array."""
+    if not texts:
+        return np.empty(0, dtype=dtype)
+    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
+    eos = [eos_id]
+    seqs = []
+    for enc, end in zip(encodings, eos_after):
+        seqs.append(enc.ids)
+        if end:
+            seqs.append(eos)
+    return np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=sum(map(len, seqs)))
+
+
+_worker: dict = {}
+
+
+def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Settings) -> None:
+    from tokenizers import Tokenizer
+
+    _worker.update(tok=Tokenizer.from_str(tokenizer_json), eos=eos_id, dtype=np.dtype(dtype), settings=settings)
+
+
+def _encode_unit(unit: Unit) -> tuple[np.ndarray, int]:
+    texts_, eos, nbytes = read(unit, _worker["settings"])
+    return encode(_worker["tok"], texts_, eos, _worker["eos"], _worker["dtype"]), nbytes
+
+
+def tokenize(units: list[Unit], settings: Settings, tokenizer_json: str, eos_id: int, dtype: str,
+             num_proc: int) -> Iterator[tuple[np.ndarray, int]]:
+    """(token ids, bytes read) per unit, in order; ``num_proc`` worker processes, at most 2 units each in flight."""
+    if num_proc <= 1 or len(units) < POOL_MIN_UNITS:
+        _init_worker(tokenizer_json, eos_id, dtype, settings)
+        yield from map(_encode_unit, units)
+        return
+    import multiprocessing
+    from collections import deque
+    from concurrent.futures import ProcessPoolExecutor
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; the workers are the parallelism
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's and rayon's threads
+    with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
+                             initargs=(tokenizer_json, eos_id, dtype, settings)) as pool:
+        pending: deque = deque()
+        todo = iter(units)
+        for u in itertools.islice(todo, 2 * num_proc):
+            pending.append(pool.submit(_encode_unit, u))
+        while pending:
+            result = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(_encode_unit, nxt))
+            yield result

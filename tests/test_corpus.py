@@ -1,0 +1,157 @@
+"""Corpora read in bounded pieces (gptkit.corpus): the token stream of the pieces equals that of the whole
+documents, in every format and sample_by mode, on worker processes too; an interrupted tokenization resumes."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptkit import corpus
+from gptkit import data as data_mod
+from gptkit.errors import UserError
+from gptkit.recipe import DataConfig
+from gptkit.tokenizer import train_bpe
+
+WORDS = ["the", "Über", "naïve", "café", "日本語", "a", "I'm", "don't", "42", "3.14", "!!", "--", "x" * 12]
+SEPS = [" ", "  ", "\n", "\n\n", "\n\n\n", " \n", "\t", "\r\n", ". ", ",\n", "\n \n"]
+EOS = 0
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    text = " ".join(WORDS) * 50 + "".join(SEPS) * 20
+    return train_bpe([[text]], 400, 64)
+
+
+def expected(tok, text: str, sample_by: str) -> np.ndarray:
+    """The stream as whole documents give it: EOS after each non-empty document."""
+    text = text.replace("\r\n", "\n")
+    docs = {"document": [text], "line": text.split("\n"), "paragraph": text.split("\n\n")}[sample_by]
+    docs = [d for d in docs if d]
+    return corpus.encode(tok.backend_tokenizer, docs, [True] * len(docs), EOS, np.uint16)
+
+
+def pieces(path, tok, sample_by: str, piece: int) -> np.ndarray:
+    s = corpus.Settings(sample_by=sample_by, piece=piece)
+    units = corpus.plan([str(path)], s)
+    assert all(u.size <= piece for u in units)
+    return np.concatenate([corpus.encode(tok.backend_tokenizer, *corpus.read(u, s)[:2], EOS, np.uint16)
+                           for u in units])
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(st.tuples(st.sampled_from(WORDS), st.sampled_from(SEPS)), min_size=1, max_size=400),
+       sample_by=st.sampled_from(["document", "line", "paragraph"]), piece=st.integers(8, 700),
+       window=st.sampled_from([16, 1 << 16]))
+def test_pieces_tokenize_like_whole_documents(tmp_path, bpe, monkeypatch, tokens, sample_by, piece, window):
+    """Cuts inside a document fall where byte-level BPE splits anyway: the ids are exactly the whole text's."""
+    monkeypatch.setattr(corpus, "WINDOW", window)  # 16: lines and paragraphs longer than the window get cut
+    text = "".join(w + s for w, s in tokens)
+    path = tmp_path / "c.txt"
+    path.write_bytes(text.encode())
+    assert np.array_equal(pieces(path, bpe, sample_by, piece), expected(bpe, text, sample_by))
+
+
+def test_a_one_line_document_is_read_in_bounded_pieces(tmp_path, bpe, monkeypatch):
+    """A 2 MB file with no newline at all (document and line mode): every read stays near the piece size."""
+    monkeypatch.setattr(corpus, "WINDOW", 1024)
+    text = ("naïve café 42 " * 150_000).strip()
+    path = tmp_path / "one.txt"
+    path.write_text(text)
+    reads = []
+    original = corpus.read
+
+    def spy(unit, s):
+        out = original(unit, s)
+        reads.append(out[2])
+        return out
+
+    monkeypatch.setattr(corpus, "read", spy)
+    for mode in ("document", "line"):
+        reads.clear()
+        assert np.array_equal(pieces(path, bpe, mode, 65536), expected(bpe, text, mode))
+        assert len(reads) == -(-len(text.encode()) // 65536) and max(reads) <= 65536 + 1024
+
+
+def test_structured_files_every_cell_of_the_text_columns_is_a_document(tmp_path, bpe):
+    import pandas as pd
+
+    rows = [{"title": f"Title {i}", "body": f"Body {i} " * (i % 7) or None, "n": i} for i in range(300)]
+    jsonl, pq_path, csv = tmp_path / "d.jsonl", tmp_path / "d.parquet", tmp_path / "d.csv"
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    pd.DataFrame(rows).to_parquet(pq_path, row_group_size=64)
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    docs = [str(v) for r in rows for v in (r["title"], r["body"]) if v]
+    want = corpus.encode(bpe.backend_tokenizer, docs, [True] * len(docs), EOS, np.uint16)
+    s = corpus.Settings(text_columns=("title", "body"), piece=997)
+    for path in (jsonl, pq_path, csv):
+        units = corpus.plan([str(path)], s)
+        got = np.concatenate([corpus.encode(bpe.backend_tokenizer, *corpus.read(u, s)[:2], EOS, np.uint16)
+                              for u in units])
+        assert np.array_equal(got, want), path.name
+    assert len(corpus.plan([str(pq_path)], s)) == 5  # one unit per row group
+
+
+def test_bad_rows_are_named_by_file_and_line(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(5000)) + "{oops\n")
+    s = corpus.Settings(text_columns=("text",), piece=4096)
+    with pytest.raises(UserError, match=r"d.jsonl: line 5001: invalid JSON"):
+        for u in corpus.plan([str(path)], s):
+            corpus.read(u, s)
+    with pytest.raises(UserError, match=r"column 'body' not found in .*d.jsonl"):
+        corpus.plan([str(path)], corpus.Settings(text_columns=("body",)))
+    bad = tmp_path / "b.txt"
+    bad.write_bytes(b"fine\n" * 3000 + b"\xff\xfe broken\n")
+    with pytest.raises(UserError, match=r"b.txt: line 3001: not valid UTF-8"):
+        for u in corpus.plan([str(bad)], s):
+            corpus.read(u, s)
+
+
+def test_tokenizer_sample_is_seeded_and_bounded():
+    units = [corpus.Unit("f", "text", i, 1000) for i in range(100)]
+    a, b = corpus.sample(units, 10_000, seed=1), corpus.sample(units, 10_000, seed=1)
+    assert a == b and sum(u.size for u in a) == 10_000 and a == sorted(a, key=lambda u: u.index)
+    assert corpus.sample(units, 10_000, seed=2) != a
+    assert corpus.sample(units, 10**6, seed=1) == units
+
+
+def test_worker_processes_and_resume_give_the_same_stream(tmp_path, bpe, monkeypatch, caplog):
+    """num_proc 2 (spawned workers) equals 1 process; a run killed mid-way resumes and ends with the same file."""
+    monkeypatch.setattr(corpus, "PIECE", 4096)
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"{w} line {i}\n" for i, w in enumerate(WORDS * 400)))
+    streams = {}
+    for n in (1, 2):
+        cfg = DataConfig(train_files=[str(path)], sample_by="line", cache_dir=str(tmp_path / f"cache{n}"), num_proc=n)
+        streams[n] = np.array(data_mod.token_stream([str(path)], cfg, bpe, "data.train_files"))
+    assert len(corpus.plan([str(path)], corpus.Settings(piece=4096))) >= corpus.POOL_MIN_UNITS
+    assert np.array_equal(streams[1], streams[2])
+    assert np.array_equal(streams[1], expected(bpe, path.read_text(), "line"))
+
+    cfg = DataConfig(train_files=[str(path)], sample_by="line", cache_dir=str(tmp_path / "cache3"), num_proc=1)
+    monkeypatch.setattr(data_mod, "PROGRESS_EVERY", 0.0)
+    real = corpus.tokenize
+
+    def killed(units, *args):
+        for i, out in enumerate(real(units, *args)):
+            if i == 5:
+                raise KeyboardInterrupt
+            yield out
+
+    monkeypatch.setattr(corpus, "tokenize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        data_mod.token_stream([str(path)], cfg, bpe, "data.train_files")
+    streams_dir = tmp_path / "cache3" / "streams"
+    assert not list(streams_dir.glob("*.bin"))  # never a half stream under the final name
+    monkeypatch.setattr(corpus, "tokenize", real)
+    with caplog.at_level(logging.INFO, logger="gptkit.data"):
+        resumed = np.array(data_mod.token_stream([str(path)], cfg, bpe, "data.train_files"))
+    assert "resuming tokenization of data.train_files after 5 of" in caplog.text
+    assert np.array_equal(resumed, streams[1])
+    assert not list(streams_dir.glob(".*.partial")) and not list(streams_dir.glob(".*.progress.json"))
