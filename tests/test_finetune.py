@@ -193,6 +193,7 @@ def test_lora_on_a_bfloat16_base(tmp_path, base):
                              train={"max_steps": 6, "eval_every": 6, "save_every": 6, "batch_size": 8})
     code, out, err = run_cli("validate", str(recipe))
     assert code == 0 and "model.dtype bfloat16" in out and "LoRA" in out and "sharded over 8" in out, out
+    assert "activations of 8 x 256 tokens" in out, out
     code, _, err = run_cli("finetune", str(recipe))
     assert code == 0, err
     losses = [json.loads(line)["train_loss"] for line in (tmp_path / "bf" / "metrics.jsonl").read_text().splitlines()

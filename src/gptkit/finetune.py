@@ -100,8 +100,9 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
 
 
 def _memory_line(recipe: Recipe, meta, n: int, targets: list[str]) -> str:
-    """Training-state memory per process (weights, gradients, AdamW moments; activations excluded) for full
-    fine-tuning, LoRA, and full fine-tuning sharded over 8 processes (FSDP full shard / ZeRO-3)."""
+    """Training memory per process for full fine-tuning, LoRA, and full fine-tuning sharded over 8 processes
+    (FSDP full shard / ZeRO-3): weights, gradients and AdamW moments, plus the activations of one micro-batch
+    of train.batch_size x finetune.max_length tokens (16-bit under bf16/fp16 precision)."""
     from torch import nn
 
     width = {"float32": 4, "auto": 4, "bfloat16": 2, "float16": 2}[recipe.model.dtype]
@@ -109,10 +110,16 @@ def _memory_line(recipe: Recipe, meta, n: int, targets: list[str]) -> str:
                    if name.rsplit(".", 1)[-1] in targets and isinstance(getattr(m, "weight", None), nn.Parameter))
     full = n * (width + width + 8)  # weights and gradients in model.dtype, two fp32 AdamW moments
     lora = n * width + adapters * 16  # frozen base; adapters: fp32 weights, gradients and moments
+    t = recipe.train
+    act_width = 2 if t.precision in ("bf16", "fp16") or width == 2 else 4
+    acts = modeling.activation_bytes(meta.config, t.batch_size, recipe.finetune.max_length, act_width,
+                                     t.gradient_checkpointing)
     gib = 2**30
-    return (f"training memory per process, activations excluded (model.dtype {recipe.model.dtype}): full "
-            f"{full / gib:.2f} GiB, LoRA {lora / gib:.2f} GiB ({adapters:,} adapter parameters), full sharded over "
-            f"8 processes {full / 8 / gib:.2f} GiB")
+    return (f"training memory per process (model.dtype {recipe.model.dtype}; activations of {t.batch_size} x "
+            f"{recipe.finetune.max_length} tokens {acts / gib:.2f} GiB included"
+            f"{', gradient checkpointing' if t.gradient_checkpointing else ''}): full {(full + acts) / gib:.2f} GiB, "
+            f"LoRA {(lora + acts) / gib:.2f} GiB ({adapters:,} adapter parameters), full sharded over 8 processes "
+            f"{(full / 8 + acts) / gib:.2f} GiB")
 
 
 _HEADS = ("lm_head", "score", "classifier", "qa_outputs")  # output layers: trained whole (task heads) or kept

@@ -167,18 +167,23 @@ def meta_param_count(config) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def training_memory_bytes(config, n_params: int, batch_size: int, bytes_per_act: int = 4) -> int:
-    """Rough peak memory of one training process: fp32 weights + grads + AdamW moments + activations.
+def activation_bytes(config, batch_size: int, tokens: int, bytes_per_act: int = 4, checkpointing: bool = False) -> int:
+    """Peak activation memory of one training micro-batch of ``batch_size`` x ``tokens``.
 
-    Activations follow the usual per-layer estimate (~34·B·T·d plus 5·B·heads·T² for attention
-    scores, Korthikanti et al. 2022) and the logits (B·T·V, kept for the loss and its gradient).
+    The usual per-layer estimate (~34·B·T·d plus 5·B·heads·T² for attention scores, Korthikanti et al. 2022,
+    at 2 bytes per value) scaled to ``bytes_per_act``; with gradient checkpointing only each layer's input is
+    kept, plus one layer recomputed at a time. The logits (B·T·V in fp32, and their gradient) come on top.
     """
-    d = config.hidden_size
-    T, L, H, V = context_length(config), config.num_hidden_layers, config.num_attention_heads, config.vocab_size
-    states = 16 * n_params
-    acts = L * (34 * batch_size * T * d + 5 * batch_size * H * T * T) * bytes_per_act // 2
-    logits = 2 * batch_size * T * V * 4
-    return states + acts + logits
+    d, L, H, V = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size
+    B, T = batch_size, tokens
+    layer = (34 * B * T * d + 5 * B * H * T * T) * bytes_per_act // 2
+    kept = L * B * T * d * bytes_per_act + layer if checkpointing else L * layer
+    return kept + 2 * B * T * V * 4
+
+
+def training_memory_bytes(config, n_params: int, batch_size: int, bytes_per_act: int = 4) -> int:
+    """Rough peak memory of one training process: fp32 weights + grads + AdamW moments + activations."""
+    return 16 * n_params + activation_bytes(config, batch_size, context_length(config), bytes_per_act)
 
 
 # Perplexity: the model side (summed NLL over sliding windows); metrics.perplexity_from_nll turns it into a figure.
