@@ -39,7 +39,8 @@ def _setup_offline_and_logging() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     main_rank = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="gptkit: %(message)s")
-    for noisy in ("transformers", "datasets", "accelerate", "torch", "httpx", "filelock", "matplotlib"):
+    for noisy in ("transformers", "datasets", "accelerate", "torch", "httpx", "filelock", "matplotlib", "mlflow",
+                  "alembic", "wandb"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -173,8 +174,11 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Resolve and check a recipe without training: inputs exist, model size, memory, launch line."""
     from gptkit.recipe import recipe_to_yaml
     from gptkit import pretrain as task
+    from gptkit import rundir, tracking
 
     rec = _load(recipe, overrides)
+    run_dir = rundir.resolve_output(rec.output.dir)
+    tracking.check(rec.train.trackers, run_dir)
     if rec.task != "pretrain":
         from gptkit import finetune as ft
 
@@ -190,6 +194,8 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
         typer.echo(f"model: {rec.model.arch}, {plan.n_params:,} parameters (vocabulary {plan.vocab_size}{plan.vocab_note})")
         typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
                    f"(fp32 weights, grads, AdamW state, activations at batch {rec.train.batch_size})")
+    where = tracking.destinations(rec.train.trackers, run_dir)
+    typer.echo(f"metrics: {run_dir / 'metrics.jsonl'}" + (f"; trackers: {', '.join(where)}" if where else ""))
     args = " ".join([recipe, *(overrides or [])])  # the same launch lines for every task
     command = "pretrain" if rec.task == "pretrain" else "finetune"
     typer.echo(f"launch: accelerate launch --num_processes 1 -m gptkit {command} {args}")

@@ -348,7 +348,7 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     start, counters, rng = _load(job, model, opt, accelerator) if job.resume else (0, {"bad_steps": 0}, None)
     if main:
         checkpoint.clean_partial(job.run_dir / "checkpoints")
-    tracker = Tracker(job.run_dir, main, resume_step=start if job.resume else None)
+    tracker = Tracker(job.run_dir, main, resume_step=start if job.resume else None, trackers=cfg.trackers)
     order = DataOrder(len(job.train_data), cfg.seed)
     world, rank, accum, B = accelerator.num_processes, accelerator.process_index, cfg.grad_accum, cfg.batch_size
     global_batch = B * world * accum

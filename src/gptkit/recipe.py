@@ -160,6 +160,12 @@ class TrainConfig(_Section):
     save_every: int = Field(500, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")
     skip_nonfinite: int = Field(0, ge=0, description="Batches with non-finite loss skipped before stopping.")
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Experiment trackers fed beside metrics.jsonl (always written); [] = metrics.jsonl only. "
+                    "mlflow: sqlite store in the run directory unless MLFLOW_TRACKING_URI is set; wandb: offline "
+                    "unless WANDB_MODE is set.",
+    )
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> TrainConfig:

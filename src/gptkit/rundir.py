@@ -30,6 +30,7 @@ _HARMLESS = {
     "train.keep_last",
     "train.compile",
     "train.skip_nonfinite",
+    "train.trackers",
 }
 _SYSTEM = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib64", "/proc", "/sbin", "/sys", "/usr", "/var/lib", "/var/log")
 
@@ -60,7 +61,10 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
 
 
 def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force: bool) -> None:
-    """Read-only checks before any work: is it safe to write into ``run_dir``?"""
+    """Read-only checks before any work: is it safe to write into ``run_dir``? Are its trackers installed?"""
+    from gptkit import tracking
+
+    tracking.check(recipe.train.trackers, run_dir)
     if resume and overwrite:
         raise UserError("--resume and --overwrite conflict: resume continues a run, overwrite deletes it")
     saved = run_dir / RECIPE_FILE

@@ -1,31 +1,184 @@
-"""Run bookkeeping: metrics.jsonl, TensorBoard, and the end-of-run loss/LR plot (main process only)."""
+"""Run bookkeeping (main process only): metrics.jsonl, the experiment trackers, the end-of-run loss/LR plot.
+
+``metrics.jsonl`` is the source of truth and is always written. ``train.trackers`` mirrors every logged
+row, at the same step with the same values, into:
+
+- ``tensorboard``: ``RUN/tensorboard`` (Accelerate's ``TensorBoardTracker``; tags ``train/loss``, ``val/loss``...).
+- ``mlflow``: the run's own store ``sqlite:///RUN/mlflow.db`` (artifacts in ``RUN/mlartifacts``), experiment =
+  the run directory's name, unless ``MLFLOW_TRACKING_URI`` / ``MLFLOW_EXPERIMENT_NAME`` say otherwise. Not the
+  ``file://`` store: MLflow 3 refuses it unless ``MLFLOW_ALLOW_FILE_STORE=true`` ("maintenance mode"), and
+  sqlite is its own local default now. Keys are metrics.jsonl's (``train_loss``...).
+- ``wandb``: ``RUN/wandb``, offline unless ``WANDB_MODE`` is set (``wandb sync`` uploads it later); project
+  ``$WANDB_PROJECT`` or ``gptkit``, run name = the run directory's name. Keys are metrics.jsonl's.
+
+The recipe (``RUN/recipe.yaml``; flattened to ``train.lr``... for MLflow) is sent as the run's parameters to
+mlflow and wandb when a run starts. A resume continues the same mlflow/wandb run (ids kept in ``RUN/trackers.json``);
+TensorBoard drops events after the resume step (``purge_step``), and metrics.jsonl its lines after it. MLflow's
+and W&B's histories are append-only: steps a killed run logged after its last checkpoint appear twice in
+MLflow (the resumed run logs them again) and W&B keeps the first values (it ignores steps that go back).
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
+import time
+import uuid
 from pathlib import Path
+
+from gptkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
+IDS_FILE = "trackers.json"  # mlflow run id / wandb run id, so that a resume continues the same run
+_DB_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")  # MLflow's SQLAlchemy stores need sqlalchemy + alembic
+
+
+def mlflow_uri(run_dir: Path) -> str:
+    """Where MLflow logs: ``$MLFLOW_TRACKING_URI`` when set, else a sqlite store inside the run directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
+
+
+def destinations(names: list[str], run_dir: Path) -> list[str]:
+    """One ``name (where)`` per tracker, for ``gptkit validate``."""
+    where = {"tensorboard": str(run_dir / "tensorboard"), "mlflow": mlflow_uri(run_dir),
+             "wandb": f"{run_dir / 'wandb'}, {os.environ.get('WANDB_MODE', 'offline')}"}
+    return [f"{n} ({where[n]})" for n in dict.fromkeys(names)]
+
+
+def check(names: list[str], run_dir: Path) -> None:
+    """Refuse, in one line and before any work, a tracker whose package is not installed."""
+    for name in dict.fromkeys(names):
+        needs = {"tensorboard": ["tensorboard"], "mlflow": ["mlflow"], "wandb": ["wandb"]}[name]
+        if name == "mlflow" and mlflow_uri(run_dir).split(":", 1)[0].split("+", 1)[0] in _DB_SCHEMES:
+            needs += ["sqlalchemy", "alembic"]
+        missing = [m for m in needs if importlib.util.find_spec(m) is None]
+        if missing:
+            pkgs = ", ".join(missing) + (" packages" if len(missing) > 1 else " package")
+            fix = "pip install tensorboard" if name == "tensorboard" else f"pip install 'gptkit[{name}]'"
+            raise UserError(f"train.trackers: '{name}' needs the {pkgs}: {fix}")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out: dict = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _recipe(run_dir: Path) -> dict:
+    """The run's recipe, as written to the run directory (the hyperparameters a tracker records)."""
+    import yaml
+
+    path = run_dir / "recipe.yaml"
+    return (yaml.safe_load(path.read_text()) or {}) if path.is_file() else {}
+
+
+class MLflowRunTracker:
+    """One MLflow run, through an ``MlflowClient`` bound to its store, with the interface of Accelerate's trackers
+    (``store_init_configuration``, ``log``, ``finish``). Accelerate's own ``MLflowTracker`` drives MLflow's
+    process-global fluent API: pointing it at the run directory takes ``mlflow.set_tracking_uri``, which also
+    exports ``MLFLOW_TRACKING_URI``, so a second run in the same process would log into the first one's store."""
+
+    name = "mlflow"
+
+    def __init__(self, run_dir: Path, run_id: str | None = None):
+        from mlflow import MlflowClient
+
+        if "MLFLOW_LOGGING_LEVEL" not in os.environ:  # "Creating initial MLflow database tables..."
+            logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+        own = "MLFLOW_TRACKING_URI" not in os.environ
+        self.uri = mlflow_uri(run_dir)
+        self.client = MlflowClient(self.uri)
+        self.resumed = False
+        if run_id:
+            try:
+                self.client.update_run(run_id, status="RUNNING")
+                self.run_id, self.resumed = run_id, True
+                return
+            except Exception as e:  # deleted from the store meanwhile: a new run
+                log.warning("mlflow: cannot continue run %s in %s (%s); starting a new run", run_id, self.uri, e)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or run_dir.name
+        exp = self.client.get_experiment_by_name(name)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(
+            name, artifact_location=(run_dir.resolve() / "mlartifacts").as_uri() if own else None)
+        tags = {"gptkit.run_dir": str(run_dir.resolve())}
+        self.run_id = self.client.create_run(exp_id, run_name=run_dir.name, tags=tags).info.run_id
+
+    def store_init_configuration(self, values: dict) -> None:
+        from mlflow.entities import Param
+        from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_PARAMS_TAGS_PER_BATCH
+
+        params = [Param(k, str(v)) for k, v in values.items() if len(str(v)) <= MAX_PARAM_VAL_LENGTH]
+        for i in range(0, len(params), MAX_PARAMS_TAGS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=params[i:i + MAX_PARAMS_TAGS_PER_BATCH])
+
+    def log(self, values: dict, step: int | None = None) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
+
+    def finish(self) -> None:
+        self.client.set_terminated(self.run_id, status="FINISHED")
+
+
+def _start_mlflow(run_dir: Path, saved: dict, config: dict | None) -> tuple[MLflowRunTracker, dict]:
+    same_store = saved.get("tracking_uri") == mlflow_uri(run_dir)
+    tracker = MLflowRunTracker(run_dir, saved.get("run_id") if same_store else None)
+    if config and not tracker.resumed:  # a resumed run has its parameters already, and MLflow refuses to change one
+        tracker.store_init_configuration(_flat(config))  # train.lr: 0.001
+    return tracker, {"run_id": tracker.run_id, "tracking_uri": tracker.uri}
+
+
+def _start_wandb(run_dir: Path, saved: dict, config: dict | None) -> tuple[object, dict]:
+    from accelerate.tracking import WandBTracker
+
+    run_id = saved.get("run_id") or uuid.uuid4().hex[:8]  # chosen here so that a resume can name it
+    tracker = WandBTracker(os.environ.get("WANDB_PROJECT") or "gptkit", name=run_dir.name, id=run_id, resume="allow",
+                           dir=str(run_dir), mode=os.environ.get("WANDB_MODE") or "offline")
+    tracker.start()
+    if config:
+        tracker.store_init_configuration(config)
+    return tracker, {"run_id": run_id}
+
 
 class Tracker:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors scalars to TensorBoard."""
+    """Appends one JSON object per logged step to ``metrics.jsonl`` and mirrors it to ``trackers``."""
 
-    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None):
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int | None = None,
+                 trackers: list[str] | tuple[str, ...] = ("tensorboard",), config: dict | None = None):
+        """``config``: the hyperparameters sent to mlflow and wandb (nested; default: ``run_dir/recipe.yaml``)."""
         self.path = run_dir / "metrics.jsonl"
         self.enabled = enabled
-        self._tb = None
+        self._backends: dict[str, object] = {}
         if not enabled:
             return
+        names = list(dict.fromkeys(trackers))
+        check(names, run_dir)
         if resume_step is not None:
             self._truncate_after(resume_step)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        ids_path = run_dir / IDS_FILE
+        ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
+        if config is None and any(n != "tensorboard" for n in names):
+            config = _recipe(run_dir)
+        for name in names:
+            if name == "tensorboard":
+                from accelerate.tracking import TensorBoardTracker
 
-            self._tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=resume_step)
-        except ImportError:  # tensorboard is a dependency, but never fail a run over a log
-            log.warning("tensorboard not installed; metrics go to metrics.jsonl only")
+                # purge_step: TensorBoard drops the events a killed run wrote at steps >= it, i.e. after the step
+                # resumed from (Accelerate's tracker hands the keyword on to SummaryWriter)
+                purge = resume_step + 1 if resume_step is not None else None
+                tb = TensorBoardTracker("tensorboard", run_dir, purge_step=purge)
+                tb.start()
+                self._backends[name] = tb
+            else:
+                start = _start_mlflow if name == "mlflow" else _start_wandb
+                self._backends[name], ids[name] = start(run_dir, ids.get(name, {}), config)
+        if len(ids):
+            ids_path.write_text(json.dumps(ids, indent=1) + "\n")
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines a killed run logged after the checkpoint we resume from."""
@@ -39,14 +192,22 @@ class Tracker:
             return
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self._tb is not None:
-            for k, v in metrics.items():
-                self._tb.add_scalar(k.replace("_", "/", 1), v, step)
-            self._tb.flush()
+        for name, backend in list(self._backends.items()):
+            # TensorBoard keeps its section/name tags (train/loss); the others take metrics.jsonl's keys
+            values = {k.replace("_", "/", 1): v for k, v in metrics.items()} if name == "tensorboard" else metrics
+            try:
+                backend.log(values, step=step)
+            except Exception as e:  # a tracker (a remote server, a full disk) never stops training
+                log.warning("%s: logging failed (%s); it gets no more metrics, metrics.jsonl still does", name, e)
+                del self._backends[name]
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for name, backend in self._backends.items():
+            try:
+                backend.finish()
+            except Exception as e:
+                log.warning("%s: closing failed (%s)", name, e)
+        self._backends = {}
 
 
 def read_metrics(path: Path) -> list[dict]:
