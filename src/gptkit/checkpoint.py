@@ -59,10 +59,10 @@ def finalize(root: Path, step: int, keep_last: int) -> Path:
     """Write the manifest, rename the temporary folder into place, prune old checkpoints (main process)."""
     tmp, final = tmp_dir(root, step), step_dir(root, step)
     files = {}
-    for f in sorted(tmp.iterdir()):
+    for f in sorted(p for p in tmp.rglob("*") if p.is_file()):  # sharded state sits in a subfolder
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-        files[f.name] = {"size": f.stat().st_size, "sha256": sha256(f)}
+        files[str(f.relative_to(tmp))] = {"size": f.stat().st_size, "sha256": sha256(f)}
     (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
     _fsync_dir(tmp)
     if final.exists():

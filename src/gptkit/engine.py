@@ -19,7 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptkit import checkpoint
+from gptkit import checkpoint, distributed
 from gptkit.errors import Interrupted, TrainingStopped, UserError
-from gptkit.recipe import TrainConfig
+from gptkit.recipe import DistributedConfig, TrainConfig
 from gptkit.tracking import Tracker, plot
 
 log = logging.getLogger(__name__)
@@ -110,17 +110,23 @@ class _StopOnSignal:
             signal.signal(s, h)
 
 
-def make_accelerator(precision: str):
-    """An Accelerator with the recipe's precision ('auto' = bf16 where the GPU supports it)."""
+def make_accelerator(train: TrainConfig, dist: DistributedConfig | None = None):
+    """An Accelerator with the recipe's precision ('auto' = bf16 where the GPU supports it) and its sharding
+    strategy (:func:`gptkit.distributed.accelerator_kwargs`)."""
     from accelerate import Accelerator
 
+    from gptkit import distributed
+
+    precision = train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     if precision in ("bf16", "fp16") and not torch.cuda.is_available():
         raise UserError(f"train.precision: {precision} needs a GPU; use fp32 or auto on this machine")
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 matmuls on tensor cores (Ampere+); no effect on CPU
     torch.backends.cudnn.allow_tf32 = True
-    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not torch.cuda.is_available())
+    extra = distributed.accelerator_kwargs(train, dist) if dist is not None else {}
+    return Accelerator(mixed_precision="no" if precision == "fp32" else precision, cpu=not torch.cuda.is_available(),
+                       **extra)
 
 
 @contextmanager
@@ -169,23 +175,29 @@ class Job:
     # called on every process, which may each predict a shard)
     select: str | None = None  # logged metric that picks the best model, saved to run_dir/best
     patience: int | None = None  # stop after this many evaluations without a better `select`
-    save: Callable[[Any, Path], None] | None = None  # writes a model folder (best/); None: save_pretrained
+    save: Callable[..., None] | None = None  # save(model, folder, state_dict): writes a model folder (best/), from
+    # state_dict when not None (gathered from shards); None: save_pretrained
+    distributed: DistributedConfig | None = None  # sharding (None: whatever the Accelerator was built with)
 
 
 @torch.no_grad()
-def evaluate_loss(model, data, loss_fn, count_fn, batch_size: int, max_batches: int | None, accelerator) -> float:
-    """Summed loss / items over the first ``max_batches`` global validation batches, sharded across processes."""
+def evaluate_loss(model, data, loss_fn, count_fn, batch_size: int, max_batches: int | None, accelerator,
+                  lockstep: bool = False) -> float:
+    """Summed loss / items over the first ``max_batches`` global validation batches, sharded across processes.
+    ``lockstep`` (sharded weights): every process runs as many forward passes, the surplus ones discarded."""
     model.eval()
     world = accelerator.num_processes
     # the same examples whatever the process count: max_batches global batches of batch_size x world
     limit = min(len(data), max_batches * batch_size * world) if max_batches else len(data)
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for b in range(accelerator.process_index, math.ceil(limit / batch_size), world):
-        idx = list(range(b * batch_size, min(limit, (b + 1) * batch_size)))
+    n_batches = math.ceil(limit / batch_size)
+    end = math.ceil(n_batches / world) * world if lockstep else n_batches
+    for b in range(accelerator.process_index, end, world):
+        idx = list(range(b * batch_size, min(limit, (b + 1) * batch_size))) if b < n_batches else [0]
         batch = data.batch(idx)
-        items = count_fn(batch)
-        total += torch.tensor([loss_fn(model, to_device(batch, accelerator.device)).item(), items],
-                              device=total.device, dtype=total.dtype)
+        loss = loss_fn(model, to_device(batch, accelerator.device)).item()
+        if b < n_batches:
+            total += torch.tensor([loss, count_fn(batch)], device=total.device, dtype=total.dtype)
     total = accelerator.reduce(total, "sum")
     model.train()
     return float(total[0] / total[1].clamp(min=1))
@@ -204,12 +216,12 @@ def _validate(job: Job, model, accelerator) -> dict[str, float]:
         loss_fn = job.eval_loss_fn or job.loss_fn or causal_lm_loss
         count_fn = job.eval_count_fn or job.count_fn or all_tokens
         val = evaluate_loss(model, job.val_data, loss_fn, count_fn, job.cfg.batch_size, job.cfg.eval_batches,
-                            accelerator)
+                            accelerator, lockstep=distributed.lockstep(job.distributed, accelerator))
         metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
     if job.evaluate is not None:
         raw = accelerator.unwrap_model(model, keep_torch_compile=False)
         raw.eval()
-        with own_forward(raw):
+        with own_forward(raw), distributed.root_gathered(raw):
             metrics.update({f"val_{k}": v for k, v in job.evaluate(raw).items()})
         raw.train()
     if accelerator.num_processes > 1:  # decisions (best, early stop) are the main process's, on every rank
@@ -229,13 +241,13 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
     best = counters.get("best")
     if best is None or (value < best if lower else value > best):
         counters.update(best=value, best_step=step, stale=0)
+        state = distributed.full_state_dict(accelerator, model)  # collective when sharded
         if accelerator.is_main_process:
             import shutil
 
             tmp, final, old = job.run_dir / ".best.tmp", job.run_dir / "best", job.run_dir / ".best.old"
             shutil.rmtree(tmp, ignore_errors=True)
-            raw = accelerator.unwrap_model(model, keep_torch_compile=False)
-            job.save(raw, tmp) if job.save else raw.save_pretrained(str(tmp))
+            write_model(accelerator.unwrap_model(model, keep_torch_compile=False), tmp, state, job.save)
             if final.exists():  # never a moment without a complete best/ (or its .old twin)
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
@@ -263,9 +275,11 @@ def _save(job: Job, step: int, model, opt, accelerator, counters: dict) -> None:
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
+    sharded = distributed.save_state(tmp, model, opt, accelerator)  # every process writes its shards
     if accelerator.is_main_process:
-        save_model(accelerator.unwrap_model(model, keep_torch_compile=False), str(tmp / "model.safetensors"))
-        torch.save(opt.state_dict(), tmp / "optimizer.pt")
+        if not sharded:
+            save_model(accelerator.unwrap_model(model, keep_torch_compile=False), str(tmp / "model.safetensors"))
+            torch.save(opt.state_dict(), tmp / "optimizer.pt")
         if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker, for an exact resume
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **counters}))
@@ -284,8 +298,9 @@ def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
         raise UserError(f"--resume: no complete checkpoint in {root}; start without --resume")
     raw = accelerator.unwrap_model(model, keep_torch_compile=False)
     try:
-        load_model(raw, str(ckpt / "model.safetensors"), device=str(accelerator.device))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+        if not distributed.load_state(ckpt, model, opt, accelerator):
+            load_model(raw, str(ckpt / "model.safetensors"), device=str(accelerator.device))
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
         if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. --force across a change of model shape
@@ -304,6 +319,24 @@ def _restore_rng(rng: dict) -> None:
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
+def write_model(raw, folder: Path, state: dict | None, save: Callable[..., None] | None = None) -> None:
+    """Main process: a model folder from the model, or from ``state`` (weights gathered from shards)."""
+    if save is not None:
+        save(raw, folder, state)
+    else:
+        raw.save_pretrained(str(folder), state_dict=state)
+    if state is not None:
+        distributed.plain_architectures(folder)
+
+
+def save_model(accelerator, model, folder: Path, save: Callable[..., None] | None = None) -> None:
+    """Every process calls it: ``folder`` gets the whole model (gathered when sharded), written by the main one."""
+    state = distributed.full_state_dict(accelerator, model)
+    if accelerator.is_main_process:
+        write_model(accelerator.unwrap_model(model, keep_torch_compile=False), Path(folder), state, save)
+    accelerator.wait_for_everyone()
+
+
 def backward_step(model, batches: list[dict], loss_fn, count_fn, accelerator) -> tuple[torch.Tensor, float]:
     """Accumulate the gradient of one optimizer step over its micro-batches: each summed loss is divided by the
     items of every micro-batch on every process (all-reduced first), so the gradient equals that of the whole
@@ -311,10 +344,11 @@ def backward_step(model, batches: list[dict], loss_fn, count_fn, accelerator) ->
     world = accelerator.num_processes
     local = float(sum(count_fn(b) for b in batches))
     items = float(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")) if world > 1 else local
-    scale = world / max(items, 1.0)  # DDP averages gradients over processes: world / items makes it a sum / items
+    # DDP and FSDP average gradients over processes: world / items makes it a sum / items
+    scale = world / max(items, 1.0) * distributed.loss_scale(accelerator)
     loss_sum = torch.zeros((), device=accelerator.device)
     for m, batch in enumerate(batches):
-        with accelerator.no_sync(model) if m < len(batches) - 1 else nullcontext():
+        with distributed.no_sync(accelerator, model, skip=m < len(batches) - 1):
             loss = loss_fn(model, to_device(batch, accelerator.device))
             accelerator.backward(loss * scale)
         loss_sum += loss.detach().float()
@@ -339,10 +373,16 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     model, loss_fn, count_fn = job.model, job.loss_fn or causal_lm_loss, job.count_fn or all_tokens
     if cfg.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+    cpu_fsdp = distributed.wants_cpu_fsdp(job.distributed, accelerator)
+    if cpu_fsdp:  # before the optimizer: its parameters are the shards
+        distributed.shard(model, job.distributed, accelerator.num_processes)
     # the fused kernel is ~3x faster than the per-tensor loop on CPU too (bench/pretrain_throughput.py)
     opt = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                             fused=accelerator.device.type in ("cuda", "cpu"))
-    model, opt = accelerator.prepare(model, opt)
+    if cpu_fsdp:
+        opt = accelerator.prepare(opt)
+    else:
+        model, opt = accelerator.prepare(model, opt)
     if cfg.compile:
         model = torch.compile(model)
     start, counters, rng = _load(job, model, opt, accelerator) if job.resume else (0, {"bad_steps": 0}, None)
@@ -360,68 +400,68 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
     if rng is not None:
         _restore_rng(rng)
-    with _StopOnSignal() as stop:
-        for step in range(start + 1, cfg.max_steps + 1):
-            lr = lr_at(step - 1, cfg)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            batches = [job.train_data.batch(*order.take((step - 1) * global_batch + (m * world + rank) * B, B))
-                       for m in range(accum)]
-            loss_sum, items = backward_step(model, batches, loss_fn, count_fn, accelerator)
-            tokens += sum(b["input_ids"].numel() for b in batches) * world
-            # one collective per step: the summed loss across processes and whether any got a signal
-            flags = torch.stack([loss_sum, torch.tensor(float(stop.signum or 0), device=loss_sum.device)])
-            flags = accelerator.reduce(flags, "sum") if world > 1 else flags
-            step_loss, signum = flags[0].item() / items, int(flags[1].item()) and (stop.signum or signal.SIGTERM)
-            if not math.isfinite(step_loss):
+    try:  # a tracker run is closed (marked finished) however training ends
+        with _StopOnSignal() as stop:
+            for step in range(start + 1, cfg.max_steps + 1):
+                lr = lr_at(step - 1, cfg)
+                for group in opt.param_groups:
+                    group["lr"] = lr
+                batches = [job.train_data.batch(*order.take((step - 1) * global_batch + (m * world + rank) * B, B))
+                           for m in range(accum)]
+                loss_sum, items = backward_step(model, batches, loss_fn, count_fn, accelerator)
+                tokens += sum(b["input_ids"].numel() for b in batches) * world
+                # one collective per step: the summed loss across processes and whether any got a signal
+                flags = torch.stack([loss_sum, torch.tensor(float(stop.signum or 0), device=loss_sum.device)])
+                flags = accelerator.reduce(flags, "sum") if world > 1 else flags
+                step_loss, signum = flags[0].item() / items, int(flags[1].item()) and (stop.signum or signal.SIGTERM)
+                if not math.isfinite(step_loss):
+                    opt.zero_grad(set_to_none=True)
+                    counters["bad_steps"] += 1
+                    if counters["bad_steps"] > cfg.skip_nonfinite:
+                        raise TrainingStopped(
+                            f"non-finite loss at step {step}; stopped without saving it. The last good checkpoint is kept "
+                            f"in {job.run_dir / 'checkpoints'} (lower train.lr, or allow skips with train.skip_nonfinite)"
+                        )
+                    log.warning("non-finite loss at step %d: batch skipped (%d so far)", step, counters["bad_steps"])
+                    continue
+                if cfg.grad_clip > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                opt.step()
                 opt.zero_grad(set_to_none=True)
-                counters["bad_steps"] += 1
-                if counters["bad_steps"] > cfg.skip_nonfinite:
-                    raise TrainingStopped(
-                        f"non-finite loss at step {step}; stopped without saving it. The last good checkpoint is kept "
-                        f"in {job.run_dir / 'checkpoints'} (lower train.lr, or allow skips with train.skip_nonfinite)"
-                    )
-                log.warning("non-finite loss at step %d: batch skipped (%d so far)", step, counters["bad_steps"])
-                continue
-            if cfg.grad_clip > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            run_loss, run_steps = run_loss + step_loss, run_steps + 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == cfg.max_steps:
-                tok_s = tokens / (time.perf_counter() - t0)
-                last = {"train_loss": run_loss / run_steps, "train_lr": lr, "train_tokens_per_s": tok_s}
-                tracker.log(step, last)
-                bar.set_postfix(loss=f"{last['train_loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
-                if main and not live:
-                    eta = (time.perf_counter() - t_start) / (step - start) * (cfg.max_steps - step)
-                    log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s, ETA %ds", step, cfg.max_steps,
-                             last["train_loss"], lr, tok_s, eta)
-                run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
-            stop_early = False
-            if (job.val_data is not None or job.evaluate) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                metrics = _validate(job, model, accelerator)
-                tracker.log(step, metrics)
-                last.update(metrics)
-                if main:
-                    msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-                    bar.write(msg) if live else log.info(msg)
-                stop_early = _track_best(job, model, accelerator, metrics, counters, step)
-                t0 = time.perf_counter()
-            if step % cfg.save_every == 0 or step == cfg.max_steps or signum or stop_early:
-                _save(job, step, model, opt, accelerator, counters)
-                t0 = time.perf_counter()
-            if stop_early:
-                log.info("early stopping at step %d: %s has not improved for %d evaluations", step, job.select,
-                         job.patience)
-                break
-            if signum:
-                bar.close()
-                tracker.close()
-                raise Interrupted(step, signum)
-    bar.close()
-    tracker.close()
+                run_loss, run_steps = run_loss + step_loss, run_steps + 1
+                bar.update(1)
+                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                    tok_s = tokens / (time.perf_counter() - t0)
+                    last = {"train_loss": run_loss / run_steps, "train_lr": lr, "train_tokens_per_s": tok_s}
+                    tracker.log(step, last)
+                    bar.set_postfix(loss=f"{last['train_loss']:.4f}", tok_s=f"{tok_s:,.0f}", lr=f"{lr:.2e}")
+                    if main and not live:
+                        eta = (time.perf_counter() - t_start) / (step - start) * (cfg.max_steps - step)
+                        log.info("step %d/%d: loss %.4f, lr %.2e, %.0f tok/s, ETA %ds", step, cfg.max_steps,
+                                 last["train_loss"], lr, tok_s, eta)
+                    run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+                stop_early = False
+                if (job.val_data is not None or job.evaluate) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
+                    metrics = _validate(job, model, accelerator)
+                    tracker.log(step, metrics)
+                    last.update(metrics)
+                    if main:
+                        msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+                        bar.write(msg) if live else log.info(msg)
+                    stop_early = _track_best(job, model, accelerator, metrics, counters, step)
+                    t0 = time.perf_counter()
+                if step % cfg.save_every == 0 or step == cfg.max_steps or signum or stop_early:
+                    _save(job, step, model, opt, accelerator, counters)
+                    t0 = time.perf_counter()
+                if stop_early:
+                    log.info("early stopping at step %d: %s has not improved for %d evaluations", step, job.select,
+                             job.patience)
+                    break
+                if signum:
+                    raise Interrupted(step, signum)
+    finally:
+        bar.close()
+        tracker.close()
     if main:
         plot(job.run_dir)
     return last

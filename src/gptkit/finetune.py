@@ -170,7 +170,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     rundir.check(run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
     rows = _splits(recipe, task)
     tokenizer = trained.tokenizer_of(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
-    accelerator = engine.make_accelerator(recipe.train.precision)
+    accelerator = engine.make_accelerator(recipe.train, recipe.distributed)
     set_seed(recipe.train.seed)
     model = task.build_model(recipe, tokenizer, rows["train"])
     train = task.preprocess(recipe, tokenizer, rows["train"], "train", model)
@@ -193,12 +193,12 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
                      loss_fn=partial(task.loss, per=per), count_fn=partial(task.count, per=per),
                      eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,
                      select=(recipe.finetune.metric or task.METRIC) if evaluate else None,
-                     patience=recipe.finetune.patience, save=lambda m, path: trained.save(m, tokenizer, path))
+                     patience=recipe.finetune.patience, distributed=recipe.distributed,
+                     save=lambda m, path, state=None: trained.save(m, tokenizer, path, state))
     result = engine.fit(job, accelerator)
-    if accelerator.is_main_process:
-        model = _keep_best(recipe, task_name, run_dir, tokenizer, accelerator.unwrap_model(model))
-        if "test" in rows:
-            result.update(_score_test(recipe, task, run_dir, tokenizer, rows["test"], model))
+    model = _keep_best(recipe, task_name, run_dir, tokenizer, model, accelerator, job.save)
+    if accelerator.is_main_process and "test" in rows:
+        result.update(_score_test(recipe, task, run_dir, tokenizer, rows["test"], model))
     accelerator.wait_for_everyone()
     return result
 
@@ -209,7 +209,11 @@ def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelera
     figures, so every rank makes the same best-checkpoint and early-stopping decisions)."""
     from accelerate.utils import gather_object
 
+    from gptkit import distributed
+
     rank, world = accelerator.process_index, accelerator.num_processes
+    if distributed.lockstep(recipe.distributed, accelerator):  # sharded weights: every rank predicts every row
+        rank, world = 0, 1
 
     def evaluate(model) -> dict[str, float]:
         mine = list(range(rank, len(rows), world))
@@ -223,15 +227,27 @@ def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelera
     return evaluate
 
 
-def _keep_best(recipe: Recipe, task_name: str, run_dir: Path, tokenizer, model):
-    """The run's model: the best checkpoint by finetune.metric when validation kept one (as the Trainer's
-    load_best_model_at_end), else the final weights; saved in the run directory, and returned."""
+def _keep_best(recipe: Recipe, task_name: str, run_dir: Path, tokenizer, model, accelerator, save):
+    """Every process calls it: the run's model is the best checkpoint by finetune.metric when validation kept one
+    (as the Trainer's load_best_model_at_end), else the final weights (gathered when sharded); saved in the run
+    directory, and returned on the main process (None elsewhere), unsharded, for scoring the test split."""
+    from gptkit import distributed, engine
+
     best = run_dir / "best"
+    sharded = distributed.is_sharded(model)
+    if not best.is_dir():
+        engine.save_model(accelerator, model, run_dir, save)
+    if not accelerator.is_main_process:
+        return None
+    model = accelerator.unwrap_model(model)
+    device = accelerator.device
     if best.is_dir():  # reloaded where training ran (on the CPU, test scoring once took minutes on a GPU machine)
-        device = next(model.parameters()).device
-        model.to("cpu")  # one model on the accelerator at a time
+        if not sharded:
+            model.to("cpu")  # one model on the accelerator at a time
         model = trained.load_model(best, task_name, recipe).to(device)
-    trained.save(model, tokenizer, run_dir)
+        trained.save(model, tokenizer, run_dir)
+    elif sharded:
+        model = trained.load_model(run_dir, task_name, recipe).to(device)
     return model
 
 

@@ -119,7 +119,7 @@ def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None =
 
 
 def _mb(n: int) -> str:
-    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force: bool = False,
@@ -133,7 +133,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     hf_logging.disable_progress_bar()
     plan = check(recipe)
     rundir.check(plan.run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
-    accelerator = engine.make_accelerator(recipe.train.precision)
+    accelerator = engine.make_accelerator(recipe.train, recipe.distributed)
     with accelerator.main_process_first():  # rank 0 tokenizes; the others then read its cache
         tokenizer = tokenizer_for(recipe, plan.train_files, plan.run_dir if resume else None)
         train, val = data_mod.pretrain_splits(recipe.data, tokenizer, recipe.model.context, recipe.train.seed)
@@ -154,9 +154,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     accelerator.wait_for_everyone()
     log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
              n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
-    job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume)
+    job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume,
+                     distributed=recipe.distributed)
     metrics = engine.fit(job, accelerator)
-    if accelerator.is_main_process:
-        trained.save(accelerator.unwrap_model(model), None, plan.run_dir)  # the tokenizer is already there
-    accelerator.wait_for_everyone()
+    save = lambda m, folder, state: trained.save(m, None, folder, state)  # noqa: E731 - the tokenizer is there
+    engine.save_model(accelerator, model, plan.run_dir, save)
     return metrics

@@ -231,6 +231,35 @@ class FinetuneConfig(_Section):
     )
 
 
+class DistributedConfig(_Section):
+    """How several processes share the model (`accelerate launch` / `torchrun`); one process ignores it."""
+
+    strategy: Literal["ddp", "fsdp", "deepspeed"] = Field(
+        "ddp", description="ddp: a replica per process (or what an `accelerate launch --config_file` sets up); fsdp: "
+        "shard weights, gradients and optimizer state (FSDP2, GPUs and CPU/gloo); deepspeed: ZeRO (GPUs)."
+    )
+    reshard_after_forward: bool = Field(
+        True, description="fsdp: free gathered weights after each block's forward (full shard); false keeps them "
+        "until backward (faster, more memory: ZeRO-2-like)."
+    )
+    cpu_offload: bool = Field(False, description="fsdp: keep sharded parameters and optimizer state in CPU memory.")
+    replicas: int = Field(
+        1, ge=1, description="fsdp: hybrid sharding: shard within groups of processes/replicas (typically a node), "
+        "replicate across the groups."
+    )
+    deepspeed_config: str | None = Field(
+        None, description="deepspeed: a ZeRO JSON config (recipes/accelerate/deepspeed/zero2.json or zero3.json; "
+        "\"auto\" values are filled from the recipe)."
+    )
+
+    @model_validator(mode="after")
+    def _config_for_deepspeed(self) -> DistributedConfig:
+        if self.strategy == "deepspeed" and not self.deepspeed_config:
+            raise ValueError("strategy 'deepspeed' needs distributed.deepspeed_config (a ZeRO JSON file, e.g. "
+                             "recipes/accelerate/deepspeed/zero2.json)")
+        return self
+
+
 class OutputConfig(_Section):
     """Where the run directory goes."""
 
@@ -238,7 +267,7 @@ class OutputConfig(_Section):
 
 
 class Recipe(_Section):
-    """A whole run. Sections: model, tokenizer, data, train, output."""
+    """A whole run. Sections: model, tokenizer, data, train, finetune, distributed, output."""
 
     description: str = Field("", description="One line shown by `gptkit recipes`.")
     task: Literal["pretrain", "classify", "qa", "translate", "summarize", "multitask"] = Field(
@@ -249,6 +278,7 @@ class Recipe(_Section):
     data: DataConfig = Field(default_factory=DataConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")

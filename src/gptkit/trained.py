@@ -56,10 +56,11 @@ def is_adapter_dir(path: Path) -> bool:
     return (Path(path) / ADAPTER_FILE).is_file()
 
 
-def save(model: Any, tokenizer: Any, out: Path) -> None:
-    """Weights (full, or LoRA adapters with the heads they train), ``config.json`` and the tokenizer in ``out``."""
+def save(model: Any, tokenizer: Any, out: Path, state_dict: dict | None = None) -> None:
+    """Weights (full, or LoRA adapters with the heads they train), ``config.json`` and the tokenizer in ``out``;
+    ``state_dict``: the weights gathered from a sharded model (see :func:`gptkit.engine.save_model`)."""
     out = Path(out)
-    model.save_pretrained(str(out))
+    model.save_pretrained(str(out), state_dict=state_dict)
     if hasattr(model, "peft_config"):  # peft saves adapters only; the base's config carries labels and pad id
         model.get_base_model().config.save_pretrained(str(out))
     if tokenizer is not None:

@@ -1,0 +1,110 @@
+"""Sharded training (distributed.strategy: fsdp) on 2 CPU processes with torchrun (gloo): torch's FSDP2
+``fully_shard``, as Accelerate applies it on GPUs. Losses equal a 1-process run with the same global batch,
+a resume reads the sharded checkpoint exactly, the run folder is a full model plain transformers loads, and
+LoRA under FSDP2 fine-tunes and saves its adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import tiny_recipe
+from tasks_helpers import finetune_recipe, pretrained_base, read_test_metrics, splits, translate_rows
+
+pytestmark = pytest.mark.distributed
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def launch(args: list[str], processes: int = 2, port: int = 29561) -> subprocess.CompletedProcess:
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                "--master_port", str(port)] if processes > 1 else [sys.executable]
+    res = subprocess.run([*torchrun, "-m", "gptkit", *args], capture_output=True, text=True, env=ENV, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return res
+
+
+def rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run: Path, key: str = "train_loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in rows(run) if key in r}
+
+
+def weights(run: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(run / "model.safetensors"))
+
+
+def test_fsdp_pretraining_matches_one_process_and_resumes_exactly(tmp_path, corpus):
+    train = {"max_steps": 6, "grad_accum": 2, "eval_every": 3, "save_every": 3, "keep_last": 5, "log_every": 1}
+    two = tiny_recipe(tmp_path / "two.yaml", corpus, tmp_path / "two", train={**train, "batch_size": 4},
+                      model={"tie_embeddings": True}, distributed={"strategy": "fsdp"})
+    one = tiny_recipe(tmp_path / "one.yaml", corpus, tmp_path / "one", train={**train, "batch_size": 8},
+                      model={"tie_embeddings": True})
+    out = launch(["pretrain", str(two)])
+    assert "FSDP2 on 2 CPU processes" in out.stderr
+    launch(["pretrain", str(one)], processes=1)
+    a, b = tmp_path / "one", tmp_path / "two"
+    for key in ("train_loss", "val_loss"):
+        assert losses(b, key) == pytest.approx(losses(a, key), rel=1e-5), key
+    # every process wrote its shards; the run folder is one full model, tied head and all
+    ckpt = b / "checkpoints" / "step-00000003"
+    assert (ckpt / "sharded" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    assert len(list((ckpt / "sharded").glob("*.distcp"))) == 2
+    wa, wb = weights(a), weights(b)
+    assert wa.keys() == wb.keys() and max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-4
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(b))
+    assert type(model).__name__ == "GPT2LMHeadModel" and model.lm_head.weight is model.transformer.wte.weight
+    assert json.loads((b / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+    # resume from the step-3 shards on 2 processes: steps 4-6 and the final weights are exactly the uninterrupted run's
+    cut = tmp_path / "cut"
+    shutil.copytree(b, cut)
+    shutil.rmtree(cut / "checkpoints" / "step-00000006")
+    for f in ("model.safetensors", "config.json"):
+        (cut / f).unlink()
+    (tmp_path / "cut.yaml").write_text((tmp_path / "two.yaml").read_text().replace(str(b), str(cut)))
+    (cut / "recipe.yaml").write_text((cut / "recipe.yaml").read_text().replace(str(b), str(cut)))
+    launch(["pretrain", str(tmp_path / "cut.yaml"), "--resume"])
+    assert losses(cut) == losses(b)
+    wc = weights(cut)
+    assert all(bool((wc[k] == wb[k]).all()) for k in wb)
+
+
+def test_lora_under_fsdp_matches_one_process(tmp_path):
+    """LoRA adapters and a frozen base sharded together: validation (every rank generates in lockstep), the best
+    adapters and the test scores agree with a 1-process run; the adapters load with peft."""
+    base = pretrained_base(tmp_path)
+    s = splits(tmp_path, translate_rows, 200)
+    runs = {}
+    for name, batch, procs in (("two", 4, 2), ("one", 8, 1)):
+        recipe = finetune_recipe(tmp_path, name, "translate", base, s,
+                                 finetune={"method": "lora", "lora_dropout": 0.0, "eval_examples": 8,
+                                           "max_new_tokens": 8},
+                                 train={"max_steps": 20, "eval_every": 10, "save_every": 10, "batch_size": batch,
+                                        "log_every": 5, "lr": 1e-4, "min_lr": 1e-4, "warmup_steps": 0,
+                                        "schedule": "constant"},
+                                 distributed={"strategy": "fsdp"} if procs > 1 else {})
+        launch(["finetune", str(recipe)], processes=procs, port=29562)
+        runs[name] = (rows(tmp_path / name), read_test_metrics(tmp_path / name))
+    (m2, t2), (m1, t1) = runs["two"], runs["one"]
+    # a small learning rate keeps both runs' weights equal to float rounding, so the generated text must agree
+    # (greedy decoding of a barely trained model flips on larger differences)
+    for key, tol in (("train_loss", 1e-5), ("val_loss", 1e-5), ("val_chrf", 1e-6)):
+        got, want = [r[key] for r in m2 if key in r], [r[key] for r in m1 if key in r]
+        assert len(got) == len(want) > 0 and got == pytest.approx(want, rel=tol, abs=tol), key
+    assert t2 == pytest.approx(t1, abs=1e-6)
+    for folder in (tmp_path / "two", tmp_path / "two" / "best"):
+        assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+    from peft import PeftConfig
+
+    assert PeftConfig.from_pretrained(str(tmp_path / "two")).r == 16
