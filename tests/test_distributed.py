@@ -108,3 +108,50 @@ def test_lora_under_fsdp_matches_one_process(tmp_path):
     from peft import PeftConfig
 
     assert PeftConfig.from_pretrained(str(tmp_path / "two")).r == 16
+
+
+def test_gpu_plugins_are_built_from_the_recipe(monkeypatch):
+    """What a GPU run hands Accelerate (no GPU here): the FSDP2 plugin and its hybrid mesh, the DeepSpeed plugin
+    from the shipped ZeRO configs with the recipe's batch, accumulation and clipping in place of "auto"."""
+    import torch
+
+    from gptkit import distributed
+    from gptkit.cli import bundled_recipes_dir
+    from gptkit.recipe import DistributedConfig, TrainConfig
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    train = TrainConfig(batch_size=6, grad_accum=3, grad_clip=0.5)
+    kw = distributed.accelerator_kwargs(train, DistributedConfig(strategy="fsdp", reshard_after_forward=False,
+                                                                 replicas=2))
+    plugin = kw["fsdp_plugin"]
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is False
+    assert str(plugin.state_dict_type).endswith("SHARDED_STATE_DICT")
+    assert (kw["parallelism_config"].dp_replicate_size, kw["parallelism_config"].dp_shard_size) == (2, 8)
+    assert distributed.accelerator_kwargs(train, DistributedConfig()) == {}
+    root = bundled_recipes_dir() / "accelerate" / "deepspeed"
+    for stage in (2, 3):
+        cfg = DistributedConfig(strategy="deepspeed", deepspeed_config=str(root / f"zero{stage}.json"))
+        ds = distributed.accelerator_kwargs(train, cfg)["deepspeed_plugin"]
+        c = ds.deepspeed_config
+        assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"], c["gradient_clipping"]) == \
+            (6, 3, 0.5)
+        assert ds.zero_stage == stage
+
+
+def test_shipped_accelerate_config_and_cpu_refusals(tmp_path, corpus):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from conftest import assert_user_error, run_cli
+    from gptkit.cli import bundled_recipes_dir
+
+    cfg = load_config_from_file(str(bundled_recipes_dir() / "accelerate" / "fsdp2.yaml"))
+    assert str(cfg.distributed_type).endswith("FSDP") and cfg.fsdp_config["fsdp_version"] == 2
+    assert "accelerate" not in run_cli("recipes")[1]  # launcher configs are not recipes
+    ds = tiny_recipe(tmp_path / "ds.yaml", corpus, tmp_path / "ds", distributed={
+        "strategy": "deepspeed", "deepspeed_config": str(bundled_recipes_dir() / "accelerate/deepspeed/zero2.json")})
+    code, _, err = run_cli("pretrain", str(ds))
+    assert_user_error(code, err, "distributed.strategy: deepspeed needs CUDA GPUs")
+    assert not (tmp_path / "ds").exists()
+    bad = tiny_recipe(tmp_path / "bad.yaml", corpus, tmp_path / "bad", distributed={"strategy": "deepspeed"})
+    assert_user_error(*run_cli("pretrain", str(bad))[::2], "deepspeed_config")

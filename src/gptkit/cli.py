@@ -44,6 +44,9 @@ def _setup_offline_and_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
+LAUNCHER_CONFIGS = "accelerate"  # recipes/accelerate/: Accelerate and DeepSpeed configs to copy, not recipes
+
+
 def bundled_recipes_dir() -> Path:
     here = Path(__file__).resolve().parent
     for cand in (here / "_bundled" / "recipes", here.parents[1] / "recipes"):
@@ -249,7 +252,7 @@ def recipes_list(ctx: typer.Context) -> None:
 
     root = bundled_recipes_dir()
     for path in sorted(root.rglob("*.yaml")):
-        if path.name.startswith("_"):
+        if path.name.startswith("_") or path.relative_to(root).parts[0] == LAUNCHER_CONFIGS:
             continue
         desc = (yaml.safe_load(path.read_text()) or {}).get("description", "")
         typer.echo(f"{str(path.relative_to(root).with_suffix('')):<28} {desc}")
