@@ -37,13 +37,13 @@ from gptkit import data as data_mod, pretrain
 corpus, cache, vocab, num_proc = sys.argv[1].split(","), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 recipe = Recipe.model_validate({"tokenizer": {"kind": "bpe", "vocab_size": vocab},
     "data": {"train_files": corpus, "cache_dir": cache, "num_proc": num_proc}, "model": {"context": 256}})
-t0 = time.perf_counter()
+t0, w0 = time.perf_counter(), time.time()
 tok = pretrain.tokenizer_for(recipe, corpus)
-t1 = time.perf_counter()
+t1, w1 = time.perf_counter(), time.time()
 stream = data_mod.token_stream(corpus, recipe.data, tok, "data.train_files")
-t2 = time.perf_counter()
+t2, w2 = time.perf_counter(), time.time()
 tok.save_pretrained(cache + "/tok")
-print(json.dumps({"train_s": t1 - t0, "tokenize_s": t2 - t1, "tokens": len(stream)}))
+print(json.dumps({"train_s": t1 - t0, "tokenize_s": t2 - t1, "tokens": len(stream), "phases": [w0, w1, w2]}))
 """
 
 NANOGPT = r"""
@@ -124,12 +124,13 @@ def make_corpus(work: Path, size: int, fmt: str, shards: int) -> list[Path]:
 
 
 def measure(cmd: list[str]) -> tuple[dict, float, float]:
-    """Run ``cmd``; its JSON line, wall seconds and peak summed RSS (bytes) of it and its children."""
+    """Run ``cmd``; its JSON line, wall seconds and peak summed RSS (bytes) of it and its children. When the JSON
+    has ``phases`` (wall-clock boundaries), it gains ``phase_rss``: the peak inside each phase."""
     import psutil
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")})
-    peak, done = 0, threading.Event()
+    peak, done, trace = 0, threading.Event(), []
 
     def sample():
         nonlocal peak
@@ -138,6 +139,7 @@ def measure(cmd: list[str]) -> tuple[dict, float, float]:
             try:
                 rss = p.memory_info().rss + sum(c.memory_info().rss for c in p.children(recursive=True))
                 peak = max(peak, rss)
+                trace.append((time.time(), rss))
             except psutil.Error:
                 pass
             time.sleep(0.1)
@@ -149,7 +151,11 @@ def measure(cmd: list[str]) -> tuple[dict, float, float]:
     thread.join()
     if proc.returncode:
         raise SystemExit(f"{cmd[:3]} failed with exit code {proc.returncode}")
-    return json.loads(out.strip().splitlines()[-1]), time.perf_counter() - t0, peak
+    result = json.loads(out.strip().splitlines()[-1])
+    bounds = result.get("phases")
+    if bounds:
+        result["phase_rss"] = [max((r for t, r in trace if a <= t <= b), default=0) for a, b in zip(bounds, bounds[1:])]
+    return result, time.perf_counter() - t0, peak
 
 
 def main() -> None:
@@ -183,9 +189,10 @@ def main() -> None:
             else:
                 n, n_wall, n_rss = None, 0.0, 0
             rows.append((size_text, g, g_wall, g_rss, n, n_wall, n_rss, mb))
-            line = (f"{size_text}: gptkit tokenizer training {g['train_s']:.1f} s, tokenization "
-                    f"{mb / g['tokenize_s']:.2f} MB/s ({g['tokens']:,} tokens), wall {g_wall:.1f} s, peak RSS "
-                    f"{g_rss / 2**20:,.0f} MiB")
+            train_rss, tok_rss = g["phase_rss"]
+            line = (f"{size_text}: gptkit tokenizer training {g['train_s']:.1f} s (peak RSS {train_rss / 2**20:,.0f} MiB), "
+                    f"tokenization {mb / g['tokenize_s']:.2f} MB/s ({g['tokens']:,} tokens, peak RSS "
+                    f"{tok_rss / 2**20:,.0f} MiB), wall {g_wall:.1f} s, peak RSS {g_rss / 2**20:,.0f} MiB")
             if n:
                 line += (f" | nanoGPT way: tokenization {mb / n['tokenize_s']:.2f} MB/s ({n['tokens']:,} tokens)"
                          + (f", tokenizer training {n['train_s']:.1f} s" if args.nanogpt_train else "")
@@ -196,11 +203,12 @@ def main() -> None:
             shutil.rmtree(work)
     print(f"\n{args.format} in {args.shards} file(s), {args.num_proc} processes, vocabulary {args.vocab}")
     print("| corpus | gptkit tokenize MB/s | nanoGPT way MB/s | ratio | gptkit tokenizer training s | gptkit peak RSS MiB "
-          "| nanoGPT way peak RSS MiB |")
+          "(training / tokenizing) | nanoGPT way peak RSS MiB |")
     print("|---|---|---|---|---|---|---|")
     for size_text, g, g_wall, g_rss, n, n_wall, n_rss, mb in rows:
         base = (f"{mb / n['tokenize_s']:.2f} | {n['tokenize_s'] / g['tokenize_s']:.2f}x" if n else "not run | -")
-        print(f"| {size_text} | {mb / g['tokenize_s']:.2f} | {base} | {g['train_s']:.1f} | {g_rss / 2**20:,.0f} | "
+        print(f"| {size_text} | {mb / g['tokenize_s']:.2f} | {base} | {g['train_s']:.1f} | {g_rss / 2**20:,.0f} "
+              f"({g['phase_rss'][0] / 2**20:,.0f} / {g['phase_rss'][1] / 2**20:,.0f}) | "
               + (f"{n_rss / 2**20:,.0f} |" if n else "- |"))
 
 

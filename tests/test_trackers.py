@@ -182,3 +182,16 @@ def test_an_unknown_tracker_is_refused_by_the_schema(tmp_path, corpus):
     recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", train={"trackers": ["tensorbord"]})
     code, _, err = run_cli("validate", str(recipe))
     assert_user_error(code, err, "train.trackers.0", "'tensorboard', 'mlflow' or 'wandb'", "tensorbord")
+
+
+def test_mlflow_run_says_how_training_ended(tmp_path, corpus, monkeypatch):
+    """A run stopped by a non-finite loss is FAILED in MLflow, not left RUNNING or marked FINISHED."""
+    from gptkit import engine
+
+    real = engine.causal_lm_loss
+    monkeypatch.setattr(engine, "causal_lm_loss",
+                        lambda model, batch: real(model, batch) * (float("nan") if model.training else 1.0))
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", train={**TRAIN, "trackers": ["mlflow"]})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 3, err
+    assert mlflow_run(tmp_path / "run")[1].info.status == "FAILED"

@@ -155,7 +155,12 @@ class TrainConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations to save memory.")
     seed: int = Field(1337, description="Seeds init, dropout and data order.")
     eval_every: int = Field(200, ge=1, description="Validate every N steps (and at the end).")
-    eval_batches: int | None = Field(50, ge=1, description="Validation batches per evaluation (None = all).")
+    eval_batches: int | None = Field(
+        50, ge=1, description="Validation batches per evaluation, a fixed seeded sample of the split (None = all)."
+    )
+    full_final_eval: bool = Field(
+        False, description="Score the whole validation split at the last step (sampled estimates before it)."
+    )
     log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
     save_every: int = Field(500, ge=1, description="Checkpoint every N steps (and at the end).")
     keep_last: int = Field(2, ge=1, description="Checkpoints kept on disk.")

@@ -25,6 +25,7 @@ _HARMLESS = {
     "data.num_proc",
     "train.eval_every",
     "train.eval_batches",
+    "train.full_final_eval",
     "train.log_every",
     "train.save_every",
     "train.keep_last",

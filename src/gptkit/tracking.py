@@ -121,8 +121,8 @@ class MLflowRunTracker:
         now = int(time.time() * 1000)
         self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in values.items()])
 
-    def finish(self) -> None:
-        self.client.set_terminated(self.run_id, status="FINISHED")
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
 
 
 def _start_mlflow(run_dir: Path, saved: dict, config: dict | None) -> tuple[MLflowRunTracker, dict]:
@@ -201,10 +201,11 @@ class Tracker:
                 log.warning("%s: logging failed (%s); it gets no more metrics, metrics.jsonl still does", name, e)
                 del self._backends[name]
 
-    def close(self) -> None:
+    def close(self, status: str = "FINISHED") -> None:
+        """``status``: how training ended (FINISHED, KILLED by a signal, FAILED), for the trackers that record it."""
         for name, backend in self._backends.items():
             try:
-                backend.finish()
+                backend.finish(status) if isinstance(backend, MLflowRunTracker) else backend.finish()
             except Exception as e:
                 log.warning("%s: closing failed (%s)", name, e)
         self._backends = {}
@@ -219,12 +220,10 @@ def plot(run_dir: Path) -> Path | None:
     rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         return None
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: no GUI backend, and half a second less to import
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_lr = fig.subplots(1, 2)
     for key, label in (("train_loss", "train"), ("val_loss", "validation")):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         if pts:
@@ -238,5 +237,4 @@ def plot(run_dir: Path) -> Path | None:
     fig.tight_layout()
     out = run_dir / "loss.png"
     fig.savefig(out, dpi=100)
-    plt.close(fig)
     return out
