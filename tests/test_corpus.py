@@ -18,7 +18,7 @@ from gptkit.recipe import DataConfig
 from gptkit.tokenizer import train_bpe
 
 WORDS = ["the", "Über", "naïve", "café", "日本語", "a", "I'm", "don't", "42", "3.14", "!!", "--", "x" * 12]
-SEPS = [" ", "  ", "\n", "\n\n", "\n\n\n", " \n", "\t", "\r\n", ". ", ",\n", "\n \n"]
+SEPS = [" ", "  ", "\n", "\n\n", "\n\n\n", " \n", "\t", "\r\n", ". ", ",\n", "\n \n", "\u00a0", "\u00a0 ", "\u3000\n"]
 EOS = 0
 
 
@@ -155,3 +155,22 @@ def test_worker_processes_and_resume_give_the_same_stream(tmp_path, bpe, monkeyp
     assert "resuming tokenization of data.train_files after 5 of" in caplog.text
     assert np.array_equal(resumed, streams[1])
     assert not list(streams_dir.glob(".*.partial")) and not list(streams_dir.glob(".*.progress.json"))
+
+
+def test_prepare_fills_the_cache_then_pretrain_starts_at_once(tmp_path, caplog):
+    """`gptkit pretrain --prepare` trains the tokenizer and tokenizes (for multi-process launches); the run after
+    it reuses both and writes nothing it did not."""
+    from conftest import SHAKESPEARE, run_cli, tiny_recipe
+
+    corpus_file = tmp_path / "c.txt"
+    corpus_file.write_text(SHAKESPEARE.read_text()[:20_000])
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus_file, tmp_path / "run", data={"cache_dir": str(tmp_path / "cache")},
+                         train={"max_steps": 2, "eval_every": 2})
+    code, out, err = run_cli("pretrain", str(recipe), "--prepare")
+    assert code == 0, err
+    assert "prepared: 18,001 training and 2,000 validation tokens" in out, out  # 20,000 characters + EOS, 10% held out
+    assert not (tmp_path / "run").exists() and list((tmp_path / "cache" / "streams").glob("*.bin"))
+    with caplog.at_level(logging.INFO, logger="gptkit"):
+        code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    assert "using cached tokenizer" in caplog.text and "using cached tokens" in caplog.text

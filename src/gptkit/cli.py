@@ -80,11 +80,18 @@ def pretrain(
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in output.dir.")] = False,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a recipe that changed.")] = False,
+    prepare: Annotated[bool, typer.Option("--prepare", help="Only train the tokenizer and tokenize the corpus into "
+                                          "the cache (once, before a multi-process launch), then stop.")] = False,
 ) -> None:
     """Train a tokenizer and a GPT-style causal LM from scratch (or continue one) on local text."""
     from gptkit import pretrain as task
 
     rec = _load(recipe, overrides)
+    if prepare:
+        ready = task.prepare(rec)
+        typer.echo(f"prepared: {ready['train_tokens']:,} training and {ready['val_tokens']:,} validation tokens in "
+                   f"{ready['cache']}; `gptkit pretrain` with this recipe starts training at once")
+        return
     metrics = task.run(rec, resume=resume, overwrite=overwrite, force=force, command=sys.argv)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_perplexity"))
     if os.environ.get("RANK", "0") == "0":

@@ -293,8 +293,11 @@ def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype) -> 
 _worker: dict = {}
 
 
-def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Settings) -> None:
+def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Settings, pool: bool = False) -> None:
     from tokenizers import Tokenizer
+
+    if pool:  # one thread per worker: the workers are the parallelism
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     _worker.update(tok=Tokenizer.from_str(tokenizer_json), eos=eos_id, dtype=np.dtype(dtype), settings=settings)
 
@@ -315,10 +318,9 @@ def tokenize(units: list[Unit], settings: Settings, tokenizer_json: str, eos_id:
     from collections import deque
     from concurrent.futures import ProcessPoolExecutor
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per worker; the workers are the parallelism
     ctx = multiprocessing.get_context("spawn")  # no fork of a process holding torch's and rayon's threads
     with ProcessPoolExecutor(num_proc, mp_context=ctx, initializer=_init_worker,
-                             initargs=(tokenizer_json, eos_id, dtype, settings)) as pool:
+                             initargs=(tokenizer_json, eos_id, dtype, settings, True)) as pool:
         pending: deque = deque()
         todo = iter(units)
         for u in itertools.islice(todo, 2 * num_proc):

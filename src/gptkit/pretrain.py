@@ -118,6 +118,17 @@ def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None =
     return tok
 
 
+def prepare(recipe: Recipe) -> dict:
+    """The tokenizer and the token streams in the cache, without training (the data half of :func:`run`): run
+    once before a multi-process launch, whose rank 0 would otherwise tokenize while the others wait at a
+    barrier (and time out on a very large corpus)."""
+    plan = check(recipe)
+    tokenizer = tokenizer_for(recipe, plan.train_files)
+    train, val = data_mod.pretrain_splits(recipe.data, tokenizer, recipe.model.context, recipe.train.seed)
+    return {"train_tokens": len(train.stream), "val_tokens": len(val.stream) if val else 0,
+            "cache": data_mod.cache_root(recipe.data)}
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
