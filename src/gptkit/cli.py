@@ -164,6 +164,7 @@ def eval_(
     train: Annotated[Optional[str], typer.Option("--train", help="Examples to draw --few-shot demonstrations from.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seeds sampling, demonstrations and bootstrap resampling.")] = 0,
     rouge_tokenizer: Annotated[Optional[str], typer.Option("--rouge-tokenizer", help="summarize: default (rouge_score's, English) or unicode (any script); default: the run's.")] = None,
+    metric: Annotated[Optional[list[str]], typer.Option("--metric", help="A Hugging Face evaluate module (local .py or folder, or a name in the local evaluate cache) scored beside the built-ins (repeatable; needs gptkit[metrics]).")] = None,
 ) -> None:
     """Score a model (or existing predictions): BLEU/chrF, ROUGE, SQuAD EM/F1, accuracy, perplexity."""
     from gptkit import evaluate
@@ -173,7 +174,7 @@ def eval_(
                             max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k,
                             top_p=top_p, repetition_penalty=repetition_penalty, limit=limit, columns=columns or [], stride=stride,
                             resume=resume, bootstrap=bootstrap, few_shot=few_shot, train=train, seed=seed,
-                            rouge_tokenizer=rouge_tokenizer)
+                            rouge_tokenizer=rouge_tokenizer, metrics=metric or [])
     result = evaluate.run(opts, _load(recipe, overrides) if recipe else None)
     typer.echo(evaluate.table(result))
     typer.echo(f"wrote {result['out']}: metrics.json, report.md" + (", predictions.jsonl" if result["mode"] == "model" else ""))

@@ -174,6 +174,7 @@ class Job:
     evaluate: Callable[[Any], dict[str, float]] | None = None  # task metrics on validation (model unwrapped;
     # called on every process, which may each predict a shard)
     select: str | None = None  # logged metric that picks the best model, saved to run_dir/best
+    select_higher: bool | None = None  # its direction (None: lower for val_loss / val_perplexity, higher otherwise)
     patience: int | None = None  # stop after this many evaluations without a better `select`
     save: Callable[..., None] | None = None  # save(model, folder, state_dict): writes a model folder (best/), from
     # state_dict when not None (gathered from shards); None: save_pretrained
@@ -241,7 +242,8 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
         return False
     if job.select not in metrics:
         raise UserError(f"finetune.metric: '{job.select}' is not among the validation metrics {sorted(metrics)}")
-    value, lower = metrics[job.select], job.select in ("val_loss", "val_perplexity")  # the rest: higher is better
+    value = metrics[job.select]
+    lower = job.select in ("val_loss", "val_perplexity") if job.select_higher is None else not job.select_higher
     best = counters.get("best")
     if best is None or (value < best if lower else value > best):
         counters.update(best=value, best_step=step, stale=0)

@@ -256,9 +256,15 @@ def write_outputs(out: Path, result: dict, examples: list[dict]) -> None:
 
 
 def finish(out: Path, base: dict, task: str, rows: list[dict], preds: list, refs: list, bootstrap: int,
-           seed: int, rouge_tokenizer: str = "default") -> dict:
-    """Score, then write metrics.json and report.md; return what metrics.json holds."""
+           seed: int, rouge_tokenizer: str = "default", extra: list = ()) -> dict:
+    """Score (with the user's evaluate modules ``extra``), then write metrics.json and report.md; return what
+    metrics.json holds."""
+    from gptkit import user_metrics
+
     scored = score(task, preds, refs, bootstrap, seed, rouge_tokenizer)
+    if extra:
+        scored["metrics"].update(user_metrics.compute(list(extra), preds, refs))
+        scored["extra_metrics"] = [m.record() for m in extra]
     result = {"task": task, **base, **scored, "counts": {"examples": len(preds)}, "out": str(out)}
     examples = [{"index": i, "score": s, "prediction": p, "reference": r,
                  "input": " / ".join(str(row[f]) for f in INPUTS[task] if f in row)}

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gptkit import metrics, rundir
+from gptkit import metrics, rundir, user_metrics
 from gptkit.errors import UserError
 from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder
 from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
@@ -65,6 +65,7 @@ class Options:
     train: str | None = None
     seed: int = 0
     rouge_tokenizer: str | None = None  # None: the run's finetune.rouge_tokenizer, else rouge_score's default
+    metrics: list[str] = field(default_factory=list)  # evaluate modules scored beside the built-ins (--metric)
 
 
 # ------------------------------------------------------------------------------------------- models
@@ -247,6 +248,8 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     every = [r for p in data for r in read_fields(p, "--data", fields, optional, cols)]
     rows = every[: opts.limit or None]
     refs = [reference_of(task, r, f"--data: line {r['_line']}") for r in rows]
+    run_extra = run.finetune.extra_metrics if run is not None and run.task == task else []
+    extra = user_metrics.load(list(dict.fromkeys([*run_extra, *opts.metrics])), "--metric", refs)
     if opts.few_shot and not opts.train:
         raise UserError("--few-shot needs --train FILE to draw the demonstrations from")
     tp = Path(opts.train or "")
@@ -272,7 +275,7 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
                 "bootstrap": opts.bootstrap, "seconds": round(time.time() - started, 3)}
     base = {"mode": "model", "settings": settings, "model": model_fp, "data": identity["data"]}
     return finish(out, base, task, rows, preds, refs, opts.bootstrap, opts.seed,
-                  opts.rouge_tokenizer or ctx.recipe.finetune.rouge_tokenizer)
+                  opts.rouge_tokenizer or ctx.recipe.finetune.rouge_tokenizer, extra)
 
 
 def run_predictions(opts: Options, task: str) -> dict:
@@ -287,12 +290,13 @@ def run_predictions(opts: Options, task: str) -> dict:
     if bad:
         raise UserError(f"--predictions: {ppath}: line {bad[0]}: prediction must be a string")
     gold = [reference_of(task, r, f"--references: {rpath}: line {r['_line']}") for _, r in pairs]
+    extra = user_metrics.load(opts.metrics, "--metric", gold)
     data = file_hashes([ppath, rpath])
     out = Path(opts.out or f"eval-{task}")
     prepare_out(out, {"mode": "predictions", "task": task, "data": data, "columns": cols}, False, 0)
     base = {"mode": "predictions", "settings": {"columns": cols, "bootstrap": opts.bootstrap}, "data": data}
     return finish(out, base, task, [r for _, r in pairs], [str(p["prediction"]) for p, _ in pairs], gold,
-                  opts.bootstrap, opts.seed, opts.rouge_tokenizer or "default")
+                  opts.bootstrap, opts.seed, opts.rouge_tokenizer or "default", extra)
 
 
 # ------------------------------------------------------------------------------------------- entry
@@ -385,6 +389,8 @@ def run(opts: Options, recipe=None) -> dict:
     out = Path(opts.out) if opts.out else home / f"eval-{task}{'-' + split if split not in ('', 'test') else ''}"
     log.info("eval: %s on %s (%s) -> %s", model_path, ", ".join(map(str, data)), task, out)
     if task == "lm":
+        if opts.metrics:
+            raise UserError("--metric: evaluate modules score text tasks; perplexity (lm) takes none")
         if opts.resume:
             raise UserError("--resume: perplexity has no predictions to resume; run it again")
         return run_lm(opts, model_path, data, out)

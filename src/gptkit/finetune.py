@@ -181,29 +181,56 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
         model = _lora(recipe, model, task_name)
     modeling.trainable_precision(model, recipe.finetune.method)
     val_rows = _eval_subset(rows.get("validation", []), recipe.finetune.eval_examples)
-    evaluate = _sharded_scoring(task, tokenizer, val_rows, recipe, accelerator) if val_rows else None
+    extra = _extra_metrics(recipe, task_name, val_rows or rows["train"])
+    evaluate = _sharded_scoring(task, tokenizer, val_rows, recipe, accelerator, extra) if val_rows else None
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
     rundir.check_disk_space(run_dir, n_params, recipe.train.keep_last)
     if accelerator.is_main_process and not resume:
         rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
+    if accelerator.is_main_process and extra:  # where the extra figures come from
+        (run_dir / "extra_metrics.json").write_text(json.dumps([m.record() for m in extra], indent=1))
     accelerator.wait_for_everyone()
     per = recipe.finetune.loss  # validation loss (and perplexity) is per token whatever training averages
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
                      loss_fn=partial(task.loss, per=per), count_fn=partial(task.count, per=per),
                      eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,
                      select=(recipe.finetune.metric or task.METRIC) if evaluate else None,
+                     select_higher=recipe.finetune.metric_higher_is_better,
                      patience=recipe.finetune.patience, distributed=recipe.distributed,
                      save=lambda m, path, state=None: trained.save(m, tokenizer, path, state))
     result = engine.fit(job, accelerator)
     model = _keep_best(recipe, task_name, run_dir, tokenizer, model, accelerator, job.save)
     if accelerator.is_main_process and "test" in rows:
-        result.update(_score_test(recipe, task, run_dir, tokenizer, rows["test"], model))
+        result.update(_score_test(recipe, task, run_dir, tokenizer, rows["test"], model, extra))
     accelerator.wait_for_everyone()
     return result
 
 
-def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelerator):
+def _extra_metrics(recipe: Recipe, task_name: str, rows: list[dict]) -> list:
+    """finetune.extra_metrics loaded and checked on a few of the task's references (before any training)."""
+    from gptkit import user_metrics
+    from gptkit.eval_report import reference_of
+
+    sources = recipe.finetune.extra_metrics
+    if sources and task_name == "multitask":
+        raise UserError("finetune.extra_metrics: not available for multitask runs (each task scores its own figures)")
+    refs = [reference_of(task_name, r, "finetune.extra_metrics") for r in rows[:2]]
+    return user_metrics.load(sources, "finetune.extra_metrics", refs)
+
+
+def _scores(task, rows: list[dict], preds: list, recipe: Recipe, extra: list) -> dict[str, float]:
+    """The task's figures and the user's evaluate modules' on the same predictions."""
+    from gptkit import user_metrics
+    from gptkit.eval_report import reference_of
+
+    scores = task.score(preds, rows, recipe)
+    if extra:
+        scores.update(user_metrics.compute(extra, preds, [reference_of(recipe.task, r, "references") for r in rows]))
+    return scores
+
+
+def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelerator, extra: list = ()):
     """Validation metrics with the prediction split across processes (rank r predicts rows r, r+world, ...);
     every rank gathers all predictions in order and scores them (the engine then takes the main process's
     figures, so every rank makes the same best-checkpoint and early-stopping decisions)."""
@@ -222,7 +249,7 @@ def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelera
         if world > 1:
             pairs = gather_object(pairs)
         ordered = [p for _, p in sorted(pairs, key=lambda ip: ip[0])]
-        return task.score(ordered, rows, recipe)
+        return _scores(task, rows, ordered, recipe, list(extra))
 
     return evaluate
 
@@ -251,13 +278,14 @@ def _keep_best(recipe: Recipe, task_name: str, run_dir: Path, tokenizer, model, 
     return model
 
 
-def _score_test(recipe, task, run_dir: Path, tokenizer, rows, model) -> dict:
+def _score_test(recipe, task, run_dir: Path, tokenizer, rows, model, extra: list = ()) -> dict:
     """Scores of the run's model on the test split, written to test_metrics.json."""
     from gptkit.engine import own_forward
 
     model.eval()
     with own_forward(model):
-        scores = {f"test_{k}": v for k, v in task.score(task.predict(model, tokenizer, rows, recipe), rows, recipe).items()}
+        preds = task.predict(model, tokenizer, rows, recipe)
+        scores = {f"test_{k}": v for k, v in _scores(task, rows, preds, recipe, list(extra)).items()}
     (run_dir / "test_metrics.json").write_text(json.dumps(scores, indent=1))
     log.info("test: %s", ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     return scores

@@ -210,6 +210,13 @@ class FinetuneConfig(_Section):
         "over examples (each example's mean token loss). Validation loss and perplexity are always per token."
     )
     metric: str | None = Field(None, description="Validation metric that picks the best checkpoint (None = task's).")
+    metric_higher_is_better: bool | None = Field(
+        None, description="Direction of finetune.metric (None: lower for val_loss/val_perplexity, higher otherwise)."
+    )
+    extra_metrics: list[str] = Field(
+        default_factory=list, description="Hugging Face evaluate modules (a local .py or folder, or a name in the "
+        "local evaluate cache) scored beside the task's metrics on validation and test; needs gptkit[metrics]."
+    )
     patience: int | None = Field(None, ge=1, description="Early stopping: evaluations without improvement.")
     eval_examples: int | None = Field(
         200, ge=1, description="Validation examples scored per evaluation, per task in multitask (None = all)."
@@ -326,10 +333,11 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 # Input-path fields, resolved against the folder of the file that names them.
 _PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir")}
-_PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files"), ("data", "test_files")}
+_PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files"), ("data", "test_files"), ("finetune", "extra_metrics")}
 
 
-_MODEL_FIELDS = {("model", "init_from"), ("tokenizer", "path")}  # a folder, or a hub id (org/name[@revision])
+# a folder, or a hub id (org/name[@revision]); extra_metrics: a script, or a name in the local evaluate cache
+_MODEL_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("finetune", "extra_metrics")}
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
@@ -348,7 +356,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         section = raw.get(sec)
         if isinstance(section, dict) and key in section:
             v = section[key]
-            section[key] = [fix(x) for x in v] if isinstance(v, list) else fix(v, (sec, key) in _MODEL_FIELDS)
+            hub_ok = (sec, key) in _MODEL_FIELDS
+            section[key] = [fix(x, hub_ok) for x in v] if isinstance(v, list) else fix(v, hub_ok)
     subtasks = (raw.get("finetune") or {}).get("tasks") if isinstance(raw.get("finetune"), dict) else None
     for sub in subtasks if isinstance(subtasks, list) else []:
         for key in ("train_files", "val_files", "test_files"):
