@@ -181,6 +181,33 @@ def eval_(
 
 
 @app.command()
+def sweep(
+    recipe: RecipeArg,
+    space: Annotated[str, typer.Option("--space", help="Search space YAML: recipe fields -> distributions, metric, trials.")],
+    overrides: Overrides = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Sweep folder (default: sweeps/<recipe name>).")] = None,
+    storage: Annotated[Optional[str], typer.Option("--storage", help="Shared study database (postgresql://..., sqlite:///..., journal:PATH) for several workers.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the sweep in --out (an interrupted trial runs again).")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the sweep already in --out.")] = False,
+) -> None:
+    """Hyperparameter search with Optuna: each trial is a gptkit run in OUT/trial-NNN (needs gptkit[sweep])."""
+    from gptkit import sweep as sw
+
+    path = resolve_recipe_path(recipe)
+    folder = Path(out) if out else Path("sweeps") / path.stem
+    result = sw.run(path, overrides or [], Path(space), folder, storage=storage, resume=resume, overwrite=overwrite)
+    rows = result["trials"]
+    if rows:
+        cols = [c for c in rows[0] if c not in ("run_dir", "error")]
+        typer.echo(" | ".join(cols))
+        for r in rows:
+            typer.echo(" | ".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    best = result.get("best")
+    typer.echo((f"best: trial {best['trial']}, {result['metric']} {best['value']:.6g}; " if best else "no trial finished; ")
+               + f"wrote {result['out']}: trials.csv" + (", best.yaml, history.png" if best else ""))
+
+
+@app.command()
 def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Resolve and check a recipe without training: inputs exist, model size, memory, launch line."""
     from gptkit.recipe import recipe_to_yaml

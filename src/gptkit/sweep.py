@@ -1,0 +1,369 @@
+"""`gptkit sweep RECIPE --space SPACE.yaml`: hyperparameter search with Optuna (extra ``gptkit[sweep]``).
+
+Every trial is an ordinary gptkit run in ``SWEEP/trial-NNN/``, started as a subprocess with the trial's values
+as recipe overrides: a crashing trial is recorded as failed and the sweep goes on. While a trial runs, its
+``metrics.jsonl`` is read as it grows and each new value of the objective is reported to the pruner, which may
+stop the trial (SIGTERM: it checkpoints and exits). The study lives in ``SWEEP/study.db`` (SQLite) unless
+``--storage`` names another database (several machines can then work on one study): ``--resume`` continues
+it, finished trials are not rerun, and a trial the killed sweep left running is retried with the same values.
+The objective of a trial is the best value of the metric over its evaluations.
+
+The space file::
+
+    metric: val_loss             # default: the task's own (val_loss for pretraining)
+    direction: minimize          # default: minimize for loss/perplexity, maximize otherwise
+    sampler: tpe                 # tpe | random | grid
+    pruner: median               # median | halving | none
+    trials: 20
+    jobs: 1                      # trials run at once
+    seed: 0
+    train.lr: {log_uniform: [1.0e-4, 3.0e-3]}
+    model.n_layer: {choice: [2, 4, 6]}
+    train.batch_size: {int: [8, 32], step: 8}
+    train.warmup_steps: {uniform: [0, 100]}
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptkit.errors import UserError
+
+log = logging.getLogger(__name__)
+SETTINGS = {"metric", "direction", "sampler", "pruner", "trials", "jobs", "seed"}
+DISTRIBUTIONS = {"log_uniform", "uniform", "int", "choice"}
+STUDY = "gptkit-sweep"
+
+
+@dataclass
+class Space:
+    params: dict[str, dict]
+    metric: str | None = None
+    direction: str | None = None
+    sampler: str = "tpe"
+    pruner: str = "median"
+    trials: int = 10
+    jobs: int = 1
+    seed: int = 0
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def read_space(path: Path) -> Space:
+    """The space file, checked in one line per problem: settings, distributions and their bounds."""
+    where = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise UserError(f"--space: cannot read {path} ({e.strerror})") from None
+    except yaml.YAMLError as e:
+        raise UserError(f"--space: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"--space: {path}: expected a mapping of recipe fields to distributions")
+    settings = {k: raw.pop(k) for k in list(raw) if k in SETTINGS}
+    raw = {**(raw.pop("params", None) or {}), **raw}
+    if not raw:
+        raise UserError(f"--space: {path} names no recipe field to search (e.g. train.lr: {{log_uniform: [1e-4, 3e-3]}})")
+    for name, dist in raw.items():
+        _check_distribution(where, str(name), dist)
+    space = Space(params={str(k): v for k, v in raw.items()}, source=where, **settings)
+    choices = {"direction": (None, "minimize", "maximize"), "sampler": ("tpe", "random", "grid"),
+               "pruner": ("median", "halving", "none")}
+    for key, allowed in choices.items():
+        if getattr(space, key) not in allowed:
+            raise UserError(f"{where}: {key}: expected one of {', '.join(a for a in allowed if a)}, got "
+                            f"{getattr(space, key)!r}")
+    for key in ("trials", "jobs"):
+        if not isinstance(getattr(space, key), int) or getattr(space, key) < 1:
+            raise UserError(f"{where}: {key}: expected a positive integer, got {getattr(space, key)!r}")
+    if space.sampler == "grid":
+        bad = [k for k, d in space.params.items() if "choice" not in d and "int" not in d]
+        if bad:
+            raise UserError(f"{where}: {bad[0]}: sampler grid needs choice or int distributions")
+    return space
+
+
+def _check_distribution(where: str, name: str, dist: Any) -> None:
+    if "." not in name:
+        raise UserError(f"{where}: '{name}': expected a dotted recipe field such as train.lr")
+    if not isinstance(dist, dict) or len(set(dist) & DISTRIBUTIONS) != 1 or set(dist) - DISTRIBUTIONS - {"step"}:
+        raise UserError(f"{where}: {name}: expected one of {{log_uniform: [lo, hi]}}, {{uniform: [lo, hi]}}, "
+                        f"{{int: [lo, hi], step: n}}, {{choice: [...]}}; got {dist!r}")
+    kind = next(iter(set(dist) & DISTRIBUTIONS))
+    value = dist[kind]
+    if kind == "choice":
+        if not isinstance(value, list) or not value:
+            raise UserError(f"{where}: {name}: choice needs a non-empty list")
+        return
+    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+            and value[0] < value[1]):
+        raise UserError(f"{where}: {name}: {kind} needs [low, high] with low < high, got {value!r}")
+    if kind == "log_uniform" and value[0] <= 0:
+        raise UserError(f"{where}: {name}: log_uniform needs a positive low bound, got {value[0]}")
+    if kind == "int" and not all(isinstance(v, int) for v in value):
+        raise UserError(f"{where}: {name}: int needs integer bounds, got {value!r}")
+
+
+def _suggest(trial, name: str, dist: dict):
+    kind = next(iter(set(dist) & DISTRIBUTIONS))
+    value = dist[kind]
+    if kind == "choice":
+        return trial.suggest_categorical(name, value)
+    if kind == "int":
+        return trial.suggest_int(name, value[0], value[1], step=dist.get("step", 1))
+    return trial.suggest_float(name, float(value[0]), float(value[1]), log=kind == "log_uniform")
+
+
+def _override(name: str, value) -> str:
+    return f"{name}={json.dumps(value) if isinstance(value, str) else value}"
+
+
+def _import_optuna():
+    try:
+        import optuna
+    except ImportError:
+        raise UserError("gptkit sweep needs the optuna package: pip install 'gptkit[sweep]'") from None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _objective_name(recipe, space: Space) -> tuple[str, str]:
+    from gptkit import tasks
+
+    metric = space.metric or ("val_loss" if recipe.task == "pretrain" else tasks.load(recipe.task).METRIC)
+    if recipe.task != "pretrain" and recipe.finetune.metric and not space.metric:
+        metric = recipe.finetune.metric
+    lower = metric in ("val_loss", "val_perplexity")
+    return metric, space.direction or ("minimize" if lower else "maximize")
+
+
+@dataclass
+class Sweep:
+    recipe_path: Path
+    overrides: list[str]
+    space: Space
+    out: Path
+    storage: str
+    metric: str
+    direction: str
+    command: str
+    poll: float = 1.0
+
+    def check_params(self) -> None:
+        """Every field the space names is a recipe field that takes the values it may be given, before any trial."""
+        from gptkit.recipe import load_recipe
+
+        for name, dist in self.space.params.items():
+            kind = next(iter(set(dist) & DISTRIBUTIONS))
+            samples = dist[kind] if kind in ("choice", "int", "uniform", "log_uniform") else []
+            for value in samples:
+                value = int(value) if kind == "int" else value
+                try:
+                    load_recipe(self.recipe_path, [*self.overrides, _override(name, value)])
+                except UserError as e:
+                    raise UserError(f"{self.space.source}: {name}: {str(e).split(': ', 2)[-1]}") from None
+
+    def objective(self, trial) -> float:
+        optuna = sys.modules["optuna"]
+        values = {name: _suggest(trial, name, dist) for name, dist in self.space.params.items()}
+        run = self.out / f"trial-{trial.number:03d}"
+        trial.set_user_attr("run_dir", str(run))
+        args = [*self.overrides, *(_override(k, v) for k, v in values.items()), f"output.dir={run}"]
+        cmd = [sys.executable, "-m", "gptkit", self.command, str(self.recipe_path), *args, "--overwrite"]
+        log_path = self.out / f"trial-{trial.number:03d}.log"
+        started = time.monotonic()
+        with open(log_path, "w") as fh:
+            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            seen, best, pruned = 0, None, False
+            while True:
+                done = proc.poll() is not None
+                rows = _rows(run / "metrics.jsonl")
+                for row in rows[seen:]:
+                    if self.metric in row:
+                        value = float(row[self.metric])
+                        best = value if best is None else (min if self.direction == "minimize" else max)(best, value)
+                        trial.report(value, row["step"])
+                        if not done and trial.should_prune():
+                            pruned = True
+                seen = len(rows)
+                if pruned:
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait()
+                    break
+                if done:
+                    break
+                time.sleep(self.poll)
+        trial.set_user_attr("seconds", round(time.monotonic() - started, 1))
+        if pruned:
+            raise optuna.TrialPruned()
+        if proc.returncode != 0:
+            tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
+            trial.set_user_attr("error", tail[0][:300])
+            raise RuntimeError(f"trial {trial.number} exited with {proc.returncode}: {tail[0][:200]}")
+        if best is None:
+            raise RuntimeError(f"trial {trial.number}: {self.metric} was never logged (is it a validation metric?)")
+        return best
+
+
+def _rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:  # a line being written
+            break
+    return out
+
+
+def _sampler(optuna, space: Space):
+    if space.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=space.seed)
+    if space.sampler == "grid":
+        grid = {}
+        for name, dist in space.params.items():
+            if "choice" in dist:
+                grid[name] = dist["choice"]
+            else:
+                lo, hi = dist["int"]
+                grid[name] = list(range(lo, hi + 1, dist.get("step", 1)))
+        return optuna.samplers.GridSampler(grid, seed=space.seed)
+    return optuna.samplers.TPESampler(seed=space.seed)
+
+
+def _pruner(optuna, space: Space):
+    if space.pruner == "none":
+        return optuna.pruners.NopPruner()
+    if space.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+
+
+def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *, storage: str | None = None,
+        resume: bool = False, overwrite: bool = False) -> dict:
+    """Run (or continue) the study until ``space.trials`` trials have finished; write the table, best.yaml, plots."""
+    from gptkit.recipe import load_recipe, recipe_to_yaml
+
+    optuna = _import_optuna()
+    space = read_space(space_path)
+    recipe = load_recipe(recipe_path, overrides)
+    metric, direction = _objective_name(recipe, space)
+    own_db = storage is None
+    storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if own_db:
+        if (out / "study.db").exists() and not (resume or overwrite):
+            raise UserError(f"{out}: a sweep is already there; --resume continues it, --overwrite starts over")
+        if overwrite and not resume and out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()) and not resume and not (out / "space.yaml").is_file():
+        raise UserError(f"{out}: not empty and holds no sweep; choose another output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    sweep = Sweep(recipe_path.resolve(), overrides, space, out.resolve(), storage, metric, direction,
+                  "pretrain" if recipe.task == "pretrain" else "finetune")
+    sweep.check_params()
+    (out / "space.yaml").write_text(space_path.read_text())
+    study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, storage, own_db),
+                                sampler=_sampler(optuna, space), pruner=_pruner(optuna, space), direction=direction,
+                                load_if_exists=True)
+    if own_db and resume:  # this machine's own sweep: what it left running died with it
+        _retry_interrupted(optuna, study)
+    counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+    def done() -> int:
+        return len([t for t in study.get_trials(deepcopy=False, states=counted) if not t.user_attrs.get("interrupted")])
+
+    def enough(study, trial) -> None:
+        if done() >= space.trials:
+            study.stop()
+
+    log.info("sweep: %s over %s, %s %s, %d of %d trials done, study in %s", recipe_path, ", ".join(space.params),
+             direction, metric, done(), space.trials, storage)
+    if done() < space.trials:
+        study.optimize(sweep.objective, n_jobs=space.jobs, callbacks=[enough], catch=(RuntimeError,))
+    return report(study, sweep, recipe_to_yaml, load_recipe)
+
+
+def _storage(optuna, url: str, own: bool):
+    """``journal:PATH``: a journal file (several processes, no database server); else an SQLAlchemy URL. A shared
+    database gets heartbeats: a trial whose worker died is failed after a minute and retried once by the next
+    worker (on the sweep's own database, --resume retries at once instead)."""
+    if url.startswith("journal:"):
+        backend = optuna.storages.journal.JournalFileBackend(url.removeprefix("journal:"))
+        return optuna.storages.JournalStorage(backend)
+    if own:
+        return url
+    return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60,
+                                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+
+
+def _retry_interrupted(optuna, study) -> None:
+    """Trials a killed sweep left RUNNING: marked failed (interrupted) and queued again with the same values."""
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for t in running:
+        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        study.enqueue_trial(t.params, skip_if_exists=False)
+        log.info("sweep: trial %d was interrupted; it runs again", t.number)
+
+
+def report(study, sweep: Sweep, recipe_to_yaml, load_recipe) -> dict:
+    """trials.csv, the printed table, best.yaml (the winning recipe, runnable as is) and the plots."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get("interrupted")]
+    names = list(sweep.space.params)
+    table = []
+    for t in trials:
+        table.append({"trial": t.number, **{n: t.params.get(n) for n in names}, sweep.metric: t.value,
+                      "state": t.state.name, "seconds": t.user_attrs.get("seconds"), "run_dir": t.user_attrs.get("run_dir"),
+                      "error": t.user_attrs.get("error", "")})
+    with open(sweep.out / "trials.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(table[0]) if table else ["trial"])
+        writer.writeheader()
+        writer.writerows(table)
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    result = {"trials": table, "metric": sweep.metric, "direction": sweep.direction, "out": str(sweep.out)}
+    if complete:
+        best = study.best_trial
+        recipe = load_recipe(sweep.recipe_path, [*sweep.overrides, *(_override(k, v) for k, v in best.params.items()),
+                                                 f"output.dir={sweep.out / 'best-run'}"])
+        (sweep.out / "best.yaml").write_text(f"# best of {len(trials)} trials: {sweep.metric} {best.value:.6g} "
+                                             f"(trial {best.number})\n" + recipe_to_yaml(recipe))
+        result.update(best={"trial": best.number, "value": best.value, "params": best.params})
+        _plots(study, sweep.out)
+    return result
+
+
+def _plots(study, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from optuna.visualization import matplotlib as vis
+
+    import matplotlib.pyplot as plt
+
+    import warnings
+
+    for name, plot in (("history", vis.plot_optimization_history), ("importance", vis.plot_param_importances)):
+        try:
+            with warnings.catch_warnings():  # "experimental" since optuna 2.2; "too few trials" for importances
+                warnings.simplefilter("ignore")
+                ax = plot(study)
+        except (ValueError, RuntimeError) as e:  # importance needs >= 2 finished trials with varied values
+            log.info("sweep: no %s plot (%s)", name, str(e).splitlines()[0])
+            continue
+        ax.figure.savefig(out / f"{name}.png", dpi=100, bbox_inches="tight")
+        plt.close(ax.figure)

@@ -1,0 +1,104 @@
+"""gptkit sweep: Optuna over recipe fields, each trial an ordinary run in SWEEP/trial-NNN; a killed sweep resumes
+with the interrupted trial run again; bad spaces are refused in one line before any trial."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import SHAKESPEARE, assert_user_error, run_cli, tiny_recipe
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    return tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "unused",
+                       train={"max_steps": 30, "eval_every": 10, "save_every": 30, "warmup_steps": 2, "min_lr": 1e-5})
+
+
+def space(tmp_path, **content):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(content))
+    return path
+
+
+def trials(out) -> list[dict]:
+    with open(out / "trials.csv") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_grid_sweep_finds_the_best_learning_rate(tmp_path, recipe):
+    """lr 1e-4 / 1e-3 / 1e-2 x two seeds: 30 steps of a tiny model learn most with the largest rate."""
+    s = space(tmp_path, sampler="grid", trials=6, **{"train.lr": {"choice": [1e-4, 1e-3, 1e-2]},
+                                                    "train.seed": {"choice": [1, 2]}})
+    code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"))
+    assert code == 0, err
+    rows = trials(tmp_path / "sw")
+    assert len(rows) == 6 and {r["state"] for r in rows} <= {"COMPLETE", "PRUNED"}
+    assert sorted((float(r["train.lr"]), int(r["train.seed"])) for r in rows) == \
+        sorted((lr, seed) for lr in (1e-4, 1e-3, 1e-2) for seed in (1, 2))
+    best = yaml.safe_load((tmp_path / "sw" / "best.yaml").read_text())
+    assert best["train"]["lr"] == 0.01 and "best: trial" in stdout
+    assert (tmp_path / "sw" / "history.png").is_file()
+    for r in rows:  # each trial is a complete gptkit run folder with its own resolved recipe
+        if r["state"] == "COMPLETE":
+            assert yaml.safe_load(open(f"{r['run_dir']}/recipe.yaml"))["train"]["lr"] == float(r["train.lr"])
+    code, _, err = run_cli("pretrain", str(tmp_path / "sw" / "best.yaml"))  # runnable as is
+    assert code == 0, err
+
+
+def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
+    s = space(tmp_path, sampler="random", pruner="none", trials=4, seed=3,
+              **{"train.lr": {"log_uniform": [1e-3, 1e-2]}})
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "gptkit", "sweep", str(recipe), "--space", str(s), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "trial-001" / "metrics.jsonl").is_file() and time.time() < deadline:  # mid-trial 1
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running trial, without warning
+    proc.wait()
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out))
+    assert_user_error(code, err, "--resume")  # a sweep is there: never started over silently
+    code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert code == 0, err
+    rows = trials(out)
+    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows), rows
+    import optuna
+
+    study = optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")
+    retried = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(retried) == 1 and retried[0].params["train.lr"] in [float(r["train.lr"]) for r in rows]
+
+
+@pytest.mark.parametrize("content, needles", [
+    ({"train.learning_rat": {"log_uniform": [1e-4, 1e-3]}}, ["train.learning_rat", "unknown key"]),
+    ({"train.lr": {"log_uniform": [0, 1e-3]}}, ["train.lr", "positive low bound"]),
+    ({"train.lr": {"normal": [0, 1]}}, ["train.lr", "expected one of"]),
+    ({"train.lr": {"uniform": [1e-3, 1e-4]}}, ["low < high"]),
+    ({"model.n_layer": {"choice": [2, 0]}}, ["model.n_layer"]),
+    ({"sampler": "bayes", "train.lr": {"choice": [1e-3]}}, ["sampler", "tpe, random, grid"]),
+    ({"sampler": "grid", "train.lr": {"log_uniform": [1e-4, 1e-3]}}, ["grid needs choice or int"]),
+    ({"trials": 6}, ["names no recipe field"]),
+])
+def test_bad_spaces_are_refused_before_any_trial(tmp_path, recipe, content, needles):
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(space(tmp_path, **content)), "--out", str(tmp_path / "sw"))
+    assert_user_error(code, err, *needles)
+    assert not list((tmp_path / "sw").glob("trial-*")) if (tmp_path / "sw").exists() else True
+
+
+def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, recipe):
+    s = space(tmp_path, sampler="grid", trials=2, pruner="none", **{"train.batch_size": {"choice": [8, 100000]}})
+    code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"))
+    assert code == 0, err
+    rows = {r["train.batch_size"]: r for r in trials(tmp_path / "sw")}
+    assert rows["8"]["state"] == "COMPLETE" and rows["100000"]["state"] == "FAIL"
+    assert "examples per step" in rows["100000"]["error"]
