@@ -102,3 +102,23 @@ def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, recipe):
     rows = {r["train.batch_size"]: r for r in trials(tmp_path / "sw")}
     assert rows["8"]["state"] == "COMPLETE" and rows["100000"]["state"] == "FAIL"
     assert "examples per step" in rows["100000"]["error"]
+
+
+def test_two_workers_share_one_study(tmp_path, recipe):
+    """Two sweep processes on one journal-file study (what several machines do with a shared database): the trials
+    are split between them, none is run twice, and together they stop at the number asked (+1 at most: a worker
+    may start one while the other finishes the last)."""
+    s = space(tmp_path, sampler="random", pruner="none", trials=4, **{"train.lr": {"log_uniform": [1e-3, 1e-2]}})
+    journal = tmp_path / "study.journal"
+    cmd = [sys.executable, "-m", "gptkit", "sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"),
+           "--storage", f"journal:{journal}"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-2000:]
+    import optuna
+
+    study = optuna.load_study(study_name="gptkit-sweep",
+                              storage=optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal))))
+    done = [t for t in study.trials if t.state.name == "COMPLETE"]
+    assert 4 <= len(done) <= 5 and len({t.user_attrs["run_dir"] for t in done}) == len(done)
+    assert len({t.user_attrs["worker"] for t in done}) == 2

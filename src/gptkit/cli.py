@@ -198,7 +198,7 @@ def sweep(
     result = sw.run(path, overrides or [], Path(space), folder, storage=storage, resume=resume, overwrite=overwrite)
     rows = result["trials"]
     if rows:
-        cols = [c for c in rows[0] if c not in ("run_dir", "error")]
+        cols = [c for c in rows[0] if c not in ("run_dir", "error", "worker")]
         typer.echo(" | ".join(cols))
         for r in rows:
             typer.echo(" | ".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols))

@@ -180,6 +180,7 @@ class Sweep:
         values = {name: _suggest(trial, name, dist) for name, dist in self.space.params.items()}
         run = self.out / f"trial-{trial.number:03d}"
         trial.set_user_attr("run_dir", str(run))
+        trial.set_user_attr("worker", f"{os.uname().nodename}:{os.getpid()}")
         args = [*self.overrides, *(_override(k, v) for k, v in values.items()), f"output.dir={run}"]
         cmd = [sys.executable, "-m", "gptkit", self.command, str(self.recipe_path), *args, "--overwrite"]
         log_path = self.out / f"trial-{trial.number:03d}.log"
@@ -328,8 +329,8 @@ def report(study, sweep: Sweep, recipe_to_yaml, load_recipe) -> dict:
     table = []
     for t in trials:
         table.append({"trial": t.number, **{n: t.params.get(n) for n in names}, sweep.metric: t.value,
-                      "state": t.state.name, "seconds": t.user_attrs.get("seconds"), "run_dir": t.user_attrs.get("run_dir"),
-                      "error": t.user_attrs.get("error", "")})
+                      "state": t.state.name, "seconds": t.user_attrs.get("seconds"), "worker": t.user_attrs.get("worker"),
+                      "run_dir": t.user_attrs.get("run_dir"), "error": t.user_attrs.get("error", "")})
     with open(sweep.out / "trials.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(table[0]) if table else ["trial"])
         writer.writeheader()
