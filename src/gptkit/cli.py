@@ -180,6 +180,38 @@ def eval_(
     typer.echo(f"wrote {result['out']}: metrics.json, report.md" + (", predictions.jsonl" if result["mode"] == "model" else ""))
 
 
+augment_app = typer.Typer(help="Make training data: back-translation.", no_args_is_help=True)
+app.add_typer(augment_app, name="augment")
+
+
+@augment_app.command("backtranslate")
+def augment_backtranslate(
+    model: Annotated[str, typer.Option("--model", help="A translate run trained in the reverse direction (target -> source).")],
+    data: Annotated[str, typer.Option("--data", help="Monolingual target-language text, JSON lines.")],
+    out: Annotated[str, typer.Option("--out", help="Synthetic pairs to write (JSON lines: source, target, synthetic).")],
+    column: Annotated[str, typer.Option("--column", help="The field of --data holding the text.")] = "target",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Sentences per batch.")] = 32,
+    limit: Annotated[Optional[int], typer.Option("--limit", help="The first N sentences only.")] = None,
+    num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam width (default: the run's).")] = None,
+    max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens per translation.")] = None,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy/beam (more varied sources).")] = False,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (implies --sample).")] = None,
+    top_k: Annotated[Optional[int], typer.Option(help="Sample from the k likeliest tokens (implies --sample).")] = None,
+    top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (implies --sample).")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seeds sampling.")] = 0,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue after the last complete line of --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out.")] = False,
+) -> None:
+    """Translate target-language text with a reverse model into synthetic (source, target) pairs."""
+    from gptkit import augment
+
+    result = augment.backtranslate(augment.Options(
+        model=model, data=data, out=out, column=column, batch_size=batch_size, limit=limit, num_beams=num_beams,
+        max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        resume=resume, overwrite=overwrite))
+    typer.echo(f"wrote {result['pairs']} synthetic pairs to {result['out']}")
+
+
 @app.command()
 def sweep(
     recipe: RecipeArg,

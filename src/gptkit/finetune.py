@@ -28,8 +28,21 @@ def _splits(recipe: Recipe, task) -> dict[str, list[dict]]:
     if hasattr(task, "load_splits"):
         return task.load_splits(recipe)
     files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
-    return {split: data_mod.load_rows(files[split], field, task.FIELDS, task.OPTIONAL, recipe.data.columns)
-            for split, field in _SPLITS if files[split]}
+    out = {split: data_mod.load_rows(files[split], field, task.FIELDS, task.OPTIONAL, recipe.data.columns)
+           for split, field in _SPLITS if files[split] and not (split == "train" and recipe.data.train_weights)}
+    if recipe.data.train_weights:  # each entry's rows repeated / subsampled by its weight (seeded)
+        import numpy as np
+
+        rng, rows = np.random.default_rng([recipe.train.seed, 11]), []
+        for pattern, weight in zip(files["train"], recipe.data.train_weights):
+            part = data_mod.load_rows([pattern], "data.train_files", task.FIELDS, task.OPTIONAL, recipe.data.columns)
+            whole, frac = int(weight), weight - int(weight)
+            rows += part * whole + [part[i] for i in sorted(rng.permutation(len(part))[: round(frac * len(part))])]
+        out = {"train": rows, **out}
+    tag = recipe.finetune.synthetic_tag
+    if tag and "train" in out:
+        out["train"] = [{**r, "source": f"{tag} {r['source']}"} if r.get("synthetic") is True else r for r in out["train"]]
+    return out
 
 
 def _eval_subset(rows: list[dict], n: int | None) -> list[dict]:

@@ -129,6 +129,20 @@ class DataConfig(_Section):
         None, description="Tokenized-data cache (None = $GPTKIT_CACHE or ~/.cache/gptkit)."
     )
     num_proc: int | None = Field(None, ge=1, description="Tokenization processes (None = every available core).")
+    train_weights: list[float] | None = Field(
+        None, description="Finetune: one weight per train_files entry: 2 = every row twice, 0.5 = a seeded half "
+        "(e.g. real and back-translated pairs mixed 1 : 0.5)."
+    )
+
+    @model_validator(mode="after")
+    def _weights_match_files(self) -> DataConfig:
+        if self.train_weights is not None:
+            if len(self.train_weights) != len(self.train_files):
+                raise ValueError(f"train_weights has {len(self.train_weights)} entries for {len(self.train_files)} "
+                                 "train_files; give one weight per entry")
+            if any(w <= 0 for w in self.train_weights):
+                raise ValueError("train_weights must be > 0")
+        return self
 
 
 LORA_LR = 1e-3  # train.lr's default for finetune.method: lora (3x the full default; tested on the learning tasks)
@@ -212,6 +226,10 @@ class FinetuneConfig(_Section):
     metric: str | None = Field(None, description="Validation metric that picks the best checkpoint (None = task's).")
     metric_higher_is_better: bool | None = Field(
         None, description="Direction of finetune.metric (None: lower for val_loss/val_perplexity, higher otherwise)."
+    )
+    synthetic_tag: str | None = Field(
+        None, description="translate: put this tag before the source of rows marked synthetic (tagged "
+        "back-translation, e.g. '<BT>'), so the model can tell them from real pairs."
     )
     extra_metrics: list[str] = Field(
         default_factory=list, description="Hugging Face evaluate modules (a local .py or folder, or a name in the "

@@ -6,7 +6,7 @@ from gptkit import metrics
 from gptkit.tasks import generative as gen
 
 FIELDS = ("source", "target")
-OPTIONAL = ()
+OPTIONAL = ("synthetic",)  # true on back-translated pairs (gptkit augment backtranslate; finetune.synthetic_tag)
 METRIC = "val_bleu"
 PROMPT = "{source} =>"
 

@@ -1,0 +1,97 @@
+"""`gptkit augment backtranslate`: synthetic translation pairs from target-language text (Sennrich et al., 2016).
+
+A reverse-direction translate run (trained target -> source) translates each monolingual sentence; every output
+line is ``{"source": <its translation>, "target": <the sentence>, "synthetic": true}``, ready to mix with real
+pairs (``data.train_weights``) and optionally tagged (``finetune.synthetic_tag``, Caswell et al., 2019).
+Decoding is batched (greedy, beam or sampled, the run's settings unless given); lines are appended and made
+durable batch by batch, so ``--resume`` continues after the last complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from gptkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Options:
+    model: str
+    data: str
+    out: str
+    column: str = "target"
+    batch_size: int = 32
+    limit: int | None = None
+    num_beams: int | None = None
+    max_new_tokens: int | None = None
+    sample: bool = False
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int = 0
+    resume: bool = False
+    overwrite: bool = False
+
+
+def _done(out: Path, texts: list[str]) -> int:
+    """How many leading lines of ``out`` are complete and belong to ``texts`` (a torn last line is dropped)."""
+    kept = 0
+    lines = out.read_text(encoding="utf-8", errors="replace").split("\n")
+    for line in lines[:-1]:  # the last element is "" after a complete file, or a torn line
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if kept >= len(texts) or row.get("target") != texts[kept]:
+            raise UserError(f"--resume: {out} line {kept + 1} does not belong to this --data; use another --out")
+        kept += 1
+    with open(out, "r+", encoding="utf-8") as fh:  # drop a torn tail
+        fh.truncate(sum(len(x.encode("utf-8")) + 1 for x in lines[:kept]))
+    return kept
+
+
+def backtranslate(opts: Options) -> dict:
+    from tqdm.auto import tqdm
+
+    from gptkit import evaluate
+    from gptkit.eval_report import append, read_fields
+
+    out, data = Path(opts.out), Path(opts.data)
+    if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1):
+        raise UserError("--batch-size and --limit must be >= 1")
+    if out.exists() and not (opts.resume or opts.overwrite):
+        raise UserError(f"--out: {out} exists; --resume continues it, --overwrite replaces it")
+    if opts.resume and not out.exists():
+        raise UserError(f"--resume: {out} does not exist yet; start without --resume")
+    rows = read_fields(data, "--data", (opts.column,))[: opts.limit or None]
+    bad = next((r["_line"] for r in rows if not isinstance(r[opts.column], str) or not r[opts.column].strip()), None)
+    if bad is not None:
+        raise UserError(f"--data: {data}: line {bad}: '{opts.column}' must be a non-empty string")
+    texts = [r[opts.column] for r in rows]
+    model, tok, run = evaluate.load_model(opts.model, "translate")
+    if run is None or run.task != "translate":
+        raise UserError(f"--model: {opts.model} is not a translate run; back-translation needs a run fine-tuned to "
+                        "translate from the target language into the source language")
+    eopts = evaluate.Options(task="translate", batch_size=opts.batch_size, num_beams=opts.num_beams,
+                             max_new_tokens=opts.max_new_tokens, sample=opts.sample, temperature=opts.temperature,
+                             top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
+    inputs = [{"source": t} for t in texts]
+    ctx = evaluate.make_ctx(eopts, "translate", model, tok, run, inputs, [])
+    if opts.overwrite and out.exists() and not opts.resume:
+        out.unlink()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    start = _done(out, texts) if opts.resume else 0
+    out.touch()
+    bar = tqdm(total=len(texts), initial=start, unit="sentence", disable=None, desc="back-translating")
+    for i in range(start, len(texts), opts.batch_size):
+        chunk = inputs[i : i + opts.batch_size]
+        preds = evaluate.predict_batch(ctx, chunk, i)
+        append(out, [{"source": p, "target": r["source"], "synthetic": True} for p, r in zip(preds, chunk)])
+        bar.update(len(chunk))
+    bar.close()
+    return {"out": str(out), "pairs": len(texts), "resumed_at": start if opts.resume else None}
