@@ -56,7 +56,7 @@ def test_grid_sweep_finds_the_best_learning_rate(tmp_path, recipe):
 
 
 def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
-    s = space(tmp_path, sampler="random", pruner="none", trials=4, seed=3,
+    s = space(tmp_path, sampler="random", pruner="none", trials=6, seed=3,
               **{"train.lr": {"log_uniform": [1e-3, 1e-2]}})
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "gptkit", "sweep", str(recipe), "--space", str(s), "--out", str(out)]
@@ -71,7 +71,7 @@ def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
     code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
     assert code == 0, err
     rows = trials(out)
-    assert len(rows) == 4 and all(r["state"] == "COMPLETE" for r in rows), rows
+    assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows), rows
     import optuna
 
     study = optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")

@@ -115,8 +115,6 @@ def make_accelerator(train: TrainConfig, dist: DistributedConfig | None = None):
     strategy (:func:`gptkit.distributed.accelerator_kwargs`)."""
     from accelerate import Accelerator
 
-    from gptkit import distributed
-
     precision = train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
