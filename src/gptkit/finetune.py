@@ -226,7 +226,9 @@ def _extra_metrics(recipe: Recipe, task_name: str, rows: list[dict]) -> list:
     from gptkit.eval_report import reference_of
 
     sources = recipe.finetune.extra_metrics
-    if sources and task_name == "multitask":
+    if not sources:
+        return []
+    if task_name == "multitask":
         raise UserError("finetune.extra_metrics: not available for multitask runs (each task scores its own figures)")
     refs = [reference_of(task_name, r, "finetune.extra_metrics") for r in rows[:2]]
     return user_metrics.load(sources, "finetune.extra_metrics", refs)
