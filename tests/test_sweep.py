@@ -4,6 +4,7 @@ with the interrupted trial run again; bad spaces are refused in one line before 
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -47,7 +48,7 @@ def test_grid_sweep_finds_the_best_learning_rate(tmp_path, recipe):
         sorted((lr, seed) for lr in (1e-4, 1e-3, 1e-2) for seed in (1, 2))
     best = yaml.safe_load((tmp_path / "sw" / "best.yaml").read_text())
     assert best["train"]["lr"] == 0.01 and "best: trial" in stdout
-    assert (tmp_path / "sw" / "history.png").is_file()
+    assert (tmp_path / "sw" / "history.png").is_file() and (tmp_path / "sw" / "importance.png").is_file()
     for r in rows:  # each trial is a complete gptkit run folder with its own resolved recipe
         if r["state"] == "COMPLETE":
             assert yaml.safe_load(open(f"{r['run_dir']}/recipe.yaml"))["train"]["lr"] == float(r["train.lr"])
@@ -122,3 +123,61 @@ def test_two_workers_share_one_study(tmp_path, recipe):
     done = [t for t in study.trials if t.state.name == "COMPLETE"]
     assert 4 <= len(done) <= 5 and len({t.user_attrs["run_dir"] for t in done}) == len(done)
     assert len({t.user_attrs["worker"] for t in done}) == 2
+
+
+def test_the_pruner_stops_a_trial_that_cannot_win(tmp_path):
+    """Two good trials (lr 1e-2) then a hopeless one (lr 1e-6), queued in the study the sweep continues: the median
+    pruner stops the third after its first evaluations (its process is ended, far short of max_steps)."""
+    import optuna
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "unused",
+                         train={"max_steps": 200, "eval_every": 10, "save_every": 200, "warmup_steps": 2, "min_lr": 1e-7})
+    s = space(tmp_path, sampler="random", pruner="median", trials=3, **{"train.lr": {"choice": [1e-2, 1e-6]},
+                                                                        "train.seed": {"choice": [1, 2]}})
+    out = tmp_path / "sw"
+    out.mkdir()
+    study = optuna.create_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")
+    for lr, seed in ((1e-2, 1), (1e-2, 2), (1e-6, 1)):  # the order a random sampler might also have drawn
+        study.enqueue_trial({"train.lr": lr, "train.seed": seed})
+    code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert code == 0, err
+    rows = trials(out)
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE", "PRUNED"], rows
+    logged = [json.loads(x) for x in (out / "trial-002" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in logged if "val_loss" in r]
+    assert steps and max(steps) <= 100, steps  # stopped early: 200 steps were asked
+
+
+def test_a_user_metric_is_a_sweep_objective(tmp_path):
+    """finetune.extra_metrics' figure as the objective: each trial's value is its best logged val_length_ratio and the
+    winner is the trial with the lowest."""
+    from test_user_metrics import LENGTH_RATIO
+    from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
+
+    metric = tmp_path / "length_ratio.py"
+    metric.write_text(LENGTH_RATIO)
+    base = pretrained_base(tmp_path)
+    recipe = finetune_recipe(tmp_path, "unused", "translate", base, splits(tmp_path, translate_rows, 200),
+                             finetune={"extra_metrics": [str(metric)], "eval_examples": 10, "max_new_tokens": 8},
+                             train={"max_steps": 20, "eval_every": 10, "save_every": 20, "min_lr": 1e-5})
+    s = space(tmp_path, sampler="grid", pruner="none", trials=2, metric="val_length_ratio", direction="minimize",
+              **{"train.lr": {"choice": [1e-4, 3e-3]}})
+    code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"))
+    assert code == 0, err
+    rows = trials(tmp_path / "sw")
+    assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows), rows
+    for r in rows:
+        logged = [json.loads(x) for x in open(f"{r['run_dir']}/metrics.jsonl")]
+        assert float(r["val_length_ratio"]) == pytest.approx(min(x["val_length_ratio"] for x in logged
+                                                                  if "val_length_ratio" in x))
+    best = min(rows, key=lambda r: float(r["val_length_ratio"]))
+    assert yaml.safe_load((tmp_path / "sw" / "best.yaml").read_text())["train"]["lr"] == float(best["train.lr"])
+
+
+def test_an_objective_no_trial_logs_stops_the_sweep_in_one_line(tmp_path, recipe):
+    s = space(tmp_path, trials=3, pruner="none", metric="val_blue", **{"train.lr": {"choice": [1e-3]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"))
+    assert_user_error(code, err, "val_blue", "val_loss")
+    assert len(trials(tmp_path / "sw")) <= 1 if (tmp_path / "sw" / "trials.csv").exists() else True

@@ -213,8 +213,10 @@ class Sweep:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
             trial.set_user_attr("error", tail[0][:300])
             raise RuntimeError(f"trial {trial.number} exited with {proc.returncode}: {tail[0][:200]}")
-        if best is None:
-            raise RuntimeError(f"trial {trial.number}: {self.metric} was never logged (is it a validation metric?)")
+        if best is None:  # a misnamed objective: every trial would fail the same way, so the sweep stops here
+            logged = sorted({k for row in _rows(run / "metrics.jsonl") for k in row if k.startswith("val_")})
+            raise UserError(f"{self.space.source}: metric: '{self.metric}' was not logged by trial {trial.number}; "
+                            f"its validation metrics are {', '.join(logged) or 'none (is train.eval_every set?)'}")
         return best
 
 
