@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from gptkit import corpus
@@ -52,9 +53,23 @@ def test_pieces_tokenize_like_whole_documents(tmp_path, bpe, monkeypatch, tokens
     """Cuts inside a document fall where byte-level BPE splits anyway: the ids are exactly the whole text's."""
     monkeypatch.setattr(corpus, "WINDOW", window)  # 16: lines and paragraphs longer than the window get cut
     text = "".join(w + s for w, s in tokens)
+    # a window with no ASCII whitespace at all has no exact cut (the fallback cuts at a character boundary):
+    # with the real 64 KiB window that takes 64 KiB without a space; with 16 bytes, "Über\u00a0xxxxxxxxxxxx"
+    assume(max(map(len, re.split(rb"\s", text.encode()))) < window - 2)
     path = tmp_path / "c.txt"
     path.write_bytes(text.encode())
     assert np.array_equal(pieces(path, bpe, sample_by, piece), expected(bpe, text, sample_by))
+
+
+def test_text_without_whitespace_is_cut_between_characters(tmp_path, bpe, monkeypatch):
+    """No exact cut exists without whitespace in the window: the cut falls between characters, never inside one,
+    so the pieces still decode to exactly the text."""
+    monkeypatch.setattr(corpus, "WINDOW", 16)
+    text = "Über\u00a0日本語café" * 20
+    path = tmp_path / "c.txt"
+    path.write_bytes(text.encode())
+    ids = pieces(path, bpe, "document", 8)
+    assert ids[-1] == EOS and bpe.decode(ids[:-1].tolist()) == text
 
 
 def test_a_one_line_document_is_read_in_bounded_pieces(tmp_path, bpe, monkeypatch):

@@ -40,7 +40,7 @@ def _setup_offline_and_logging() -> None:
     main_rank = os.environ.get("RANK", "0") == "0"
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="gptkit: %(message)s")
     for noisy in ("transformers", "datasets", "accelerate", "torch", "httpx", "filelock", "matplotlib", "mlflow",
-                  "alembic", "wandb"):
+                  "alembic", "wandb", "torchao", "torch.utils._pytree"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
 
 
@@ -119,6 +119,25 @@ def finetune(
     if os.environ.get("RANK", "0") == "0":
         typer.echo("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")))
                    + f"; saved in {rec.output.dir}")
+
+
+@app.command()
+def distill(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in output.dir.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="With --resume: accept a recipe that changed.")] = False,
+) -> None:
+    """Train a student on a teacher's soft targets as well as the data (the recipe's distill section): pretraining
+    or a generative task, as the recipe's task says."""
+    rec = _load(recipe, overrides)
+    if not rec.distill.teacher:
+        raise UserError(f"{recipe}: distill.teacher: gptkit distill needs a teacher (a run or model folder)")
+    if rec.task == "pretrain":
+        pretrain(recipe, overrides, resume=resume, overwrite=overwrite, force=force, prepare=False)
+    else:
+        finetune(recipe, overrides, task=None, resume=resume, overwrite=overwrite, force=force)
 
 
 @app.command()
@@ -308,6 +327,42 @@ def generate(
 
     model, tokenizer = trained.load_lm(model_dir)
     generation.stream(model, tokenizer, prompt, opts)
+
+
+@app.command()
+def serve(
+    model_dir: Annotated[str, typer.Argument(help="A gptkit run, its best/, or a local/cached hub model directory.")],
+    host: Annotated[str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port (0: any free port; the log line says which).")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="Model name clients use (default: the folder's name).")] = None,
+    api_key: Annotated[Optional[str], typer.Option(envvar="GPTKIT_API_KEY",
+                                                   help="Require 'Authorization: Bearer KEY' on /v1/ routes.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Most sequences generated together in one batch.")] = 32,
+    wait_ms: Annotated[float, typer.Option(help="How long the first request of a batch waits for others.")] = 5.0,
+    max_tokens: Annotated[int, typer.Option(help="Most tokens one completion may ask for.")] = 1024,
+    max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
+    drain_seconds: Annotated[float, typer.Option(help="On SIGTERM, how long in-flight requests may finish.")] = 30.0,
+) -> None:
+    """Serve a model over HTTP: OpenAI-compatible completions and chat (streaming too), and a fine-tuned run's
+    task (POST /v1/classify, /v1/qa, /v1/translate, /v1/summarize). Needs gptkit[serve]."""
+    from gptkit import serve as serving
+
+    serving.run(model_dir, host=host, port=port, name=name, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
+                max_tokens=max_tokens, max_request_bytes=max_request_bytes, drain_seconds=drain_seconds)
+
+
+@app.command()
+def quantize(
+    model_dir: Annotated[str, typer.Argument(help="A gptkit run, its best/, or a local/cached hub model directory.")],
+    method: Annotated[str, typer.Option(help="int8 (per-channel int8 weights) or int4 (groups of 32).")] = "int8",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <model>-<method>).")] = None,
+) -> None:
+    """Post-training weight quantization with torchao into a folder that from_pretrained, eval, generate and serve
+    load (GPT-2's Conv1D layers rewritten as nn.Linear first). Needs gptkit[quantize]."""
+    from gptkit import quantize as quantizing
+
+    target = out or Path(f"{str(model_dir).rstrip('/')}-{method}")
+    quantizing.run(model_dir, method, target)
 
 
 @recipes_app.callback()

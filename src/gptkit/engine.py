@@ -55,10 +55,16 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+def causal_lm_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the labels they predict) of a pretraining block; ``labels`` are already shifted (see
+    :class:`gptkit.data.Blocks`)."""
+    return model(input_ids=batch["input_ids"]).logits, batch["labels"]
+
+
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy; ``labels`` are already shifted (see :class:`gptkit.data.Blocks`)."""
-    logits = model(input_ids=batch["input_ids"]).logits
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(), reduction="sum")
+    """Summed next-token cross-entropy."""
+    logits, labels = causal_lm_logits(model, batch)
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
 
 
 def all_tokens(batch: dict) -> int:

@@ -70,24 +70,14 @@ class Options:
 
 # ------------------------------------------------------------------------------------------- models
 def load_model(raw: str, task: str):
-    """(model, tokenizer, run recipe or None): a fine-tuned run (LoRA too) or any local model directory (causal, or
-    sequence-to-sequence when its config is an encoder-decoder)."""
-    import torch
-
+    """(model, tokenizer, run recipe or None) for scoring ``task`` (:func:`gptkit.trained.load_any`); a run whose
+    head belongs to another task is refused."""
     from gptkit import trained
-    from gptkit.tasks import FINETUNE_TASKS
 
-    from gptkit import hub
-
-    path = hub.resolve(raw, "--model").path
-    run, home = rundir.run_of(path)
-    if run is None or run.task not in FINETUNE_TASKS:
-        model, tok = trained.load_lm(path)
-    elif run.task != task and trained.has_head(run.task, run):
-        raise UserError(f"--model: {path} has a {run.task} head (fine-tuned for {run.task}); it cannot do {task}")
-    else:
-        model, tok = trained.load_run(path, home, run)
-    return model.to("cuda") if torch.cuda.is_available() else model, tok, run
+    model, tok, run = trained.load_any(raw, "--model")
+    if run is not None and run.task != task and trained.has_head(run.task, run):
+        raise UserError(f"--model: {raw} has a {run.task} head (fine-tuned for {run.task}); it cannot do {task}")
+    return model, tok, run
 
 
 def fingerprint(path: Path) -> dict:

@@ -165,8 +165,14 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     accelerator.wait_for_everyone()
     log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
              n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
+    loss_fn = None
+    if recipe.distill.teacher:
+        from gptkit import distill
+
+        teacher = distill.load_teacher(recipe, tokenizer, accelerator.device)
+        loss_fn = distill.loss_fn(engine.causal_lm_logits, teacher, recipe.distill.temperature, recipe.distill.alpha)
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume,
-                     distributed=recipe.distributed)
+                     loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss, distributed=recipe.distributed)
     metrics = engine.fit(job, accelerator)
     save = lambda m, folder, state: trained.save(m, None, folder, state)  # noqa: E731 - the tokenizer is there
     engine.save_model(accelerator, model, plan.run_dir, save)

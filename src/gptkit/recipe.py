@@ -290,6 +290,18 @@ class DistributedConfig(_Section):
         return self
 
 
+class DistillConfig(_Section):
+    """Knowledge distillation: the recipe's model (the student) also learns the teacher's next-token
+    distributions: loss = (1 - alpha) * cross-entropy + alpha * T^2 * KL(teacher_T || student_T) per target token.
+    Pretraining and the generative tasks (translate, summarize, generative qa, multitask); `gptkit distill RECIPE`."""
+
+    teacher: str | None = Field(
+        None, description="Teacher: a gptkit run or model folder (or hub id) with the student's tokenizer; None = off."
+    )
+    temperature: float = Field(2.0, gt=0.0, description="T: softens both distributions; the KL term is scaled by T^2.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Weight of the teacher's term (0 = plain training).")
+
+
 class OutputConfig(_Section):
     """Where the run directory goes."""
 
@@ -309,6 +321,7 @@ class Recipe(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
     distributed: DistributedConfig = Field(default_factory=DistributedConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
 
     @model_validator(mode="after")
@@ -350,12 +363,12 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 # Input-path fields, resolved against the folder of the file that names them.
-_PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir")}
+_PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir"), ("distill", "teacher")}
 _PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files"), ("data", "test_files"), ("finetune", "extra_metrics")}
 
 
 # a folder, or a hub id (org/name[@revision]); extra_metrics: a script, or a name in the local evaluate cache
-_MODEL_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("finetune", "extra_metrics")}
+_MODEL_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("finetune", "extra_metrics"), ("distill", "teacher")}
 
 
 def _resolve_paths(raw: dict[str, Any], base: Path) -> None:

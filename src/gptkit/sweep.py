@@ -198,6 +198,7 @@ class Sweep:
                         trial.report(value, row["step"])
                         if not done and trial.should_prune():
                             pruned = True
+                            break
                 seen = len(rows)
                 if pruned:
                     proc.send_signal(signal.SIGTERM)

@@ -67,6 +67,15 @@ def save(model: Any, tokenizer: Any, out: Path, state_dict: dict | None = None) 
         tokenizer.save_pretrained(str(out))
 
 
+def _quantized_check(path: Path) -> None:
+    """A folder written by ``gptkit quantize`` needs torchao to load: a one-line error when it is missing."""
+    config = Path(path) / "config.json"
+    if config.is_file() and '"quantization_config"' in config.read_text():
+        from gptkit.quantize import import_torchao
+
+        import_torchao()
+
+
 def load_model(path: Path, task: str, recipe: Any):
     """A model folder written by :func:`save` for ``task``: full weights, or LoRA adapters on the recipe's base
     (``model.init_from``) built with the folder's own config."""
@@ -74,6 +83,7 @@ def load_model(path: Path, task: str, recipe: Any):
 
     modeling.quiet_loading()
     path = Path(path)
+    _quantized_check(path)
     trust = recipe.model.trust_remote_code
     if (path / "config.json").is_file():
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust)
@@ -142,6 +152,7 @@ def load_lm(path: str | Path) -> tuple[Any, Any]:
             f"{directory}: no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}); "
             "save the tokenizer next to the model"
         )
+    _quantized_check(directory)
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
         config = AutoConfig.from_pretrained(directory, local_files_only=True)
@@ -150,6 +161,25 @@ def load_lm(path: str | Path) -> tuple[Any, Any]:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"{directory}: cannot load model/tokenizer: {first_line}") from exc
     return model.eval(), ensure_pad(tokenizer, str(directory))
+
+
+def load_any(raw: str, field: str = "--model") -> tuple[Any, Any, Any]:
+    """``(model, tokenizer, run recipe or None)`` of what a command names: a fine-tuning run (LoRA too, with its
+    task's head), its best/, or any local or cached hub model directory (causal, or sequence-to-sequence when its
+    config is an encoder-decoder), in eval mode, on the GPU when there is one. ``gptkit eval`` and ``gptkit serve``
+    load through here."""
+    import torch
+
+    from gptkit import hub
+    from gptkit.tasks import FINETUNE_TASKS
+
+    path = hub.resolve(raw, field).path
+    run, home = rundir.run_of(path)
+    if run is None or run.task not in FINETUNE_TASKS:
+        model, tok = load_lm(path)
+    else:
+        model, tok = load_run(path, home, run)
+    return model.to("cuda") if torch.cuda.is_available() else model, tok, run
 
 
 def export(run_dir: Path, out: Path) -> Path:

@@ -74,16 +74,23 @@ def count(batch: dict, per: str = "token") -> int:
 
 
 @torch.no_grad()
-def predict(model, tokenizer, rows, recipe) -> list[str]:
+def probabilities(model, tokenizer, rows, recipe) -> list[dict[str, float]]:
+    """Per row, every label's probability (softmax of the head's logits), in the model's label order."""
     any_label = next(iter(model.config.label2id))
     data = preprocess(recipe, tokenizer, [{**r, "label": any_label} for r in rows], "predict", model)
-    out: list[str] = []
+    names = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    out: list[dict[str, float]] = []
     for start in range(0, len(data), 32):
         batch = data.batch(list(range(start, min(len(data), start + 32))))
         batch.pop("labels")
-        logits = model(**{k: v.to(model.device) for k, v in batch.items()}).logits
-        out += [model.config.id2label[int(i)] for i in logits.argmax(-1)]
+        probs = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
+        out += [dict(zip(names, p.tolist())) for p in probs]
     return out
+
+
+def predict(model, tokenizer, rows, recipe) -> list[str]:
+    """The likeliest label of each row."""
+    return [max(p, key=p.get) for p in probabilities(model, tokenizer, rows, recipe)]
 
 
 def score(predictions, rows, recipe=None):

@@ -158,24 +158,34 @@ def count(batch: dict, per: str = "token") -> int:
     return batch["input_ids"].shape[0] if per == "example" else int((_targets(batch) != -100).sum())
 
 
-def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
-    """Summed target-token cross-entropy (``per="token"``, what Trainer and the papers average), or the sum
-    over examples of each example's mean target-token loss (``per="example"``); the engine divides by
-    :func:`count` over the whole step. Both are independent of padding and of how a step is batched."""
+def logits_and_targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits, the labels they predict; -100 where nothing is scored) of a batch of examples."""
     if "decoder_input_ids" in batch:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                        decoder_input_ids=batch["decoder_input_ids"],
                        decoder_attention_mask=batch["decoder_attention_mask"]).logits
     else:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    labels = _targets(batch)
+    return logits, _targets(batch)
+
+
+def aggregate(per_token: torch.Tensor, labels: torch.Tensor, per: str = "token") -> torch.Tensor:
+    """A per-position loss summed over target tokens, or over examples of each example's target-token mean."""
+    mask = labels != -100
+    if per == "token":
+        return (per_token * mask).sum()
+    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+
+
+def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
+    """Summed target-token cross-entropy (``per="token"``, what Trainer and the papers average), or the sum
+    over examples of each example's mean target-token loss (``per="example"``); the engine divides by
+    :func:`count` over the whole step. Both are independent of padding and of how a step is batched."""
+    logits, labels = logits_and_targets(model, batch)
     tok = torch.nn.functional.cross_entropy(
         logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
     ).view(labels.shape)
-    mask = labels != -100
-    if per == "token":
-        return (tok * mask).sum()
-    return ((tok * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+    return aggregate(tok, labels, per)
 
 
 def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | None = None) -> list[str]:

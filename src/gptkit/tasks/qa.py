@@ -198,9 +198,16 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
     tokens' character offsets ("" when a row has no valid span); generative: the generated text."""
     if not _extractive(recipe):
         return gen.predict(model, tokenizer, rows, recipe, template=_template(recipe), shorten="context")
+    return [s["answer"] for s in spans(model, tokenizer, rows, recipe)]
+
+
+@torch.no_grad()
+def spans(model, tokenizer, rows, recipe) -> list[dict]:
+    """Extractive qa: per row the best span over all its windows, ``{answer, start, end, score}`` (character
+    offsets into the context, the span's start + end logit); an empty answer at -1 when no span is valid."""
     wins = windows(recipe, tokenizer, rows, _limit(recipe, model), "predict")
     data = gen.Examples(wins, tokenizer.pad_token_id)
-    best: list[tuple[float, str]] = [(float("-inf"), "")] * len(rows)
+    best = [{"answer": "", "start": -1, "end": -1, "score": float("-inf")} for _ in rows]
     was_training = model.training
     model.eval()
     try:
@@ -213,12 +220,16 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
             for j, i in enumerate(idx):
                 w = wins[i]
                 value, s, e = best_span(starts[j], ends[j], w["offsets"], recipe.finetune.max_answer_tokens)
-                if value > best[w["row"]][0]:
-                    text = str(rows[w["row"]]["context"])[w["offsets"][s][0] : w["offsets"][e][1]]
-                    best[w["row"]] = (value, text.strip())
+                if value > best[w["row"]]["score"]:
+                    context = str(rows[w["row"]]["context"])
+                    lo_char, hi_char = w["offsets"][s][0], w["offsets"][e][1]
+                    text = context[lo_char:hi_char]
+                    lo_char += len(text) - len(text.lstrip())  # the span without surrounding spaces
+                    best[w["row"]] = {"answer": text.strip(), "start": lo_char, "end": lo_char + len(text.strip()),
+                                      "score": float(value)}
     finally:
         model.train(was_training)
-    return [text for _, text in best]
+    return best
 
 
 def score(predictions, rows, recipe=None):

@@ -1,0 +1,69 @@
+"""Knowledge distillation (``distill:`` in a recipe, ``gptkit distill RECIPE``): the student — the recipe's model, built
+from its size spec or ``model.init_from`` — learns the teacher's softened next-token distributions beside the data.
+
+Per target token: ``(1 - alpha) * CE(student, label) + alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T))``
+(Hinton et al.; T^2 keeps the soft term's gradients on the scale of the hard one's). It is a loss function handed to
+the one training loop (:func:`gptkit.engine.fit`): the teacher runs in eval mode without gradients inside the same
+autocast as the student (same precision rules); being fixed and dropout-free, it keeps resume exact. Validation
+loss stays the plain cross-entropy, so a distilled student and one trained without a teacher compare directly.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+import torch
+
+from gptkit.errors import UserError
+
+log = logging.getLogger(__name__)
+
+TASKS = ("pretrain", "translate", "summarize", "qa", "multitask")
+
+
+def load_teacher(recipe: Any, tokenizer: Any, device: torch.device) -> Any:
+    """The teacher of ``recipe.distill``, frozen on ``device``; its tokenizer must be the student's."""
+    from gptkit import trained
+
+    cfg = recipe.distill
+    if recipe.task not in TASKS or recipe.task == "qa" and recipe.finetune.qa_mode == "extractive":
+        raise UserError(f"distill.teacher: distillation works for pretrain and the generative tasks, not {recipe.task}"
+                        f"{' (extractive)' if recipe.task == 'qa' else ''}")
+    model, teacher_tok, run = trained.load_any(cfg.teacher, "distill.teacher")
+    if run is not None and trained.has_head(run.task, run):
+        raise UserError(f"distill.teacher: {cfg.teacher} is a {run.task} model with a task head; the teacher must be "
+                        "a language model")
+    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"distill.teacher: its tokenizer ({len(teacher_tok)} tokens) is not the student's "
+                        f"({len(tokenizer)}); give the student the teacher's tokenizer (tokenizer.kind: pretrained, "
+                        f"tokenizer.path: {cfg.teacher}) or a base trained with it")
+    model = model.to(device).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    log.info("distill: teacher %s (%.2fM parameters), T=%g, alpha=%g", cfg.teacher,
+             sum(p.numel() for p in model.parameters()) / 1e6, cfg.temperature, cfg.alpha)
+    return model
+
+
+def loss_fn(logits_fn: Callable, teacher: Any, temperature: float, alpha: float,
+            aggregate: Callable | None = None) -> Callable[[Any, dict], torch.Tensor]:
+    """A summed training loss for the engine: ``logits_fn(model, batch) -> (logits, labels)`` gives both models'
+    logits on the batch; ``aggregate(per_token, labels)`` sums per-position losses (default: over labels != -100)."""
+
+    def distilled(model, batch: dict) -> torch.Tensor:
+        logits, labels = logits_fn(model, batch)
+        with torch.no_grad():
+            teacher_logits, _ = logits_fn(teacher, batch)
+        vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # a vocabulary padded for speed has extra rows
+        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                               reduction="none").view(labels.shape)
+        student = (logits[..., :vocab].float() / temperature).log_softmax(-1)
+        target = (teacher_logits[..., :vocab].float() / temperature).log_softmax(-1)
+        kl = (target.exp() * (target - student)).sum(-1)
+        per_token = (1 - alpha) * ce + alpha * temperature**2 * kl
+        if aggregate is not None:
+            return aggregate(per_token, labels)
+        return (per_token * (labels != -100)).sum()
+
+    return distilled

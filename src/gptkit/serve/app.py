@@ -1,0 +1,212 @@
+"""The FastAPI application of ``gptkit serve`` (imported only once FastAPI is known to be installed): routes, bearer auth, the body-size cap and JSON errors.
+
+Every route only reads the request (:mod:`gptkit.serve.requests`), hands a job to the engine
+(:mod:`gptkit.serve.engine`) and turns its events into a response; nothing here touches the model.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from gptkit.serve import requests as rq
+from gptkit.serve.engine import Engine, Job
+from gptkit.serve.requests import ApiError, Limits, Served
+
+
+def build_app(served: Served, engine: Engine, limits: Limits):
+    """The ASGI app (FastAPI inside the body-size cap)."""
+    app = FastAPI(title=f"gptkit serve: {served.name}", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, exc: ApiError):
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, exc: HTTPException):
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if exc.status_code == 404:
+            message += f" (routes: {', '.join(_routes(served))})"
+        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def bug(request, exc: Exception):
+        return JSONResponse(ApiError(500, f"internal error: {type(exc).__name__}", kind="server_error").body(),
+                            status_code=500)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if limits.api_key and request.url.path.startswith("/v1/"):
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {limits.api_key}".encode()):
+                err = ApiError(401, "invalid or missing API key (Authorization: Bearer KEY)",
+                               kind="authentication_error", code="invalid_api_key")
+                return JSONResponse(err.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": served.name, "requests": engine.jobs, "batches": engine.batches}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
+                                            "owned_by": "gptkit"}]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await _body(request, served)
+        return await _complete(served, engine, limits, body, rq._prompts(body), "text", (), StreamingResponse)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await _body(request, served)
+        prompt, stops = rq.chat_prompt(served.tok, body.get("messages"))
+        return await _complete(served, engine, limits, body, [prompt], "chat", stops, StreamingResponse)
+
+    @app.post("/v1/{task}")
+    async def task(task: str, request: Request):
+        if task not in served.tasks:
+            raise ApiError(404, f"POST /v1/{task}: not served (routes: {', '.join(_routes(served))})",
+                           code="not_found")
+        rows = rq.task_rows(task, await _body(request, served, check_model=False))
+        q, send = rq.channel()
+        engine.submit(Job(send, task=task, rows=rows))
+        event = await q.get()
+        if event[0] == "error":
+            raise ApiError(event[1], event[2], kind="server_error")
+        data = [{"index": i, **_finite(r)} for i, r in enumerate(event[1])]
+        return {"object": "list", "model": served.name, "task": task, "data": data}
+
+    return _BodyLimit(app, limits.max_body)
+
+
+def _routes(served: Served) -> list[str]:
+    lm = ["POST /v1/completions", "POST /v1/chat/completions"] if served.lm else []
+    return ["GET /v1/models", *lm, *(f"POST /v1/{t}" for t in served.tasks)]
+
+
+def _finite(row: dict) -> dict:
+    """JSON has no -inf: an extractive answer that found no span has score null."""
+    return {k: (None if isinstance(v, float) and v != v or v in (float("inf"), float("-inf")) else v)
+            for k, v in row.items()}
+
+
+async def _body(request, served: Served, check_model: bool = True) -> dict:
+    raw = await request.body()
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        raise ApiError(400, "body: not valid JSON", "body") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: expected a JSON object", "body")
+    if check_model:
+        if not served.lm:
+            raise ApiError(400, f"{request.url.path}: {served.name} is a {served.run.task} model with a task head; "
+                                f"use POST /v1/{next(iter(served.tasks))}", code="not_a_language_model")
+        model = body.get("model")
+        if model is not None and model != served.name:
+            raise ApiError(404, f"model: '{model}' is not served here; this server serves '{served.name}'", "model",
+                           code="model_not_found")
+    return body
+
+
+async def _complete(served, engine, limits, body, prompts, kind, stops, streaming_response):
+    q, send = rq.channel()
+    job, prompt_tokens = rq.generation_job(served, limits, body, prompts, send, stops)
+    rid = rq.new_id(kind)
+    engine.submit(job)
+    if job.stream:
+        usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
+        return streaming_response(_sse(q, job, kind, rid, served.name, prompt_tokens, bool(usage)),
+                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    finished, tokens = {}, 0
+    try:
+        while len(finished) < len(job.choices):
+            event = await q.get()
+            if event[0] == "error":
+                raise ApiError(event[1], event[2], kind="server_error")
+            if event[0] == "finish":
+                _, index, text, reason, n = event
+                finished[index], tokens = (text, reason), tokens + n
+    finally:
+        job.cancelled = len(finished) < len(job.choices)
+    usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
+    return rq.completion_body(kind, rid, served.name, finished, usage)
+
+
+async def _sse(q, job: Job, kind: str, rid: str, name: str, prompt_tokens: int, include_usage: bool):
+    """Server-sent events: a chunk per piece of text, the finish reason per choice, optional usage, [DONE]."""
+    open_choices, tokens, started = len(job.choices), 0, set()
+    try:
+        while open_choices:
+            event = await q.get()
+            if event[0] == "error":
+                yield f"data: {json.dumps(ApiError(event[1], event[2], kind='server_error').body())}\n\n"
+                break
+            index, text = event[1], event[2]
+            reason = event[3] if event[0] == "finish" else None
+            if event[0] == "finish":
+                open_choices, tokens = open_choices - 1, tokens + event[4]
+            yield f"data: {json.dumps(rq.completion_chunk(kind, rid, name, index, text, reason, index not in started))}\n\n"
+            started.add(index)
+        if include_usage:
+            usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
+                     "total_tokens": prompt_tokens + tokens}
+            chunk = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+                     "created": 0, "model": name, "choices": [], "usage": usage}
+            yield f"data: {json.dumps(chunk)}\n\n"
+        yield "data: [DONE]\n\n"
+    finally:
+        job.cancelled = open_choices > 0  # the client went away: its rows stop at the next token
+
+
+class _TooLarge(ApiError):
+    """Raised while the body is read: the app's ApiError handler answers 413."""
+
+    def __init__(self, limit: int):
+        super().__init__(413, f"body: larger than the server's limit of {limit} bytes (--max-request-bytes)", "body")
+
+
+class _BodyLimit:
+    """ASGI middleware: a body over ``limit`` bytes (by Content-Length, or counted as it arrives) is a 413."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            return await self._refuse(send)
+        seen, started = 0, False
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge(self.limit)
+            return message
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, watched)
+        except _TooLarge:
+            if not started:
+                await self._refuse(send)
+
+    async def _refuse(self, send):
+        body = json.dumps(_TooLarge(self.limit).body()).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

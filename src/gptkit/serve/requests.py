@@ -1,0 +1,291 @@
+"""What ``gptkit serve`` serves and how it reads requests: the loaded model and its endpoints, OpenAI-style
+bodies checked field by field (each problem an :class:`ApiError` naming the field), prompts and chat templates,
+and the response bodies and stream chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+TASK_INPUTS = {"classify": (("text",), ("text_pair",)), "qa": (("question", "context"), ()),
+               "translate": (("source",), ()), "summarize": (("document",), ())}
+MAX_INPUTS = 64  # rows per task request, prompts per completion request
+
+
+@dataclass
+class Limits:
+    max_tokens: int = 1024  # the most tokens one completion may ask for (--max-tokens)
+    max_body: int = 1 << 20  # request body bytes (--max-request-bytes)
+    api_key: str | None = None
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+# ------------------------------------------------------------------------------------------- what is served
+@dataclass
+class Served:
+    """The loaded model and what it can answer: a language model (completions) and/or task endpoints."""
+
+    name: str
+    model: Any
+    tok: Any
+    run: Any  # the run's recipe, None for a plain model
+    tasks: dict  # endpoint name -> function(rows) -> results
+    lm: bool  # completions and chat are served
+
+    @property
+    def context(self) -> int | None:
+        return getattr(self.model.config, "max_position_embeddings", None)
+
+
+def load(path: str, name: str | None = None) -> Served:
+    """The model of a run or model directory (loaded as ``gptkit eval`` loads it) and its endpoints."""
+    from pathlib import Path
+
+    from gptkit import trained
+
+    model, tok, run = trained.load_any(path, "RUN")
+    task_fns = _task_functions(model, tok, run) if run is not None else {}
+    lm = run is None or not trained.has_head(run.task, run)
+    return Served(name or Path(path).resolve().name, model, tok, run, task_fns, lm)
+
+
+def _task_functions(model, tok, run) -> dict:
+    from gptkit import tasks
+
+    if run.task == "classify":
+        return {"classify": lambda rows: _classify(model, tok, rows, run)}
+    if run.task == "qa" and run.finetune.qa_mode == "extractive":
+        return {"qa": lambda rows: tasks.load("qa").spans(model, tok, rows, run)}
+    if run.task == "multitask":
+        from gptkit.tasks import multitask
+
+        return {name: _generative(model, tok, multitask.sub_recipe(run, i))
+                for i, name in enumerate(multitask._names(run))}
+    if run.task in TASK_INPUTS:
+        return {run.task: _generative(model, tok, run)}
+    return {}
+
+
+def _classify(model, tok, rows, run) -> list[dict]:
+    from gptkit.tasks import classify
+
+    probs = classify.probabilities(model, tok, rows, run)
+    return [{"label": max(p, key=p.get), "probabilities": p} for p in probs]
+
+
+def _generative(model, tok, recipe):
+    from gptkit import tasks
+
+    module, key = tasks.load(recipe.task), "answer" if recipe.task == "qa" else "text"
+    return lambda rows: [{key: text} for text in module.predict(model, tok, rows, recipe)]
+
+
+# ------------------------------------------------------------------------------------------- requests
+def _sampling(body: dict, where: str = "") -> Any:
+    from gptkit.serve.engine import Sampling
+
+    temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
+    top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True)
+    top_k = body.get("top_k")
+    if top_k is not None and (not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < -1):
+        raise ApiError(400, "top_k: expected an integer >= 1 (0 or -1: off)", "top_k")
+    beams = _integer(body, "num_beams", 1, low=1, high=8)
+    if beams > 1 and body.get("stream"):
+        raise ApiError(400, "num_beams: beam search cannot stream; set stream to false", "num_beams")
+    for unsupported in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
+        if body.get(unsupported) not in (None, False, 0, [], {}):
+            raise ApiError(400, f"{unsupported}: not supported by gptkit serve", unsupported)
+    for penalty in ("frequency_penalty", "presence_penalty"):
+        if body.get(penalty) not in (None, 0, 0.0):
+            raise ApiError(400, f"{penalty}: not supported; repetition_penalty is (1.0 = off)", penalty)
+    if body.get("best_of") not in (None, 1):
+        raise ApiError(400, "best_of: not supported (use n)", "best_of")
+    sample = temperature > 0 and beams == 1
+    return Sampling(do_sample=sample, temperature=temperature if sample else 1.0,
+                    top_k=top_k if sample and top_k and top_k > 0 else None, top_p=top_p if sample else None,
+                    repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, open_low=True),
+                    num_beams=beams, min_tokens=_integer(body, "min_tokens", 0, low=0),
+                    ignore_eos=_flag(body, "ignore_eos"), seed=_integer(body, "seed", None) if sample else None)
+
+
+def _number(body, key, default, low=None, high=None, open_low=False):
+    value = body.get(key, default)
+    value = default if value is None else value
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ApiError(400, f"{key}: expected a number, got {json.dumps(value)[:40]}", key)
+    if low is not None and (value < low or open_low and value == low) or high is not None and value > high:
+        rng = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}]"
+        raise ApiError(400, f"{key}: expected a number in {rng}, got {value}", key)
+    return float(value)
+
+
+def _integer(body, key, default, low=None, high=None):
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ApiError(400, f"{key}: expected an integer, got {json.dumps(value)[:40]}", key)
+    if low is not None and value < low or high is not None and value > high:
+        raise ApiError(400, f"{key}: expected an integer in [{low}, {high if high is not None else 'inf'}], "
+                            f"got {value}", key)
+    return value
+
+
+def _flag(body, key) -> bool:
+    value = body.get(key, False)
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key}: expected true or false", key)
+    return value
+
+
+def _stops(body) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
+        raise ApiError(400, "stop: expected a non-empty string or a list of at most 4", "stop")
+    return tuple(stop)
+
+
+def _prompts(body) -> list[str]:
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ApiError(400, "prompt: expected a string or a list of strings", "prompt")
+    if len(prompts) > MAX_INPUTS:
+        raise ApiError(400, f"prompt: at most {MAX_INPUTS} prompts per request, got {len(prompts)}", "prompt")
+    return prompts
+
+
+def chat_prompt(tok, messages) -> tuple[str, tuple[str, ...]]:
+    """The prompt of a conversation, and stop strings the template implies (a plain template's next ``user:``)."""
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages: expected a non-empty list of {role, content}", "messages")
+    clean = []
+    for i, m in enumerate(messages):
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list):  # [{"type": "text", "text": ...}]
+            if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                       for p in content):
+                raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        role = m.get("role") if isinstance(m, dict) else None
+        if role not in ("system", "user", "assistant") or not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}]: expected role system|user|assistant and a string content",
+                           f"messages[{i}]")
+        clean.append({"role": role, "content": content})
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True), ()
+    return "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:", ("\nuser:",)
+
+
+def encode(served: Served, text: str, max_tokens: int, field_name: str) -> list[int]:
+    from gptkit.modeling import is_encoder_decoder
+    from gptkit.tokenizer import prompt_ids
+
+    encoder = is_encoder_decoder(served.model.config)
+    ids = prompt_ids(served.tok, text, encoder)
+    if not ids:
+        start = served.tok.bos_token_id if served.tok.bos_token_id is not None else served.tok.eos_token_id
+        ids = [start]
+    limit = served.context
+    if limit is not None and (len(ids) + (0 if encoder else max_tokens) > limit or max_tokens >= limit):
+        raise ApiError(400, f"{field_name}: {len(ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
+                            f"context of {limit} tokens", field_name, code="context_length_exceeded")
+    return ids
+
+
+def generation_job(served: Served, limits: Limits, body: dict, prompts: list[str], send, stops=()):
+    """A :class:`gptkit.serve.engine.Job` of n choices per prompt, and the prompts' token counts."""
+    from gptkit.serve.engine import Choice, Job
+
+    default = 16 if "messages" not in body else min(limits.max_tokens, 256)
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, key, default, low=1, high=limits.max_tokens)
+    n = _integer(body, "n", 1, low=1, high=16)
+    sampling = _sampling(body)
+    stop = _stops(body) + stops
+    choices, prompt_tokens = [], 0
+    for i, text in enumerate(prompts):
+        ids = encode(served, text, max_tokens, "messages" if "messages" in body else "prompt")
+        prompt_tokens += len(ids)
+        choices += [Choice(i * n + j, ids, max_tokens, stop) for j in range(n)]
+    return Job(send, sampling, choices, stream=_flag(body, "stream")), prompt_tokens
+
+
+def task_rows(task: str, body: Any) -> list[dict]:
+    """``{"inputs": [row, ...]}`` or one row; each row has the task's input fields as strings."""
+    if not isinstance(body, dict):
+        raise ApiError(400, "body: expected a JSON object", "body")
+    rows = body["inputs"] if "inputs" in body else [body]
+    if not isinstance(rows, list) or not rows or len(rows) > MAX_INPUTS:
+        raise ApiError(400, f"inputs: expected a list of 1 to {MAX_INPUTS} objects", "inputs")
+    required, optional = TASK_INPUTS[task if task in TASK_INPUTS else _kind(task)]
+    out = []
+    for i, row in enumerate(rows):
+        where = f"inputs[{i}]." if "inputs" in body else ""
+        if not isinstance(row, dict):
+            raise ApiError(400, f"inputs[{i}]: expected an object with {', '.join(required)}", f"inputs[{i}]")
+        for key in required + optional:
+            if key in required and key not in row:
+                raise ApiError(400, f"{where}{key}: required (a {task} request gives {', '.join(required)})",
+                               f"{where}{key}")
+            if key in row and not isinstance(row[key], str):
+                raise ApiError(400, f"{where}{key}: expected a string", f"{where}{key}")
+        out.append({k: row[k] for k in required + optional if k in row})
+    return out
+
+
+def _kind(name: str) -> str:
+    return name.rstrip("0123456789")  # a multitask run's second translate task is "translate1"
+
+
+def completion_chunk(kind: str, rid: str, model: str, index: int, text: str, reason: str | None, first: bool) -> dict:
+    if kind == "chat":
+        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+                "choices": [choice]}
+    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+
+
+def completion_body(kind: str, rid: str, model: str, finished: dict, usage: dict) -> dict:
+    choices = []
+    for index in sorted(finished):
+        text, reason = finished[index]
+        if kind == "chat":
+            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+                            "finish_reason": reason})
+        else:
+            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+    return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
+            "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
+
+
+def new_id(kind: str) -> str:
+    return f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+
+
+def channel():
+    """An asyncio queue and a thread-safe function that puts into it."""
+    loop = asyncio.get_running_loop()
+    q: asyncio.Queue = asyncio.Queue()
+    return q, lambda event: loop.call_soon_threadsafe(q.put_nowait, event)

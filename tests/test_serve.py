@@ -1,0 +1,289 @@
+"""gptkit serve against a live server process: the official openai client (completions, chat, streaming), plain HTTP
+for task endpoints and errors, batching of concurrent requests, bearer auth, and SIGTERM draining a request."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+import httpx  # noqa: E402
+
+from tasks_helpers import (classify3_rows, finetune_recipe, pretrained_base, qa_rows, splits,  # noqa: E402
+                           translate_rows)
+
+
+@contextmanager
+def server(model: Path, *args: str):
+    log = model.parent / f"serve-{time.monotonic_ns()}.log"
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "-m", "gptkit", "serve", str(model), "--port", "0", *args],
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        deadline, url = time.time() + 120, None
+        while url is None:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.time() < deadline, log.read_text()[-3000:]
+            found = re.search(r"at (http://127\.0\.0\.1:\d+)", log.read_text())
+            url = found and found.group(1)
+            time.sleep(0.1)
+        while True:
+            try:
+                httpx.get(f"{url}/health", timeout=5)
+                break
+            except httpx.TransportError:
+                assert time.time() < deadline, log.read_text()[-3000:]
+                time.sleep(0.1)
+        proc.url, proc.log = url, log
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return pretrained_base(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def lm(base):
+    with server(base) as proc:
+        yield proc
+
+
+def client(proc, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proc.url}/v1", api_key=key, max_retries=0)
+
+
+def local_greedy(base: Path, prompts: list[str], max_new_tokens: int) -> list[str]:
+    from gptkit import generation, trained
+
+    model, tok = trained.load_lm(base)
+    opts = generation.DecodingOptions(max_new_tokens=max_new_tokens, num_beams=1)
+    return [t[0] for t in generation.generate_batch(model, tok, prompts, opts, batch_size=1)]
+
+
+def test_openai_client_completions_chat_and_streaming(lm, base):
+    c = client(lm)
+    assert [m.id for m in c.models.list()] == ["base"]
+    prompts = ["red blue", "the old"]
+    want = local_greedy(base, prompts, 12)
+    r = c.completions.create(model="base", prompt=prompts, max_tokens=12, temperature=0)
+    assert [ch.text for ch in r.choices] == want  # what `gptkit generate`/eval decode greedily, batched here
+    one = c.completions.create(model="base", prompt=prompts[0], max_tokens=12, temperature=0)
+    stream = c.completions.create(model="base", prompt=prompts[0], max_tokens=12, temperature=0, stream=True,
+                                  stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want[0] == one.choices[0].text
+    assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == one.choices[0].finish_reason
+    assert chunks[-1].usage.completion_tokens == one.usage.completion_tokens > 0
+    assert r.usage.completion_tokens >= one.usage.completion_tokens
+    chat = c.chat.completions.create(model="base", messages=[{"role": "system", "content": "be brief"},
+                                                             {"role": "user", "content": "red blue"}],
+                                     max_tokens=8, temperature=0)
+    prompt = "system: be brief\nuser: red blue\nassistant:"  # no chat template: role lines
+    assert chat.choices[0].message.content == local_greedy(base, [prompt], 8)[0].split("\nuser:")[0]
+    assert chat.choices[0].message.role == "assistant" and chat.usage.total_tokens == \
+        chat.usage.prompt_tokens + chat.usage.completion_tokens
+    pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+        model="base", messages=[{"role": "user", "content": "red blue"}], max_tokens=8, temperature=0, stream=True)]
+    again = c.chat.completions.create(model="base", messages=[{"role": "user", "content": "red blue"}], max_tokens=8,
+                                      temperature=0)
+    assert "".join(pieces) == again.choices[0].message.content
+
+
+def test_usage_stop_strings_and_seeded_samples(lm, base):
+    c = client(lm)
+    full = c.completions.create(model="base", prompt="red blue", max_tokens=16, temperature=0, extra_body={
+        "ignore_eos": True})
+    text = full.choices[0].text
+    assert full.usage.completion_tokens == 16 and full.choices[0].finish_reason == "length"
+    from gptkit import trained
+
+    _, tok = trained.load_lm(base)
+    assert full.usage.prompt_tokens == len(tok("red blue", add_special_tokens=False)["input_ids"])
+    stop = text.strip()[3:6] if len(text.strip()) > 6 else text.strip()[-1]
+    cut = c.completions.create(model="base", prompt="red blue", max_tokens=16, temperature=0, stop=[stop])
+    assert cut.choices[0].text == text[: text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    streamed = "".join(ch.choices[0].text for ch in c.completions.create(
+        model="base", prompt="red blue", max_tokens=16, temperature=0, stop=[stop], stream=True))
+    assert streamed == cut.choices[0].text
+    a = c.completions.create(model="base", prompt="red", max_tokens=10, temperature=1.0, n=3, seed=7)
+    b = c.completions.create(model="base", prompt="red", max_tokens=10, temperature=1.0, n=3, seed=7)
+    assert [x.text for x in a.choices] == [x.text for x in b.choices] and len({x.text for x in a.choices}) > 1
+    assert sorted(x.index for x in a.choices) == [0, 1, 2]
+
+
+def test_concurrent_requests_share_batches(lm, base):
+    prompts = [f"{w} blue" for w in ("red", "green", "black", "white", "small", "big", "old", "new")]
+    before = httpx.get(f"{lm.url}/health").json()
+    results = {}
+
+    def ask(p):
+        r = httpx.post(f"{lm.url}/v1/completions", json={"prompt": p, "max_tokens": 24, "temperature": 0,
+                                                         "ignore_eos": True}, timeout=120)
+        results[p] = r.json()["choices"][0]["text"]
+
+    threads = [threading.Thread(target=ask, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    after = httpx.get(f"{lm.url}/health").json()
+    assert after["requests"] - before["requests"] == len(prompts)
+    assert after["batches"] - before["batches"] < len(prompts)  # some requests shared a generate call
+    solo = [httpx.post(f"{lm.url}/v1/completions", json={"prompt": p, "max_tokens": 24, "temperature": 0,
+                                                         "ignore_eos": True}).json()["choices"][0]["text"]
+            for p in prompts]
+    assert [results[p] for p in prompts] == solo  # batching does not change a greedy answer
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("completions", {"prompt": "a", "max_tokens": 5000}, 400, "max_tokens"),
+    ("completions", {"prompt": "a", "temperature": -1}, 400, "temperature"),
+    ("completions", {"prompt": "a", "top_p": 0}, 400, "top_p"),
+    ("completions", {"prompt": "a", "n": 0}, 400, "n"),
+    ("completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("completions", {"max_tokens": 4}, 400, "prompt"),
+    ("completions", {"prompt": 17}, 400, "prompt"),
+    ("completions", {"prompt": "a", "logprobs": 3}, 400, "logprobs"),
+    ("completions", {"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("completions", {"prompt": "a", "num_beams": 2, "stream": True}, 400, "num_beams"),
+    ("completions", {"prompt": "a " * 200, "max_tokens": 8}, 400, "prompt"),
+    ("completions", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
+    ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]"),
+    ("chat/completions", {"messages": []}, 400, "messages"),
+    ("classify", {"text": "a"}, 404, None),
+])
+def test_bad_requests_get_a_json_error_naming_the_field(lm, path, body, status, param):
+    r = httpx.post(f"{lm.url}/v1/{path}", json=body)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"].startswith(param or "POST /v1/classify")
+
+
+def test_malformed_and_oversized_bodies(lm):
+    r = httpx.post(f"{lm.url}/v1/completions", content=b"{not json")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = httpx.post(f"{lm.url}/v1/completions", json={"prompt": "x" * (2 << 20)})
+    assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
+    r = httpx.get(f"{lm.url}/v2/anything")
+    assert r.status_code == 404 and "routes" in r.json()["error"]["message"]
+    assert httpx.get(f"{lm.url}/health").json()["status"] == "ok"  # still serving
+
+
+def test_api_key_and_sigterm_drains_a_request_in_flight(base):
+    with server(base, "--api-key", "s3cret") as proc:
+        with pytest.raises(openai.AuthenticationError):
+            client(proc, "wrong").completions.create(model="base", prompt="a", max_tokens=2)
+        assert httpx.post(f"{proc.url}/v1/completions", json={"prompt": "a"}).status_code == 401
+        assert httpx.get(f"{proc.url}/health").status_code == 200  # a load balancer's probe needs no key
+        auth = {"Authorization": "Bearer s3cret"}
+        body = {"prompt": ["red"] * 64, "n": 16, "max_tokens": 60, "temperature": 0, "ignore_eos": True}
+        done = {}
+
+        def big():  # 1,024 sequences of 60 tokens: about 2 s on a laptop core
+            done["r"] = httpx.post(f"{proc.url}/v1/completions", json=body, headers=auth, timeout=300)
+
+        worker = threading.Thread(target=big)
+        worker.start()
+        while httpx.get(f"{proc.url}/health").json()["requests"] < 1:  # the request is with the engine
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        while True:  # the server stops accepting connections at once...
+            try:
+                httpx.get(f"{proc.url}/health", timeout=1)
+                time.sleep(0.02)
+            except httpx.TransportError:
+                break
+        assert worker.is_alive()  # ...while the request in flight is still being answered
+        worker.join(timeout=300)
+        assert done["r"].status_code == 200 and done["r"].json()["usage"]["completion_tokens"] == 64 * 16 * 60
+        assert proc.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def task_runs(base, tmp_path_factory):
+    from conftest import run_cli
+
+    tmp = tmp_path_factory.mktemp("serve_tasks")
+    runs = {}
+    for task, make, extra in (("classify", classify3_rows, {}), ("qa", qa_rows, {"qa_mode": "extractive"}),
+                              ("translate", translate_rows, {})):
+        folder = tmp / task
+        folder.mkdir()
+        recipe = finetune_recipe(folder, "run", task, base, splits(folder, make, 64),
+                                 train={"max_steps": 8, "eval_every": 8, "save_every": 8},
+                                 finetune={"max_new_tokens": 8, "eval_examples": 4, **extra})
+        code, _, err = run_cli("finetune", str(recipe))
+        assert code == 0, err
+        runs[task] = folder / "run"
+    return runs
+
+
+def test_task_endpoints_answer_as_the_task_predicts(task_runs):
+    from gptkit import tasks, trained
+
+    rows = {"classify": classify3_rows(3, 9), "qa": qa_rows(3, 9), "translate": translate_rows(3, 9)}
+    for task, run in task_runs.items():
+        model, tok, recipe = trained.load_any(str(run))
+        inputs = [{k: r[k] for k in r if k in ("text", "text_pair", "question", "context", "source")}
+                  for r in rows[task]]
+        with server(run) as proc:
+            r = httpx.post(f"{proc.url}/v1/{task}", json={"inputs": inputs}, timeout=120)
+            assert r.status_code == 200, r.text
+            data = r.json()["data"]
+            if task == "classify":
+                probs = tasks.load("classify").probabilities(model, tok, inputs, recipe)
+                assert [d["label"] for d in data] == [max(p, key=p.get) for p in probs]
+                for d, p in zip(data, probs):
+                    assert d["probabilities"] == pytest.approx(p, abs=1e-5) and sum(p.values()) == pytest.approx(1)
+            elif task == "qa":
+                for d, row in zip(data, inputs):
+                    assert row["context"][d["start"]:d["end"]] == d["answer"]
+                assert [d["answer"] for d in data] == tasks.load("qa").predict(model, tok, inputs, recipe)
+            else:
+                assert [d["text"] for d in data] == tasks.load("translate").predict(model, tok, inputs, recipe)
+            one = httpx.post(f"{proc.url}/v1/{task}", json=inputs[0], timeout=60)  # a single row, no "inputs"
+            alone = one.json()["data"][0]
+            assert one.status_code == 200 and alone.keys() == data[0].keys()
+            for key, value in data[0].items():  # the same answer as in a batch of three (floats up to padding)
+                assert alone[key] == (pytest.approx(value, abs=1e-4) if key in ("probabilities", "score") else value)
+            missing = httpx.post(f"{proc.url}/v1/{task}", json={"inputs": [{"nothing": "x"}]})
+            assert missing.status_code == 400 and missing.json()["error"]["param"].startswith("inputs[0].")
+            lm_route = httpx.post(f"{proc.url}/v1/completions", json={"prompt": "a", "max_tokens": 2})
+            assert lm_route.status_code == (200 if task == "translate" else 400), lm_route.text
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["{missing}"], ["{missing}"]),
+    (["{base}", "--max-batch", "0"], ["--max-batch", ">= 1"]),
+    (["{base}", "--host", "203.0.113.9"], ["--host/--port", "cannot listen"]),  # not this machine's address
+])
+def test_bad_serve_arguments_are_one_line(base, tmp_path, args, needles):
+    from conftest import assert_user_error, run_cli
+
+    fill = {"missing": str(tmp_path / "nothing"), "base": str(base)}
+    code, _, err = run_cli("serve", *(a.format(**fill) for a in args), "--port", "0")
+    assert_user_error(code, err, *(n.format(**fill) for n in needles))
+
+
+@pytest.mark.parametrize("hidden", ["fastapi", "uvicorn"])
+def test_serve_without_its_extra_names_it(base, monkeypatch, hidden):
+    from conftest import assert_user_error, run_cli
+
+    monkeypatch.setitem(sys.modules, hidden, None)
+    code, _, err = run_cli("serve", str(base), "--port", "0")
+    assert_user_error(code, err, "pip install 'gptkit[serve]'")
