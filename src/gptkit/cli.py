@@ -365,6 +365,24 @@ def quantize(
     quantizing.run(model_dir, method, target)
 
 
+@app.command()
+def prune(
+    model_dir: Annotated[str, typer.Argument(help="A gptkit run, its best/, or a local/cached hub model directory.")],
+    mlp: Annotated[Optional[float], typer.Option(help="Share of feed-forward neurons removed from every block.")] = None,
+    heads: Annotated[Optional[float], typer.Option(help="Attention heads: not prunable in transformers 5 (says why).")]
+    = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <model>-pruned).")] = None,
+    data: Annotated[Optional[str], typer.Option(help="Text to measure importance on (default: the run's data).")] = None,
+    batches: Annotated[int, typer.Option(help="Batches the importance is summed over.")] = 8,
+) -> None:
+    """Structured pruning: remove the least important feed-forward neurons (activation x gradient on a few batches)
+    into a smaller checkpoint that plain transformers loads; fine-tune it afterwards to recover."""
+    from gptkit import prune as pruning
+
+    pruning.run(model_dir, out or Path(f"{str(model_dir).rstrip('/')}-pruned"), mlp=mlp, heads=heads, data=data,
+                batches=batches)
+
+
 @recipes_app.callback()
 def recipes_list(ctx: typer.Context) -> None:
     """List the bundled recipes with their one-line descriptions."""
