@@ -3,7 +3,8 @@ on held-out text and the task metric, each as a ratio to the unquantized model.
 
     python bench/quantize.py --model runs/multi30k-tiny          # a translate run (make demo writes this one)
 
-Perplexity: `gptkit eval --task lm` on the German and English sides of the Multi30k test2016 set (never trained on);
+Perplexity: `gptkit eval --task lm` on the Multi30k test2016 pairs (never trained on) written as the run's prompt
+followed by the reference ("English: ...\nGerman: ...");
 task metric: `gptkit eval --split test` (the run's test file; BLEU for translate); generation: greedy, 64 new tokens
 (forced), batch 1, best of 3. Goal (issue 12): int8 <= 1% perplexity increase at <= 0.5x the size.
 """
@@ -55,6 +56,14 @@ def measure(folder: Path, work: Path, text: Path, limit: int | None) -> dict:
             "chrf": task.get("chrf")}
 
 
+def _prompt(run: Path) -> str:
+    from gptkit.recipe import load_recipe
+
+    recipe = run / "recipe.yaml"
+    prompt = load_recipe(recipe).finetune.prompt if recipe.is_file() else None
+    return prompt or "{source}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="a translate run (generative LM) or model folder")
@@ -63,7 +72,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="gptkit-quantize-"))
     text = work / "held_out.txt"
     rows = [json.loads(line) for line in HELD_OUT.read_text().splitlines()]
-    text.write_text("\n".join(r["target"] for r in rows) + "\n" + "\n".join(r["source"] for r in rows) + "\n")
+    template = _prompt(Path(args.model))  # the text the model was trained on: its prompt and the answer
+    text.write_text("\n\n".join(template.format(**r) + " " + r["target"] for r in rows) + "\n")
     folders = {"float32": Path(args.model).resolve()}
     for method in ("int8", "int4"):
         folders[method] = work / method

@@ -103,3 +103,20 @@ def test_bad_quantize_input_is_one_line(base, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     code, _, err = run_cli("quantize", str(base), "--out", str(tmp_path / "c"))
     assert_user_error(code, err, "pip install 'gptkit[quantize]'")
+
+
+def test_serve_answers_from_a_quantized_model(base, tmp_path):
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from test_serve import server
+
+    out = tmp_path / "q"
+    assert run_cli("quantize", str(base), "--out", str(out))[0] == 0
+    from gptkit import generation, trained
+
+    model, tok = trained.load_lm(out)
+    want = generation.generate_batch(model, tok, ["red blue"], generation.DecodingOptions(max_new_tokens=6))[0][0]
+    with server(out) as proc:
+        r = httpx.post(f"{proc.url}/v1/completions", json={"prompt": "red blue", "max_tokens": 6, "temperature": 0})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want

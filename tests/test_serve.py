@@ -287,3 +287,35 @@ def test_serve_without_its_extra_names_it(base, monkeypatch, hidden):
     monkeypatch.setitem(sys.modules, hidden, None)
     code, _, err = run_cli("serve", str(base), "--port", "0")
     assert_user_error(code, err, "pip install 'gptkit[serve]'")
+
+
+def test_a_multitask_run_serves_each_of_its_tasks(base, tmp_path):
+    import yaml
+
+    from gptkit import tasks, trained
+    from gptkit.tasks import multitask
+    from tasks_helpers import summarize_rows
+
+    (tmp_path / "tr").mkdir()
+    (tmp_path / "su").mkdir()
+    tr, su = splits(tmp_path / "tr", translate_rows, 64), splits(tmp_path / "su", summarize_rows, 64)
+    recipe = {"task": "multitask", "model": {"init_from": str(base)},
+              "finetune": {"eval_examples": 4, "max_new_tokens": 8, "tasks": [
+                  {"task": "translate", "train_files": [str(tr["train"])]},
+                  {"task": "summarize", "train_files": [str(su["train"])], "prompt": "{document} tldr"}]},
+              "train": {"max_steps": 6, "batch_size": 8, "eval_every": 6, "save_every": 6},
+              "output": {"dir": str(tmp_path / "mt")}}
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(recipe))
+    from conftest import run_cli
+
+    code, _, err = run_cli("finetune", str(tmp_path / "mt.yaml"))
+    assert code == 0, err
+    model, tok, run = trained.load_any(str(tmp_path / "mt"))
+    with server(tmp_path / "mt") as proc:
+        for i, (task, row) in enumerate((("translate", {"source": "red blue"}),
+                                         ("summarize", {"document": "old new fast small"}))):
+            r = httpx.post(f"{proc.url}/v1/{task}", json=row, timeout=60)
+            assert r.status_code == 200, r.text
+            want = tasks.load(task).predict(model, tok, [row], multitask.sub_recipe(run, i))[0]
+            assert r.json()["data"][0]["text"] == want  # the task's own prompt ("{document} tldr") and decoding
+        assert httpx.post(f"{proc.url}/v1/classify", json={"text": "a"}).status_code == 404

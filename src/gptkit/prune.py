@@ -139,8 +139,7 @@ def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int)
 
 def run(source: str, out: Path, *, mlp: float | None, heads: float | None, data: str | None = None,
         batches: int = 8, batch_size: int = 8) -> dict:
-    from gptkit import hub, rundir, trained
-    from gptkit.recipe import recipe_to_yaml
+    from gptkit import hub, trained
 
     if heads is not None:
         raise UserError(HEADS_MESSAGE)
@@ -167,9 +166,7 @@ def run(source: str, out: Path, *, mlp: float | None, heads: float | None, data:
     out.mkdir(parents=True, exist_ok=True)
     smaller.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    if run_recipe is not None and run_recipe.task != "pretrain":
-        standalone = run_recipe.model_copy(update={"finetune": run_recipe.finetune.model_copy(update={"method": "full"})})
-        (out / rundir.RECIPE_FILE).write_text(recipe_to_yaml(standalone))
+    trained.write_recipe(run_recipe, out)
     record = {"source": str(path), "mlp": mlp, "neurons_per_block": [width, kept], "parameters": [before, after],
               "importance": "|sum activation x gradient| over %d batches" % len(sample)}
     (out / "prune.json").write_text(json.dumps(record, indent=2) + "\n")

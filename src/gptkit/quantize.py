@@ -111,8 +111,7 @@ def run(source: str, method: str, out: Path) -> dict:
     from transformers import GPT2LMHeadModel, TorchAoConfig
     from transformers.quantizers.quantizer_torchao import TorchAoHfQuantizer
 
-    from gptkit import hub, rundir, trained
-    from gptkit.recipe import recipe_to_yaml
+    from gptkit import hub, trained
 
     if method not in METHODS:
         raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
@@ -145,9 +144,7 @@ def run(source: str, method: str, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
-    if run_recipe is not None and run_recipe.task != "pretrain":  # eval/serve use the run's prompt and decoding
-        standalone = run_recipe.model_copy(update={"finetune": run_recipe.finetune.model_copy(update={"method": "full"})})
-        (out / rundir.RECIPE_FILE).write_text(recipe_to_yaml(standalone))
+    trained.write_recipe(run_recipe, out)
     record = {"method": method, "source": str(path), "architecture": type(model).__name__,
               "converted_from_gpt2": converted, "quantized_layers": layers, "bytes_before": before,
               "bytes_after": weight_bytes(out), "torchao": _version("torchao")}

@@ -186,7 +186,7 @@ def export(run_dir: Path, out: Path) -> Path:
     """A standalone copy of a fine-tuning run's model in ``out``: LoRA adapters merged into their base (heads
     included), full weights as they are; with the run's recipe (method: full), so `gptkit eval` scores it with
     the same prompt and settings, and configs that plain transformers loads (label names included)."""
-    from gptkit.recipe import load_recipe, recipe_to_yaml
+    from gptkit.recipe import load_recipe
 
     run_dir = Path(run_dir)
     if not (run_dir / rundir.RECIPE_FILE).is_file() or not (run_dir / "config.json").is_file() and \
@@ -201,6 +201,16 @@ def export(run_dir: Path, out: Path) -> Path:
     if is_adapter_dir(run_dir):
         model = model.merge_and_unload()
     save(model, tokenizer_of(run_dir, "export"), out)
-    standalone = recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update={"method": "full"})})
-    (out / rundir.RECIPE_FILE).write_text(recipe_to_yaml(standalone))
+    write_recipe(recipe, out)
     return out
+
+
+def write_recipe(recipe: Any, out: Path) -> None:
+    """A fine-tuning run's recipe beside a standalone copy of its model (exported, quantized, pruned), as a full
+    fine-tune: `gptkit eval` and `serve` then use its prompt, decoding and splits. Pretraining needs none."""
+    from gptkit.recipe import recipe_to_yaml
+
+    if recipe is None or recipe.task == "pretrain":
+        return
+    standalone = recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update={"method": "full"})})
+    (Path(out) / rundir.RECIPE_FILE).write_text(recipe_to_yaml(standalone))
