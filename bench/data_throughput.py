@@ -174,6 +174,8 @@ def main() -> None:
                     "(it is slow: one Python call per row)")
     args = ap.parse_args()
     rows = []
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         for size_text in args.sizes:
             size = parse_size(size_text)
