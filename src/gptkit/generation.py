@@ -130,7 +130,7 @@ def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: Dec
 
 
 @contextmanager
-def _seeded(model: Any, seed: int | None):
+def seeded(model: Any, seed: int | None):
     """Seed sampling without touching the caller's random state (validation runs inside a training loop whose
     dropout and data must not depend on whether it sampled)."""
     if seed is None:
@@ -167,7 +167,7 @@ def generate_batch(
     try:
         if tokenizer.pad_token is None:  # tokenizers not loaded by gptkit.trained
             tokenizer.pad_token = tokenizer.eos_token
-        with _seeded(model, options.seed), torch.inference_mode():
+        with seeded(model, options.seed), torch.inference_mode():
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(model.device)

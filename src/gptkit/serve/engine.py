@@ -125,12 +125,18 @@ class Engine:
                 self._run(group)
 
     def _run(self, group: list[Job]) -> None:
-        self.batches += 1
         try:
             if group[0].task is not None:
+                self.batches += 1
                 self._task(group)
-            else:
-                self._generate(group)
+            else:  # at most max_batch sequences per generate call; a seed covers all of a job's calls
+                from gptkit.generation import seeded
+
+                sampling, choices = group[0].sampling, [(job, c) for job in group for c in job.choices]
+                with seeded(self.model, sampling.seed):
+                    for lo in range(0, len(choices), self.max_batch):
+                        self.batches += 1
+                        self._generate(sampling, choices[lo : lo + self.max_batch])
         except Exception as exc:  # a bug or an out-of-memory: those requests get a 500, the server goes on
             log.exception("serve: batch of %d requests failed", len(group))
             for job in group:
@@ -144,14 +150,12 @@ class Engine:
             job.send(("result", results[at : at + len(job.rows)]))
             at += len(job.rows)
 
-    def _generate(self, group: list[Job]) -> None:
+    def _generate(self, s: Sampling, choices: list[tuple[Job, Choice]]) -> None:
         import torch
 
-        from gptkit.generation import DecodingOptions, _seeded
+        from gptkit.generation import DecodingOptions
         from gptkit.modeling import is_encoder_decoder
 
-        s = group[0].sampling
-        choices = [(job, c) for job in group for c in job.choices]
         opts = DecodingOptions(max_new_tokens=max(c.max_tokens for _, c in choices), do_sample=s.do_sample,
                                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, num_beams=s.num_beams,
                                repetition_penalty=s.repetition_penalty, seed=s.seed,
@@ -169,7 +173,7 @@ class Engine:
         tracker = None if s.num_beams > 1 else _Tracker(self.tok, choices, s.ignore_eos)
         from transformers import StoppingCriteriaList
 
-        with _seeded(self.model, s.seed), torch.inference_mode():
+        with torch.inference_mode():
             output = self.model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                                          stopping_criteria=StoppingCriteriaList([tracker] if tracker else []),
                                          **kwargs)
