@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Structured pruning on a bundled task (issue 12): the Multi30k en->de run of `make demo` (translate/multi30k-tiny on
-# pretrain/tiny) with 25% and 50% of its feed-forward neurons removed (importance from its own training examples),
-# then each fine-tuned again for a short 150 steps, as is the unpruned run (the fair comparison). Prints parameters, CPU tokens/s and test BLEU/chrF of each.
+# pretrain/tiny) with 25% and 50% of its feed-forward neurons removed, one of its two blocks removed, and both
+# (importance from its own training examples), then each fine-tuned again for a short 150 steps, as is the unpruned
+# run (the fair comparison). Prints parameters, CPU tokens/s and test BLEU/chrF of each.
 #   bash bench/prune.sh RUN [WORKDIR]        (RUN: a translate run, e.g. runs/multi30k-tiny)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,15 +13,19 @@ mkdir -p "$W"
 SHORT="train.max_steps=150 train.warmup_steps=10 train.eval_every=150 train.save_every=150"
 # the unpruned run with the same extra steps: what the recovery fine-tunes are compared with
 $G finetune "$RUN/recipe.yaml" model.init_from="$RUN" $SHORT output.dir="$W/orig-ft" --overwrite
-for f in 25 50; do
-  rm -rf "$W/mlp$f" "$W/mlp$f-ft"
-  $G prune "$RUN" --mlp "0.$f" --out "$W/mlp$f"
-  $G finetune "$W/mlp$f/recipe.yaml" model.init_from="$W/mlp$f" $SHORT output.dir="$W/mlp$f-ft" --overwrite
+VARIANTS=(mlp25 mlp50 layers1 layers1-mlp57)
+declare -A ARGS=([mlp25]="--mlp 0.25" [mlp50]="--mlp 0.5" [layers1]="--layers 1" [layers1-mlp57]="--layers 1 --mlp 0.57")
+MODELS=("$RUN" "$W/orig-ft")
+for v in "${VARIANTS[@]}"; do
+  rm -rf "$W/$v" "$W/$v-ft"
+  $G prune "$RUN" ${ARGS[$v]} --out "$W/$v"
+  $G finetune "$W/$v/recipe.yaml" model.init_from="$W/$v" $SHORT output.dir="$W/$v-ft" --overwrite
+  MODELS+=("$W/$v" "$W/$v-ft")
 done
-for m in "$RUN" "$W/orig-ft" "$W/mlp25" "$W/mlp25-ft" "$W/mlp50" "$W/mlp50-ft"; do
+for m in "${MODELS[@]}"; do
   $G eval --model "$m" --split test --out "$W/ev-$(basename "$m")" > /dev/null
 done
-.venv/bin/python - "$RUN" "$W" <<'PY'
+.venv/bin/python - "$RUN" "$W" "${MODELS[@]}" <<'PY'
 import json, sys, time
 from pathlib import Path
 import torch
@@ -37,7 +42,7 @@ def speed(folder, new=64):
             best = max(best, new / (time.perf_counter() - t))
     return best, sum(p.numel() for p in model.parameters())
 base_speed, base_params = speed(run)
-for m in (run, w / "orig-ft", w / "mlp25", w / "mlp25-ft", w / "mlp50", w / "mlp50-ft"):
+for m in map(Path, sys.argv[3:]):
     s, p = speed(m)
     metrics = json.loads((w / f"ev-{m.name}" / "metrics.json").read_text())["metrics"]
     print(f"{m.name:22} {p / 1e6:6.3f}M params ({p / base_params:4.0%})  {s:6.1f} tokens/s ({s / base_speed:4.2f}x)  "

@@ -1,5 +1,6 @@
-"""gptkit prune: removing feed-forward neurons gives exactly the model with those neurons silenced, in a smaller
-checkpoint plain transformers loads; importance picks neurons that matter; heads and bad input are one line."""
+"""gptkit prune: removing blocks, heads (Llama-style) or feed-forward neurons gives exactly the model with those parts
+silenced, in a smaller checkpoint plain transformers loads; importance picks parts that matter; GPT-2 heads and bad
+input are one line."""
 
 from __future__ import annotations
 
@@ -68,10 +69,102 @@ def test_prune_command_writes_a_smaller_loadable_model(base, tmp_path):
     assert code == 0, err
 
 
+def test_dropping_a_block_equals_silencing_it_and_the_measured_choice_matters(base):
+    from gptkit import engine, trained
+    from gptkit.prune import drop_layers, layer_importance
+
+    model, tok = trained.load_lm(base)
+    batches = _blocks(tok, base.parent / "base.txt")
+    rise = layer_importance(model, batches[:2], engine.causal_lm_loss)
+    assert len(rise) == 2 and all(r > 0 for r in rise)
+    keep_first = drop_layers(model, [1])
+    silenced = trained.load_lm(base)[0]
+    with torch.no_grad():
+        block = silenced.transformer.h[1]
+        for proj in (block.attn.c_proj, block.mlp.c_proj):  # the block then adds nothing to the residual stream
+            proj.weight.zero_()
+            proj.bias.zero_()
+        a, b = keep_first(batches[2]["input_ids"]).logits, silenced(batches[2]["input_ids"]).logits
+    assert (a - b).abs().max() < 1e-4 and keep_first.config.n_layer == 1
+
+    def held_out(m):
+        with torch.no_grad():
+            return sum(engine.causal_lm_loss(m, b).item() for b in batches[2:])
+
+    best, worst = sorted(range(2), key=lambda i: rise[i])  # drop the block the loss misses least
+    assert held_out(drop_layers(model, [best])) < held_out(drop_layers(model, [worst]))
+
+
+@pytest.fixture(scope="module")
+def llama(base, tmp_path_factory):
+    """A 2-block Llama with grouped-query attention (4 query heads, 2 key/value heads), trained briefly on the base's
+    text so its heads differ, saved with the base's tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptkit import engine, trained
+
+    tok = trained.load_lm(base)[1]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         max_position_embeddings=64, tie_word_embeddings=True))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for batch in _blocks(tok, base.parent / "base.txt", n=8)[:6] * 5:
+        opt.zero_grad()
+        engine.causal_lm_loss(model, batch).backward()
+        opt.step()
+    out = tmp_path_factory.mktemp("llama") / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_removing_heads_equals_silencing_them(base, llama):
+    from gptkit import engine, trained
+    from gptkit.prune import head_importance, shrink_heads
+
+    model, tok = trained.load_lm(llama)
+    batches = _blocks(tok, base.parent / "base.txt")
+    scores = head_importance(model, batches[:2], engine.causal_lm_loss)
+    assert [len(s) for s in scores] == [2, 2]  # one score per key/value head (with its 2 query heads)
+    keep = [s.topk(1).indices for s in scores]
+    smaller = shrink_heads(model, keep)
+    silenced = trained.load_lm(llama)[0]
+    with torch.no_grad():
+        for layer, kept in zip(silenced.model.layers, keep):
+            gone = 1 - int(kept)  # query heads 2g, 2g+1 (16 features each) read key/value head g
+            layer.self_attn.o_proj.weight[:, gone * 32:(gone + 1) * 32] = 0
+        a, b = smaller(batches[2]["input_ids"]).logits, silenced(batches[2]["input_ids"]).logits
+    assert (a - b).abs().max() < 1e-4
+    cfg = smaller.config
+    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (2, 1, 16)
+
+    def held_out(m):
+        with torch.no_grad():
+            return sum(engine.causal_lm_loss(m, b).item() for b in batches[2:])
+
+    assert held_out(smaller) < held_out(shrink_heads(model, [s.topk(1, largest=False).indices for s in scores]))
+
+
+def test_prune_command_combines_layers_heads_and_neurons(base, llama, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "pruned"
+    code, _, err = run_cli("prune", str(llama), "--layers", "1", "--heads", "0.5", "--mlp", "0.25",
+                           "--data", str(base.parent / "base.txt"), "--out", str(out))
+    assert code == 0, err
+    record = json.loads((out / "prune.json").read_text())
+    assert len(record["layers_removed"]) == 1 and record["heads_per_block"] == [4, 2]
+    cfg = AutoModelForCausalLM.from_pretrained(out).config
+    assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size) == \
+        (1, 2, 1, 96)
+
+
 @pytest.mark.parametrize("args, needles", [
-    (["--heads", "0.25"], ["--heads", "prune_heads", "--mlp"]),
+    (["--heads", "0.25"], ["--heads", "GPT-2", "--layers", "--mlp"]),
     (["--mlp", "1.5"], ["--mlp", "(0, 1)"]),
-    ([], ["--mlp"]),
+    (["--layers", "2"], ["--layers", "1 to 1", "got 2"]),
+    ([], ["--layers", "--heads", "--mlp"]),
 ])
 def test_bad_prune_input_is_one_line(base, tmp_path, args, needles):
     code, _, err = run_cli("prune", str(base), *args, "--out", str(tmp_path / "p"))

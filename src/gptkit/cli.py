@@ -369,18 +369,19 @@ def quantize(
 def prune(
     model_dir: Annotated[str, typer.Argument(help="A gptkit run, its best/, or a local/cached hub model directory.")],
     mlp: Annotated[Optional[float], typer.Option(help="Share of feed-forward neurons removed from every block.")] = None,
-    heads: Annotated[Optional[float], typer.Option(help="Attention heads: not prunable in transformers 5 (says why).")]
-    = None,
+    layers: Annotated[Optional[int], typer.Option(help="Whole blocks removed (those the loss misses least).")] = None,
+    heads: Annotated[Optional[float], typer.Option(help="Share of attention heads removed from every block "
+                                                   "(Llama-style models).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: <model>-pruned).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Text to measure importance on (default: the run's data).")] = None,
     batches: Annotated[int, typer.Option(help="Batches the importance is summed over.")] = 8,
 ) -> None:
-    """Structured pruning: remove the least important feed-forward neurons (activation x gradient on a few batches)
-    into a smaller checkpoint that plain transformers loads; fine-tune it afterwards to recover."""
+    """Structured pruning: remove the least important blocks (--layers), attention heads (--heads) and/or feed-forward
+    neurons (--mlp) into a smaller checkpoint that plain transformers loads; fine-tune it afterwards to recover."""
     from gptkit import prune as pruning
 
-    pruning.run(model_dir, out or Path(f"{str(model_dir).rstrip('/')}-pruned"), mlp=mlp, heads=heads, data=data,
-                batches=batches)
+    pruning.run(model_dir, out or Path(f"{str(model_dir).rstrip('/')}-pruned"), mlp=mlp, heads=heads, layers=layers,
+                data=data, batches=batches)
 
 
 @recipes_app.callback()

@@ -1,17 +1,20 @@
-"""``gptkit prune RUN --mlp FRACTION --out DIR``: structured pruning that makes the model smaller and faster, not
-merely sparse: the same share of feed-forward neurons is removed from every block (GPT-2 ``n_inner``, Llama
-``intermediate_size``), so the result is an ordinary, smaller checkpoint that plain transformers loads.
+"""``gptkit prune RUN [--layers N] [--heads FRACTION] [--mlp FRACTION] --out DIR``: structured pruning that makes the
+model smaller and faster, not merely sparse. Whole blocks go (``n_layer`` / ``num_hidden_layers``), then the same
+share of attention heads (Llama-style models: ``num_attention_heads``/``num_key_value_heads`` with ``head_dim`` kept)
+and of feed-forward neurons (GPT-2 ``n_inner``, Llama ``intermediate_size``) from every remaining block, so the result
+is an ordinary, smaller checkpoint that plain transformers loads.
 
-A neuron's importance is the first-order estimate of the loss change its removal causes, ``|sum a * dL/da|`` over
-the tokens of a few batches (Molchanov et al. 2017): the activations and gradients of the feed-forward output
-projection's input. Batches come from the run's own training rows (a fine-tuned generative run: its task's
+A block's importance is measured: how much the loss rises without it (Minitron's depth criterion). A neuron's or a
+head's is the first-order estimate of the loss change its removal causes, ``|sum a * dL/da|`` over the tokens of a
+few batches (Molchanov et al. 2017), at the input of the feed-forward / attention output projection; a key/value
+head is scored with the query heads that share it and goes with them. Batches come from the run's own training rows (a fine-tuned generative run: its task's
 prompts and targets) or, for a pretraining run or a plain model, from ``--data`` (text) or the recipe's corpus.
 A fine-tuned run's recipe goes with the result, so ``gptkit eval`` scores it alike and ``gptkit finetune`` can
 recover what was lost (``model.init_from=DIR``).
 
-Attention heads are not pruned: transformers 5 dropped ``prune_heads`` (and ``head_mask``), and GPT-2 and Llama
-configs give every block the same head count, tied to the model width in GPT-2, so a checkpoint with fewer heads
-would not load; ``--heads`` says so in one line.
+GPT-2's heads are not pruned: transformers 5 dropped ``prune_heads`` (and ``head_mask``), and a GPT-2 config ties
+heads x head size to the model width in every block, so a GPT-2 with fewer heads would not load; ``--heads`` says
+so in one line there.
 """
 
 from __future__ import annotations
@@ -27,17 +30,103 @@ from gptkit.errors import UserError
 
 log = logging.getLogger(__name__)
 
-HEADS_MESSAGE = ("--heads: transformers 5 removed head pruning (prune_heads, head_mask) and GPT-2/Llama configs give "
-                 "every block the same head count (GPT-2: heads x head size = width), so a model with fewer heads "
-                 "would not load; prune feed-forward neurons with --mlp FRACTION")
+HEADS_MESSAGE = ("--heads: GPT-2 ties heads x head size to the model width in every block (and transformers 5 removed "
+                 "prune_heads), so a GPT-2 with fewer heads would not load; --heads prunes Llama-style models (their "
+                 "head_dim is free); prune this one with --layers N or --mlp FRACTION")
 
+
+def _blocks_of(model: Any) -> tuple[str, Any]:
+    """(dotted name, ModuleList) of the transformer blocks: GPT-2 ``transformer.h``, Llama ``model.layers``."""
+    for name in ("transformer.h", "model.layers"):
+        try:
+            return name, model.get_submodule(name)
+        except AttributeError:
+            continue
+    raise UserError(f"RUN: {type(model).__name__} is not a GPT-2 or Llama-style model; gptkit prune shrinks those")
+
+
+def _rebuild(model: Any, state: dict, **config: Any) -> Any:
+    """A new model of ``model``'s class from ``state`` with ``config`` fields changed (strict load: every weight fits)."""
+    cfg = model.config.__class__.from_dict(model.config.to_dict())
+    for key, value in config.items():
+        setattr(cfg, key, value)
+    smaller = model.__class__(cfg)
+    smaller.load_state_dict(state, strict=True)
+    smaller.generation_config = model.generation_config
+    return smaller.eval()
+
+
+def _state(model: Any) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _first_order(model: Any, modules: list, batches: list[dict], loss_fn) -> list[torch.Tensor]:
+    """Per module, per input feature: ``sum over tokens of activation x dL/dactivation`` (signed) — the first-order
+    estimate of the loss change when that input is zeroed (Molchanov et al. 2017)."""
+    acts: list[torch.Tensor | None] = [None] * len(modules)
+    sums = [torch.zeros(m.weight.shape[0] if hasattr(m, "nf") else m.weight.shape[1]) for m in modules]
+
+    def keep(i):
+        def hook(module, inputs):
+            acts[i] = inputs[0]
+            acts[i].retain_grad()
+        return hook
+
+    handles = [m.register_forward_pre_hook(keep(i)) for i, m in enumerate(modules)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            model.zero_grad(set_to_none=True)
+            loss_fn(model, batch).backward()
+            for i, a in enumerate(acts):
+                sums[i] += (a * a.grad).detach().flatten(0, -2).sum(0).float().cpu()
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+        model.zero_grad(set_to_none=True)
+    return sums
+
+
+# --- whole blocks ---------------------------------------------------------------------------------------------------
+
+def drop_layers(model: Any, drop: list[int]) -> Any:
+    """A new model of the same class without the blocks ``drop`` (the others keep their order and weights)."""
+    name, blocks = _blocks_of(model)
+    kept = [i for i in range(len(blocks)) if i not in set(drop)]
+    state = {}
+    for key, value in _state(model).items():
+        if key.startswith(name + "."):
+            index, rest = key[len(name) + 1:].split(".", 1)
+            if int(index) in kept:
+                state[f"{name}.{kept.index(int(index))}.{rest}"] = value
+        else:
+            state[key] = value
+    changes: dict[str, Any] = {"n_layer" if name == "transformer.h" else "num_hidden_layers": len(kept)}
+    if getattr(model.config, "layer_types", None):
+        changes["layer_types"] = [model.config.layer_types[i] for i in kept]
+    return _rebuild(model, state, **changes)
+
+
+def layer_importance(model: Any, batches: list[dict], loss_fn) -> list[float]:
+    """Per block: the relative rise of the loss on ``batches`` when that block alone is removed (Minitron's depth
+    score: measured, not estimated)."""
+    def loss(m):
+        with torch.no_grad():
+            return sum(float(loss_fn(m, b)) for b in batches)
+
+    base = loss(model)
+    return [loss(drop_layers(model, [i])) / base - 1 for i in range(len(_blocks_of(model)[1]))]
+
+
+# --- feed-forward neurons -------------------------------------------------------------------------------------------
 
 def _mlp_parts(model: Any) -> list[tuple[Any, str]]:
     """Per block: the feed-forward module and its kind ("gpt2": c_fc/c_proj Conv1D; "llama": gate/up/down)."""
-    base = getattr(model, "transformer", None) or getattr(model, "model", None)
-    blocks = getattr(base, "h", None) or getattr(base, "layers", None)
+    blocks = _blocks_of(model)[1]
     parts = []
-    for block in blocks or []:
+    for block in blocks:
         mlp = block.mlp
         kind = "gpt2" if hasattr(mlp, "c_fc") else "llama" if hasattr(mlp, "down_proj") else None
         if kind is None:
@@ -52,44 +141,20 @@ def _down(mlp, kind: str):
     return mlp.c_proj if kind == "gpt2" else mlp.down_proj
 
 
-def importance(model: Any, batches: list[dict], loss_fn) -> list[torch.Tensor]:
-    """Per block, per feed-forward neuron: |sum over tokens of activation x gradient| of the loss."""
-    parts = _mlp_parts(model)
-    acts: list[torch.Tensor | None] = [None] * len(parts)
-    scores = [torch.zeros(_width(m, k)) for m, k in parts]
-
-    def keep(i):
-        def hook(module, inputs):
-            acts[i] = inputs[0]
-            acts[i].retain_grad()
-        return hook
-
-    handles = [_down(m, k).register_forward_pre_hook(keep(i)) for i, (m, k) in enumerate(parts)]
-    was_training = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            model.zero_grad(set_to_none=True)
-            loss_fn(model, batch).backward()
-            for i, a in enumerate(acts):
-                scores[i] += (a * a.grad).detach().flatten(0, -2).sum(0).abs().float().cpu()
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-        model.zero_grad(set_to_none=True)
-    return scores
-
-
 def _width(mlp, kind: str) -> int:
     return mlp.c_fc.weight.shape[1] if kind == "gpt2" else mlp.up_proj.weight.shape[0]
+
+
+def importance(model: Any, batches: list[dict], loss_fn) -> list[torch.Tensor]:
+    """Per block, per feed-forward neuron: |sum over tokens of activation x gradient| of the loss."""
+    downs = [_down(m, k) for m, k in _mlp_parts(model)]
+    return [s.abs() for s in _first_order(model, downs, batches, loss_fn)]
 
 
 def shrink(model: Any, keep: list[torch.Tensor]) -> Any:
     """A new model of the same class whose block i keeps the feed-forward neurons ``keep[i]`` (same count each)."""
     parts = _mlp_parts(model)
-    width = len(keep[0])
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = _state(model)
     prefix = {id(m): name for name, m in model.named_modules()}
     for (mlp, kind), idx in zip(parts, keep):
         name = prefix[id(mlp)]
@@ -101,12 +166,51 @@ def shrink(model: Any, keep: list[torch.Tensor]) -> Any:
             for proj in ("gate_proj", "up_proj"):
                 state[f"{name}.{proj}.weight"] = state[f"{name}.{proj}.weight"][idx, :]
             state[f"{name}.down_proj.weight"] = state[f"{name}.down_proj.weight"][:, idx]
-    config = model.config.__class__.from_dict(model.config.to_dict())
-    setattr(config, "n_inner" if parts[0][1] == "gpt2" else "intermediate_size", width)
-    smaller = model.__class__(config)
-    smaller.load_state_dict(state, strict=True)
-    smaller.generation_config = model.generation_config
-    return smaller.eval()
+    return _rebuild(model, state, **{"n_inner" if parts[0][1] == "gpt2" else "intermediate_size": len(keep[0])})
+
+
+# --- attention heads (Llama-style: q/k/v/o projections, a free head_dim) ---------------------------------------------
+
+def _attentions(model: Any) -> list[Any]:
+    blocks = _blocks_of(model)[1]
+    attns = [getattr(b, "self_attn", None) for b in blocks]
+    if not all(a is not None and hasattr(a, "o_proj") and hasattr(a, "k_proj") for a in attns) or \
+            not hasattr(model.config, "head_dim"):
+        raise UserError(HEADS_MESSAGE)
+    return attns
+
+
+def _head_shape(model: Any) -> tuple[int, int, int]:
+    """(key/value heads, query heads per key/value head, head size)."""
+    cfg = model.config
+    kv = cfg.num_key_value_heads or cfg.num_attention_heads
+    return kv, cfg.num_attention_heads // kv, cfg.head_dim or cfg.hidden_size // cfg.num_attention_heads
+
+
+def head_importance(model: Any, batches: list[dict], loss_fn) -> list[torch.Tensor]:
+    """Per block, per key/value head with its query heads (a group; one head each without GQA): |sum over tokens and
+    the group's output features of activation x gradient| at the attention output projection's input."""
+    kv, rep, size = _head_shape(model)
+    sums = _first_order(model, [a.o_proj for a in _attentions(model)], batches, loss_fn)
+    return [s.view(kv, rep * size).sum(1).abs() for s in sums]
+
+
+def shrink_heads(model: Any, keep: list[torch.Tensor]) -> Any:
+    """A new model whose block i keeps the key/value heads ``keep[i]`` and their query heads (same count each)."""
+    kv, rep, size = _head_shape(model)
+    state = _state(model)
+    prefix = {id(m): name for name, m in model.named_modules()}
+    for attn, groups in zip(_attentions(model), keep):
+        name = prefix[id(attn)]
+        kv_rows = (groups[:, None] * size + torch.arange(size)).flatten()
+        q_rows = (groups[:, None] * rep * size + torch.arange(rep * size)).flatten()
+        for proj, rows in (("q_proj", q_rows), ("k_proj", kv_rows), ("v_proj", kv_rows)):
+            for part in ("weight", "bias"):
+                if f"{name}.{proj}.{part}" in state:
+                    state[f"{name}.{proj}.{part}"] = state[f"{name}.{proj}.{part}"][rows]
+        state[f"{name}.o_proj.weight"] = state[f"{name}.o_proj.weight"][:, q_rows]
+    kept = len(keep[0])
+    return _rebuild(model, state, num_attention_heads=kept * rep, num_key_value_heads=kept, head_dim=size)
 
 
 def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int):
@@ -137,13 +241,16 @@ def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int)
     return batches, engine.causal_lm_loss
 
 
-def run(source: str, out: Path, *, mlp: float | None, heads: float | None, data: str | None = None,
-        batches: int = 8, batch_size: int = 8) -> dict:
+def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None = None, layers: int | None = None,
+        data: str | None = None, batches: int = 8, batch_size: int = 8) -> dict:
     from gptkit import hub, trained
 
-    if heads is not None:
-        raise UserError(HEADS_MESSAGE)
-    if mlp is None or not 0 < mlp < 1:
+    if mlp is None and layers is None and heads is None:
+        raise UserError("prune: say what to remove: --layers N (whole blocks), --heads FRACTION (attention heads of "
+                        "every block) and/or --mlp FRACTION (feed-forward neurons of every block)")
+    if heads is not None and not 0 < heads < 1:
+        raise UserError(f"--heads: expected the share of attention heads to remove, in (0, 1); got {heads}")
+    if mlp is not None and not 0 < mlp < 1:
         raise UserError(f"--mlp: expected the share of feed-forward neurons to remove, in (0, 1); got {mlp}")
     if out.exists() and any(out.iterdir()):
         raise UserError(f"--out: {out} is not empty; choose a new directory")
@@ -154,22 +261,45 @@ def run(source: str, out: Path, *, mlp: float | None, heads: float | None, data:
     model = model.cpu()
     if hasattr(model, "merge_and_unload"):
         model = model.merge_and_unload()
-    parts = _mlp_parts(model)
-    width = _width(*parts[0])
-    kept = max(1, round(width * (1 - mlp)))
+    n_blocks = len(_blocks_of(model)[1])
+    if layers is not None and not 0 < layers < n_blocks:
+        raise UserError(f"--layers: expected how many of the model's {n_blocks} blocks to remove, 1 to "
+                        f"{n_blocks - 1}; got {layers}")
+    if heads is not None:
+        _attentions(model)  # a GPT-2 is refused here, before any work
     sample, loss_fn = _batches(model, tok, run_recipe, data, batches, batch_size)
-    scores = importance(model, sample, loss_fn)
-    keep = [s.topk(kept).indices.sort().values for s in scores]
     before = sum(p.numel() for p in model.parameters())
-    smaller = shrink(model, keep)
-    after = sum(p.numel() for p in smaller.parameters())
+    record: dict[str, Any] = {"source": str(path)}
+    if layers:
+        rise = layer_importance(model, sample, loss_fn)
+        drop = sorted(sorted(range(n_blocks), key=lambda i: rise[i])[:layers])
+        model = drop_layers(model, drop)
+        record.update(layers_removed=drop, loss_rise_without_each_block=[round(r, 4) for r in rise])
+        log.info("prune: blocks %s removed (loss without each block: %s)", drop,
+                 ", ".join(f"{r:+.1%}" for r in rise))
+    if heads is not None:
+        kv, rep, _ = _head_shape(model)
+        kept = max(1, round(kv * (1 - heads)))
+        scores = head_importance(model, sample, loss_fn)
+        model = shrink_heads(model, [s.topk(kept).indices.sort().values for s in scores])
+        record.update(heads=heads, heads_per_block=[kv * rep, kept * rep], key_value_heads_per_block=[kv, kept])
+        log.info("prune: attention %d -> %d heads per block (%d -> %d key/value heads)", kv * rep, kept * rep, kv, kept)
+    if mlp is not None:
+        parts = _mlp_parts(model)
+        width = _width(*parts[0])
+        kept = max(1, round(width * (1 - mlp)))
+        scores = importance(model, sample, loss_fn)
+        model = shrink(model, [s.topk(kept).indices.sort().values for s in scores])
+        record.update(mlp=mlp, neurons_per_block=[width, kept])
+        log.info("prune: feed-forward %d -> %d neurons per block", width, kept)
+    after = sum(p.numel() for p in model.parameters())
     out.mkdir(parents=True, exist_ok=True)
-    smaller.save_pretrained(str(out))
+    model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     trained.write_recipe(run_recipe, out)
-    record = {"source": str(path), "mlp": mlp, "neurons_per_block": [width, kept], "parameters": [before, after],
-              "importance": "|sum activation x gradient| over %d batches" % len(sample)}
+    record.update(parameters=[before, after], importance=f"over {len(sample)} batches of the run's data: blocks by the "
+                  "loss rise without each, heads and neurons by |sum activation x gradient|")
     (out / "prune.json").write_text(json.dumps(record, indent=2) + "\n")
-    log.info("prune: %s -> %s: feed-forward %d -> %d neurons per block; %.2fM -> %.2fM parameters (%.0f%%)", path,
-             out, width, kept, before / 1e6, after / 1e6, 100 * after / before)
+    log.info("prune: %s -> %s: %.2fM -> %.2fM parameters (%.0f%%)", path, out, before / 1e6, after / 1e6,
+             100 * after / before)
     return record
