@@ -66,7 +66,7 @@ def test_real_and_synthetic_pairs_mix_by_weight_with_a_tag(tmp_path):
     recipe.write_text(json.dumps({"task": "translate", "data": {"train_files": [str(real), str(synthetic)],
                                                                  "train_weights": [2, 0.5]},
                                   "finetune": {"synthetic_tag": "<BT>"}}))
-    rows = finetune._splits(load_recipe(recipe), tasks.load("translate"))["train"]
+    rows = finetune.splits(load_recipe(recipe), tasks.load("translate"))["train"]
     assert len(rows) == 2 * 40 + 15
     tagged = [r for r in rows if r.get("synthetic")]
     assert len(tagged) == 15 and all(r["source"].startswith("<BT> ") for r in tagged)

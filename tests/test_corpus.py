@@ -189,3 +189,37 @@ def test_prepare_fills_the_cache_then_pretrain_starts_at_once(tmp_path, caplog):
         code, _, err = run_cli("pretrain", str(recipe))
     assert code == 0, err
     assert "using cached tokenizer" in caplog.text and "using cached tokens" in caplog.text
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(st.tuples(st.sampled_from(WORDS), st.sampled_from(SEPS)), min_size=1, max_size=300),
+       piece=st.integers(4, 300))
+def test_a_long_cell_is_encoded_in_pieces_with_the_whole_cells_ids(bpe, tokens, piece):
+    """A jsonl/parquet cell longer than the piece size is encoded in bounded pieces (cut before ASCII whitespace
+    that follows a non-space character): the ids are exactly those of the whole cell, EOS only at its end."""
+    text = "".join(w + s for w, s in tokens)
+    assume(max(map(len, re.split(r"[ \t\n\r\f\v]", text))) < piece)  # an exact cut within reach of every target
+    calls = []
+    tok = bpe.backend_tokenizer
+
+    class Spy:
+        def encode_batch_fast(self, batch, **kw):
+            calls.append(sum(map(len, batch)))
+            return tok.encode_batch_fast(batch, **kw)
+
+    got = corpus.encode(Spy(), [text, "the end"], [True, True], EOS, np.uint16, piece=piece)
+    whole = tok.encode_batch_fast([text, "the end"], add_special_tokens=False)
+    assert got.tolist() == whole[0].ids + [EOS] + whole[1].ids + [EOS]
+    assert max(calls) < 2 * piece + corpus.WINDOW  # every batch about one piece: memory follows the piece size
+
+
+def test_parquet_units_are_sized_by_their_uncompressed_text(tmp_path):
+    import pandas as pd
+
+    rows = [{"text": "the same caption again " * 20, "n": i} for i in range(2000)]
+    path = tmp_path / "d.parquet"
+    pd.DataFrame(rows).to_parquet(path, row_group_size=500)  # repetitive text compresses to almost nothing
+    units = corpus.plan([str(path)], corpus.Settings())
+    text_bytes = sum(len(r["text"].encode()) for r in rows)
+    assert len(units) == 4 and 0.9 < sum(u.size for u in units) / text_bytes < 1.2
+    assert path.stat().st_size < text_bytes / 10

@@ -74,15 +74,33 @@ def plan(files: list[str], settings: Settings) -> list[Unit]:
 
             pf = pq.ParquetFile(f)
             _check_columns(f, dict.fromkeys(pf.schema_arrow.names), settings)
-            rows = max(1, pf.metadata.num_rows)
-            units += [Unit(f, kind, g, size * pf.metadata.row_group(g).num_rows // rows)
-                      for g in range(pf.num_row_groups)]
+            units += [Unit(f, kind, g, n) for g, n in enumerate(_parquet_text_bytes(pf, settings.text_columns))]
         else:
             table = _table(f)
             _check_columns(f, dict.fromkeys(table.column_names), settings)
             n = max(1, -(-len(table) // TABLE_ROWS))
             units += [Unit(f, kind, i, size // n) for i in range(n)]
     return units
+
+
+def _parquet_text_bytes(pf, columns: tuple[str, ...]) -> list[int]:
+    """Per row group, about how many bytes of text its ``columns`` hold. Sizes on disk (compressed, and dictionary-
+    encoded: repetitive text shrinks tenfold) understate the text, which would let the tokenizer-training sample
+    outgrow its budget; the first row group's text is measured and the others scaled by their encoded size."""
+    import pyarrow.compute as pc
+
+    meta = pf.metadata
+    leaf = {meta.schema.column(i).path: i for i in range(meta.num_columns)}
+    if not meta.num_row_groups:
+        return []
+    if not all(c in leaf for c in columns):  # nested columns: the row groups' encoded sizes
+        return [max(1, meta.row_group(g).total_byte_size) for g in range(meta.num_row_groups)]
+    encoded = [sum(meta.row_group(g).column(leaf[c]).total_uncompressed_size for c in columns)
+               for g in range(meta.num_row_groups)]
+    first = pf.read_row_group(0, columns=list(columns))
+    text = sum(int(pc.sum(pc.binary_length(first.column(c))).as_py() or 0) for c in columns)
+    ratio = text / max(1, encoded[0])
+    return [max(1, round(e * ratio)) for e in encoded]
 
 
 def _kind(path: str) -> str:
@@ -276,18 +294,66 @@ def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
 # --- tokenization ----------------------------------------------------------------------------------------
 
 
-def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype) -> np.ndarray:
-    """Token ids of ``texts`` (a ``tokenizers.Tokenizer``), EOS after those that end a document, as one array."""
-    if not texts:
-        return np.empty(0, dtype=dtype)
-    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)
-    eos = [eos_id]
-    seqs = []
-    for enc, end in zip(encodings, eos_after):
-        seqs.append(enc.ids)
-        if end:
-            seqs.append(eos)
-    return np.fromiter(itertools.chain.from_iterable(seqs), dtype=dtype, count=sum(map(len, seqs)))
+def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, piece: int | None = None) -> np.ndarray:
+    """Token ids of ``texts`` (a ``tokenizers.Tokenizer``), EOS after those that end a document, as one array.
+
+    Encoded in batches of about ``piece`` characters (default ``PIECE``), a longer text in pieces cut where
+    byte-level BPE splits anyway (:func:`_split_long`): memory follows the piece size, not the longest row of a
+    jsonl or parquet file (one 15 MB cell was hundreds of MB of encodings per worker)."""
+    piece = piece or PIECE
+    out: list[list[int]] = []
+    batch: list[str] = []
+    ends: list[bool] = []
+
+    def flush():
+        for enc, end in zip(tok.encode_batch_fast(batch, add_special_tokens=False), ends):
+            out.append(enc.ids)
+            if end:
+                out.append([eos_id])
+        batch.clear()
+        ends.clear()
+
+    size = 0
+    for text, end in zip(texts, eos_after):
+        parts = _split_long(text, piece)
+        for k, part in enumerate(parts):
+            batch.append(part)
+            ends.append(end and k == len(parts) - 1)
+            size += len(part)
+            if size >= piece:
+                flush()
+                size = 0
+    if batch:
+        flush()
+    return np.fromiter(itertools.chain.from_iterable(out), dtype=dtype, count=sum(map(len, out)))
+
+
+_STR_BEFORE_NEWLINE = re.compile(r"\S(?=\n)")
+_STR_BEFORE_SPACE = re.compile(r"\S(?=[ \t\n\r\f\v])")
+
+
+def _split_long(text: str, piece: int) -> list[str]:
+    """``text`` in pieces of about ``piece`` characters, each cut just before ASCII whitespace that follows a
+    non-space character (newline first), as :func:`_inner_cut` cuts files: the pieces tokenize to the whole
+    text's ids. Without such whitespace in the next ``WINDOW`` characters the cut falls at ``piece`` (the text's
+    end when that is within the window)."""
+    if len(text) <= piece:
+        return [text]
+    parts, start = [], 0
+    while len(text) - start > piece:
+        target = start + piece
+        cut = None
+        for pattern in (_STR_BEFORE_NEWLINE, _STR_BEFORE_SPACE):
+            m = pattern.search(text, target - 1, target + WINDOW)
+            if m:
+                cut = m.start() + 1
+                break
+        if cut is None:  # the text ends inside the window: the rest is the last piece; else a cut between characters
+            cut = len(text) if len(text) - target <= WINDOW else target
+        parts.append(text[start:cut])
+        start = cut
+    parts.append(text[start:])
+    return parts
 
 
 _worker: dict = {}

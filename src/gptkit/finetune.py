@@ -23,7 +23,7 @@ SEQ2SEQ_TASKS = ("translate", "summarize", "multitask")  # tasks an encoder-deco
 _SPLITS = (("train", "data.train_files"), ("validation", "data.val_files"), ("test", "data.test_files"))  # (split, field)
 
 
-def _splits(recipe: Recipe, task) -> dict[str, list[dict]]:
+def splits(recipe: Recipe, task) -> dict[str, list[dict]]:
     """Rows per split ("train", "validation", "test"); a task may load its own (multitask)."""
     if hasattr(task, "load_splits"):
         return task.load_splits(recipe)
@@ -89,7 +89,7 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
     """What `gptkit validate` reports for a fine-tuning recipe: base model size and rows per split."""
     task = tasks.load(task_name)
     check(recipe, task_name)
-    rows = _splits(recipe, task)
+    rows = splits(recipe, task)
     counts = [f"{split} {len(r)}" for split, r in rows.items()]
     windowed = task_name == "qa" and recipe.finetune.qa_mode == "extractive"  # trains on >= 1 window per row
     if "train" in rows and not windowed:  # one process; launched on more, the run itself checks again
@@ -181,7 +181,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     check(recipe, task_name)
     run_dir = rundir.resolve_output(recipe.output.dir)
     rundir.check(run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
-    rows = _splits(recipe, task)
+    rows = splits(recipe, task)
     tokenizer = trained.tokenizer_of(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
     accelerator = engine.make_accelerator(recipe.train, recipe.distributed)
     set_seed(recipe.train.seed)

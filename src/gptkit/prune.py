@@ -224,7 +224,7 @@ def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int)
         from gptkit.tasks import generative as gen
 
         task = tasks.load(run.task)
-        rows = finetune._splits(run, task)["train"][: n_batches * batch_size]
+        rows = finetune.splits(run, task)["train"][: n_batches * batch_size]
         examples = task.preprocess(run, tok, rows, "train", model)
         return [examples.batch(list(range(i, min(len(rows), i + batch_size))))
                 for i in range(0, len(rows), batch_size)], gen.loss
