@@ -170,3 +170,9 @@ def test_bad_prune_input_is_one_line(base, tmp_path, args, needles):
     code, _, err = run_cli("prune", str(base), *args, "--out", str(tmp_path / "p"))
     assert_user_error(code, err, *needles)
     assert not (tmp_path / "p").exists()
+
+
+def test_heads_that_round_to_none_are_one_line(llama, tmp_path):
+    code, _, err = run_cli("prune", str(llama), "--heads", "0.2", "--out", str(tmp_path / "p"))
+    assert_user_error(code, err, "--heads", "2 key/value head", "removes none")
+    assert not (tmp_path / "p").exists()

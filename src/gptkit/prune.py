@@ -60,11 +60,12 @@ def _state(model: Any) -> dict:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def _first_order(model: Any, modules: list, batches: list[dict], loss_fn) -> list[torch.Tensor]:
-    """Per module, per input feature: ``sum over tokens of activation x dL/dactivation`` (signed) — the first-order
-    estimate of the loss change when that input is zeroed (Molchanov et al. 2017)."""
+def _first_order(model: Any, modules: list, batches: list[dict], loss_fn, group=None) -> list[torch.Tensor]:
+    """Per module, per input feature (or per ``group(features)``): ``|sum over a batch's tokens of activation x
+    dL/dactivation|`` summed over batches — the first-order estimate of the loss change when that input is zeroed
+    (Molchanov et al. 2017: the absolute value per batch, then accumulated)."""
     acts: list[torch.Tensor | None] = [None] * len(modules)
-    sums = [torch.zeros(m.weight.shape[0] if hasattr(m, "nf") else m.weight.shape[1]) for m in modules]
+    sums: list[Any] = [0.0] * len(modules)
 
     def keep(i):
         def hook(module, inputs):
@@ -80,7 +81,8 @@ def _first_order(model: Any, modules: list, batches: list[dict], loss_fn) -> lis
             model.zero_grad(set_to_none=True)
             loss_fn(model, batch).backward()
             for i, a in enumerate(acts):
-                sums[i] += (a * a.grad).detach().flatten(0, -2).sum(0).float().cpu()
+                v = (a * a.grad).detach().flatten(0, -2).sum(0).float().cpu()
+                sums[i] = sums[i] + (group(v) if group else v).abs()
     finally:
         for h in handles:
             h.remove()
@@ -147,8 +149,7 @@ def _width(mlp, kind: str) -> int:
 
 def importance(model: Any, batches: list[dict], loss_fn) -> list[torch.Tensor]:
     """Per block, per feed-forward neuron: |sum over tokens of activation x gradient| of the loss."""
-    downs = [_down(m, k) for m, k in _mlp_parts(model)]
-    return [s.abs() for s in _first_order(model, downs, batches, loss_fn)]
+    return _first_order(model, [_down(m, k) for m, k in _mlp_parts(model)], batches, loss_fn)
 
 
 def shrink(model: Any, keep: list[torch.Tensor]) -> Any:
@@ -191,8 +192,8 @@ def head_importance(model: Any, batches: list[dict], loss_fn) -> list[torch.Tens
     """Per block, per key/value head with its query heads (a group; one head each without GQA): |sum over tokens and
     the group's output features of activation x gradient| at the attention output projection's input."""
     kv, rep, size = _head_shape(model)
-    sums = _first_order(model, [a.o_proj for a in _attentions(model)], batches, loss_fn)
-    return [s.view(kv, rep * size).sum(1).abs() for s in sums]
+    return _first_order(model, [a.o_proj for a in _attentions(model)], batches, loss_fn,
+                        group=lambda v: v.view(kv, rep * size).sum(1))
 
 
 def shrink_heads(model: Any, keep: list[torch.Tensor]) -> Any:
@@ -265,8 +266,12 @@ def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None
     if layers is not None and not 0 < layers < n_blocks:
         raise UserError(f"--layers: expected how many of the model's {n_blocks} blocks to remove, 1 to "
                         f"{n_blocks - 1}; got {layers}")
-    if heads is not None:
-        _attentions(model)  # a GPT-2 is refused here, before any work
+    if heads is not None:  # a GPT-2, or a share that rounds to no head, is refused here, before any work
+        _attentions(model)
+        kv, rep, _ = _head_shape(model)
+        if max(1, round(kv * (1 - heads))) == kv:
+            raise UserError(f"--heads: removing {heads:g} of {kv} key/value head(s) per block (each goes with its "
+                            f"{rep} query heads) removes none; ask for more")
     sample, loss_fn = _batches(model, tok, run_recipe, data, batches, batch_size)
     before = sum(p.numel() for p in model.parameters())
     record: dict[str, Any] = {"source": str(path)}
