@@ -185,21 +185,21 @@ def main() -> None:
             mb = size / 1e6
             g, g_wall, g_rss = measure([sys.executable, "-c", GPTKIT, corpus, str(work / "gptkit"), str(args.vocab),
                                         str(args.num_proc)])
+            train_rss, tok_rss = g["phase_rss"]
+            line = (f"{size_text}: gptkit tokenizer training {g['train_s']:.1f} s (peak RSS {train_rss / 2**20:,.0f} MiB), "
+                    f"tokenization {mb / g['tokenize_s']:.2f} MB/s ({g['tokens']:,} tokens, peak RSS "
+                    f"{tok_rss / 2**20:,.0f} MiB), wall {g_wall:.1f} s, peak RSS {g_rss / 2**20:,.0f} MiB")
+            print(line, flush=True)  # now: the baseline can take an hour, and a stopped run keeps this figure
             if size <= parse_size(args.baseline_max):
                 n, n_wall, n_rss = measure([sys.executable, "-c", NANOGPT, corpus, str(work / "gptkit" / "tok"),
                                             str(args.num_proc), "1" if args.nanogpt_train else "0"])
             else:
                 n, n_wall, n_rss = None, 0.0, 0
             rows.append((size_text, g, g_wall, g_rss, n, n_wall, n_rss, mb))
-            train_rss, tok_rss = g["phase_rss"]
-            line = (f"{size_text}: gptkit tokenizer training {g['train_s']:.1f} s (peak RSS {train_rss / 2**20:,.0f} MiB), "
-                    f"tokenization {mb / g['tokenize_s']:.2f} MB/s ({g['tokens']:,} tokens, peak RSS "
-                    f"{tok_rss / 2**20:,.0f} MiB), wall {g_wall:.1f} s, peak RSS {g_rss / 2**20:,.0f} MiB")
             if n:
-                line += (f" | nanoGPT way: tokenization {mb / n['tokenize_s']:.2f} MB/s ({n['tokens']:,} tokens)"
-                         + (f", tokenizer training {n['train_s']:.1f} s" if args.nanogpt_train else "")
-                         + f", wall {n_wall:.1f} s, peak RSS {n_rss / 2**20:,.0f} MiB")
-            print(line, flush=True)
+                print(f"{size_text}: nanoGPT way: tokenization {mb / n['tokenize_s']:.2f} MB/s ({n['tokens']:,} tokens)"
+                      + (f", tokenizer training {n['train_s']:.1f} s" if args.nanogpt_train else "")
+                      + f", wall {n_wall:.1f} s, peak RSS {n_rss / 2**20:,.0f} MiB", flush=True)
             import shutil
 
             shutil.rmtree(work)
