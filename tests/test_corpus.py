@@ -213,6 +213,23 @@ def test_a_long_cell_is_encoded_in_pieces_with_the_whole_cells_ids(bpe, tokens, 
     assert max(calls) < 2 * piece + corpus.WINDOW  # every batch about one piece: memory follows the piece size
 
 
+def test_a_long_cell_never_reaches_the_tokenizer_whole(bpe, monkeypatch):
+    """42 KB in one cell, pieces of 64 characters: no encode call sees more than two pieces and a window."""
+    monkeypatch.setattr(corpus, "WINDOW", 16)
+    text = "naïve café 42 " * 3000
+    calls = []
+    tok = bpe.backend_tokenizer
+
+    class Spy:
+        def encode_batch_fast(self, batch, **kw):
+            calls.append(sum(map(len, batch)))
+            return tok.encode_batch_fast(batch, **kw)
+
+    got = corpus.encode(Spy(), [text], [True], EOS, np.uint16, piece=64)
+    assert got.tolist() == tok.encode_batch_fast([text], add_special_tokens=False)[0].ids + [EOS]
+    assert len(calls) > 100 and max(calls) < 2 * 64 + 16
+
+
 def test_parquet_units_are_sized_by_their_uncompressed_text(tmp_path):
     import pandas as pd
 
