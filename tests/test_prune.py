@@ -77,6 +77,13 @@ def test_dropping_a_block_equals_silencing_it_and_the_measured_choice_matters(ba
     batches = _blocks(tok, base.parent / "base.txt")
     rise = layer_importance(model, batches[:2], engine.causal_lm_loss)
     assert len(rise) == 2 and all(r > 0 for r in rise)
+    with torch.no_grad():  # the rise is the loss of the model rebuilt without that block
+        def total(m):
+            return sum(engine.causal_lm_loss(m, b).item() for b in batches[:2])
+        base_loss = total(model)
+        for i in range(2):
+            assert rise[i] == pytest.approx(total(drop_layers(model, [i])) / base_loss - 1, rel=1e-4, abs=1e-6)
+    assert len(model.transformer.h) == 2  # the model is left whole
     keep_first = drop_layers(model, [1])
     silenced = trained.load_lm(base)[0]
     with torch.no_grad():

@@ -114,12 +114,21 @@ def drop_layers(model: Any, drop: list[int]) -> Any:
 def layer_importance(model: Any, batches: list[dict], loss_fn) -> list[float]:
     """Per block: the relative rise of the loss on ``batches`` when that block alone is removed (Minitron's depth
     score: measured, not estimated)."""
-    def loss(m):
+    def loss() -> float:
         with torch.no_grad():
-            return sum(float(loss_fn(m, b)) for b in batches)
+            return sum(float(loss_fn(model, b)) for b in batches)
 
-    base = loss(model)
-    return [loss(drop_layers(model, [i])) / base - 1 for i in range(len(_blocks_of(model)[1]))]
+    name, blocks = _blocks_of(model)
+    parent_name, attr = name.rsplit(".", 1)
+    parent = model.get_submodule(parent_name)
+    base, rises = loss(), []
+    try:  # each block left out of the list in turn: no copy of the weights (a 7B base is not cloned per block)
+        for i in range(len(blocks)):
+            setattr(parent, attr, torch.nn.ModuleList(b for j, b in enumerate(blocks) if j != i))
+            rises.append(loss() / base - 1)
+    finally:
+        setattr(parent, attr, blocks)
+    return rises
 
 
 # --- feed-forward neurons -------------------------------------------------------------------------------------------
