@@ -465,3 +465,50 @@ def test_decoding_and_class_metric_names():
     from gptkit.eval_report import score
 
     assert score("classify", ["very good", "something else"], ["very good", "a/b"])["metrics"] == got
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
+def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch):
+    """The logits and gradients of the kept positions equal the full forward's; a decoder-only model's output layer
+    sees only those rows (an encoder-decoder falls back to the full logits)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, BartConfig, GPT2Config, LlamaConfig
+
+    from gptkit import modeling
+
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=97, n_embd=32, n_layer=2, n_head=2, n_positions=32))
+    elif arch == "llama":
+        model = AutoModelForCausalLM.from_config(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64,
+                                                             num_hidden_layers=2, num_attention_heads=2,
+                                                             num_key_value_heads=1, max_position_embeddings=32))
+    else:
+        model = AutoModelForSeq2SeqLM.from_config(BartConfig(vocab_size=97, d_model=32, encoder_layers=1, decoder_layers=1,
+                                                             encoder_attention_heads=2, decoder_attention_heads=2,
+                                                             encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32))
+    model.eval()  # no dropout: both forwards must be the same function (gradients still flow)
+    ids = torch.randint(3, 97, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[0, 9:] = 0
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    if arch == "bart":
+        inputs |= {"decoder_input_ids": ids[:, :10], "decoder_attention_mask": mask[:, :10]}
+    keep = torch.zeros(3, 10 if arch == "bart" else 12, dtype=torch.bool)
+    keep[0, 4:8], keep[1, 2:5], keep[2, 7:11 if arch != "bart" else 10] = True, True, True
+    rows = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+
+    def grads(logits):
+        model.zero_grad()
+        (logits * torch.linspace(-1, 1, logits.shape[-1])).sum().backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    full = model(**inputs).logits[keep]
+    want = grads(full)
+    got = modeling.logits_where(model, keep, **inputs)
+    assert got.shape == (int(keep.sum()), 97)
+    assert torch.allclose(got, full, atol=1e-5)
+    assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads(got), want, strict=True))
+    assert rows[-1] == (keep.numel() if arch == "bart" else int(keep.sum()))
+    assert model.get_output_embeddings()(torch.ones(1, 32)).shape == (1, 97)  # the head is itself again

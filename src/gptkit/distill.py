@@ -49,21 +49,24 @@ def load_teacher(recipe: Any, tokenizer: Any, device: torch.device) -> Any:
 def loss_fn(logits_fn: Callable, teacher: Any, temperature: float, alpha: float,
             aggregate: Callable | None = None) -> Callable[[Any, dict], torch.Tensor]:
     """A summed training loss for the engine: ``logits_fn(model, batch) -> (logits, labels)`` gives both models'
-    logits on the batch; ``aggregate(per_token, labels)`` sums per-position losses (default: over labels != -100)."""
+    logits on the batch (any leading shape); ``aggregate(per_token, batch)`` sums the losses of the scored
+    positions (labels != -100, in order; default: their plain sum)."""
 
     def distilled(model, batch: dict) -> torch.Tensor:
         logits, labels = logits_fn(model, batch)
         with torch.no_grad():
             teacher_logits, _ = logits_fn(teacher, batch)
+        logits, teacher_logits = logits.reshape(-1, logits.shape[-1]), teacher_logits.reshape(-1, teacher_logits.shape[-1])
+        labels = labels.reshape(-1)
+        keep = labels != -100
+        if not bool(keep.all()):
+            logits, teacher_logits, labels = logits[keep], teacher_logits[keep], labels[keep]
         vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # a vocabulary padded for speed has extra rows
-        ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
-                                               reduction="none").view(labels.shape)
-        student = (logits[..., :vocab].float() / temperature).log_softmax(-1)
-        target = (teacher_logits[..., :vocab].float() / temperature).log_softmax(-1)
+        ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
+        student = (logits[:, :vocab].float() / temperature).log_softmax(-1)
+        target = (teacher_logits[:, :vocab].float() / temperature).log_softmax(-1)
         kl = (target.exp() * (target - student)).sum(-1)
         per_token = (1 - alpha) * ce + alpha * temperature**2 * kl
-        if aggregate is not None:
-            return aggregate(per_token, labels)
-        return (per_token * (labels != -100)).sum()
+        return aggregate(per_token, batch) if aggregate is not None else per_token.sum()
 
     return distilled

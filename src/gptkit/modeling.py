@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 from gptkit.errors import UserError
@@ -86,6 +87,50 @@ def quiet_loading() -> None:
 def is_encoder_decoder(config) -> bool:
     """Whether a config describes an encoder-decoder (T5, BART, Marian, ...) rather than a decoder-only LM."""
     return bool(getattr(config, "is_encoder_decoder", False))
+
+
+# Model types whose logits are exactly ``lm_head(final hidden state)`` (no logit scaling or soft-capping after it).
+PLAIN_HEAD_TYPES = frozenset({"gpt2", "llama", "mistral", "qwen2", "qwen3"})
+
+
+def _plain_head(model):
+    """The output layer of a plain, unsharded model (itself, or under DDP / torch.compile / PEFT) of a
+    :data:`PLAIN_HEAD_TYPES` type with a bias-free ``nn.Linear`` head; None for anything else (FSDP and DeepSpeed
+    shards, encoder-decoders, heads with a bias, scaling or an adapter)."""
+    import torch
+
+    while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD_TYPES:
+        return None
+    head = model.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id") or \
+            type(head.weight) is not torch.nn.Parameter:  # a DTensor shard (FSDP2), or ZeRO-3 partitioned
+        return None
+    return head
+
+
+@contextmanager
+def _passthrough(head):
+    """Inside, ``head`` returns its input: the model's "logits" are its final hidden states."""
+    head.forward = lambda hidden: hidden
+    try:
+        yield
+    finally:
+        del head.forward
+
+
+def logits_where(model, keep, **inputs):
+    """The logits of the positions where ``keep`` (batch x positions, bool) is True, as (N, vocab) in row-major
+    order. Where the model allows (:func:`_plain_head`), the output layer runs on those positions only: the
+    prompt and padding of a fine-tuning batch cost no vocabulary projection — on a small model with an 8k
+    vocabulary that projection is most of the step — and no batch x length x vocab logits are held."""
+    head = _plain_head(model)
+    if head is None:
+        return model(**inputs).logits[keep]
+    with _passthrough(head):
+        hidden = model(**inputs).logits
+    return head(hidden[keep])
 
 
 def lm_class(config):

@@ -153,28 +153,37 @@ def _targets(batch: dict) -> torch.Tensor:
     return batch["labels"] if "decoder_input_ids" in batch else batch["labels"][:, 1:]
 
 
+def _scored(batch: dict) -> torch.Tensor:
+    """Where a target token is scored (batch x target positions, bool)."""
+    return _targets(batch) != -100
+
+
 def count(batch: dict, per: str = "token") -> int:
     """Items :func:`loss` sums over: target tokens (``per="token"``) or examples (``per="example"``)."""
-    return batch["input_ids"].shape[0] if per == "example" else int((_targets(batch) != -100).sum())
+    return batch["input_ids"].shape[0] if per == "example" else int(_scored(batch).sum())
 
 
 def logits_and_targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, the labels they predict; -100 where nothing is scored) of a batch of examples."""
+    """(logits, labels) of the scored target tokens of a batch of examples: (N, vocab) and (N,), example by
+    example. A decoder-only model's output layer runs on those positions only (:func:`modeling.logits_where`)."""
+    keep = _scored(batch)
     if "decoder_input_ids" in batch:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                       decoder_input_ids=batch["decoder_input_ids"],
-                       decoder_attention_mask=batch["decoder_attention_mask"]).logits
-    else:
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
-    return logits, _targets(batch)
+        logits = modeling.logits_where(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                       decoder_input_ids=batch["decoder_input_ids"],
+                                       decoder_attention_mask=batch["decoder_attention_mask"])
+    else:  # position t predicts token t+1: the last position predicts nothing
+        logits = modeling.logits_where(model, torch.nn.functional.pad(keep, (0, 1)), input_ids=batch["input_ids"],
+                                       attention_mask=batch["attention_mask"])
+    return logits, _targets(batch)[keep]
 
 
-def aggregate(per_token: torch.Tensor, labels: torch.Tensor, per: str = "token") -> torch.Tensor:
-    """A per-position loss summed over target tokens, or over examples of each example's target-token mean."""
-    mask = labels != -100
+def aggregate(per_token: torch.Tensor, batch: dict, per: str = "token") -> torch.Tensor:
+    """A loss per scored target token (as :func:`logits_and_targets` orders them) summed over tokens, or over
+    examples of each example's mean."""
     if per == "token":
-        return (per_token * mask).sum()
-    return ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+        return per_token.sum()
+    example = _scored(batch).nonzero()[:, 0]
+    return (per_token / torch.bincount(example)[example]).sum()
 
 
 def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
@@ -182,10 +191,7 @@ def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
     over examples of each example's mean target-token loss (``per="example"``); the engine divides by
     :func:`count` over the whole step. Both are independent of padding and of how a step is batched."""
     logits, labels = logits_and_targets(model, batch)
-    tok = torch.nn.functional.cross_entropy(
-        logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
-    ).view(labels.shape)
-    return aggregate(tok, labels, per)
+    return aggregate(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), batch, per)
 
 
 def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | None = None) -> list[str]:
