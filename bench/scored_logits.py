@@ -1,0 +1,74 @@
+"""Fine-tuning step cost with the output layer on every position (the usual ``model(...).logits``) against gptkit's
+``modeling.logits_where`` (the output layer on the scored target positions only), same model, same batches, one run.
+
+Not a test: prints ms per training step (forward + backward of the summed target-token cross-entropy) and the peak
+memory of the step's tensors (torch's CPU allocator does not report peaks: this counts the logits-sized tensors the
+two paths hold, from the shapes) for a prompt/answer batch: ``--answer`` of each example's tokens are scored.
+
+    python bench/scored_logits.py [--vocab 50257] [--width 256] [--layers 2] [--batch 16] [--length 128] [--answer 0.4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=50257)
+    p.add_argument("--width", type=int, default=256)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--length", type=int, default=128)
+    p.add_argument("--answer", type=float, default=0.4, help="share of each example's positions that are scored")
+    p.add_argument("--steps", type=int, default=20)
+    args = p.parse_args()
+    from transformers import AutoModelForCausalLM, GPT2Config
+
+    from gptkit import modeling
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(GPT2Config(vocab_size=args.vocab, n_embd=args.width, n_layer=args.layers,
+                                                        n_head=4, n_positions=args.length, resid_pdrop=0.0,
+                                                        embd_pdrop=0.0, attn_pdrop=0.0))
+    B, T = args.batch, args.length
+    ids = torch.randint(0, args.vocab, (B, T))
+    labels = ids.clone()
+    start = T - int(T * args.answer)
+    labels[:, :start] = -100  # the prompt is not scored
+    keep = torch.nn.functional.pad(labels[:, 1:] != -100, (0, 1))
+    targets = labels[:, 1:][keep[:, :-1]]
+
+    def full():
+        logits = model(input_ids=ids).logits[:, :-1]
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), reduction="sum")
+
+    def scored():
+        logits = modeling.logits_where(model, keep, input_ids=ids)
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+
+    times = {}
+    for name, fn in (("full", full), ("scored", scored)) * 2:  # twice, alternating: the second round counts
+        fn().backward()  # warm-up
+        t = time.perf_counter()
+        for _ in range(args.steps):
+            model.zero_grad(set_to_none=True)
+            loss = fn()
+            loss.backward()
+        times[name] = (time.perf_counter() - t) / args.steps * 1e3
+    a, b = full().item(), scored().item()
+    assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+    n = int(keep.sum())
+    mib = lambda rows: rows * args.vocab * 4 * 3 / 2**20  # logits, their log-softmax and gradient, float32
+    print(f"GPT-2 {args.layers} x {args.width}, vocab {args.vocab:,}, batch {B} x {T}, {n} of {B * T} positions scored "
+          f"({n / (B * T):.0%}); {torch.get_num_threads()} threads")
+    print(f"output layer on every position : {times['full']:8.1f} ms/step   logits-sized tensors {mib(B * T):8.0f} MiB")
+    print(f"output layer on scored targets : {times['scored']:8.1f} ms/step   logits-sized tensors {mib(n):8.0f} MiB")
+    print(f"speed-up {times['full'] / times['scored']:.2f}x, same summed loss ({a:.4f} vs {b:.4f})")
+
+
+if __name__ == "__main__":
+    main()
