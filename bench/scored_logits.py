@@ -1,5 +1,6 @@
 """Fine-tuning step cost with the output layer on every position (the usual ``model(...).logits``) against gptkit's
-``modeling.logits_where`` (the output layer on the scored target positions only), same model, same batches, one run.
+``modeling.logits_where`` (the output layer on the scored target positions only) and ``modeling.scored_cross_entropy``
+(those positions, the output layer fused with the loss in chunks: what training uses), same model and batches, one run.
 
 Not a test: prints ms per training step (forward + backward of the summed target-token cross-entropy) and the peak
 memory of the step's tensors (torch's CPU allocator does not report peaks: this counts the logits-sized tensors the
@@ -50,8 +51,11 @@ def main() -> None:
         logits = modeling.logits_where(model, keep, input_ids=ids)
         return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
 
+    def fused():
+        return modeling.scored_cross_entropy(model, keep, targets, input_ids=ids)
+
     times = {}
-    for name, fn in (("full", full), ("scored", scored)) * 2:  # twice, alternating: the second round counts
+    for name, fn in (("full", full), ("scored", scored), ("fused", fused)) * 2:  # alternating: the second round counts
         fn().backward()  # warm-up
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -59,15 +63,19 @@ def main() -> None:
             loss = fn()
             loss.backward()
         times[name] = (time.perf_counter() - t) / args.steps * 1e3
-    a, b = full().item(), scored().item()
-    assert abs(a - b) <= 1e-4 * abs(a), (a, b)
+    a, b, c = full().item(), scored().item(), fused().item()
+    assert abs(a - b) <= 1e-4 * abs(a) and abs(a - c) <= 1e-4 * abs(a), (a, b, c)
     n = int(keep.sum())
     mib = lambda rows: rows * args.vocab * 4 * 3 / 2**20  # logits, their log-softmax and gradient, float32
     print(f"GPT-2 {args.layers} x {args.width}, vocab {args.vocab:,}, batch {B} x {T}, {n} of {B * T} positions scored "
           f"({n / (B * T):.0%}); {torch.get_num_threads()} threads")
     print(f"output layer on every position : {times['full']:8.1f} ms/step   logits-sized tensors {mib(B * T):8.0f} MiB")
     print(f"output layer on scored targets : {times['scored']:8.1f} ms/step   logits-sized tensors {mib(n):8.0f} MiB")
-    print(f"speed-up {times['full'] / times['scored']:.2f}x, same summed loss ({a:.4f} vs {b:.4f})")
+    chunk = min(n, modeling._chunk_rows(args.vocab))
+    print(f"... fused with the loss, chunked: {times['fused']:8.1f} ms/step   logits-sized tensors "
+          f"{mib(chunk) * 2 / 3:8.0f} MiB (one chunk of {chunk} rows, logits and softmax in place)")
+    print(f"speed-up {times['full'] / times['scored']:.2f}x scored, {times['full'] / times['fused']:.2f}x fused; "
+          f"same summed loss ({a:.4f}, {b:.4f}, {c:.4f})")
 
 
 if __name__ == "__main__":

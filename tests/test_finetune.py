@@ -468,7 +468,7 @@ def test_decoding_and_class_metric_names():
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama", "bart"])
-def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch):
+def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch, monkeypatch):
     """The logits and gradients of the kept positions equal the full forward's; a decoder-only model's output layer
     sees only those rows (an encoder-decoder falls back to the full logits)."""
     import torch
@@ -496,8 +496,13 @@ def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch):
         inputs |= {"decoder_input_ids": ids[:, :10], "decoder_attention_mask": mask[:, :10]}
     keep = torch.zeros(3, 10 if arch == "bart" else 12, dtype=torch.bool)
     keep[0, 4:8], keep[1, 2:5], keep[2, 7:11 if arch != "bart" else 10] = True, True, True
-    rows = []
-    model.get_output_embeddings().register_forward_hook(lambda m, args, out: rows.append(args[0].shape[:-1].numel()))
+    rows, widths = [], []
+
+    def seen(module, args, out):
+        rows.append(args[0].shape[:-1].numel())
+        widths.append(out.shape[-1])
+
+    model.get_output_embeddings().register_forward_hook(seen)
 
     def grads(logits):
         model.zero_grad()
@@ -512,3 +517,22 @@ def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch):
     assert all(torch.allclose(g, w, atol=1e-5) for g, w in zip(grads(got), want, strict=True))
     assert rows[-1] == (keep.numel() if arch == "bart" else int(keep.sum()))
     assert model.get_output_embeddings()(torch.ones(1, 32)).shape == (1, 97)  # the head is itself again
+    # the summed cross-entropy, fused with the output layer and cut into chunks of 4 rows (the last one shorter)
+    monkeypatch.setattr(modeling, "_chunk_rows", lambda vocab: 4)
+    targets = torch.randint(0, 97, (int(keep.sum()),))
+    model.zero_grad()
+    plain = torch.nn.functional.cross_entropy(model(**inputs).logits[keep], targets, reduction="sum")
+    (plain * 3).backward()
+    want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    fused = modeling.scored_cross_entropy(model, keep, targets, **inputs)
+    (fused * 3).backward()
+    got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    assert torch.allclose(fused, plain, rtol=1e-6) and all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want,
+                                                                                                     strict=True))
+    with torch.no_grad():
+        assert torch.allclose(modeling.scored_cross_entropy(model, keep, targets, **inputs), plain, rtol=1e-6)
+    calls = len(rows)
+    modeling.scored_cross_entropy(model, keep, targets, **inputs)
+    # one call of the output layer: fused, the passthrough that hands back the hidden states (never a projection)
+    assert rows[calls:] == [keep.numel()] and widths[calls:] == [97 if arch == "bart" else 32]

@@ -62,9 +62,11 @@ def causal_lm_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy."""
-    logits, labels = causal_lm_logits(model, batch)
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), reduction="sum")
+    """Summed next-token cross-entropy (the output layer fused with the loss where the model allows:
+    :func:`gptkit.modeling.scored_cross_entropy`)."""
+    from gptkit import modeling
+
+    return modeling.scored_cross_entropy(model, None, batch["labels"].flatten(), input_ids=batch["input_ids"])
 
 
 def all_tokens(batch: dict) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from functools import cache
 from pathlib import Path
 
 from gptkit.errors import UserError
@@ -131,6 +132,74 @@ def logits_where(model, keep, **inputs):
     with _passthrough(head):
         hidden = model(**inputs).logits
     return head(hidden[keep])
+
+
+def _chunk_rows(vocab: int) -> int:
+    """Rows of logits per chunk: about 64 MiB of float32 (a 1k vocabulary: 16k rows; GPT-2's 50k: 333)."""
+    return max(1, 2**24 // vocab)
+
+
+@cache
+def _linear_cross_entropy():
+    """An autograd function: the summed cross-entropy of ``hidden @ weight.T`` against ``targets``, a chunk of rows
+    at a time, with the gradients computed in the forward pass (softmax minus one-hot, per chunk). No (rows x vocab)
+    logits outlive their chunk — 16 x 1024 positions with GPT-2's vocabulary have 3.3 GB of float32 logits, held
+    two or three times over by a plain cross-entropy — and the backward pass only scales the stored gradients.
+    The same FLOPs as the plain head and loss (measured ~10% faster on CPU: less memory traffic)."""
+    import torch
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, hidden, weight, targets):
+            need_h, need_w = ctx.needs_input_grad[:2]
+            loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
+            gh = torch.empty_like(hidden) if need_h else None
+            gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+            step = _chunk_rows(weight.shape[0])
+            for s in range(0, hidden.shape[0], step):
+                h, y = hidden[s : s + step], targets[s : s + step]
+                logits = (h @ weight.t()).float()
+                lse = logits.logsumexp(-1)
+                loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                if need_h or need_w:
+                    g = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                    g[torch.arange(len(y), device=g.device), y] -= 1
+                    g = g.to(h.dtype)
+                    if need_h:
+                        gh[s : s + step] = g @ weight
+                    if need_w:
+                        gw += g.t() @ h
+            ctx.save_for_backward(*(t for t in (gh, gw) if t is not None))
+            ctx.weight_dtype = weight.dtype
+            return loss
+
+        @staticmethod
+        def backward(ctx, grad):
+            saved, (need_h, need_w) = list(ctx.saved_tensors), ctx.needs_input_grad[:2]
+            gh = saved.pop(0) if need_h else None
+            gh = gh * grad.to(gh.dtype) if need_h else None
+            gw = (saved.pop(0) * grad).to(ctx.weight_dtype) if need_w else None
+            return gh, gw, None
+
+    return LinearCrossEntropy
+
+
+def scored_cross_entropy(model, keep, targets, **inputs):
+    """The summed cross-entropy of the positions where ``keep`` (batch x positions, bool; None: all) is True
+    against ``targets`` (one per kept position, row-major). On a plain head (:func:`_plain_head`) the output
+    layer runs on the kept positions only, fused with the loss and chunked (:func:`_linear_cross_entropy`);
+    otherwise from the model's logits. Equal to ``cross_entropy(logits[keep], targets, reduction="sum")``."""
+    import torch
+
+    head = _plain_head(model)
+    if head is None:
+        logits = model(**inputs).logits
+        logits = logits.flatten(0, 1) if keep is None else logits[keep]
+        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    with _passthrough(head):
+        hidden = model(**inputs).logits
+    hidden = hidden.flatten(0, 1) if keep is None else hidden[keep]
+    return _linear_cross_entropy().apply(hidden, head.weight, targets)
 
 
 def lm_class(config):

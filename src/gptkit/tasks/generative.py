@@ -163,18 +163,20 @@ def count(batch: dict, per: str = "token") -> int:
     return batch["input_ids"].shape[0] if per == "example" else int(_scored(batch).sum())
 
 
+def _inputs(batch: dict) -> tuple[torch.Tensor, dict]:
+    """Where the scored targets sit in the model's output (batch x positions, bool), and the model's inputs."""
+    keep = _scored(batch)
+    if "decoder_input_ids" in batch:
+        return keep, {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+    # a decoder-only model: position t predicts token t+1, the last position predicts nothing
+    return torch.nn.functional.pad(keep, (0, 1)), {k: batch[k] for k in ("input_ids", "attention_mask")}
+
+
 def logits_and_targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, labels) of the scored target tokens of a batch of examples: (N, vocab) and (N,), example by
     example. A decoder-only model's output layer runs on those positions only (:func:`modeling.logits_where`)."""
-    keep = _scored(batch)
-    if "decoder_input_ids" in batch:
-        logits = modeling.logits_where(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                       decoder_input_ids=batch["decoder_input_ids"],
-                                       decoder_attention_mask=batch["decoder_attention_mask"])
-    else:  # position t predicts token t+1: the last position predicts nothing
-        logits = modeling.logits_where(model, torch.nn.functional.pad(keep, (0, 1)), input_ids=batch["input_ids"],
-                                       attention_mask=batch["attention_mask"])
-    return logits, _targets(batch)[keep]
+    where, inputs = _inputs(batch)
+    return modeling.logits_where(model, where, **inputs), _targets(batch)[_scored(batch)]
 
 
 def aggregate(per_token: torch.Tensor, batch: dict, per: str = "token") -> torch.Tensor:
@@ -190,6 +192,9 @@ def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
     """Summed target-token cross-entropy (``per="token"``, what Trainer and the papers average), or the sum
     over examples of each example's mean target-token loss (``per="example"``); the engine divides by
     :func:`count` over the whole step. Both are independent of padding and of how a step is batched."""
+    if per == "token":  # the output layer fused with the loss where the model allows
+        where, inputs = _inputs(batch)
+        return modeling.scored_cross_entropy(model, where, _targets(batch)[_scored(batch)], **inputs)
     logits, labels = logits_and_targets(model, batch)
     return aggregate(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), batch, per)
 
