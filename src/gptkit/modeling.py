@@ -98,8 +98,12 @@ def _plain_head(model):
     """The output layer of a plain, unsharded model (itself, or under DDP / torch.compile / PEFT) of a
     :data:`PLAIN_HEAD_TYPES` type with a bias-free ``nn.Linear`` head; None for anything else (FSDP and DeepSpeed
     shards, encoder-decoders, heads with a bias, scaling or an adapter)."""
+    import os
+
     import torch
 
+    if os.environ.get("GPTKIT_PLAIN_HEAD") == "1":  # benchmarks compare against the full logits (bench/*.py)
+        return None
     while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
     if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD_TYPES:
