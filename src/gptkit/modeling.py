@@ -99,14 +99,19 @@ def _plain_head(model):
     :data:`PLAIN_HEAD_TYPES` type with a bias-free ``nn.Linear`` head; None for anything else (FSDP and DeepSpeed
     shards, encoder-decoders, heads with a bias, scaling or an adapter)."""
     import os
+    import sys
 
     import torch
+    from transformers import PreTrainedModel
 
     if os.environ.get("GPTKIT_PLAIN_HEAD") == "1":  # benchmarks compare against the full logits (bench/*.py)
         return None
     while isinstance(model, torch.nn.parallel.DistributedDataParallel) or hasattr(model, "_orig_mod"):
         model = getattr(model, "module", None) or model._orig_mod
-    if getattr(getattr(model, "config", None), "model_type", None) not in PLAIN_HEAD_TYPES:
+    peft = sys.modules.get("peft")  # any other wrapper (DeepSpeed's engine, FSDP1) may hold the head's weight sharded
+    if not (isinstance(model, PreTrainedModel) or peft is not None and isinstance(model, peft.PeftModel)):
+        return None
+    if getattr(model.config, "model_type", None) not in PLAIN_HEAD_TYPES:
         return None
     head = model.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or hasattr(head.weight, "ds_id") or \
@@ -128,8 +133,8 @@ def _passthrough(head):
 def logits_where(model, keep, **inputs):
     """The logits of the positions where ``keep`` (batch x positions, bool) is True, as (N, vocab) in row-major
     order. Where the model allows (:func:`_plain_head`), the output layer runs on those positions only: the
-    prompt and padding of a fine-tuning batch cost no vocabulary projection — on a small model with an 8k
-    vocabulary that projection is most of the step — and no batch x length x vocab logits are held."""
+    prompt and padding of a fine-tuning batch cost no vocabulary projection — with GPT-2's 50k vocabulary that
+    projection is most of a small model's step — and no batch x length x vocab logits are held."""
     head = _plain_head(model)
     if head is None:
         return model(**inputs).logits[keep]
