@@ -335,8 +335,11 @@ def sliding_nll(model, ids: list[int], context: int, stride: int, batch_size: in
     with torch.inference_mode():
         for group in groups:
             x = torch.tensor([ids[b:e] for b, e, _ in group], device=model.device)
-            logp = model(input_ids=x).logits.float().log_softmax(-1)
+            keep = torch.zeros_like(x, dtype=torch.bool)  # the positions predicting the window's scored tokens
             for j, (b, e, first) in enumerate(group):
-                total -= logp[j, first - b - 1 : e - b - 1].gather(-1, x[j, first - b : e - b, None]).sum().item()
+                keep[j, first - b - 1 : e - b - 1] = True
                 count += e - first
+            targets = torch.cat([x[j, first - b : e - b] for j, (b, e, first) in enumerate(group)])
+            # the output layer on the scored positions only, chunked: no windows x length x vocab log-probabilities
+            total += scored_cross_entropy(model, keep, targets, input_ids=x).item()
     return total, count, sum(map(len, groups))
