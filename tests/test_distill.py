@@ -14,28 +14,53 @@ from conftest import SHAKESPEARE, assert_user_error, run_cli, tiny_recipe
 from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
 
 
-def test_the_loss_is_weighted_cross_entropy_plus_scaled_kl():
-    from gptkit import distill
+@pytest.mark.parametrize("plain", [False, True])
+def test_the_loss_is_weighted_cross_entropy_plus_scaled_kl(plain, monkeypatch):
+    """Per scored position (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T), times its weight: equal, with its
+    gradients, to the formula on the full logits — fused and chunked (3 rows a chunk) or from the logits
+    (GPTKIT_PLAIN_HEAD=1); a student padded to a larger vocabulary than its teacher's is scored on the common part."""
+    from transformers import AutoModelForCausalLM, GPT2Config
 
+    from gptkit import modeling
+
+    if plain:
+        monkeypatch.setenv("GPTKIT_PLAIN_HEAD", "1")
+    monkeypatch.setattr(modeling, "_chunk_rows", lambda vocab: 3)
     torch.manual_seed(0)
-    s, t = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
-    labels = torch.randint(0, 11, (2, 5))
-    labels[0, :2] = -100
-    student = lambda m, b: (s, labels)  # noqa: E731 - the "models" are their logits
-    teacher = lambda m, b: (t, labels)  # noqa: E731
+
+    def gpt(vocab, layers):
+        return AutoModelForCausalLM.from_config(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=layers, n_head=2,
+                                                           n_positions=16)).eval()
+
+    student, teacher = gpt(104, 1), gpt(97, 2)  # the student's vocabulary padded for speed: 7 rows no token uses
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    ids = torch.randint(0, 97, (2, 9))
+    keep = torch.zeros(2, 9, dtype=torch.bool)
+    keep[0, 2:8], keep[1, :5] = True, True
+    targets = torch.randint(0, 97, (int(keep.sum()),))
+    weights = torch.rand(int(keep.sum())) + 0.5
     T, alpha = 2.0, 0.3
 
-    def logits_fn(model, batch):
-        return model(None, batch)
-
-    got = distill.loss_fn(logits_fn, teacher, T, alpha)(student, {})
-    mask = labels != -100
-    ce = torch.nn.functional.cross_entropy(s[mask], labels[mask], reduction="sum")
-    kl = torch.nn.functional.kl_div((s[mask] / T).log_softmax(-1), (t[mask] / T).log_softmax(-1), log_target=True,
-                                    reduction="sum")
-    assert got.item() == pytest.approx(((1 - alpha) * ce + alpha * T * T * kl).item(), rel=1e-5)
-    same = distill.loss_fn(logits_fn, student, T, alpha)(student, {})  # the student's own targets: no KL
-    assert same.item() == pytest.approx(((1 - alpha) * ce).item(), rel=1e-5)
+    s = student(input_ids=ids).logits[keep]
+    with torch.no_grad():
+        t = teacher(input_ids=ids).logits[keep]
+    ce = torch.nn.functional.cross_entropy(s, targets, reduction="none")
+    kl = torch.nn.functional.kl_div((s[:, :97] / T).log_softmax(-1), (t / T).log_softmax(-1), log_target=True,
+                                    reduction="none").sum(-1)
+    want = (((1 - alpha) * ce + alpha * T * T * kl) * weights).sum()
+    want.backward()
+    want_grads = [p.grad.clone() for p in student.parameters()]
+    student.zero_grad()
+    got = modeling.scored_cross_entropy(student, keep, targets, weights, teacher=teacher, temperature=T, alpha=alpha,
+                                        input_ids=ids)
+    got.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert all(torch.allclose(p.grad, w, atol=1e-5) for p, w in zip(student.parameters(), want_grads, strict=True))
+    # the student's own targets: no KL
+    same = modeling.scored_cross_entropy(student, keep, targets, teacher=student, temperature=T, alpha=alpha,
+                                         input_ids=ids)
+    assert same.item() == pytest.approx(((1 - alpha) * ce.sum()).item(), rel=1e-5)
 
 
 @pytest.fixture(scope="module")

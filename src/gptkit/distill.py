@@ -46,27 +46,17 @@ def load_teacher(recipe: Any, tokenizer: Any, device: torch.device) -> Any:
     return model
 
 
-def loss_fn(logits_fn: Callable, teacher: Any, temperature: float, alpha: float,
-            aggregate: Callable | None = None) -> Callable[[Any, dict], torch.Tensor]:
-    """A summed training loss for the engine: ``logits_fn(model, batch) -> (logits, labels)`` gives both models'
-    logits on the batch (any leading shape); ``aggregate(per_token, batch)`` sums the losses of the scored
-    positions (labels != -100, in order; default: their plain sum)."""
+def loss_fn(where_fn: Callable, teacher: Any, temperature: float, alpha: float,
+            weights_fn: Callable | None = None) -> Callable[[Any, dict], torch.Tensor]:
+    """A summed training loss for the engine: ``where_fn(batch) -> (keep, targets, inputs)`` says which positions
+    are scored, against what, and the models' inputs; ``weights_fn(batch)`` weighs each scored position (None:
+    1). Both models' output layers run on the scored positions only, fused with the loss, where they allow
+    (:func:`gptkit.modeling.scored_cross_entropy`)."""
+    from gptkit import modeling
 
     def distilled(model, batch: dict) -> torch.Tensor:
-        logits, labels = logits_fn(model, batch)
-        with torch.no_grad():
-            teacher_logits, _ = logits_fn(teacher, batch)
-        logits, teacher_logits = logits.reshape(-1, logits.shape[-1]), teacher_logits.reshape(-1, teacher_logits.shape[-1])
-        labels = labels.reshape(-1)
-        keep = labels != -100
-        if not bool(keep.all()):
-            logits, teacher_logits, labels = logits[keep], teacher_logits[keep], labels[keep]
-        vocab = min(logits.shape[-1], teacher_logits.shape[-1])  # a vocabulary padded for speed has extra rows
-        ce = torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none")
-        student = (logits[:, :vocab].float() / temperature).log_softmax(-1)
-        target = (teacher_logits[:, :vocab].float() / temperature).log_softmax(-1)
-        kl = (target.exp() * (target - student)).sum(-1)
-        per_token = (1 - alpha) * ce + alpha * temperature**2 * kl
-        return aggregate(per_token, batch) if aggregate is not None else per_token.sum()
+        keep, targets, inputs = where_fn(batch)
+        return modeling.scored_cross_entropy(model, keep, targets, weights_fn(batch) if weights_fn else None,
+                                             teacher=teacher, temperature=temperature, alpha=alpha, **inputs)
 
     return distilled

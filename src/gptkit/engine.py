@@ -55,10 +55,10 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def causal_lm_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, the labels they predict) of a pretraining block; ``labels`` are already shifted (see
-    :class:`gptkit.data.Blocks`)."""
-    return model(input_ids=batch["input_ids"]).logits, batch["labels"]
+def causal_lm_where(batch: dict) -> tuple[None, torch.Tensor, dict]:
+    """What a pretraining block scores — every position (None), against its labels (already shifted, see
+    :class:`gptkit.data.Blocks`) — and the model's inputs: the arguments of :func:`gptkit.modeling.scored_cross_entropy`."""
+    return None, batch["labels"].flatten(), {"input_ids": batch["input_ids"]}
 
 
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
@@ -66,7 +66,8 @@ def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     :func:`gptkit.modeling.scored_cross_entropy`)."""
     from gptkit import modeling
 
-    return modeling.scored_cross_entropy(model, None, batch["labels"].flatten(), input_ids=batch["input_ids"])
+    keep, targets, inputs = causal_lm_where(batch)
+    return modeling.scored_cross_entropy(model, keep, targets, **inputs)
 
 
 def all_tokens(batch: dict) -> int:
@@ -361,7 +362,10 @@ def backward_step(model, batches: list[dict], loss_fn, count_fn, accelerator) ->
     loss_sum = torch.zeros((), device=accelerator.device)
     for m, batch in enumerate(batches):
         with distributed.no_sync(accelerator, model, skip=m < len(batches) - 1):
-            loss = loss_fn(model, to_device(batch, accelerator.device))
+            # the whole loss under the run's autocast, not only the model's forward: the output layer fused with the
+            # loss (modeling.scored_cross_entropy) and a distillation teacher run outside the model
+            with accelerator.autocast():
+                loss = loss_fn(model, to_device(batch, accelerator.device))
             accelerator.backward(loss * scale)
         loss_sum += loss.detach().float()
     return loss_sum, max(items, 1.0)

@@ -211,8 +211,8 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
         from gptkit.tasks import generative as gen
 
         teacher = distill.load_teacher(recipe.model_copy(update={"task": task_name}), tokenizer, accelerator.device)
-        loss_fn = distill.loss_fn(gen.logits_and_targets, teacher, recipe.distill.temperature, recipe.distill.alpha,
-                                  partial(gen.aggregate, per=per))
+        loss_fn = distill.loss_fn(gen.where, teacher, recipe.distill.temperature, recipe.distill.alpha,
+                                  partial(gen.weights, per=per))
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
                      loss_fn=loss_fn, count_fn=partial(task.count, per=per),
                      eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,

@@ -148,18 +148,29 @@ def _chunk_rows(vocab: int) -> int:
     return max(1, 2**24 // vocab)
 
 
+def _soft_terms(z, zt, temperature: float):
+    """Distillation terms of float logits: the student's and teacher's log-probabilities at temperature T over
+    their common vocabulary (a vocabulary padded for speed has extra rows), the teacher's probabilities, and
+    KL(teacher || student) per row."""
+    v = min(z.shape[-1], zt.shape[-1])
+    ls, lt = (z[:, :v] / temperature).log_softmax(-1), (zt[:, :v] / temperature).log_softmax(-1)
+    pt = lt.exp()
+    return ls, pt, (pt * (lt - ls)).sum(-1)
+
+
 @cache
 def _linear_cross_entropy():
-    """An autograd function: the summed cross-entropy of ``hidden @ weight.T`` against ``targets``, a chunk of rows
-    at a time, with the gradients computed in the forward pass (softmax minus one-hot, per chunk). No (rows x vocab)
-    logits outlive their chunk — 16 x 1024 positions with GPT-2's vocabulary have 3.3 GB of float32 logits, held
-    two or three times over by a plain cross-entropy — and the backward pass only scales the stored gradients.
-    The same FLOPs as the plain head and loss (measured ~10% faster on CPU: less memory traffic)."""
+    """An autograd function: the summed loss of ``hidden @ weight.T`` against ``targets`` — cross-entropy, or with a
+    teacher ``(1 - alpha) CE + alpha T^2 KL(teacher_T || student_T)`` — each row times its weight, a chunk of rows
+    at a time, with the gradients computed in the forward pass. No (rows x vocab) logits outlive their chunk —
+    16 x 1024 positions with GPT-2's vocabulary have 3.3 GB of float32 logits, held two or three times over by a
+    plain cross-entropy — and the backward pass only scales the stored gradients. The same FLOPs as the plain
+    head and loss (measured ~10% faster on CPU: less memory traffic)."""
     import torch
 
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, targets):
+        def forward(ctx, hidden, weight, targets, row_weights, teacher_hidden, teacher_weight, alpha, temperature):
             need_h, need_w = ctx.needs_input_grad[:2]
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             gh = torch.empty_like(hidden) if need_h else None
@@ -167,12 +178,22 @@ def _linear_cross_entropy():
             step = _chunk_rows(weight.shape[0])
             for s in range(0, hidden.shape[0], step):
                 h, y = hidden[s : s + step], targets[s : s + step]
-                logits = (h @ weight.t()).float()
-                lse = logits.logsumexp(-1)
-                loss += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+                z = (h @ weight.t()).float()
+                lse = z.logsumexp(-1)
+                per_row = lse - z.gather(1, y[:, None]).squeeze(1)
+                if teacher_hidden is not None:
+                    zt = (teacher_hidden[s : s + step] @ teacher_weight.t()).float()
+                    ls, pt, kl = _soft_terms(z, zt, temperature)
+                    per_row = (1 - alpha) * per_row + alpha * temperature**2 * kl
+                w = None if row_weights is None else row_weights[s : s + step].float()
+                loss += (per_row if w is None else per_row * w).sum()
                 if need_h or need_w:
-                    g = logits.sub_(lse[:, None]).exp_()  # the softmax, in place of the logits
+                    g = z.sub_(lse[:, None]).exp_()  # d CE / d z = softmax - one-hot, in place of the logits
                     g[torch.arange(len(y), device=g.device), y] -= 1
+                    if teacher_hidden is not None:  # d (alpha T^2 KL) / d z = alpha T (softmax(z / T) - teacher_T)
+                        g.mul_(1 - alpha)[:, : pt.shape[1]].add_(alpha * temperature * (ls.exp() - pt))
+                    if w is not None:
+                        g.mul_(w[:, None])
                     g = g.to(h.dtype)
                     if need_h:
                         gh[s : s + step] = g @ weight
@@ -188,27 +209,47 @@ def _linear_cross_entropy():
             gh = saved.pop(0) if need_h else None
             gh = gh * grad.to(gh.dtype) if need_h else None
             gw = (saved.pop(0) * grad).to(ctx.weight_dtype) if need_w else None
-            return gh, gw, None
+            return gh, gw, None, None, None, None, None, None
 
     return LinearCrossEntropy
 
 
-def scored_cross_entropy(model, keep, targets, **inputs):
+def _hidden(model, head, keep, inputs):
+    """The final hidden states of the kept positions (rows x width): the model run with its head passed through."""
+    with _passthrough(head):
+        hidden = model(**inputs).logits
+    return hidden.flatten(0, 1) if keep is None else hidden[keep]
+
+
+def scored_cross_entropy(model, keep, targets, weights=None, teacher=None, temperature: float = 1.0,
+                         alpha: float = 0.0, **inputs):
     """The summed cross-entropy of the positions where ``keep`` (batch x positions, bool; None: all) is True
-    against ``targets`` (one per kept position, row-major). On a plain head (:func:`_plain_head`) the output
-    layer runs on the kept positions only, fused with the loss and chunked (:func:`_linear_cross_entropy`);
-    otherwise from the model's logits. Equal to ``cross_entropy(logits[keep], targets, reduction="sum")``."""
+    against ``targets`` (one per kept position, row-major), each position's loss times its ``weights`` entry
+    (None: 1). With a ``teacher`` (same inputs, no gradients) the loss per position is
+    ``(1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) || softmax(student / T))`` (Hinton et al.).
+    On plain heads (:func:`_plain_head`) the output layers run on the kept positions only, fused with the loss
+    and chunked (:func:`_linear_cross_entropy`); otherwise from the models' logits, the same formula."""
     import torch
 
     head = _plain_head(model)
-    if head is None:
-        logits = model(**inputs).logits
-        logits = logits.flatten(0, 1) if keep is None else logits[keep]
-        return torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
-    with _passthrough(head):
-        hidden = model(**inputs).logits
-    hidden = hidden.flatten(0, 1) if keep is None else hidden[keep]
-    return _linear_cross_entropy().apply(hidden, head.weight, targets)
+    teacher_head = None if teacher is None else _plain_head(teacher)
+    if head is not None and (teacher is None or teacher_head is not None):
+        hidden = _hidden(model, head, keep, inputs)
+        t_hidden = t_weight = None
+        if teacher is not None:
+            with torch.no_grad():
+                t_hidden, t_weight = _hidden(teacher, teacher_head, keep, inputs), teacher_head.weight
+        return _linear_cross_entropy().apply(hidden, head.weight, targets, weights, t_hidden, t_weight, alpha,
+                                             temperature)
+    logits = model(**inputs).logits
+    z = (logits.flatten(0, 1) if keep is None else logits[keep]).float()
+    per_row = torch.nn.functional.cross_entropy(z, targets, reduction="none")
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(**inputs).logits
+            zt = (t_logits.flatten(0, 1) if keep is None else t_logits[keep]).float()
+        per_row = (1 - alpha) * per_row + alpha * temperature**2 * _soft_terms(z, zt, temperature)[2]
+    return (per_row if weights is None else per_row * weights).sum()
 
 
 def lm_class(config):

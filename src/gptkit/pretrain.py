@@ -170,7 +170,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
         from gptkit import distill
 
         teacher = distill.load_teacher(recipe, tokenizer, accelerator.device)
-        loss_fn = distill.loss_fn(engine.causal_lm_logits, teacher, recipe.distill.temperature, recipe.distill.alpha)
+        loss_fn = distill.loss_fn(engine.causal_lm_where, teacher, recipe.distill.temperature, recipe.distill.alpha)
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume,
                      loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss, distributed=recipe.distributed)
     metrics = engine.fit(job, accelerator)

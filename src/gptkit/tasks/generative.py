@@ -163,40 +163,34 @@ def count(batch: dict, per: str = "token") -> int:
     return batch["input_ids"].shape[0] if per == "example" else int(_scored(batch).sum())
 
 
-def _inputs(batch: dict) -> tuple[torch.Tensor, dict]:
-    """Where the scored targets sit in the model's output (batch x positions, bool), and the model's inputs."""
-    keep = _scored(batch)
+def where(batch: dict) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """Where the scored target tokens sit in the model's output (batch x positions, bool), those tokens (example
+    by example) and the model's inputs: the arguments of :func:`gptkit.modeling.scored_cross_entropy`."""
+    scored = _scored(batch)
     if "decoder_input_ids" in batch:
-        return keep, {k: batch[k] for k in ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")}
+        keys = ("input_ids", "attention_mask", "decoder_input_ids", "decoder_attention_mask")
+        return scored, _targets(batch)[scored], {k: batch[k] for k in keys}
     # a decoder-only model: position t predicts token t+1, the last position predicts nothing
-    return torch.nn.functional.pad(keep, (0, 1)), {k: batch[k] for k in ("input_ids", "attention_mask")}
+    keep = torch.nn.functional.pad(scored, (0, 1))
+    return keep, _targets(batch)[scored], {k: batch[k] for k in ("input_ids", "attention_mask")}
 
 
-def logits_and_targets(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logits, labels) of the scored target tokens of a batch of examples: (N, vocab) and (N,), example by
-    example. A decoder-only model's output layer runs on those positions only (:func:`modeling.logits_where`)."""
-    where, inputs = _inputs(batch)
-    return modeling.logits_where(model, where, **inputs), _targets(batch)[_scored(batch)]
-
-
-def aggregate(per_token: torch.Tensor, batch: dict, per: str = "token") -> torch.Tensor:
-    """A loss per scored target token (as :func:`logits_and_targets` orders them) summed over tokens, or over
-    examples of each example's mean."""
+def weights(batch: dict, per: str = "token") -> torch.Tensor | None:
+    """Each scored token's weight in the summed loss: 1 per token (None), or 1 / its example's target tokens
+    (``per="example"``: the sum over examples of each example's mean)."""
     if per == "token":
-        return per_token.sum()
+        return None
     example = _scored(batch).nonzero()[:, 0]
-    return (per_token / torch.bincount(example)[example]).sum()
+    return 1.0 / torch.bincount(example)[example]
 
 
 def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
     """Summed target-token cross-entropy (``per="token"``, what Trainer and the papers average), or the sum
     over examples of each example's mean target-token loss (``per="example"``); the engine divides by
-    :func:`count` over the whole step. Both are independent of padding and of how a step is batched."""
-    if per == "token":  # the output layer fused with the loss where the model allows
-        where, inputs = _inputs(batch)
-        return modeling.scored_cross_entropy(model, where, _targets(batch)[_scored(batch)], **inputs)
-    logits, labels = logits_and_targets(model, batch)
-    return aggregate(torch.nn.functional.cross_entropy(logits.float(), labels, reduction="none"), batch, per)
+    :func:`count` over the whole step. Both are independent of padding and of how a step is batched. The output
+    layer runs on the target positions only, fused with the loss, where the model allows."""
+    keep, targets, inputs = where(batch)
+    return modeling.scored_cross_entropy(model, keep, targets, weights(batch, per), **inputs)
 
 
 def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | None = None) -> list[str]:
