@@ -4,7 +4,8 @@
 
 Not a test: prints ms per training step (forward + backward of the summed target-token cross-entropy) and the peak
 memory of the step's tensors (torch's CPU allocator does not report peaks: this counts the logits-sized tensors the
-two paths hold, from the shapes) for a prompt/answer batch: ``--answer`` of each example's tokens are scored.
+paths hold, from the shapes), then each path's measured peak RSS over three steps in a fresh process, for a
+prompt/answer batch: ``--answer`` of each example's tokens are scored.
 
     python bench/scored_logits.py [--vocab 50257] [--width 256] [--layers 2] [--batch 16] [--length 128] [--answer 0.4]
 """
@@ -12,9 +13,19 @@ two paths hold, from the shapes) for a prompt/answer batch: ``--answer`` of each
 from __future__ import annotations
 
 import argparse
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+
+def _status_mib(field: str) -> float:
+    """A memory figure of this process from /proc/self/status, in MiB."""
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
 
 
 def main() -> None:
@@ -26,6 +37,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=128)
     p.add_argument("--answer", type=float, default=0.4, help="share of each example's positions that are scored")
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--only", choices=["full", "scored", "fused"], help="one path, then print this process's peak RSS")
     args = p.parse_args()
     from transformers import AutoModelForCausalLM, GPT2Config
 
@@ -54,8 +66,17 @@ def main() -> None:
     def fused():
         return modeling.scored_cross_entropy(model, keep, targets, input_ids=ids)
 
+    paths = {"full": full, "scored": scored, "fused": fused}
+    if args.only:  # a child of the run below: the peak resident memory of this path's steps (Linux)
+        Path("/proc/self/clear_refs").write_text("5")  # resets the peak (VmHWM) to the current resident size
+        base = _status_mib("VmRSS")
+        for _ in range(3):
+            model.zero_grad(set_to_none=True)
+            paths[args.only]().backward()
+        print(json.dumps({"before": base, "peak": _status_mib("VmHWM")}))
+        return
     times = {}
-    for name, fn in (("full", full), ("scored", scored), ("fused", fused)) * 2:  # alternating: the second round counts
+    for name, fn in list(paths.items()) * 2:  # alternating: the second round counts
         fn().backward()  # warm-up
         t = time.perf_counter()
         for _ in range(args.steps):
@@ -76,6 +97,12 @@ def main() -> None:
           f"{mib(chunk) * 2 / 3:8.0f} MiB (one chunk of {chunk} rows, logits and softmax in place)")
     print(f"speed-up {times['full'] / times['scored']:.2f}x scored, {times['full'] / times['fused']:.2f}x fused; "
           f"same summed loss ({a:.4f}, {b:.4f}, {c:.4f})")
+    argv = [a for a in sys.argv[1:] if not a.startswith("--only")]
+    for name in paths:  # peak resident memory of three training steps, each path in a fresh process
+        out = subprocess.run([sys.executable, __file__, *argv, "--only", name], capture_output=True, text=True, check=True)
+        rss = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"peak RSS, {name:6s}: {rss['peak']:7.0f} MiB ({rss['peak'] - rss['before']:+.0f} MiB over the process "
+              "before its first step)")
 
 
 if __name__ == "__main__":
