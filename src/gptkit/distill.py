@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import torch
 
+from gptkit import modeling
 from gptkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,6 @@ def loss_fn(where_fn: Callable, teacher: Any, temperature: float, alpha: float,
     are scored, against what, and the models' inputs; ``weights_fn(batch)`` weighs each scored position (None:
     1). Both models' output layers run on the scored positions only, fused with the loss, where they allow
     (:func:`gptkit.modeling.scored_cross_entropy`)."""
-    from gptkit import modeling
 
     def distilled(model, batch: dict) -> torch.Tensor:
         keep, targets, inputs = where_fn(batch)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gptkit import checkpoint, distributed
+from gptkit import checkpoint, distributed, modeling
 from gptkit.errors import Interrupted, TrainingStopped, UserError
 from gptkit.recipe import DistributedConfig, TrainConfig
 from gptkit.tracking import Tracker, plot
@@ -64,8 +64,6 @@ def causal_lm_where(batch: dict) -> tuple[None, torch.Tensor, dict]:
 def causal_lm_loss(model, batch: dict) -> torch.Tensor:
     """Summed next-token cross-entropy (the output layer fused with the loss where the model allows:
     :func:`gptkit.modeling.scored_cross_entropy`)."""
-    from gptkit import modeling
-
     keep, targets, inputs = causal_lm_where(batch)
     return modeling.scored_cross_entropy(model, keep, targets, **inputs)
 

@@ -136,11 +136,7 @@ def logits_where(model, keep, **inputs):
     prompt and padding of a fine-tuning batch cost no vocabulary projection — with GPT-2's 50k vocabulary that
     projection is most of a small model's step — and no batch x length x vocab logits are held."""
     head = _plain_head(model)
-    if head is None:
-        return model(**inputs).logits[keep]
-    with _passthrough(head):
-        hidden = model(**inputs).logits
-    return head(hidden[keep])
+    return model(**inputs).logits[keep] if head is None else head(_hidden(model, head, keep, inputs))
 
 
 def _chunk_rows(vocab: int, device_type: str = "cpu") -> int:
@@ -216,11 +212,15 @@ def _linear_cross_entropy():
     return LinearCrossEntropy
 
 
+def _rows(x, keep):
+    """The kept positions of a (batch x positions x features) tensor as rows (``keep`` None: all)."""
+    return x.flatten(0, 1) if keep is None else x[keep]
+
+
 def _hidden(model, head, keep, inputs):
     """The final hidden states of the kept positions (rows x width): the model run with its head passed through."""
     with _passthrough(head):
-        hidden = model(**inputs).logits
-    return hidden.flatten(0, 1) if keep is None else hidden[keep]
+        return _rows(model(**inputs).logits, keep)
 
 
 def scored_cross_entropy(model, keep, targets, weights=None, teacher=None, temperature: float = 1.0,
@@ -243,13 +243,11 @@ def scored_cross_entropy(model, keep, targets, weights=None, teacher=None, tempe
                 t_hidden, t_weight = _hidden(teacher, teacher_head, keep, inputs), teacher_head.weight
         return _linear_cross_entropy().apply(hidden, head.weight, targets, weights, t_hidden, t_weight, alpha,
                                              temperature)
-    logits = model(**inputs).logits
-    z = (logits.flatten(0, 1) if keep is None else logits[keep]).float()
+    z = _rows(model(**inputs).logits, keep).float()
     per_row = torch.nn.functional.cross_entropy(z, targets, reduction="none")
     if teacher is not None:
         with torch.no_grad():
-            t_logits = teacher(**inputs).logits
-            zt = (t_logits.flatten(0, 1) if keep is None else t_logits[keep]).float()
+            zt = _rows(teacher(**inputs).logits, keep).float()
         per_row = (1 - alpha) * per_row + alpha * temperature**2 * _soft_terms(z, zt, temperature)[2]
     return (per_row if weights is None else per_row * weights).sum()
 
