@@ -16,7 +16,8 @@ from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_ro
 
 @pytest.mark.parametrize("plain", [False, True])
 def test_the_loss_is_weighted_cross_entropy_plus_scaled_kl(plain, monkeypatch):
-    """Per scored position (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T), times its weight: equal, with its
+    """Per scored position (1 - alpha) CE + alpha T^2 KL(teacher_T || student_T), times its weight, the CE label-smoothed
+    as torch's ``label_smoothing``: equal, with its
     gradients, to the formula on the full logits — fused and chunked (3 rows a chunk) or from the logits
     (GPTKIT_PLAIN_HEAD=1); a student padded to a larger vocabulary than its teacher's is scored on the common part."""
     from transformers import AutoModelForCausalLM, GPT2Config
@@ -40,12 +41,12 @@ def test_the_loss_is_weighted_cross_entropy_plus_scaled_kl(plain, monkeypatch):
     keep[0, 2:8], keep[1, :5] = True, True
     targets = torch.randint(0, 97, (int(keep.sum()),))
     weights = torch.rand(int(keep.sum())) + 0.5
-    T, alpha = 2.0, 0.3
+    T, alpha, eps = 2.0, 0.3, 0.1
 
     s = student(input_ids=ids).logits[keep]
     with torch.no_grad():
         t = teacher(input_ids=ids).logits[keep]
-    ce = torch.nn.functional.cross_entropy(s, targets, reduction="none")
+    ce = torch.nn.functional.cross_entropy(s, targets, reduction="none", label_smoothing=eps)
     kl = torch.nn.functional.kl_div((s[:, :97] / T).log_softmax(-1), (t / T).log_softmax(-1), log_target=True,
                                     reduction="none").sum(-1)
     want = (((1 - alpha) * ce + alpha * T * T * kl) * weights).sum()
@@ -53,13 +54,13 @@ def test_the_loss_is_weighted_cross_entropy_plus_scaled_kl(plain, monkeypatch):
     want_grads = [p.grad.clone() for p in student.parameters()]
     student.zero_grad()
     got = modeling.scored_cross_entropy(student, keep, targets, weights, teacher=teacher, temperature=T, alpha=alpha,
-                                        input_ids=ids)
+                                        smoothing=eps, input_ids=ids)
     got.backward()
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     assert all(torch.allclose(p.grad, w, atol=1e-5) for p, w in zip(student.parameters(), want_grads, strict=True))
     # the student's own targets: no KL
     same = modeling.scored_cross_entropy(student, keep, targets, teacher=student, temperature=T, alpha=alpha,
-                                         input_ids=ids)
+                                         smoothing=eps, input_ids=ids)
     assert same.item() == pytest.approx(((1 - alpha) * ce.sum()).item(), rel=1e-5)
 
 

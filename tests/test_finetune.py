@@ -532,6 +532,22 @@ def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch, m
                                                                                                      strict=True))
     with torch.no_grad():
         assert torch.allclose(modeling.scored_cross_entropy(model, keep, targets, **inputs), plain, rtol=1e-6)
+    # label smoothing: torch's label_smoothing, loss and gradients (sharper logits, so that smoothing matters)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(30)
+        targets = model(**inputs).logits[keep].argmax(-1)  # confident and right: smoothing raises the loss
+    plain = torch.nn.functional.cross_entropy(model(**inputs).logits[keep], targets, reduction="sum")
+    model.zero_grad()
+    reference = torch.nn.functional.cross_entropy(model(**inputs).logits[keep], targets, reduction="sum",
+                                                  label_smoothing=0.2)
+    reference.backward()
+    want = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    smoothed = modeling.scored_cross_entropy(model, keep, targets, smoothing=0.2, **inputs)
+    smoothed.backward()
+    assert reference > 2 * plain
+    assert torch.allclose(smoothed, reference, rtol=1e-6) and all(torch.allclose(p.grad, w, atol=1e-5) for p, w in zip(
+        (p for p in model.parameters() if p.grad is not None), want, strict=True))
     calls = len(rows)
     modeling.scored_cross_entropy(model, keep, targets, **inputs)
     # one call of the output layer: fused, the passthrough that hands back the hidden states (never a projection)

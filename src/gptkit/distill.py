@@ -48,15 +48,17 @@ def load_teacher(recipe: Any, tokenizer: Any, device: torch.device) -> Any:
 
 
 def loss_fn(where_fn: Callable, teacher: Any, temperature: float, alpha: float,
-            weights_fn: Callable | None = None) -> Callable[[Any, dict], torch.Tensor]:
+            weights_fn: Callable | None = None, smoothing: float = 0.0) -> Callable[[Any, dict], torch.Tensor]:
     """A summed training loss for the engine: ``where_fn(batch) -> (keep, targets, inputs)`` says which positions
     are scored, against what, and the models' inputs; ``weights_fn(batch)`` weighs each scored position (None:
-    1). Both models' output layers run on the scored positions only, fused with the loss, where they allow
+    1); ``smoothing`` is the label smoothing of the cross-entropy part. Both models' output layers run on the
+    scored positions only, fused with the loss, where they allow
     (:func:`gptkit.modeling.scored_cross_entropy`)."""
 
     def distilled(model, batch: dict) -> torch.Tensor:
         keep, targets, inputs = where_fn(batch)
         return modeling.scored_cross_entropy(model, keep, targets, weights_fn(batch) if weights_fn else None,
-                                             teacher=teacher, temperature=temperature, alpha=alpha, **inputs)
+                                             teacher=teacher, temperature=temperature, alpha=alpha,
+                                             smoothing=smoothing, **inputs)
 
     return distilled

@@ -61,11 +61,11 @@ def causal_lm_where(batch: dict) -> tuple[None, torch.Tensor, dict]:
     return None, batch["labels"].flatten(), {"input_ids": batch["input_ids"]}
 
 
-def causal_lm_loss(model, batch: dict) -> torch.Tensor:
-    """Summed next-token cross-entropy (the output layer fused with the loss where the model allows:
-    :func:`gptkit.modeling.scored_cross_entropy`)."""
+def causal_lm_loss(model, batch: dict, smoothing: float = 0.0) -> torch.Tensor:
+    """Summed next-token cross-entropy, ``smoothing`` its label smoothing (the output layer fused with the loss where
+    the model allows: :func:`gptkit.modeling.scored_cross_entropy`)."""
     keep, targets, inputs = causal_lm_where(batch)
-    return modeling.scored_cross_entropy(model, keep, targets, **inputs)
+    return modeling.scored_cross_entropy(model, keep, targets, smoothing=smoothing, **inputs)
 
 
 def all_tokens(batch: dict) -> int:

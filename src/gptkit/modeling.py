@@ -158,7 +158,8 @@ def _soft_terms(z, zt, temperature: float):
 
 @cache
 def _linear_cross_entropy():
-    """An autograd function: the summed loss of ``hidden @ weight.T`` against ``targets`` — cross-entropy, or with a
+    """An autograd function: the summed loss of ``hidden @ weight.T`` against ``targets`` — cross-entropy (with label
+    smoothing ``eps``: against ``(1 - eps) onehot + eps / vocab``, as torch's ``label_smoothing``), or with a
     teacher ``(1 - alpha) CE + alpha T^2 KL(teacher_T || student_T)`` — each row times its weight, a chunk of rows
     at a time, with the gradients computed in the forward pass. No (rows x vocab) logits outlive their chunk —
     16 x 1024 positions with GPT-2's vocabulary have 3.3 GB of float32 logits, held two or three times over by a
@@ -168,7 +169,8 @@ def _linear_cross_entropy():
 
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
-        def forward(ctx, hidden, weight, targets, row_weights, teacher_hidden, teacher_weight, alpha, temperature):
+        def forward(ctx, hidden, weight, targets, row_weights, teacher_hidden, teacher_weight, alpha, temperature,
+                    eps):
             need_h, need_w = ctx.needs_input_grad[:2]
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             gh = torch.empty_like(hidden) if need_h else None
@@ -179,6 +181,8 @@ def _linear_cross_entropy():
                 z = (h @ weight.t()).float()
                 lse = z.logsumexp(-1)
                 per_row = lse - z.gather(1, y[:, None]).squeeze(1)
+                if eps:
+                    per_row = (1 - eps) * per_row + eps * (lse - z.mean(-1))
                 if teacher_hidden is not None:
                     zt = (teacher_hidden[s : s + step] @ teacher_weight.t()).float()
                     ls, pt, kl = _soft_terms(z, zt, temperature)
@@ -187,7 +191,9 @@ def _linear_cross_entropy():
                 loss += (per_row if w is None else per_row * w).sum()
                 if need_h or need_w:
                     g = z.sub_(lse[:, None]).exp_()  # d CE / d z = softmax - one-hot, in place of the logits
-                    g[torch.arange(len(y), device=g.device), y] -= 1
+                    g[torch.arange(len(y), device=g.device), y] -= 1 - eps
+                    if eps:
+                        g.sub_(eps / g.shape[1])
                     if teacher_hidden is not None:  # d (alpha T^2 KL) / d z = alpha T (softmax(z / T) - teacher_T)
                         g.mul_(1 - alpha)[:, : pt.shape[1]].add_(alpha * temperature * (ls.exp() - pt))
                     if w is not None:
@@ -207,7 +213,7 @@ def _linear_cross_entropy():
             gh = saved.pop(0) if need_h else None
             gh = gh * grad.to(gh.dtype) if need_h else None
             gw = (saved.pop(0) * grad).to(ctx.weight_dtype) if need_w else None
-            return gh, gw, None, None, None, None, None, None
+            return gh, gw, None, None, None, None, None, None, None
 
     return LinearCrossEntropy
 
@@ -224,10 +230,11 @@ def _hidden(model, head, keep, inputs):
 
 
 def scored_cross_entropy(model, keep, targets, weights=None, teacher=None, temperature: float = 1.0,
-                         alpha: float = 0.0, **inputs):
+                         alpha: float = 0.0, smoothing: float = 0.0, **inputs):
     """The summed cross-entropy of the positions where ``keep`` (batch x positions, bool; None: all) is True
     against ``targets`` (one per kept position, row-major), each position's loss times its ``weights`` entry
-    (None: 1). With a ``teacher`` (same inputs, no gradients) the loss per position is
+    (None: 1); ``smoothing`` is label smoothing (torch's ``label_smoothing``: the target is ``(1 - smoothing)
+    onehot + smoothing / vocab``). With a ``teacher`` (same inputs, no gradients) the loss per position is
     ``(1 - alpha) CE + alpha T^2 KL(softmax(teacher / T) || softmax(student / T))`` (Hinton et al.).
     On plain heads (:func:`_plain_head`) the output layers run on the kept positions only, fused with the loss
     and chunked (:func:`_linear_cross_entropy`); otherwise from the models' logits, the same formula."""
@@ -242,9 +249,9 @@ def scored_cross_entropy(model, keep, targets, weights=None, teacher=None, tempe
             with torch.no_grad():
                 t_hidden, t_weight = _hidden(teacher, teacher_head, keep, inputs), teacher_head.weight
         return _linear_cross_entropy().apply(hidden, head.weight, targets, weights, t_hidden, t_weight, alpha,
-                                             temperature)
+                                             temperature, smoothing)
     z = _rows(model(**inputs).logits, keep).float()
-    per_row = torch.nn.functional.cross_entropy(z, targets, reduction="none")
+    per_row = torch.nn.functional.cross_entropy(z, targets, reduction="none", label_smoothing=smoothing)
     if teacher is not None:
         with torch.no_grad():
             zt = _rows(teacher(**inputs).logits, keep).float()

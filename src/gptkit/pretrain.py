@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from gptkit import corpus
@@ -165,12 +166,14 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     accelerator.wait_for_everyone()
     log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
              n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
-    loss_fn = None
+    smoothing = recipe.train.label_smoothing
+    loss_fn = partial(engine.causal_lm_loss, smoothing=smoothing) if smoothing else None
     if recipe.distill.teacher:
         from gptkit import distill
 
         teacher = distill.load_teacher(recipe, tokenizer, accelerator.device)
-        loss_fn = distill.loss_fn(engine.causal_lm_where, teacher, recipe.distill.temperature, recipe.distill.alpha)
+        loss_fn = distill.loss_fn(engine.causal_lm_where, teacher, recipe.distill.temperature, recipe.distill.alpha,
+                                  smoothing=smoothing)
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume,
                      loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss, distributed=recipe.distributed)
     metrics = engine.fit(job, accelerator)

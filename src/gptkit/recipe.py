@@ -162,6 +162,10 @@ class TrainConfig(_Section):
     beta1: float = Field(0.9, ge=0.0, lt=1.0, description="AdamW beta1.")
     beta2: float = Field(0.95, ge=0.0, lt=1.0, description="AdamW beta2.")
     grad_clip: float = Field(1.0, ge=0.0, description="Max global gradient norm (0 = off).")
+    label_smoothing: float = Field(
+        0.0, ge=0.0, lt=1.0, description="Training targets (1 - e) one-hot + e / classes, as transformers' "
+        "label_smoothing_factor; validation loss and perplexity stay plain cross-entropy."
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto = bf16 on GPUs that support it, else fp32."
     )

@@ -22,7 +22,8 @@ class FinetuneTask(Protocol):
 
     def preprocess(self, recipe: Any, tokenizer: Any, rows: list[dict], split: str, model: Any) -> Any: ...
 
-    def loss(self, model: Any, batch: dict, per: str = "token") -> Any: ...  # summed over the items count() gives
+    def loss(self, model: Any, batch: dict, per: str = "token", smoothing: float = 0.0) -> Any: ...  # summed over
+    # the items count() gives; smoothing: label smoothing (training only)
 
     def count(self, batch: dict, per: str = "token") -> int: ...
 

@@ -63,9 +63,11 @@ def preprocess(recipe, tokenizer, rows, split, model):
     return _Labelled(out, tokenizer.pad_token_id)
 
 
-def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
-    """Cross-entropy of the label, summed over the batch's examples."""
-    return model(**batch).loss * batch["input_ids"].shape[0]
+def loss(model, batch: dict, per: str = "token", smoothing: float = 0.0) -> torch.Tensor:
+    """Cross-entropy of the label (``smoothing``: label smoothing), summed over the batch's examples."""
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return torch.nn.functional.cross_entropy(logits.float(), batch["labels"], reduction="sum",
+                                             label_smoothing=smoothing)
 
 
 def count(batch: dict, per: str = "token") -> int:

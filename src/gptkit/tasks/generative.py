@@ -184,13 +184,14 @@ def weights(batch: dict, per: str = "token") -> torch.Tensor | None:
     return 1.0 / torch.bincount(example)[example]
 
 
-def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
+def loss(model, batch: dict, per: str = "token", smoothing: float = 0.0) -> torch.Tensor:
     """Summed target-token cross-entropy (``per="token"``, what Trainer and the papers average), or the sum
     over examples of each example's mean target-token loss (``per="example"``); the engine divides by
     :func:`count` over the whole step. Both are independent of padding and of how a step is batched. The output
-    layer runs on the target positions only, fused with the loss, where the model allows."""
+    layer runs on the target positions only, fused with the loss, where the model allows; ``smoothing`` is label
+    smoothing."""
     keep, targets, inputs = where(batch)
-    return modeling.scored_cross_entropy(model, keep, targets, weights(batch, per), **inputs)
+    return modeling.scored_cross_entropy(model, keep, targets, weights(batch, per), smoothing=smoothing, **inputs)
 
 
 def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | None = None) -> list[str]:

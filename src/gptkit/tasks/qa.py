@@ -165,12 +165,20 @@ def preprocess(recipe, tokenizer, rows, split, model):
     return _Spans(out, tokenizer.pad_token_id)
 
 
-def loss(model, batch: dict, per: str = "token") -> torch.Tensor:
-    """The span head's loss summed over windows for extractive batches (they carry start_positions), else the
-    answer-only LM loss (:func:`gptkit.tasks.generative.loss`)."""
-    if "start_positions" in batch:
-        return model(**batch).loss * batch["input_ids"].shape[0]
-    return gen.loss(model, batch, per)
+def loss(model, batch: dict, per: str = "token", smoothing: float = 0.0) -> torch.Tensor:
+    """The span head's loss summed over windows for extractive batches (they carry start_positions: the mean of
+    the start and end cross-entropies, as transformers' QA heads compute it; ``smoothing``: label smoothing), else
+    the answer-only LM loss (:func:`gptkit.tasks.generative.loss`)."""
+    if "start_positions" not in batch:
+        return gen.loss(model, batch, per, smoothing)
+    keys = ("start_positions", "end_positions")
+    out = model(**{k: v for k, v in batch.items() if k not in keys})
+    total = 0.0
+    for logits, key in zip((out.start_logits, out.end_logits), keys):
+        n = logits.shape[1]  # positions past the window are ignored, as in transformers' heads
+        total = total + torch.nn.functional.cross_entropy(logits.float(), batch[key].clamp(0, n), ignore_index=n,
+                                                          reduction="sum", label_smoothing=smoothing)
+    return total / 2
 
 
 def count(batch: dict, per: str = "token") -> int:

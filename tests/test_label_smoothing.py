@@ -1,0 +1,69 @@
+"""train.label_smoothing: every task's training loss is torch's label-smoothed cross-entropy; validation stays plain."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import SHAKESPEARE, run_cli, tiny_recipe
+from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
+
+
+def _gpt2(cls, **config):
+    from transformers import GPT2Config
+
+    torch.manual_seed(0)
+    return cls(GPT2Config(vocab_size=50, n_embd=32, n_layer=1, n_head=2, n_positions=16, pad_token_id=0,
+                          **config)).eval()
+
+
+def test_classify_and_span_heads_smooth_as_torch_and_equal_the_heads_own_loss_without():
+    from transformers import GPT2ForQuestionAnswering, GPT2ForSequenceClassification
+
+    from gptkit.tasks import classify, qa
+
+    ids = torch.randint(1, 50, (4, 10))
+    mask = torch.ones_like(ids)
+    mask[1, 7:] = 0
+    model = _gpt2(GPT2ForSequenceClassification, num_labels=3)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": torch.tensor([0, 2, 1, 2])}
+    assert classify.loss(model, batch).item() == pytest.approx(model(**batch).loss.item() * 4, rel=1e-6)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    want = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum", label_smoothing=0.2)
+    assert classify.loss(model, batch, smoothing=0.2).item() == pytest.approx(want.item(), rel=1e-6)
+
+    model = _gpt2(GPT2ForQuestionAnswering)
+    batch = {"input_ids": ids, "attention_mask": mask, "start_positions": torch.tensor([2, 0, 5, 9]),
+             "end_positions": torch.tensor([3, 0, 8, 9])}  # 0: a window without the answer
+    assert qa.loss(model, batch).item() == pytest.approx(model(**batch).loss.item() * 4, rel=1e-6)
+    out = model(input_ids=ids, attention_mask=mask)
+    want = sum(torch.nn.functional.cross_entropy(z, y, reduction="sum", label_smoothing=0.2)
+               for z, y in ((out.start_logits, batch["start_positions"]), (out.end_logits, batch["end_positions"])))
+    assert qa.loss(model, batch, smoothing=0.2).item() == pytest.approx(want.item() / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("command", ["pretrain", "finetune"])
+def test_the_recipe_smooths_training_and_never_validation(tmp_path, command, monkeypatch):
+    """Every training loss of a run with train.label_smoothing 0.2 is smoothed; every validation loss is not."""
+    from gptkit import modeling
+
+    seen = {True: set(), False: set()}  # grad enabled (training) -> smoothing values used
+    real = modeling.scored_cross_entropy
+
+    def spy(*args, smoothing=0.0, **kwargs):
+        seen[torch.is_grad_enabled()].add(smoothing)
+        return real(*args, smoothing=smoothing, **kwargs)
+
+    if command == "pretrain":
+        recipe = tiny_recipe(tmp_path / "r.yaml", SHAKESPEARE, tmp_path / "out",
+                             train={"max_steps": 4, "eval_every": 2, "label_smoothing": 0.2})
+        args = ("pretrain", str(recipe))
+    else:
+        base = pretrained_base(tmp_path)
+        recipe = finetune_recipe(tmp_path, "ft", "translate", base, splits(tmp_path, translate_rows, 40),
+                                 train={"max_steps": 4, "eval_every": 2, "label_smoothing": 0.2})
+        args = ("finetune", str(recipe), "--task", "translate")
+    monkeypatch.setattr(modeling, "scored_cross_entropy", spy)
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+    assert seen == {True: {0.2}, False: {0.0}}
