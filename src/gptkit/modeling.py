@@ -38,9 +38,9 @@ def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
             n_head=cfg.n_head,
             n_inner=cfg.intermediate_size,
             activation_function=cfg.activation or "gelu",
-            resid_pdrop=cfg.dropout,
-            embd_pdrop=cfg.dropout,
-            attn_pdrop=cfg.dropout,
+            resid_pdrop=cfg.dropout or 0.0,
+            embd_pdrop=cfg.dropout or 0.0,
+            attn_pdrop=cfg.dropout or 0.0,
             bos_token_id=eos_id,
             eos_token_id=eos_id,
             pad_token_id=pad_id,
@@ -55,7 +55,7 @@ def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
         num_attention_heads=cfg.n_head,
         num_key_value_heads=cfg.n_kv_head or cfg.n_head,
         max_position_embeddings=cfg.context,
-        attention_dropout=cfg.dropout,
+        attention_dropout=cfg.dropout or 0.0,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
         pad_token_id=pad_id,
@@ -283,10 +283,30 @@ def describe_arch(config) -> str:
     return f"{config.model_type} (encoder-decoder)" if is_encoder_decoder(config) else config.model_type
 
 
+# the config fields transformers' models read their dropout probabilities from (GPT-2, Llama/Mistral/Qwen, BART/
+# Marian, T5, BERT-style)
+DROPOUT_FIELDS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout",
+                  "hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "activation_dropout", "dropout_rate")
+
+
+def dropout_fields(config, p: float) -> dict:
+    """``model.dropout`` for a base: each dropout field its config has, set to ``p``."""
+    fields = {f: p for f in DROPOUT_FIELDS
+              if isinstance(getattr(config, f, None), int | float) and not isinstance(getattr(config, f), bool)}
+    if not fields:
+        raise UserError(f"model.dropout: the base's config ({config.model_type}) has none of the dropout fields "
+                        f"gptkit sets ({', '.join(DROPOUT_FIELDS)}); leave model.dropout unset")
+    return fields
+
+
 def load_kwargs(cfg: ModelConfig) -> dict:
-    """How every model of a recipe loads: attention kernel, weight dtype, remote code."""
-    return {"attn_implementation": cfg.attn_implementation, "dtype": cfg.dtype,
-            "trust_remote_code": cfg.trust_remote_code}
+    """How every model of a recipe loads: attention kernel, weight dtype, remote code, and ``model.dropout`` (when
+    set) in each of the base's dropout fields."""
+    kwargs = {"attn_implementation": cfg.attn_implementation, "dtype": cfg.dtype,
+              "trust_remote_code": cfg.trust_remote_code}
+    if cfg.dropout is not None and cfg.init_from:
+        kwargs |= dropout_fields(base_config(cfg.init_from, trust_remote_code=cfg.trust_remote_code), cfg.dropout)
+    return kwargs
 
 
 def trainable_precision(model, method: str) -> None:

@@ -55,7 +55,10 @@ class ModelConfig(_Section):
     n_embd: int = Field(128, ge=1, description="Hidden width; must be divisible by n_head.")
     intermediate_size: int | None = Field(None, ge=1, description="Feed-forward width (None = 4 x n_embd).")
     context: int = Field(256, ge=2, description="Context length in tokens (block size for packing).")
-    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals.")
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals (None: 0 for a new model; "
+        "with init_from the base's own, else this sets every dropout field of the base's config)."
+    )
     tie_embeddings: bool = Field(True, description="Share input embedding and output projection weights.")
     activation: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"] | None = Field(
         None,

@@ -1,4 +1,5 @@
-"""train.label_smoothing: every task's training loss is torch's label-smoothed cross-entropy; validation stays plain."""
+"""Regularisation knobs a fine-tune needs: train.label_smoothing (every task's training loss is torch's label-smoothed
+cross-entropy; validation stays plain) and model.dropout over a base's own."""
 
 from __future__ import annotations
 
@@ -67,3 +68,31 @@ def test_the_recipe_smooths_training_and_never_validation(tmp_path, command, mon
     code, _, err = run_cli(*args)
     assert code == 0, err
     assert seen == {True: {0.2}, False: {0.0}}
+
+
+def test_model_dropout_sets_every_dropout_field_of_the_base(tmp_path):
+    from transformers import BartConfig, LlamaConfig, T5Config
+
+    from gptkit import modeling, trained
+    from gptkit.errors import UserError
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import translate
+
+    base = pretrained_base(tmp_path)
+    files = splits(tmp_path, translate_rows, 20)
+
+    def built(**model):
+        recipe = load_recipe(finetune_recipe(tmp_path, "d", "translate", base, files, model=model))
+        return translate.build_model(recipe, trained.tokenizer_of(str(base)), [])
+
+    own = built()
+    rates = {m.p for m in own.modules() if isinstance(m, torch.nn.Dropout)}
+    assert (own.config.resid_pdrop, own.config.embd_pdrop, own.config.attn_pdrop) == (0.0, 0.0, 0.0) and rates == {0.0}
+    model = built(dropout=0.3)
+    assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (0.3, 0.3, 0.3)
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    assert modeling.dropout_fields(LlamaConfig(), 0.2) == {"attention_dropout": 0.2}
+    assert set(modeling.dropout_fields(BartConfig(), 0.2)) == {"dropout", "attention_dropout", "activation_dropout"}
+    assert modeling.dropout_fields(T5Config(), 0.2) == {"dropout_rate": 0.2}
+    with pytest.raises(UserError, match="model.dropout"):
+        modeling.dropout_fields(object.__new__(type("NoDrop", (), {"model_type": "nodrop"})), 0.2)
