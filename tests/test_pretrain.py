@@ -214,3 +214,31 @@ def test_shakespeare_char_reaches_nanogpt_loss(tmp_path):
     assert code == 0, err
     val = [r["val_loss"] for r in metrics(tmp_path / "run") if "val_loss" in r]
     assert len(val) == 6 and val[-1] <= 1.88, val
+
+
+def test_padded_vocabulary_never_generates_its_padding(tmp_path, corpus):
+    """model.vocab_multiple pads a new model's vocabulary; the padding ids are suppressed by the saved generation
+    config, so plain transformers never emits them even where the output layer favours them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", model={"vocab_multiple": 64},
+                         train={"max_steps": 4, "eval_every": 4, "save_every": 4})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(tmp_path / "run")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    n, vocab = len(tok), model.config.vocab_size
+    assert vocab % 64 == 0 and n < vocab < n + 64
+    assert model.generation_config.suppress_tokens == list(range(n, vocab))
+
+    def favour_padding(module, args, logits):
+        return torch.cat([logits[..., :n], logits[..., n:] + 1000], -1)
+
+    model.get_output_embeddings().register_forward_hook(favour_padding)
+    ids = tok("ROMEO:", return_tensors="pt").input_ids
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=20, top_k=0)
+    assert out.max() < n
+    model.generation_config.suppress_tokens = None  # the check can fail: unsuppressed, the padding wins
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=20, top_k=0)
+    assert out[0, ids.shape[1]:].min() >= n

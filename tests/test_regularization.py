@@ -45,15 +45,17 @@ def test_classify_and_span_heads_smooth_as_torch_and_equal_the_heads_own_loss_wi
 
 @pytest.mark.parametrize("command", ["pretrain", "finetune"])
 def test_the_recipe_smooths_training_and_never_validation(tmp_path, command, monkeypatch):
-    """Every training loss of a run with train.label_smoothing 0.2 is smoothed; every validation loss is not."""
+    """Every training loss of a run with train.label_smoothing 0.2 is smoothed, in training mode (dropout on, also
+    before the first validation of a base that from_pretrained hands back in eval mode); every validation loss is
+    plain, in eval mode."""
     from gptkit import modeling
 
     seen = {True: set(), False: set()}  # grad enabled (training) -> smoothing values used
     real = modeling.scored_cross_entropy
 
-    def spy(*args, smoothing=0.0, **kwargs):
-        seen[torch.is_grad_enabled()].add(smoothing)
-        return real(*args, smoothing=smoothing, **kwargs)
+    def spy(model, *args, smoothing=0.0, **kwargs):
+        seen[torch.is_grad_enabled()].add((smoothing, model.training))
+        return real(model, *args, smoothing=smoothing, **kwargs)
 
     if command == "pretrain":
         recipe = tiny_recipe(tmp_path / "r.yaml", SHAKESPEARE, tmp_path / "out",
@@ -67,7 +69,7 @@ def test_the_recipe_smooths_training_and_never_validation(tmp_path, command, mon
     monkeypatch.setattr(modeling, "scored_cross_entropy", spy)
     code, _, err = run_cli(*args)
     assert code == 0, err
-    assert seen == {True: {0.2}, False: {0.0}}
+    assert seen == {True: {(0.2, True)}, False: {(0.0, False)}}
 
 
 def test_model_dropout_sets_every_dropout_field_of_the_base(tmp_path):

@@ -429,6 +429,7 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
     if rng is not None:
         _restore_rng(rng)
+    model.train()  # from_pretrained hands back a model in eval mode: dropout (LoRA's too) would be off
     status = "FINISHED"
     try:  # a tracker run is closed however training ends, and says how it ended
         with _StopOnSignal() as stop:

@@ -26,8 +26,10 @@ def model_dir(path: str, field: str) -> Path:
 
 
 def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None = None):
-    """A transformers config for a fresh model of the recipe's shape."""
+    """A transformers config for a fresh model of the recipe's shape (its vocabulary padded to ``vocab_multiple``)."""
     from transformers import GPT2Config, LlamaConfig
+
+    vocab_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
 
     if cfg.arch == "gpt2":
         return GPT2Config(
@@ -323,8 +325,10 @@ def trainable_precision(model, method: str) -> None:
                         "unscaled); use bfloat16 or float32, or finetune.method: lora on the float16 base")
 
 
-def build_model(cfg: ModelConfig, config):
-    """The causal LM: weights from ``init_from`` when set, else randomly initialised."""
+def build_model(cfg: ModelConfig, config, n_tokens: int | None = None):
+    """The causal LM: weights from ``init_from`` when set, else randomly initialised; a new model whose vocabulary
+    is padded past the tokenizer's ``n_tokens`` never generates the padding ids (its generation config suppresses
+    them, for transformers' ``generate`` too)."""
     from transformers import AutoModelForCausalLM
 
     if cfg.trust_remote_code:
@@ -335,7 +339,10 @@ def build_model(cfg: ModelConfig, config):
             return AutoModelForCausalLM.from_pretrained(model_dir(cfg.init_from, "model.init_from"), **load_kwargs(cfg))
         except (OSError, ValueError) as e:
             raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None
-    return AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    if n_tokens is not None and config.vocab_size > n_tokens:
+        model.generation_config.suppress_tokens = list(range(n_tokens, config.vocab_size))
+    return model
 
 
 def max_positions(config) -> int | None:

@@ -154,7 +154,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     if ctx < recipe.model.context:
         raise UserError(f"model.context: {recipe.model.context} exceeds the checkpoint's {ctx} positions")
     set_seed(recipe.train.seed)
-    model = modeling.build_model(recipe.model, config)
+    model = modeling.build_model(recipe.model, config, len(tokenizer))
     modeling.trainable_precision(model, "full")
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)

@@ -59,6 +59,10 @@ class ModelConfig(_Section):
         None, ge=0.0, lt=1.0, description="Dropout on embeddings, attention and residuals (None: 0 for a new model; "
         "with init_from the base's own, else this sets every dropout field of the base's config)."
     )
+    vocab_multiple: int = Field(
+        1, ge=1, description="A new model's embedding and output layer padded to a multiple of this (64 or 128 "
+        "speeds GPU matmuls, as nanoGPT's 50304 for GPT-2); the extra ids are never targets, generation suppresses them."
+    )
     tie_embeddings: bool = Field(True, description="Share input embedding and output projection weights.")
     activation: Literal["gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu"] | None = Field(
         None,
