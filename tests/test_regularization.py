@@ -98,3 +98,42 @@ def test_model_dropout_sets_every_dropout_field_of_the_base(tmp_path):
     assert modeling.dropout_fields(T5Config(), 0.2) == {"dropout_rate": 0.2}
     with pytest.raises(UserError, match="model.dropout"):
         modeling.dropout_fields(object.__new__(type("NoDrop", (), {"model_type": "nodrop"})), 0.2)
+
+
+def test_a_finetune_with_dropout_resumes_bit_identically_after_a_validation(tmp_path, monkeypatch):
+    """Dropout 0.2 and label smoothing, interrupted after the first validation (which switches modes) and
+    resumed: the same training losses at every step as the run that was never stopped."""
+    import json
+    import os
+    import signal
+
+    from gptkit import engine
+
+    base = pretrained_base(tmp_path)
+    s = splits(tmp_path, translate_rows, 100)
+    sections = dict(model={"dropout": 0.2}, train={"max_steps": 10, "eval_every": 4, "save_every": 4, "log_every": 1,
+                                                   "label_smoothing": 0.1},
+                    finetune={"eval_examples": 4, "max_new_tokens": 4})
+    ref = finetune_recipe(tmp_path, "ref", "translate", base, s, **sections)
+    assert run_cli("finetune", str(ref))[0] == 0
+    real_lr_at = engine.lr_at
+
+    def interrupt(it, cfg):
+        if it == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(it, cfg)
+
+    cut = finetune_recipe(tmp_path, "cut", "translate", base, s, **sections)
+    monkeypatch.setattr(engine, "lr_at", interrupt)
+    assert run_cli("finetune", str(cut))[0] == 130
+    monkeypatch.setattr(engine, "lr_at", real_lr_at)
+    code, _, err = run_cli("finetune", str(cut), "--resume")
+    assert code == 0, err
+
+    def losses(run):
+        return {r["step"]: r["train_loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if "train_loss" in r}
+
+    assert losses(tmp_path / "cut") == losses(tmp_path / "ref")
+    plain = finetune_recipe(tmp_path, "plain", "translate", base, s, **{**sections, "model": {}})
+    assert run_cli("finetune", str(plain))[0] == 0
+    assert losses(tmp_path / "plain")[1] != losses(tmp_path / "ref")[1]  # dropout is on from the first step
