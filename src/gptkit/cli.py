@@ -99,6 +99,21 @@ def pretrain(
 
 
 @app.command()
+def init(
+    recipe: RecipeArg,
+    overrides: Overrides = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the folder already in output.dir.")] = False,
+) -> None:
+    """Build an untrained model of the recipe's shape (GPT-2, Llama, or the encoder-decoders BART and T5) with its
+    tokenizer trained on data.train_files: a base that `gptkit finetune` trains from nothing."""
+    from gptkit import pretrain as task
+
+    rec = _load(recipe, overrides)
+    out, n = task.init(rec, overwrite=overwrite, command=sys.argv)
+    typer.echo(f"initialised: {rec.model.arch}, {n:,} parameters (untrained), with its tokenizer, in {out}")
+
+
+@app.command()
 def finetune(
     recipe: RecipeArg,
     overrides: Overrides = None,

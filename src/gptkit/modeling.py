@@ -26,10 +26,26 @@ def model_dir(path: str, field: str) -> Path:
 
 
 def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | None = None):
-    """A transformers config for a fresh model of the recipe's shape (its vocabulary padded to ``vocab_multiple``)."""
-    from transformers import GPT2Config, LlamaConfig
+    """A transformers config for a fresh model of the recipe's shape (its vocabulary padded to ``vocab_multiple``).
+    Encoder-decoders (bart, t5) have ``n_layer`` blocks in each stack and need a ``pad_id`` apart from EOS (BART's
+    padding embedding is frozen at zero, and it ties the output layer); BART's decoder starts from EOS, T5's from pad."""
+    from transformers import BartConfig, GPT2Config, LlamaConfig, T5Config
 
     vocab_size = -(-vocab_size // cfg.vocab_multiple) * cfg.vocab_multiple
+    ffn = cfg.intermediate_size or 4 * cfg.n_embd
+    if cfg.arch == "bart":
+        return BartConfig(vocab_size=vocab_size, d_model=cfg.n_embd, encoder_layers=cfg.n_layer,
+                          decoder_layers=cfg.n_layer, encoder_attention_heads=cfg.n_head,
+                          decoder_attention_heads=cfg.n_head, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn,
+                          max_position_embeddings=cfg.context, dropout=cfg.dropout or 0.0, attention_dropout=0.0,
+                          activation_dropout=0.0, activation_function=cfg.activation or "gelu",
+                          pad_token_id=pad_id, bos_token_id=eos_id, eos_token_id=eos_id, decoder_start_token_id=eos_id,
+                          forced_eos_token_id=None, tie_word_embeddings=cfg.tie_embeddings)
+    if cfg.arch == "t5":
+        return T5Config(vocab_size=vocab_size, d_model=cfg.n_embd, d_kv=cfg.n_embd // cfg.n_head, d_ff=ffn,
+                        num_layers=cfg.n_layer, num_heads=cfg.n_head, dropout_rate=cfg.dropout or 0.0,
+                        pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id,
+                        tie_word_embeddings=cfg.tie_embeddings)
 
     if cfg.arch == "gpt2":
         return GPT2Config(
@@ -76,7 +92,14 @@ def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
             raise UserError(f"model.init_from: {path} is an encoder-decoder ({config.model_type}); pretrain continues "
                             "decoder-only (GPT-style) models")
         return config
+    if cfg.arch in ENCODER_DECODERS:
+        raise UserError(f"model.arch: {cfg.arch} is an encoder-decoder; pretrain trains decoder-only (GPT-style) models. "
+                        "`gptkit init` builds it untrained with its tokenizer, `gptkit finetune` (translate, summarize) "
+                        "trains it")
     return build_config(cfg, vocab_size, eos_id)
+
+
+ENCODER_DECODERS = ("bart", "t5")
 
 
 def quiet_loading() -> None:
@@ -326,7 +349,8 @@ def trainable_precision(model, method: str) -> None:
 
 
 def build_model(cfg: ModelConfig, config, n_tokens: int | None = None):
-    """The causal LM: weights from ``init_from`` when set, else randomly initialised; a new model whose vocabulary
+    """The causal LM: weights from ``init_from`` when set, else randomly initialised (an encoder-decoder config: the
+    sequence-to-sequence LM); a new model whose vocabulary
     is padded past the tokenizer's ``n_tokens`` never generates the padding ids (its generation config suppresses
     them, for transformers' ``generate`` too)."""
     from transformers import AutoModelForCausalLM
@@ -339,7 +363,7 @@ def build_model(cfg: ModelConfig, config, n_tokens: int | None = None):
             return AutoModelForCausalLM.from_pretrained(model_dir(cfg.init_from, "model.init_from"), **load_kwargs(cfg))
         except (OSError, ValueError) as e:
             raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    model = lm_class(config).from_config(config, attn_implementation=cfg.attn_implementation)
     if n_tokens is not None and config.vocab_size > n_tokens:
         model.generation_config.suppress_tokens = list(range(n_tokens, config.vocab_size))
     return model

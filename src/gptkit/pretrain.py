@@ -119,6 +119,32 @@ def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None =
     return tok
 
 
+def init(recipe: Recipe, *, overwrite: bool = False, command: list[str] | None = None) -> tuple[Path, int]:
+    """An untrained model of the recipe's arch and shape — GPT-2, Llama, or the encoder-decoders BART and T5 — saved
+    with its tokenizer (trained on ``data.train_files`` as pretraining trains it, plus a pad token apart from EOS for
+    an encoder-decoder): the base ``gptkit finetune`` trains from nothing. Returns the folder and parameter count."""
+    from accelerate.utils import set_seed
+
+    if recipe.task != "pretrain":
+        raise UserError(f"task: '{recipe.task}' recipes run with `gptkit {recipe.task}`; init takes a model recipe")
+    if recipe.model.init_from:
+        raise UserError("model.init_from: init builds a new model; unset it (a checkpoint is fine-tuned directly)")
+    if not recipe.data.train_files:
+        raise UserError("data.train_files: empty; init trains the tokenizer on them")
+    run_dir = rundir.resolve_output(recipe.output.dir)
+    train = data_mod.resolve_files(recipe.data.train_files, "data.train_files")
+    rundir.check(run_dir, recipe, resume=False, overwrite=overwrite, force=False)
+    tokenizer = tokenizer_for(recipe, train)
+    if recipe.model.arch in modeling.ENCODER_DECODERS and tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    config = modeling.build_config(recipe.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    set_seed(recipe.train.seed)
+    model = modeling.build_model(recipe.model, config, len(tokenizer))
+    rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
+    trained.save(model, tokenizer, run_dir)
+    return run_dir, sum(p.numel() for p in model.parameters())
+
+
 def prepare(recipe: Recipe) -> dict:
     """The tokenizer and the token streams in the cache, without training (the data half of :func:`run`): run
     once before a multi-process launch, whose rank 0 would otherwise tokenize while the others wait at a

@@ -44,7 +44,10 @@ class _Section(BaseModel):
 class ModelConfig(_Section):
     """The network: built from a size spec (random init) or continued from a local checkpoint."""
 
-    arch: Literal["gpt2", "llama"] = Field("gpt2", description="Architecture family (transformers config class).")
+    arch: Literal["gpt2", "llama", "bart", "t5"] = Field(
+        "gpt2", description="Architecture family (transformers config class); bart and t5 are encoder-decoders, "
+        "built untrained by `gptkit init` and trained by `gptkit finetune` (translate, summarize)."
+    )
     init_from: str | None = Field(
         None, description="Checkpoint to continue from: a local directory or a Hugging Face hub id "
         "(org/name[@revision], from the local cache; downloaded once unless HF_HUB_OFFLINE=1); overrides the size spec."
