@@ -8,12 +8,14 @@
 #   bash bench/gpu_owed.sh loop      issue 11 goal 2, GPU half: the loop vs the Trainer, both bf16 + torch.compile
 #   bash bench/gpu_owed.sh multi30k  issue 11 goal 4, GPU half: the from-nothing pair (pretrain/multi30k-h100 then
 #                                    translate/multi30k-h100), each step timed, test2016 BLEU from test_metrics.json
+#   bash bench/gpu_owed.sh multi30k-bart   the same with the encoder-decoder pair (pretrain/multi30k-bart-h100 then
+#                                    translate/multi30k-bart-h100), which won on the CPU
 #   bash bench/gpu_owed.sh fsdp      issue 10 section 3: FSDP2 through Accelerate's plugin on the GPU (1 process):
 #                                    20 + 20 steps with a resume against 40 straight, the export loads in plain
 #                                    transformers; then LoRA under FSDP2
 # Everything it prints is what the README and the issue notes need; OUT (if set) receives the logs.
 set -euo pipefail
-part=${1:?usage: bash bench/gpu_owed.sh mfu|loop|multi30k|fsdp}
+part=${1:?usage: bash bench/gpu_owed.sh mfu|loop|multi30k|multi30k-bart|fsdp}
 out=${OUT:-runs/gpu-owed}
 mkdir -p "$out" runs
 export PYTHONUNBUFFERED=1
@@ -34,6 +36,11 @@ multi30k)
     timed gptkit finetune translate/multi30k-h100 model.init_from=runs/multi30k-h100-lm --overwrite 2>&1 \
         | tee "$out/multi30k.log" | grep -v "^gptkit: step" | tail -15
     cat runs/multi30k-h100/test_metrics.json ;;
+multi30k-bart)
+    timed gptkit init pretrain/multi30k-bart-h100 --overwrite 2>&1 | tail -1
+    timed gptkit finetune translate/multi30k-bart-h100 model.init_from=runs/multi30k-bart-h100-init --overwrite 2>&1 \
+        | tee "$out/multi30k-bart.log" | grep -v "^gptkit: step" | tail -15
+    cat runs/multi30k-bart-h100/test_metrics.json ;;
 fsdp)
     common=(pretrain/tiny distributed.strategy=fsdp train.max_steps=40 train.save_every=20 train.eval_every=20)
     timed accelerate launch --num_processes 1 -m gptkit pretrain "${common[@]}" output.dir=runs/fsdp-straight --overwrite
@@ -53,5 +60,5 @@ PY
     timed accelerate launch --num_processes 1 -m gptkit finetune translate/multi30k-tiny model.init_from=runs/fsdp-straight \
         distributed.strategy=fsdp finetune.method=lora train.max_steps=60 output.dir=runs/fsdp-lora --overwrite 2>&1 | tail -5 ;;
 *)
-    echo "unknown part: $part (mfu, loop, multi30k or fsdp)" >&2; exit 2 ;;
+    echo "unknown part: $part (mfu, loop, multi30k, multi30k-bart or fsdp)" >&2; exit 2 ;;
 esac

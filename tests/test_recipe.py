@@ -86,7 +86,7 @@ def test_override_errors_name_the_command_line(tmp_path):
         ("model: {n_embd: 30, n_head: 4}\n", r"divisible by n_head"),
         ("train: {lr: 1.0e-4, min_lr: 1.0e-3}\n", r"min_lr .* must not exceed lr"),
         ("tokenizer: {kind: pretrained}\n", r"needs tokenizer.path"),
-        ("model: {arch: bert}\n", r"model.arch: .*'gpt2' or 'llama'"),
+        ("model: {arch: bert}\n", r"model.arch: .*'gpt2', 'llama', 'bart' or 't5'"),
     ],
 )
 def test_absurd_values_are_refused(tmp_path, text, pattern):
@@ -147,14 +147,19 @@ def test_every_bundled_recipe_validates(path):
     """Pretraining recipes are checked here; fine-tuning ones need a base model (tests/test_finetune.py)."""
     from gptkit import pretrain
 
+    from gptkit import modeling
+
     first = path.read_text().splitlines()[0]
     folder = path.parent.name
-    assert first.startswith(f"# gptkit {'pretrain' if folder == 'pretrain' else 'finetune'} {folder}/{path.stem}"), \
-        "every recipe opens with the command that runs it"
     recipe = load_recipe(path)
+    seq2seq = recipe.model.arch in modeling.ENCODER_DECODERS  # built by `gptkit init`, trained by finetune
+    command = "init" if seq2seq else "pretrain" if folder == "pretrain" else "finetune"
+    assert first.startswith(f"# gptkit {command} {folder}/{path.stem}"), "every recipe opens with the command that runs it"
     assert recipe.description
     assert recipe.task == folder, "recipes/<task>/ holds recipes of that task"
-    if recipe.task == "pretrain":
+    if seq2seq:
+        assert modeling.meta_param_count(modeling.build_config(recipe.model, recipe.tokenizer.vocab_size, 0, 1)) > 0
+    elif recipe.task == "pretrain":
         assert pretrain.check(recipe).n_params > 0  # inputs exist, model builds on the meta device
 
 
