@@ -16,7 +16,8 @@ from tasks_helpers import (MARKER, QUESTION, WORDS, base_recipe, finetune_recipe
                            read_test_metrics, splits, write_jsonl)
 
 # of the full fine-tune's F1 (see test_finetune.LORA_SHARE): extractive measured 0.98-1.0 (the span head trains
-# whole); generative 0.16-0.18 (F1 15-17: LoRA barely starts the copy circuit on this 20-step base)
+# whole; 0.94-1.0 with the base's one-token words, session 10); generative 0.16-0.18 (F1 15-17: LoRA barely starts
+# the copy circuit on this 20-step base; 0.15-0.48 with one-token words)
 LORA_SHARE = {"extractive": 0.9, "generative": 0.08}
 
 def qa_splits(tmp: Path, n_train: int = 600) -> dict[str, Path]:
@@ -33,6 +34,10 @@ def base(tmp_path_factory) -> Path:
     path = base_recipe(tmp)
     recipe = yaml.safe_load(path.read_text())
     recipe["data"]["train_files"] = [str(corpus)]
+    # every word one "Ġword" token (313 merges cover them): at the shared 300, " moon", " tree", " lamp" were split
+    # "Ġ" + word, so copying them needed a two-token match after the marker, and on some CPUs (AMD EPYC, session 10)
+    # the model confused moon/tree/lamp: test EM 78 with validation at 96
+    recipe["tokenizer"]["vocab_size"] = 512
     path.write_text(yaml.safe_dump(recipe))
     code, _, err = run_cli("pretrain", str(path))
     assert code == 0, err
@@ -57,7 +62,8 @@ def test_extractive_head_learns_the_word_after_the_marker(tmp_path, base):
 def test_generative_answers_learn_the_same_task(tmp_path, base):
     """Copying the word after the marker needs an induction-like circuit: more data and steps than a span head.
     At 1,200 steps the circuit was half-formed and test EM ranged 72-94 over seeds (82 on a faster CPU); at 2,400
-    steps validation reaches 98-100 and test EM 94-98 (seeds 1337, 1, 2; 1 and 2 threads)."""
+    steps validation reaches 98-100 and test EM 94-98 (seeds 1337, 1, 2; 1 and 2 threads). With every word one token
+    (the base fixture's vocabulary, session 10, AMD EPYC): test EM 98-100 (seeds 1337, 1; 1 and 2 threads)."""
     recipe = finetune_recipe(tmp_path, "gqa", "qa", base, qa_splits(tmp_path, 2000),
                              finetune={"qa_mode": "generative", "max_new_tokens": 4},
                              train={"max_steps": 2400, "eval_every": 600, "save_every": 1200})
