@@ -253,6 +253,10 @@ def test_init_builds_an_untrained_encoder_decoder_that_finetune_trains_from_noth
     assert type(model).__name__ == "BartForConditionalGeneration" and model.config.encoder_layers == 2
     assert tok.pad_token_id not in (None, tok.eos_token_id) and model.config.pad_token_id == tok.pad_token_id
     assert model.config.decoder_start_token_id == tok.eos_token_id and model.config.vocab_size == len(tok)
+    code, out, err = run_cli("validate", str(tmp_path / "bart.yaml"))  # describes what init builds, names init
+    assert code == 0, err
+    assert f"model: bart, {sum(p.numel() for p in model.parameters()):,} parameters" in out, out
+    assert f"run: gptkit init {tmp_path / 'bart.yaml'}" in out, out
     recipe = finetune_recipe(tmp_path, "tr", "translate", tmp_path / "bart-init", files,
                              train={"max_steps": 1200, "eval_every": 600, "save_every": 600})
     code, _, err = run_cli("finetune", str(recipe))

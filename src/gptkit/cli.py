@@ -291,11 +291,15 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
         typer.echo("---")
         typer.echo("\n".join(lines))
     else:
-        plan = task.check(rec)
+        plan = task.check(rec, describe=True)
         typer.echo(recipe_to_yaml(rec).rstrip())
         typer.echo("---")
         typer.echo(f"inputs: {len(plan.train_files)} train file(s), {len(plan.val_files)} validation file(s): all found")
         typer.echo(f"model: {rec.model.arch}, {plan.n_params:,} parameters (vocabulary {plan.vocab_size}{plan.vocab_note})")
+        if plan.init_only:
+            typer.echo(f"run: gptkit init {' '.join([recipe, *(overrides or [])])}  (an untrained encoder-decoder and "
+                       f"its tokenizer in {plan.run_dir}; `gptkit finetune` translate or summarize trains it)")
+            return
         typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
                    f"(fp32 weights, grads, AdamW state, activations at batch {rec.train.batch_size})")
     where = tracking.destinations(rec.train.trackers, run_dir)

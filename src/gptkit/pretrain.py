@@ -37,10 +37,13 @@ class Plan:
     memory_bytes: int
     vocab_size: int
     vocab_note: str
+    init_only: bool = False  # an encoder-decoder: built by `gptkit init`, trained by `gptkit finetune`
 
 
-def check(recipe: Recipe) -> Plan:
-    """Validate inputs without training or tokenizing: files exist, the model builds (on the meta device)."""
+def check(recipe: Recipe, *, describe: bool = False) -> Plan:
+    """Validate inputs without training or tokenizing: files exist, the model builds (on the meta device).
+    ``describe`` (``gptkit validate``): an encoder-decoder recipe is described as ``gptkit init`` builds it instead
+    of refused as pretraining refuses it."""
     if recipe.task != "pretrain":
         raise UserError(f"task: '{recipe.task}' recipes run with `gptkit {recipe.task}`, not `gptkit pretrain`")
     run_dir = rundir.resolve_output(recipe.output.dir)
@@ -60,10 +63,15 @@ def check(recipe: Recipe) -> Plan:
         vocab, note = tok.vocab_size, " (at most; BPE on a small corpus may stop earlier)"
     else:
         vocab, note = 256, " (character vocabulary: counted when the tokenizer is trained; 256 assumed)"
-    config = modeling.load_config(mcfg, vocab, 0)
+    init_only = mcfg.arch in modeling.ENCODER_DECODERS and not mcfg.init_from
+    if init_only and describe:  # as init builds it: a pad token apart from EOS joins the vocabulary
+        vocab += 1
+        config = modeling.build_config(mcfg, vocab, 0, vocab - 1)
+    else:
+        config = modeling.load_config(mcfg, vocab, 0)
     n_params = modeling.meta_param_count(config)
-    mem = modeling.training_memory_bytes(config, n_params, recipe.train.batch_size)
-    return Plan(run_dir, train, val, n_params, mem, vocab, note)
+    mem = 0 if init_only else modeling.training_memory_bytes(config, n_params, recipe.train.batch_size)
+    return Plan(run_dir, train, val, n_params, mem, vocab, note, init_only)
 
 
 def _tokenizer_cache_dir(recipe: Recipe, files: list[str]) -> Path:
