@@ -70,6 +70,29 @@ def run_cli(*args: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
+def run_interrupted(monkeypatch, *args: str, at: int) -> str:
+    """Run ``gptkit ARGS`` in this process, interrupted by SIGINT (Ctrl-C) when the loop asks for the learning rate
+    of iteration ``at``: asserts exit code 130 and returns stderr. The caller resumes it with ``--resume``."""
+    import signal
+
+    from gptkit import engine
+
+    real_lr_at = engine.lr_at
+
+    def interrupt(it, cfg):
+        if it == at:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_lr_at(it, cfg)
+
+    monkeypatch.setattr(engine, "lr_at", interrupt)
+    try:
+        code, _, err = run_cli(*args)
+    finally:
+        monkeypatch.setattr(engine, "lr_at", real_lr_at)
+    assert code == 130, err
+    return err
+
+
 def gptkit_cmd() -> list[str]:
     return [sys.executable, "-m", "gptkit"]
 

@@ -4,13 +4,11 @@ fine-tune runs in the one loop and resumes bit-identically; mismatched tokenizer
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, assert_user_error, run_cli, tiny_recipe
+from conftest import SHAKESPEARE, assert_user_error, run_cli, run_interrupted, tiny_recipe
 from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
 
 
@@ -90,8 +88,6 @@ def test_a_student_learns_from_the_teacher_alone(tmp_path):
 
 
 def test_distilled_finetune_resumes_bit_identically(base, tmp_path, monkeypatch):
-    from gptkit import engine
-
     s = splits(tmp_path, translate_rows, 200)
     teacher = finetune_recipe(tmp_path, "teacher", "translate", base, s,
                               train={"max_steps": 40, "eval_every": 40, "save_every": 40},
@@ -103,17 +99,8 @@ def test_distilled_finetune_resumes_bit_identically(base, tmp_path, monkeypatch)
     ref = finetune_recipe(tmp_path, "ref", "translate", base, s, **sections)
     code, _, err = run_cli("distill", str(ref))
     assert code == 0, err
-    real_lr_at = engine.lr_at
-
-    def interrupt(it, cfg):
-        if it == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr_at(it, cfg)
-
     cut = finetune_recipe(tmp_path, "cut", "translate", base, s, **sections)
-    monkeypatch.setattr(engine, "lr_at", interrupt)
-    assert run_cli("distill", str(cut))[0] == 130
-    monkeypatch.setattr(engine, "lr_at", real_lr_at)
+    run_interrupted(monkeypatch, "distill", str(cut), at=6)
     code, _, err = run_cli("distill", str(cut), "--resume")
     assert code == 0, err
     losses = lambda run: {r["step"]: r["train_loss"] for r in map(json.loads, open(run / "metrics.jsonl"))  # noqa: E731

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import run_cli, tiny_recipe
+from conftest import run_cli, run_interrupted, tiny_recipe
 
 STEPS = 80
 
@@ -138,7 +137,6 @@ def test_resume_after_signal_is_bit_identical(tmp_path, monkeypatch):
     """SIGINT mid-run checkpoints at the step boundary; --resume then matches an uninterrupted run exactly,
     across an epoch boundary and with gradient accumulation."""
     from conftest import SHAKESPEARE
-    from gptkit import engine
 
     corpus = tmp_path / "small.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:4_000])  # ~110 blocks: an epoch every ~7 steps
@@ -147,21 +145,11 @@ def test_resume_after_signal_is_bit_identical(tmp_path, monkeypatch):
     ref = tiny_recipe(tmp_path / "ref.yaml", corpus, tmp_path / "ref", train=train, model=model)
     assert run_cli("pretrain", str(ref))[0] == 0
 
-    real_lr_at = engine.lr_at
-
-    def interrupt_at_step_12(it, cfg):
-        if it == 11:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr_at(it, cfg)
-
     cut = tiny_recipe(tmp_path / "cut.yaml", corpus, tmp_path / "cut", train=train, model=model)
-    monkeypatch.setattr(engine, "lr_at", interrupt_at_step_12)
-    code, _, err = run_cli("pretrain", str(cut))
-    assert code == 130, err
+    err = run_interrupted(monkeypatch, "pretrain", str(cut), at=11)  # Ctrl-C asking for step 12
     assert "--resume" in err
     assert (tmp_path / "cut" / "checkpoints" / "step-00000012").is_dir()
     assert not (tmp_path / "cut" / "model.safetensors").exists()
-    monkeypatch.setattr(engine, "lr_at", real_lr_at)
     code, _, err = run_cli("pretrain", str(cut), "--resume")
     assert code == 0, err
 

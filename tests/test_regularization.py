@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, run_cli, tiny_recipe
+from conftest import SHAKESPEARE, run_cli, run_interrupted, tiny_recipe
 from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
 
 
@@ -104,10 +104,6 @@ def test_a_finetune_with_dropout_resumes_bit_identically_after_a_validation(tmp_
     """Dropout 0.2 and label smoothing, interrupted after the first validation (which switches modes) and
     resumed: the same training losses at every step as the run that was never stopped."""
     import json
-    import os
-    import signal
-
-    from gptkit import engine
 
     base = pretrained_base(tmp_path)
     s = splits(tmp_path, translate_rows, 100)
@@ -116,17 +112,8 @@ def test_a_finetune_with_dropout_resumes_bit_identically_after_a_validation(tmp_
                     finetune={"eval_examples": 4, "max_new_tokens": 4})
     ref = finetune_recipe(tmp_path, "ref", "translate", base, s, **sections)
     assert run_cli("finetune", str(ref))[0] == 0
-    real_lr_at = engine.lr_at
-
-    def interrupt(it, cfg):
-        if it == 6:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_lr_at(it, cfg)
-
     cut = finetune_recipe(tmp_path, "cut", "translate", base, s, **sections)
-    monkeypatch.setattr(engine, "lr_at", interrupt)
-    assert run_cli("finetune", str(cut))[0] == 130
-    monkeypatch.setattr(engine, "lr_at", real_lr_at)
+    run_interrupted(monkeypatch, "finetune", str(cut), at=6)
     code, _, err = run_cli("finetune", str(cut), "--resume")
     assert code == 0, err
 
