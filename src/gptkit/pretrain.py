@@ -133,16 +133,12 @@ def init(recipe: Recipe, *, overwrite: bool = False, command: list[str] | None =
     an encoder-decoder): the base ``gptkit finetune`` trains from nothing. Returns the folder and parameter count."""
     from accelerate.utils import set_seed
 
-    if recipe.task != "pretrain":
-        raise UserError(f"task: '{recipe.task}' recipes run with `gptkit {recipe.task}`; init takes a model recipe")
     if recipe.model.init_from:
         raise UserError("model.init_from: init builds a new model; unset it (a checkpoint is fine-tuned directly)")
-    if not recipe.data.train_files:
-        raise UserError("data.train_files: empty; init trains the tokenizer on them")
-    run_dir = rundir.resolve_output(recipe.output.dir)
-    train = data_mod.resolve_files(recipe.data.train_files, "data.train_files")
+    plan = check(recipe, describe=True)  # task, files and shape, as validate checks them
+    run_dir = plan.run_dir
     rundir.check(run_dir, recipe, resume=False, overwrite=overwrite, force=False)
-    tokenizer = tokenizer_for(recipe, train)
+    tokenizer = tokenizer_for(recipe, plan.train_files)
     if recipe.model.arch in modeling.ENCODER_DECODERS and tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     config = modeling.build_config(recipe.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
