@@ -244,6 +244,7 @@ def test_init_builds_an_untrained_encoder_decoder_that_finetune_trains_from_noth
     """`gptkit init` with arch bart: a BART and its BPE tokenizer trained on the pairs (a pad token apart from EOS,
     the decoder starting from EOS) that plain transformers loads; fine-tuned, it learns the word mapping. T5: the
     decoder starts from pad. The encoder-decoder arches are refused by pretrain, init refuses a base."""
+    import yaml
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     files = splits(tmp_path, translate_rows)
@@ -257,6 +258,11 @@ def test_init_builds_an_untrained_encoder_decoder_that_finetune_trains_from_noth
     assert code == 0, err
     assert f"model: bart, {sum(p.numel() for p in model.parameters()):,} parameters" in out, out
     assert f"run: gptkit init {tmp_path / 'bart.yaml'}" in out, out
+    reuse = yaml.safe_load((tmp_path / "bart.yaml").read_text())  # a tokenizer that already pads apart from EOS
+    reuse["tokenizer"] = {"kind": "pretrained", "path": str(tmp_path / "bart-init")}
+    (tmp_path / "reuse.yaml").write_text(yaml.safe_dump(reuse))
+    code, out, err = run_cli("validate", str(tmp_path / "reuse.yaml"))  # ... keeps its vocabulary as it is
+    assert code == 0 and f"model: bart, {sum(p.numel() for p in model.parameters()):,} parameters" in out, out
     recipe = finetune_recipe(tmp_path, "tr", "translate", tmp_path / "bart-init", files,
                              train={"max_steps": 1200, "eval_every": 600, "save_every": 600})
     code, _, err = run_cli("finetune", str(recipe))

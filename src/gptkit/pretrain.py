@@ -55,23 +55,31 @@ def check(recipe: Recipe, *, describe: bool = False) -> Plan:
     if mcfg.init_from:
         modeling.model_dir(mcfg.init_from, "model.init_from")
     cached = _tokenizer_cache_dir(recipe, train)
+    known = None  # the tokenizer itself, where it exists before training
     if tok.kind == "pretrained":
-        vocab, note = len(load_local(tok.path or "", trust_remote_code=mcfg.trust_remote_code)), ""
+        known, note = load_local(tok.path or "", trust_remote_code=mcfg.trust_remote_code), ""
     elif (cached / "tokenizer.json").is_file():
-        vocab, note = len(load_local(str(cached))), " (tokenizer already trained on this corpus)"
+        known, note = load_local(str(cached)), " (tokenizer already trained on this corpus)"
+    if known is not None:
+        vocab = len(known)
     elif tok.kind == "bpe":
         vocab, note = tok.vocab_size, " (at most; BPE on a small corpus may stop earlier)"
     else:
         vocab, note = 256, " (character vocabulary: counted when the tokenizer is trained; 256 assumed)"
     init_only = mcfg.arch in modeling.ENCODER_DECODERS and not mcfg.init_from
-    if init_only and describe:  # as init builds it: a pad token apart from EOS joins the vocabulary
-        vocab += 1
+    if init_only and describe:  # as init builds it: a pad token apart from EOS joins a vocabulary without one
+        vocab += 1 if known is None or _needs_own_pad(known) else 0
         config = modeling.build_config(mcfg, vocab, 0, vocab - 1)
     else:
         config = modeling.load_config(mcfg, vocab, 0)
     n_params = modeling.meta_param_count(config)
     mem = 0 if init_only else modeling.training_memory_bytes(config, n_params, recipe.train.batch_size)
     return Plan(run_dir, train, val, n_params, mem, vocab, note, init_only)
+
+
+def _needs_own_pad(tokenizer) -> bool:
+    """An encoder-decoder pads with a token apart from EOS (BART freezes the padding embedding at zero)."""
+    return tokenizer.pad_token_id in (None, tokenizer.eos_token_id)
 
 
 def _tokenizer_cache_dir(recipe: Recipe, files: list[str]) -> Path:
@@ -139,7 +147,7 @@ def init(recipe: Recipe, *, overwrite: bool = False, command: list[str] | None =
     run_dir = plan.run_dir
     rundir.check(run_dir, recipe, resume=False, overwrite=overwrite, force=False)
     tokenizer = tokenizer_for(recipe, plan.train_files)
-    if recipe.model.arch in modeling.ENCODER_DECODERS and tokenizer.pad_token_id in (None, tokenizer.eos_token_id):
+    if recipe.model.arch in modeling.ENCODER_DECODERS and _needs_own_pad(tokenizer):
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
     config = modeling.build_config(recipe.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     set_seed(recipe.train.seed)
