@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from tasks_helpers import (SEED, classify_rows, finetune_recipe, learned_mapping, llama_base, lora_test_metrics,
                            preprocess_capped, pretrained_base, read_test_metrics, splits, summarize_rows, translate_rows,
                            write_jsonl)
@@ -218,6 +218,44 @@ def test_bad_finetune_input(tmp_path, base, case, sections, needles):
     assert code == 2 and "Traceback" not in err, err
     for n in needles:
         assert n in err, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_lora_is_refused_on_a_tied_embedding():
+    """An adapter on GPT-2's wte would also shift the tied output layer once merged (export --merge would score
+    differently from the run): refused in one line; untied, or on the blocks only, it is allowed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptkit import finetune as ft
+    from gptkit.errors import UserError
+    from gptkit.recipe import Recipe
+
+    def lora(targets, tie=True):
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_embd=16, n_layer=1, n_head=2, n_positions=8,
+                                           tie_word_embeddings=tie))
+        recipe = Recipe.model_validate({"task": "translate", "finetune": {"method": "lora", "lora_targets": targets}})
+        return ft._lora(recipe, model, "translate")
+
+    with pytest.raises(UserError, match="finetune.lora_targets: 'transformer.wte' shares its weight with the output"):
+        lora(["wte", "c_attn"])
+    with pytest.raises(UserError, match="'lm_head' shares its weight with the input embedding"):
+        lora(["lm_head"])
+    assert lora(["c_attn"]) is not None and lora(["wte", "c_attn"], tie=False) is not None
+
+
+def test_a_row_without_a_value_is_refused(tmp_path, base):
+    """A blank csv cell or a missing jsonl key is one line naming the file, row and column (not the label or
+    target "None"), in training data as in the test split checked before training."""
+    s = splits(tmp_path, classify_rows, 40)
+    write_jsonl(s["train"], classify_rows(40, 1) + [{"sentence": "red red red"}])
+    recipe = finetune_recipe(tmp_path, "bad", "classify", base, s, data={"columns": {"text": "sentence"}})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert_user_error(code, err, f"data.train_files: {s['train']}: row 40 (from 0) has no value for column 'label'")
+    s = splits(tmp_path, translate_rows, 20)
+    s["test"].write_text(s["test"].read_text() + '{"source": "a man without a target"}\n')
+    recipe = finetune_recipe(tmp_path, "bad", "translate", base, s)
+    code, _, err = run_cli("finetune", str(recipe))
+    assert_user_error(code, err, "data.test_files", "has no value for column 'target'")
     assert not (tmp_path / "bad").exists()
 
 

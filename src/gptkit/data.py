@@ -262,4 +262,21 @@ def load_rows(files: list[str], field: str, fields: tuple[str, ...], optional: t
         raise UserError(f"{field}: {paths[0]} has no column {', '.join(missing)}; columns found: {table.column_names} "
                         "(map them with data.columns)")
     present = {f: c for f, c in wanted.items() if c in table.column_names}
-    return [{f: row[c] for f, c in present.items()} for row in table]
+    rows = [{f: row[c] for f, c in present.items()} for row in table]
+    for i, row in enumerate(rows):  # a blank cell or an absent key reads as None: never train on the text "None"
+        gap = next((f for f in fields if row[f] is None), None)
+        if gap is not None:
+            path, k = _row_origin(paths, field, i)
+            raise UserError(f"{field}: {path}: row {k} (from 0) has no value for column '{present[gap]}'; every row "
+                            "needs one")
+    return rows
+
+
+def _row_origin(paths: list[str], field: str, i: int) -> tuple[str, int]:
+    """The file and row within it of row ``i`` of the files loaded together (loaded again one by one: error path)."""
+    for path in paths[:-1]:
+        n = len(load_table([path], field))
+        if i < n:
+            return path, i
+        i -= n
+    return paths[-1], i

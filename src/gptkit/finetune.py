@@ -162,10 +162,20 @@ def _lora(recipe: Recipe, model, task_name: str):
     conv1d = any(isinstance(m, Conv1D) for m in model.modules())  # GPT-2 stores its linear layers transposed
     cfg = LoraConfig(r=f.lora_r, lora_alpha=f.lora_alpha, lora_dropout=f.lora_dropout, fan_in_fan_out=conv1d,
                      target_modules=f.lora_targets or lora_targets(model), task_type=kind.get(task_name) or lm)
+    emb, out = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = {n: "output layer" if m is emb else "input embedding" for n, m in model.named_modules()
+            if out is not None and out.weight is emb.weight and (m is emb or m is out)}
     try:
-        return get_peft_model(model, cfg)
+        peft_model = get_peft_model(model, cfg)
     except ValueError as e:
         raise UserError(f"finetune.lora_targets: {str(e).splitlines()[0]}") from None
+    from peft.tuners.lora import LoraLayer
+
+    adapted = [n for n in tied if isinstance(peft_model.base_model.model.get_submodule(n), LoraLayer)]
+    if adapted:  # one adapter on one use of a shared weight: merged, it would change the other use too
+        raise UserError(f"finetune.lora_targets: '{adapted[0]}' shares its weight with the {tied[adapted[0]]} "
+                        "(tied embeddings), so its adapter cannot be merged; leave it out of lora_targets")
+    return peft_model
 
 
 def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool = False, force: bool = False,
