@@ -373,8 +373,10 @@ def test_perplexity_stride_equal_context_is_non_overlapping(tmp_path, lm_dir):
         got = lm_eval(lm_dir, text, tmp_path / f"s{batch}", "--stride", "64", "--batch-size", batch)
         assert got["metrics"]["perplexity"] == pytest.approx(expected, rel=1e-5)
         assert got["counts"] == {"tokens": 250, "scored": 250 - 4, "windows": 4}
+        assert got["signatures"]["perplexity"].endswith("non-overlapping: each window's first token unscored")
     strided = lm_eval(lm_dir, text, tmp_path / "half")  # default stride 32: every token after the first once
     assert strided["counts"] == {"tokens": 250, "scored": 249, "windows": 7}
+    assert strided["signatures"]["perplexity"].endswith("stride 32, all tokens but the first")
     assert strided["metrics"]["perplexity"] != pytest.approx(expected, rel=1e-4)
 
 

@@ -206,7 +206,9 @@ def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
     nll, n, n_windows = sliding_nll(model, ids, context, stride, opts.batch_size)
     result = {"task": "lm", "mode": "lm", "metrics": {"perplexity": metrics.perplexity_from_nll(nll, n),
                                                       "nll_per_token": nll / n, "bits_per_token": nll / n / math.log(2)},
-              "signatures": {"perplexity": f"sliding window: context {context}, stride {stride}, all tokens but the first"},
+              "signatures": {"perplexity": f"sliding window: context {context}, stride {stride}, " + (
+                  "all tokens but the first" if stride < context or len(ids) <= context else
+                  "non-overlapping: each window's first token unscored")},
               "counts": {"tokens": len(ids), "scored": n, "windows": n_windows}, "out": str(out),
               "settings": {"context": context, "stride": stride, "batch_size": opts.batch_size,
                            "seconds": round(time.time() - started, 3)},

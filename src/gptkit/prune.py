@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from gptkit.errors import UserError
+from gptkit.quantize import check_out_folder
 
 log = logging.getLogger(__name__)
 
@@ -133,13 +134,29 @@ def layer_importance(model: Any, batches: list[dict], loss_fn) -> list[float]:
 
 # --- feed-forward neurons -------------------------------------------------------------------------------------------
 
+def _mlp_kind(mlp: Any) -> str | None:
+    """"conv1d": GPT-2's c_fc/c_proj ``Conv1D`` (weights stored (in, out)); "linear": c_fc/c_proj ``nn.Linear``
+    (GPTBigCode, what ``gptkit quantize`` rewrites a GPT-2 as; weights (out, in)); "llama": gate/up/down; else None.
+    Decided by the modules' types, not their names: both GPT-2 and GPTBigCode call them c_fc/c_proj."""
+    from transformers.pytorch_utils import Conv1D
+
+    fc, proj = getattr(mlp, "c_fc", None), getattr(mlp, "c_proj", None)
+    if isinstance(fc, Conv1D) and isinstance(proj, Conv1D):
+        return "conv1d"
+    if isinstance(fc, torch.nn.Linear) and isinstance(proj, torch.nn.Linear):
+        return "linear"
+    if all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")):
+        return "llama"
+    return None
+
+
 def _mlp_parts(model: Any) -> list[tuple[Any, str]]:
-    """Per block: the feed-forward module and its kind ("gpt2": c_fc/c_proj Conv1D; "llama": gate/up/down)."""
+    """Per block: the feed-forward module and its kind (see :func:`_mlp_kind`)."""
     blocks = _blocks_of(model)[1]
     parts = []
     for block in blocks:
-        mlp = block.mlp
-        kind = "gpt2" if hasattr(mlp, "c_fc") else "llama" if hasattr(mlp, "down_proj") else None
+        mlp = getattr(block, "mlp", None)
+        kind = None if mlp is None else _mlp_kind(mlp)
         if kind is None:
             break
         parts.append((mlp, kind))
@@ -149,11 +166,12 @@ def _mlp_parts(model: Any) -> list[tuple[Any, str]]:
 
 
 def _down(mlp, kind: str):
-    return mlp.c_proj if kind == "gpt2" else mlp.down_proj
+    return mlp.down_proj if kind == "llama" else mlp.c_proj
 
 
 def _width(mlp, kind: str) -> int:
-    return mlp.c_fc.weight.shape[1] if kind == "gpt2" else mlp.up_proj.weight.shape[0]
+    return {"conv1d": lambda: mlp.c_fc.weight.shape[1], "linear": lambda: mlp.c_fc.weight.shape[0],
+            "llama": lambda: mlp.up_proj.weight.shape[0]}[kind]()
 
 
 def importance(model: Any, batches: list[dict], loss_fn) -> list[torch.Tensor]:
@@ -168,15 +186,20 @@ def shrink(model: Any, keep: list[torch.Tensor]) -> Any:
     prefix = {id(m): name for name, m in model.named_modules()}
     for (mlp, kind), idx in zip(parts, keep):
         name = prefix[id(mlp)]
-        if kind == "gpt2":  # Conv1D weights are (in, out)
+        if kind == "conv1d":  # Conv1D weights are (in, out)
             state[f"{name}.c_fc.weight"] = state[f"{name}.c_fc.weight"][:, idx]
             state[f"{name}.c_fc.bias"] = state[f"{name}.c_fc.bias"][idx]
             state[f"{name}.c_proj.weight"] = state[f"{name}.c_proj.weight"][idx, :]
+        elif kind == "linear":  # nn.Linear weights are (out, in)
+            state[f"{name}.c_fc.weight"] = state[f"{name}.c_fc.weight"][idx, :]
+            if f"{name}.c_fc.bias" in state:
+                state[f"{name}.c_fc.bias"] = state[f"{name}.c_fc.bias"][idx]
+            state[f"{name}.c_proj.weight"] = state[f"{name}.c_proj.weight"][:, idx]
         else:
             for proj in ("gate_proj", "up_proj"):
                 state[f"{name}.{proj}.weight"] = state[f"{name}.{proj}.weight"][idx, :]
             state[f"{name}.down_proj.weight"] = state[f"{name}.down_proj.weight"][:, idx]
-    return _rebuild(model, state, **{"n_inner" if parts[0][1] == "gpt2" else "intermediate_size": len(keep[0])})
+    return _rebuild(model, state, **{"intermediate_size" if parts[0][1] == "llama" else "n_inner": len(keep[0])})
 
 
 # --- attention heads (Llama-style: q/k/v/o projections, a free head_dim) ---------------------------------------------
@@ -251,6 +274,25 @@ def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int)
     return batches, engine.causal_lm_loss
 
 
+def _quantization_of(path: Path) -> Any:
+    """The ``quantization_config`` of the model folder's config.json (None: none, or no readable config)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # an adapter folder, or a config transformers will report on when it loads it
+    return config.get("quantization_config") if isinstance(config, dict) else None
+
+
+def _refuse_quantized(path: Path, quantization: Any) -> None:
+    if not quantization:
+        return
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else \
+        getattr(quantization, "quant_method", None)
+    method = getattr(method, "value", method)
+    raise UserError(f"RUN: {path} is quantized{f' ({method})' if method else ''}; prune works on unquantized weights; "
+                    "prune first, then quantize")
+
+
 def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None = None, layers: int | None = None,
         data: str | None = None, batches: int = 8, batch_size: int = 8) -> dict:
     from gptkit import hub, trained
@@ -262,10 +304,13 @@ def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None
         raise UserError(f"--heads: expected the share of attention heads to remove, in (0, 1); got {heads}")
     if mlp is not None and not 0 < mlp < 1:
         raise UserError(f"--mlp: expected the share of feed-forward neurons to remove, in (0, 1); got {mlp}")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out: {out} is not empty; choose a new directory")
+    if batches < 1:
+        raise UserError(f"--batches: must be at least 1, got {batches}")
+    check_out_folder(out)
     path = hub.resolve(source, "RUN").path
+    _refuse_quantized(path, _quantization_of(path))
     model, tok, run_recipe = trained.load_any(source, "RUN")
+    _refuse_quantized(path, getattr(model.config, "quantization_config", None))  # e.g. adapters on a quantized base
     if run_recipe is not None and trained.has_head(run_recipe.task, run_recipe):
         raise UserError(f"RUN: {path} is a {run_recipe.task} model with a task head; gptkit prune takes language models")
     model = model.cpu()

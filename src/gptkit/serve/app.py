@@ -13,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from gptkit.modeling import is_encoder_decoder
 from gptkit.serve import requests as rq
 from gptkit.serve.engine import Engine, Job
 from gptkit.serve.requests import ApiError, Limits, Served
@@ -65,7 +66,7 @@ def build_app(served: Served, engine: Engine, limits: Limits):
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _body(request, served)
-        prompt, stops = rq.chat_prompt(served.tok, body.get("messages"))
+        prompt, stops = rq.chat_prompt(served.tok, body.get("messages"), is_encoder_decoder(served.model.config))
         return await _complete(served, engine, limits, body, [prompt], "chat", stops, StreamingResponse)
 
     @app.post("/v1/{task}")

@@ -161,8 +161,9 @@ class Engine:
                                repetition_penalty=s.repetition_penalty, seed=s.seed,
                                min_new_tokens=min(s.min_tokens, min(c.max_tokens for _, c in choices)))
         kwargs = opts.to_generate_kwargs(self.tok)
-        if s.ignore_eos:
-            kwargs["eos_token_id"] = None
+        eos = set() if s.ignore_eos else _eos_ids(self.model, self.tok)
+        if eos or s.ignore_eos:  # generate (beam search) ends at any of them, not at the tokenizer's alone
+            kwargs["eos_token_id"] = sorted(eos) or None
         encoder_decoder = is_encoder_decoder(self.model.config)
         saved = self.tok.padding_side
         self.tok.padding_side = "right" if encoder_decoder else "left"
@@ -170,7 +171,7 @@ class Engine:
             batch = self.tok.pad({"input_ids": [c.ids for _, c in choices]}, return_tensors="pt").to(self.model.device)
         finally:
             self.tok.padding_side = saved
-        tracker = None if s.num_beams > 1 else _Tracker(self.tok, choices, s.ignore_eos)
+        tracker = None if s.num_beams > 1 else _Tracker(self.tok, choices, eos)
         from transformers import StoppingCriteriaList
 
         with torch.inference_mode():
@@ -180,18 +181,22 @@ class Engine:
         if tracker is None:  # beam search: whole sequences at the end
             start = 1 if encoder_decoder else batch["input_ids"].shape[1]
             for (job, c), seq in zip(choices, output[:, start:].tolist()):
-                _finish_whole(self.tok, job, c, seq, s.ignore_eos)
+                _finish_whole(self.tok, job, c, seq, eos)
         else:
             tracker.finish_all()
 
 
-def _eos_ids(tok) -> set[int]:
-    return {tok.eos_token_id} if tok.eos_token_id is not None else set()
+def _eos_ids(model, tok) -> set[int]:
+    """The ids that end a text: the tokenizer's EOS and the model's generation_config ``eos_token_id`` (an id or a
+    list: chat models such as Llama-3 end a turn with ids of their own)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = list(listed) if isinstance(listed, (list, tuple)) else [listed]
+    return {int(i) for i in [tok.eos_token_id, *listed] if i is not None}
 
 
-def _finish_whole(tok, job: Job, c: Choice, seq: list[int], ignore_eos: bool) -> None:
-    """A sequence generated in one piece: cut at end of text, stop strings and max_tokens, then sent."""
-    eos = set() if ignore_eos else _eos_ids(tok)
+def _finish_whole(tok, job: Job, c: Choice, seq: list[int], eos: set[int]) -> None:
+    """A sequence generated in one piece: cut at end of text (any of ``eos``), stop strings and max_tokens, then
+    sent."""
     reason = "length"
     for i, t in enumerate(seq[: c.max_tokens]):
         if t in eos:
@@ -212,9 +217,8 @@ def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 class _Tracker:
     """A ``StoppingCriteria`` reading each row's new token: it ends rows at their own limits and streams text."""
 
-    def __init__(self, tok, choices: list[tuple[Job, Choice]], ignore_eos: bool):
-        self.tok, self.choices = tok, choices
-        self.eos = set() if ignore_eos else _eos_ids(tok)
+    def __init__(self, tok, choices: list[tuple[Job, Choice]], eos: set[int]):
+        self.tok, self.choices, self.eos = tok, choices, eos
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch

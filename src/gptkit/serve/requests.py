@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -116,12 +117,13 @@ def _sampling(body: dict, where: str = "") -> Any:
             raise ApiError(400, f"{penalty}: not supported; repetition_penalty is (1.0 = off)", penalty)
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of: not supported (use n)", "best_of")
+    seed = _integer(body, "seed", None, low=-(1 << 63), high=(1 << 63) - 1)  # checked even when greedy
     sample = temperature > 0 and beams == 1
     return Sampling(do_sample=sample, temperature=temperature if sample else 1.0,
                     top_k=top_k if sample and top_k and top_k > 0 else None, top_p=top_p if sample else None,
-                    repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.0, open_low=True),
+                    repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.01, high=10.0),
                     num_beams=beams, min_tokens=_integer(body, "min_tokens", 0, low=0),
-                    ignore_eos=_flag(body, "ignore_eos"), seed=_integer(body, "seed", None) if sample else None)
+                    ignore_eos=_flag(body, "ignore_eos"), seed=seed if sample else None)
 
 
 def _number(body, key, default, low=None, high=None, open_low=False):
@@ -129,6 +131,8 @@ def _number(body, key, default, low=None, high=None, open_low=False):
     value = default if value is None else value
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ApiError(400, f"{key}: expected a number, got {json.dumps(value)[:40]}", key)
+    if isinstance(value, float) and not math.isfinite(value):  # raw NaN/Infinity, which Python's json reads
+        raise ApiError(400, f"{key}: expected a finite number, got {json.dumps(value)}", key)
     if low is not None and (value < low or open_low and value == low) or high is not None and value > high:
         rng = f"{'(' if open_low else '['}{low}, {high if high is not None else 'inf'}]"
         raise ApiError(400, f"{key}: expected a number in {rng}, got {value}", key)
@@ -174,8 +178,10 @@ def _prompts(body) -> list[str]:
     return prompts
 
 
-def chat_prompt(tok, messages) -> tuple[str, tuple[str, ...]]:
-    """The prompt of a conversation, and stop strings the template implies (a plain template's next ``user:``)."""
+def chat_prompt(tok, messages, encoder: bool = False) -> tuple[str | list[int], tuple[str, ...]]:
+    """The prompt of a conversation, and stop strings the template implies (a plain template's next ``user:``).
+    A decoder's chat template gives token ids, as ``apply_chat_template(tokenize=True)`` makes them: the template
+    places BOS itself, so the text must not be encoded again with the tokenizer's own BOS."""
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "messages: expected a non-empty list of {role, content}", "messages")
     clean = []
@@ -192,39 +198,66 @@ def chat_prompt(tok, messages) -> tuple[str, tuple[str, ...]]:
                            f"messages[{i}]")
         clean.append({"role": role, "content": content})
     if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True), ()
+        if encoder:
+            return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True), ()
+        ids = tok.apply_chat_template(clean, tokenize=True, add_generation_prompt=True)
+        return list(ids if isinstance(ids, list) else ids["input_ids"]), ()  # transformers 5: a BatchEncoding
     return "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:", ("\nuser:",)
 
 
-def encode(served: Served, text: str, max_tokens: int, field_name: str) -> list[int]:
+def encode(served: Served, prompt: str | list[int], max_tokens: int | None, field_name: str) -> list[int]:
+    """A prompt's token ids (``prompt`` may be ids already), checked to fit the context with ``max_tokens`` new ones
+    (unset: with at least one)."""
     from gptkit.modeling import is_encoder_decoder
     from gptkit.tokenizer import prompt_ids
 
     encoder = is_encoder_decoder(served.model.config)
-    ids = prompt_ids(served.tok, text, encoder)
+    ids = list(prompt) if isinstance(prompt, list) else prompt_ids(served.tok, prompt, encoder)
     if not ids:
         start = served.tok.bos_token_id if served.tok.bos_token_id is not None else served.tok.eos_token_id
         ids = [start]
-    limit = served.context
-    if limit is not None and (len(ids) + (0 if encoder else max_tokens) > limit or max_tokens >= limit):
+    limit, new = served.context, 1 if max_tokens is None else max_tokens
+    if limit is not None and (len(ids) + (0 if encoder else new) > limit or new >= limit):
+        if max_tokens is None:
+            raise ApiError(400, f"{field_name}: {len(ids)} prompt tokens leave no room for new ones in the model's "
+                                f"context of {limit} tokens", field_name, code="context_length_exceeded")
         raise ApiError(400, f"{field_name}: {len(ids)} prompt tokens + max_tokens {max_tokens} exceed the model's "
                             f"context of {limit} tokens", field_name, code="context_length_exceeded")
     return ids
 
 
-def generation_job(served: Served, limits: Limits, body: dict, prompts: list[str], send, stops=()):
-    """A :class:`gptkit.serve.engine.Job` of n choices per prompt, and the prompts' token counts."""
+def room(served: Served, ids: list[int]) -> int | None:
+    """The most new tokens the context leaves after a prompt of ``ids`` (None: no known context)."""
+    from gptkit.modeling import is_encoder_decoder
+
+    limit = served.context
+    if limit is None:
+        return None
+    return limit - 1 if is_encoder_decoder(served.model.config) else limit - len(ids)
+
+
+def generation_job(served: Served, limits: Limits, body: dict, prompts: list, send, stops=()):
+    """A :class:`gptkit.serve.engine.Job` of n choices per prompt, and the prompts' token counts. An unset
+    max_tokens is 16 for a completion, the server's --max-tokens for a chat, either capped by the room the
+    prompt leaves in the context (as OpenAI: never a context error the client did not ask for)."""
     from gptkit.serve.engine import Choice, Job
 
-    default = 16 if "messages" not in body else min(limits.max_tokens, 256)
+    chat = "messages" in body
+    default = min(limits.max_tokens, 16) if not chat else limits.max_tokens
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, key, default, low=1, high=limits.max_tokens)
+    asked = _integer(body, key, None, low=1, high=limits.max_tokens)
     n = _integer(body, "n", 1, low=1, high=16)
     sampling = _sampling(body)
+    options = body.get("stream_options")
+    if options is not None and (not isinstance(options, dict)
+                                or not isinstance(options.get("include_usage", False), bool)):
+        raise ApiError(400, "stream_options: expected an object such as {\"include_usage\": true}", "stream_options")
     stop = _stops(body) + stops
     choices, prompt_tokens = [], 0
-    for i, text in enumerate(prompts):
-        ids = encode(served, text, max_tokens, "messages" if "messages" in body else "prompt")
+    for i, prompt in enumerate(prompts):
+        ids = encode(served, prompt, asked, "messages" if chat else "prompt")
+        left = room(served, ids)
+        max_tokens = asked if asked is not None else default if left is None else min(default, left)
         prompt_tokens += len(ids)
         choices += [Choice(i * n + j, ids, max_tokens, stop) for j in range(n)]
     return Job(send, sampling, choices, stream=_flag(body, "stream")), prompt_tokens
