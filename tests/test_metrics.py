@@ -256,6 +256,13 @@ def test_classification_explicit_labels():
     assert s["per_class"][2]["support"] == 0
 
 
+def test_per_class_metric_names_stay_distinct():
+    """Labels that clean to the same metric name (``:(`` and ``:)``, in label order) keep one figure each."""
+    s = metrics.task_scores("classify", [":)", ":(", ":(", "pos"], [":)", ":)", ":(", "pos"])
+    assert (s["precision__"], s["recall__"], s["precision___2"], s["recall___2"]) == (50.0, 100.0, 100.0, 50.0), s
+    assert s["f1_pos"] == 100.0 and len(s) == 2 + 3 * 3
+
+
 # ------------------------------------------------------------------- perplexity and bootstrap
 def test_perplexity_from_nll():
     assert metrics.perplexity_from_nll(10 * math.log(4.0), 10) == pytest.approx(4.0)

@@ -286,9 +286,18 @@ TASK_METRICS = {"translate": ("bleu", "chrf"), "summarize": ROUGE_TYPES, "qa": (
                 "classify": ("accuracy", "macro_f1")}
 
 
-def label_key(label: str) -> str:
-    """A class label as part of a metric name (letters, digits, - and _)."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", str(label)).strip("_") or "_"
+def label_keys(labels) -> dict[str, str]:
+    """Each class label as part of a metric name (letters, digits, - and _), distinct: labels that read the same
+    once cleaned (``:)`` and ``:(``) are told apart by a counter (``_``, ``_2``)."""
+    keys: dict[str, str] = {}
+    for label in labels:
+        key = stem = re.sub(r"[^A-Za-z0-9_-]+", "_", str(label)).strip("_") or "_"
+        n = 1
+        while key in keys.values():
+            n += 1
+            key = f"{stem}_{n}"
+        keys[label] = key
+    return keys
 
 
 def task_scores(task: str, predictions: Sequence, references: Sequence, *, rouge_tokenizer: str = "default"
@@ -305,8 +314,9 @@ def task_scores(task: str, predictions: Sequence, references: Sequence, *, rouge
     elif task == "classify":
         full = classification_scores([str(p) for p in predictions], [str(r) for r in references])
         per_class = full["per_class"] if len(full["per_class"]) <= PER_CLASS_UP_TO else {}
+        keys = label_keys(per_class)
         return {"accuracy": full["accuracy"], "macro_f1": full["macro_f1"],
-                **{f"{k}_{label_key(c)}": m[k] for c, m in per_class.items() for k in ("precision", "recall", "f1")}}
+                **{f"{k}_{keys[c]}": m[k] for c, m in per_class.items() for k in ("precision", "recall", "f1")}}
     else:
         raise UserError(f"task_scores: unknown task {task!r}; expected one of {', '.join(TASK_METRICS)}")
     return {k: out[k] for k in TASK_METRICS[task]}
