@@ -367,6 +367,36 @@ def test_two_process_finetune_with_validation_matches_one_process(tmp_path, base
     assert test2 == pytest.approx(test1, abs=1e-6)
 
 
+def test_multitask_eval_scores_the_tasks_that_have_the_split(tmp_path, base):
+    """As the run's test_metrics.json: a task without test files is not scored (never its validation files under a
+    test label); a split no task has is one line before anything is scored or written."""
+    import yaml
+
+    (tmp_path / "tr").mkdir()
+    (tmp_path / "su").mkdir()
+    tr, su = splits(tmp_path / "tr", translate_rows, 8), splits(tmp_path / "su", summarize_rows, 8)
+    recipe = {"task": "multitask", "model": {"init_from": str(base)}, "output": {"dir": str(tmp_path / "mt")},
+              "finetune": {"max_new_tokens": 4, "tasks": [
+                  {"task": "translate", "train_files": [str(tr["train"])], "test_files": [str(tr["test"])]},
+                  {"task": "summarize", "prompt": "{document} tldr", "train_files": [str(su["train"])],
+                   "val_files": [str(su["validation"])]}]}}
+    path = tmp_path / "mt.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli("eval", str(path), "--limit", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "test"))
+    assert code == 0, err
+    result = json.loads((tmp_path / "test" / "metrics.json").read_text())
+    assert result["counts"] == {"translate": 4} and result["metrics"]["score"] == result["metrics"]["translate_bleu"]
+    assert not (tmp_path / "test" / "summarize").exists()
+    code, _, err = run_cli("eval", str(path), "--limit", "4", "--max-new-tokens", "4", "--split", "validation", "--out",
+                           str(tmp_path / "val"))
+    assert code == 0 and list(json.loads((tmp_path / "val" / "metrics.json").read_text())["counts"]) == ["summarize"]
+    recipe["finetune"]["tasks"][1].pop("val_files")
+    path.write_text(yaml.safe_dump(recipe))
+    code, _, err = run_cli("eval", str(path), "--split", "validation", "--out", str(tmp_path / "none"))
+    assert_user_error(code, err, "--split: 'validation': no task of this multi-task run has finetune.tasks[].val_files")
+    assert not (tmp_path / "none").exists()
+
+
 def test_multitask_mixing_sees_every_row_equally_often():
     """The bundled Multi30k + SciTLDR mix, scaled down: 1,000 translation and 200 summarization rows at 2:1. Each
     epoch draws 800 translation rows and 400 summaries (each exactly twice); over 5 epochs every translation row is

@@ -302,12 +302,18 @@ def _data(opts: Options, recipe) -> tuple[list[Path], str]:
         if not opts.data:
             raise UserError("--data: give the file to evaluate on (or a recipe / run whose data.test_files to use)")
         return [Path(f) for f in resolve_files([opts.data], "--data")], ""
-    fields = {"test": "test_files", "validation": "val_files", "train": "train_files"}
     split = opts.split or ("test" if recipe.data.test_files else "validation")
-    if split not in fields or not getattr(recipe.data, fields[split]):
-        raise UserError(f"--split: '{split}' is not one of {', '.join(fields)}" if split not in fields else
-                        f"data.{fields[split]}: empty in the recipe; set it or pass --data FILE")
-    return [Path(f) for f in resolve_files(getattr(recipe.data, fields[split]), f"data.{fields[split]}")], split
+    field = _split_field(split)
+    if not getattr(recipe.data, field):
+        raise UserError(f"data.{field}: empty in the recipe; set it or pass --data FILE")
+    return [Path(f) for f in resolve_files(getattr(recipe.data, field), f"data.{field}")], split
+
+
+def _split_field(split: str) -> str:
+    fields = {"test": "test_files", "validation": "val_files", "train": "train_files"}
+    if split not in fields:
+        raise UserError(f"--split: '{split}' is not one of {', '.join(fields)}")
+    return fields[split]
 
 
 def _recipe_model(recipe) -> str:
@@ -321,21 +327,32 @@ def _recipe_model(recipe) -> str:
     return recipe.model.init_from
 
 
-def run_multitask(opts: Options, recipe, model_path: str, out: Path) -> dict:
-    """Each task of a multi-task run on its own split (files, columns, prompt), into OUT/<task name>/, and
-    OUT/metrics.json: every task's metrics and ``score``, the mean of their primary metrics (as in training)."""
+def run_multitask(opts: Options, recipe, model_path: str, home: Path) -> dict:
+    """Each task of a multi-task run that has the split (files, columns, prompt), into OUT/<task name>/, and
+    OUT/metrics.json: every task's metrics and ``score``, the mean of their primary metrics — the tasks and figures
+    of the run's test_metrics.json for the test split. No --split: test, or validation when no task has test files."""
+    from gptkit.data import resolve_files
     from gptkit.tasks import multitask
 
     if opts.data:
         raise UserError("--data: a multi-task run is scored on each task's own split; to score one task on a file, "
                         "add --task (translate, summarize or qa)")
+    subs = {name: multitask.sub_recipe(recipe, i) for i, name in enumerate(multitask._names(recipe))}
+    split = opts.split or ("test" if any(sub.data.test_files for sub in subs.values()) else "validation")
+    field = _split_field(split)
+    chosen = {name: (i, sub) for i, (name, sub) in enumerate(subs.items()) if getattr(sub.data, field)}
+    if not chosen:
+        raise UserError(f"--split: '{split}': no task of this multi-task run has finetune.tasks[].{field}")
+    files = {name: [Path(f) for f in resolve_files(getattr(sub.data, field), f"finetune.tasks[{i}].{field}")]
+             for name, (i, sub) in chosen.items()}  # every task's files are checked before any is scored
+    for name in subs.keys() - chosen.keys():
+        log.info("eval: task %s has no %s; not scored", name, field)
+    out = Path(opts.out) if opts.out else home / f"eval-multitask{'-' + split if split != 'test' else ''}"
     metrics, counts, data, parts = {}, {}, {}, {}
     loaded = (*load_model(model_path, "multitask"), fingerprint(Path(model_path)))  # once for all its tasks
-    for i, name in enumerate(multitask._names(recipe)):
-        sub = multitask.sub_recipe(recipe, i)
-        files, _ = _data(opts, sub)
-        log.info("eval: task %s (%s) on %s", name, sub.task, ", ".join(map(str, files)))
-        part = run_model(opts, sub.task, model_path, files, out / name, {**sub.data.columns,
+    for name, (i, sub) in chosen.items():
+        log.info("eval: task %s (%s) on %s", name, sub.task, ", ".join(map(str, files[name])))
+        part = run_model(opts, sub.task, model_path, files[name], out / name, {**sub.data.columns,
                                                                            **parse_columns(opts.columns)}, i, loaded)
         metrics.update({f"{name}_{k}": v for k, v in part["metrics"].items()})
         metrics[f"_{name}"] = part["metrics"][multitask.PRIMARY[sub.task]]
@@ -367,9 +384,7 @@ def run(opts: Options, recipe=None) -> dict:
     source = recipe or run_recipe
     task = opts.task or (None if source is None else "lm" if source.task == "pretrain" else source.task)
     if task == "multitask" and source is not None and source.task == "multitask" and model_path:
-        split = opts.split or "test"  # each task falls back to its validation files when it has no test files
-        return run_multitask(opts, source, model_path,
-                             Path(opts.out) if opts.out else home / f"eval-multitask{'-' + split if split != 'test' else ''}")
+        return run_multitask(opts, source, model_path, home)
     source = _task_view(source, task) if task in TASKS else source  # one task of a multi-task run: its split
     if task not in TASKS:
         raise UserError(f"--task: '{task}' is not an eval task; expected one of {', '.join(TASKS)} (multitask: a "
