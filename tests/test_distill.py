@@ -122,6 +122,7 @@ def test_bad_distill_input_is_one_line(base, tmp_path):
                         distill={"teacher": str(base)})  # its own char tokenizer is not the teacher's BPE
     code, _, err = run_cli("distill", str(other))
     assert_user_error(code, err, "distill.teacher", "tokenizer")
-    assert not (tmp_path / "o" / "model.safetensors").exists()
+    assert not (tmp_path / "o").exists()  # checked before the run folder is made: a corrected rerun just works
     code, _, err = run_cli("distill", str(recipe), f"distill.teacher={tmp_path / 'nothing'}")
     assert_user_error(code, err, "distill.teacher")
+    assert not (tmp_path / "x").exists()

@@ -209,11 +209,6 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
     rundir.check_disk_space(run_dir, n_params, recipe.train.keep_last)
-    if accelerator.is_main_process and not resume:
-        rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
-    if accelerator.is_main_process and extra:  # where the extra figures come from
-        (run_dir / "extra_metrics.json").write_text(json.dumps([m.record() for m in extra], indent=1))
-    accelerator.wait_for_everyone()
     per = recipe.finetune.loss  # validation loss (and perplexity) is per token whatever training averages
     loss_fn = partial(task.loss, per=per, smoothing=recipe.train.label_smoothing)
     if recipe.distill.teacher:
@@ -223,6 +218,11 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
         teacher = distill.load_teacher(recipe.model_copy(update={"task": task_name}), tokenizer, accelerator.device)
         loss_fn = distill.loss_fn(gen.where, teacher, recipe.distill.temperature, recipe.distill.alpha,
                                   partial(gen.weights, per=per), recipe.train.label_smoothing)
+    if accelerator.is_main_process and not resume:
+        rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
+    if accelerator.is_main_process and extra:  # where the extra figures come from
+        (run_dir / "extra_metrics.json").write_text(json.dumps([m.record() for m in extra], indent=1))
+    accelerator.wait_for_everyone()
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
                      loss_fn=loss_fn, count_fn=partial(task.count, per=per),
                      eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,

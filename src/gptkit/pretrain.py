@@ -196,14 +196,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
     modeling.trainable_precision(model, "full")
     n_params = sum(p.numel() for p in model.parameters())
     engine.check_batch(recipe.train, len(train), accelerator.num_processes)
-    rundir.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
-    if accelerator.is_main_process:
-        if not resume:
-            rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
-        tokenizer.save_pretrained(str(plan.run_dir))
-    accelerator.wait_for_everyone()
-    log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
-             n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
     smoothing = recipe.train.label_smoothing
     loss_fn = partial(engine.causal_lm_loss, smoothing=smoothing) if smoothing else None
     if recipe.distill.teacher:
@@ -212,6 +204,14 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
         teacher = distill.load_teacher(recipe, tokenizer, accelerator.device)
         loss_fn = distill.loss_fn(engine.causal_lm_where, teacher, recipe.distill.temperature, recipe.distill.alpha,
                                   smoothing=smoothing)
+    rundir.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
+    if accelerator.is_main_process:
+        if not resume:
+            rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
+        tokenizer.save_pretrained(str(plan.run_dir))
+    accelerator.wait_for_everyone()
+    log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
+             n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume,
                      loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss, distributed=recipe.distributed)
     metrics = engine.fit(job, accelerator)
