@@ -240,6 +240,8 @@ def test_stream_several_samples_prints_headers(model, tok):
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(do_sample=True, seed=2**70), "seed"),
+        (dict(seed=-1), "seed"),
     ],
 )
 def test_validate_rejects_impossible_options(kwargs, field):
@@ -297,6 +299,16 @@ def test_stream_slides_past_the_context(model, tok):
     texts = stream(model, tok, "ab", options, out=out)
     assert len(tok(texts[0])["input_ids"]) == limit * 2 + 5
     assert out.getvalue() == "ab" + texts[0] + "\n"
+
+
+def test_stream_keeps_the_whole_prompt_while_the_context_holds_it(model, tok):
+    """A 38-token prompt + 40 new tokens in a 64-token context: the first 26 tokens see the whole prompt (as one
+    plain generate call does), the rest slide; nothing is cut to leave room for all 40 at once."""
+    prompt = ("the cat sat on a mat, " * 3)[:38]
+    out = io.StringIO()
+    texts = stream(model, tok, prompt, DecodingOptions(max_new_tokens=40, min_new_tokens=40), out=out)
+    assert texts[0][:26] == generate_alone(model, tok, prompt, max_new_tokens=26, min_new_tokens=26, do_sample=False)[0]
+    assert len(tok(texts[0])["input_ids"]) == 40 and out.getvalue() == prompt + texts[0] + "\n"
 
 
 def test_seeded_sampling_leaves_the_callers_random_state_alone(model, tok):

@@ -55,6 +55,8 @@ class DecodingOptions:
             return f"num_beams must be >= 1, got {self.num_beams}"
         if self.num_return_sequences < 1:
             return f"num_return_sequences must be >= 1, got {self.num_return_sequences}"
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            return f"seed must be in [0, 2**63), got {self.seed}"
         if (self.num_beams > 1 or not self.do_sample) and self.num_return_sequences > self.num_beams:
             return (
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
@@ -203,9 +205,10 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
     an encoder-decoder's output is not a continuation, so only the output is written.
 
     A single sequence without beams is streamed token by token; when prompt + max_new_tokens exceed the
-    model's context it keeps going with a sliding window (the last half context as the prompt of the next
-    chunk), as nanoGPT's sampler crops to its block size. Several samples or beams are generated first
-    and printed each under a ``=== sample i/n ===`` header. Returns the generated texts (without prompt).
+    model's context it keeps going with a sliding window (the whole prompt while the context holds it, then the
+    last half context as the prompt of the next chunk), as nanoGPT's sampler crops to its block size. Several
+    samples or beams are generated first and printed each under a ``=== sample i/n ===`` header. Returns the
+    generated texts (without prompt).
     """
     out = sys.stdout if out is None else out
     options.validate()
@@ -228,18 +231,19 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
         out.flush()
         return [tokenizer.decode(output[0, 1:], skip_special_tokens=True)]
     limit = _context_size(model)
-    chunk_opts = options
-    if limit is not None and options.max_new_tokens >= limit:
-        chunk_opts = replace(options, max_new_tokens=limit // 2, min_new_tokens=0)
-    ids = _encode_prompts(model, tokenizer, [prompt], chunk_opts)[0]
+    half = limit // 2 if limit else None
+    ids = _encode_prompts(model, tokenizer, [prompt], replace(options, max_new_tokens=1, min_new_tokens=0)
+                          if limit else options)[0]  # the windows below cut the rest
     out.write(prompt)
     if options.seed is not None:
         torch.manual_seed(options.seed)
     new: list[int] = []
     streamer = _WriterStreamer(tokenizer, out)
     while len(new) < options.max_new_tokens:
-        window = (ids + new)[-(limit - chunk_opts.max_new_tokens) :] if limit else ids + new
-        step = replace(chunk_opts, max_new_tokens=min(chunk_opts.max_new_tokens, options.max_new_tokens - len(new)))
+        history, left = ids + new, options.max_new_tokens - len(new)
+        n = left if limit is None else min(left, limit - len(history) if len(history) < limit else half)
+        window = history[-(limit - n) :] if limit else history  # the whole history while it fits, then half a context
+        step = replace(options, max_new_tokens=n, min_new_tokens=min(n, max(0, options.min_new_tokens - len(new))))
         input_ids = torch.tensor([window], device=model.device)
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
