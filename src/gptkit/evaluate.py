@@ -237,9 +237,10 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     run = _task_view(run, task, index)
     cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
     fields, optional = (*INPUTS[task], REFERENCE[task]), ("text_pair",) if task == "classify" else ()
-    every = [r for p in data for r in read_fields(p, "--data", fields, optional, cols)]
+    pairs = [(p, r) for p in data for r in read_fields(p, "--data", fields, optional, cols)]
+    every = [r for _, r in pairs]
     rows = every[: opts.limit or None]
-    refs = [reference_of(task, r, f"--data: line {r['_line']}") for r in rows]
+    refs = [reference_of(task, r, f"--data: {p}: line {r['_line']}") for p, r in pairs[: len(rows)]]
     run_extra = run.finetune.extra_metrics if run is not None and run.task == task else []
     extra = user_metrics.load(list(dict.fromkeys([*run_extra, *opts.metrics])), "--metric", refs)
     if opts.few_shot and not opts.train:
