@@ -125,6 +125,24 @@ def test_usage_stop_strings_and_seeded_samples(lm, base):
     assert sorted(x.index for x in a.choices) == [0, 1, 2]
 
 
+def test_unset_max_tokens_is_what_the_context_leaves(lm, base):
+    from gptkit import trained
+
+    _, tok = trained.load_lm(base)
+    context = 64  # tasks_helpers.base_recipe
+    c = client(lm)
+    short = c.completions.create(model="base", prompt="red blue", temperature=0, extra_body={"ignore_eos": True})
+    assert short.usage.completion_tokens == 16 and short.choices[0].finish_reason == "length"  # OpenAI's default
+    prompt = "red " * 28
+    assert context - 16 < len(tok(prompt, add_special_tokens=False)["input_ids"]) < context
+    long = c.completions.create(model="base", prompt=prompt, temperature=0, extra_body={"ignore_eos": True})
+    assert long.usage.total_tokens == context and long.choices[0].finish_reason == "length"
+    chat = c.chat.completions.create(model="base", messages=[{"role": "user", "content": "red blue"}],
+                                     temperature=0, extra_body={"ignore_eos": True})
+    assert chat.usage.completion_tokens > 16  # a chat answer may take the rest of the context
+    assert chat.usage.total_tokens == context or chat.choices[0].finish_reason == "stop"
+
+
 def test_concurrent_requests_share_batches(lm, base):
     prompts = [f"{w} blue" for w in ("red", "green", "black", "white", "small", "big", "old", "new")]
     before = httpx.get(f"{lm.url}/health").json()
@@ -165,13 +183,26 @@ def test_concurrent_requests_share_batches(lm, base):
     ("completions", {"prompt": "a", "presence_penalty": 0.5}, 400, "presence_penalty"),
     ("completions", {"prompt": "a", "num_beams": 2, "stream": True}, 400, "num_beams"),
     ("completions", {"prompt": "a " * 200, "max_tokens": 8}, 400, "prompt"),
+    ("completions", {"prompt": "a " * 200}, 400, "prompt"),  # unset max_tokens, but no room left at all
+    ("completions", {"prompt": "red " * 28, "max_tokens": 16}, 400, "prompt"),  # 57 tokens + 16 > 64
+    ("completions", '{"prompt": "a", "repetition_penalty": NaN}', 400, "repetition_penalty"),
+    ("completions", '{"prompt": "a", "repetition_penalty": Infinity}', 400, "repetition_penalty"),
+    ("completions", {"prompt": "a", "repetition_penalty": 1e-308}, 400, "repetition_penalty"),
+    ("completions", '{"prompt": "a", "temperature": NaN}', 400, "temperature"),
+    ("completions", '{"prompt": "a", "top_p": NaN}', 400, "top_p"),
+    ("completions", {"prompt": "a", "seed": 2**70}, 400, "seed"),
+    ("completions", {"prompt": "a", "seed": 2**70, "temperature": 0}, 400, "seed"),
+    ("completions", {"prompt": "a", "seed": 1.5, "temperature": 0}, 400, "seed"),
+    ("completions", {"prompt": "a", "stream": True, "stream_options": "x"}, 400, "stream_options"),
     ("completions", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]"),
     ("chat/completions", {"messages": []}, 400, "messages"),
     ("classify", {"text": "a"}, 404, None),
 ])
 def test_bad_requests_get_a_json_error_naming_the_field(lm, path, body, status, param):
-    r = httpx.post(f"{lm.url}/v1/{path}", json=body)
+    raw = isinstance(body, str)  # a body as sent, where it is not JSON that httpx would write
+    r = httpx.post(f"{lm.url}/v1/{path}", content=body if raw else None, json=None if raw else body,
+                   headers={"Content-Type": "application/json"})
     assert r.status_code == status, r.text
     error = r.json()["error"]
     assert error["param"] == param and error["message"].startswith(param or "POST /v1/classify")
@@ -215,6 +246,88 @@ def test_api_key_and_sigterm_drains_a_request_in_flight(base):
         worker.join(timeout=300)
         assert done["r"].status_code == 200 and done["r"].json()["usage"]["completion_tokens"] == 16 * 16 * 60
         assert proc.wait(timeout=60) == 0
+
+
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}[assistant]{% endif %}")
+CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "red blue"}]
+
+
+def template_ids(tok, messages) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)
+    return list(out if isinstance(out, list) else out["input_ids"])  # transformers 5: a BatchEncoding
+
+
+@pytest.fixture(scope="module")
+def chat_model(base, tmp_path_factory) -> tuple[Path, list[int]]:
+    """The base as a chat model (Llama-3 style): a tokenizer that adds BOS, a chat template that writes BOS itself,
+    and a generation_config whose eos_token_id lists an end-of-turn id besides EOS: a token that greedy decoding
+    of :data:`CHAT` gives after a few others (returned with them)."""
+    import json
+    import shutil
+
+    import torch
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    from gptkit import trained
+    from gptkit.tokenizer import adds_bos
+
+    folder = tmp_path_factory.mktemp("serve_chat") / "chat"
+    folder.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        shutil.copy(base / name, folder / name)
+    tok = AutoTokenizer.from_pretrained(base)
+    bos = tok.bos_token
+    tok._tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A $B",
+                                                                   special_tokens=[(bos, tok.bos_token_id)])
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    model, tok = trained.load_lm(folder)
+    assert adds_bos(tok)
+    ids = template_ids(tok, CHAT)
+    with torch.inference_mode():
+        out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=tok.pad_token_id)
+    new = out[0, len(ids):].tolist()
+    k = next(i for i in range(1, len(new)) if new[i] not in new[:i] and tok.eos_token_id not in new[: i + 1])
+    config = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**config, "eos_token_id": [tok.eos_token_id, new[k]]}))
+    return folder, new[:k]
+
+
+@pytest.fixture(scope="module")
+def chat_lm(chat_model):
+    with server(chat_model[0]) as proc:
+        yield proc
+
+
+def test_a_chat_template_gives_the_prompt_ids_once(chat_lm, chat_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_model[0])
+    ids = template_ids(tok, CHAT)
+    assert ids[0] == tok.bos_token_id != ids[1]
+    r = client(chat_lm).chat.completions.create(model="chat", messages=CHAT, max_tokens=4, temperature=0)
+    assert r.usage.prompt_tokens == len(ids)  # not BOS + the template's BOS + ...
+
+
+def test_generation_config_eos_ids_end_the_text(chat_lm, chat_model):
+    from gptkit import trained
+
+    _, tok = trained.load_lm(chat_model[0])
+    before = chat_model[1]  # what greedy decoding gives before the end-of-turn id
+    want = tok.decode(before, skip_special_tokens=True)
+    c = client(chat_lm)
+    r = c.chat.completions.create(model="chat", messages=CHAT, max_tokens=8, temperature=0)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop")
+    assert r.usage.completion_tokens == len(before)
+    chunks = list(c.chat.completions.create(model="chat", messages=CHAT, max_tokens=8, temperature=0, stream=True))
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    full = c.chat.completions.create(model="chat", messages=CHAT, max_tokens=8, temperature=0,
+                                     extra_body={"ignore_eos": True})
+    assert full.usage.completion_tokens == 8 and full.choices[0].message.content.startswith(want)
 
 
 @pytest.fixture(scope="module")

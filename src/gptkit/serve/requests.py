@@ -226,7 +226,7 @@ def encode(served: Served, prompt: str | list[int], max_tokens: int | None, fiel
     return ids
 
 
-def room(served: Served, ids: list[int]) -> int | None:
+def _room(served: Served, ids: list[int]) -> int | None:
     """The most new tokens the context leaves after a prompt of ``ids`` (None: no known context)."""
     from gptkit.modeling import is_encoder_decoder
 
@@ -256,7 +256,7 @@ def generation_job(served: Served, limits: Limits, body: dict, prompts: list, se
     choices, prompt_tokens = [], 0
     for i, prompt in enumerate(prompts):
         ids = encode(served, prompt, asked, "messages" if chat else "prompt")
-        left = room(served, ids)
+        left = _room(served, ids)
         max_tokens = asked if asked is not None else default if left is None else min(default, left)
         prompt_tokens += len(ids)
         choices += [Choice(i * n + j, ids, max_tokens, stop) for j in range(n)]
