@@ -311,6 +311,18 @@ def test_stream_keeps_the_whole_prompt_while_the_context_holds_it(model, tok):
     assert len(tok(texts[0])["input_ids"]) == 40 and out.getvalue() == prompt + texts[0] + "\n"
 
 
+def test_generation_config_eos_ids_end_the_text(tok):
+    """A chat model lists end-of-turn ids in generation_config.eos_token_id: batched and streamed generation stop
+    at any of them, as plain transformers generate does (which gptkit's explicit kwargs used to override)."""
+    model = make_model()
+    greedy_ids = tok(generate_alone(model, tok, "ab", max_new_tokens=12, do_sample=False)[0])["input_ids"]
+    k = next(i for i in range(1, len(greedy_ids)) if greedy_ids[i] not in greedy_ids[:i])
+    model.generation_config.eos_token_id = [tok.eos_token_id, greedy_ids[k]]
+    expected = tok.decode(greedy_ids[: k + 1])  # up to and with the end-of-turn token (special ones are skipped)
+    assert generate_batch(model, tok, ["ab"], DecodingOptions(max_new_tokens=12)) == [[expected]]
+    assert stream(model, tok, "ab", DecodingOptions(max_new_tokens=12), out=io.StringIO()) == [expected]
+
+
 def test_seeded_sampling_leaves_the_callers_random_state_alone(model, tok):
     """Sampled validation inside a training loop must not reset the loop's RNG (dropout, later sampling)."""
     torch.manual_seed(123)

@@ -73,10 +73,11 @@ class DecodingOptions:
             raise UserError(f"decoding options: {problem}")
         return self
 
-    def to_generate_kwargs(self, tokenizer: Any) -> dict[str, Any]:
+    def to_generate_kwargs(self, tokenizer: Any, model: Any = None) -> dict[str, Any]:
         """Keyword arguments for ``model.generate``; every decoding choice is explicit so that a
-        checkpoint's ``generation_config.json`` cannot silently change it. Sampling parameters are only
-        passed when sampling (transformers warns about them otherwise)."""
+        checkpoint's ``generation_config.json`` cannot silently change it (only its end-of-text ids count, when
+        ``model`` is given: :func:`eos_ids`). Sampling parameters are only passed when sampling (transformers
+        warns about them otherwise)."""
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
@@ -87,8 +88,9 @@ class DecodingOptions:
             "pad_token_id": pad_id,
             "use_cache": True,
         }
-        if tokenizer.eos_token_id is not None:
-            kwargs["eos_token_id"] = tokenizer.eos_token_id
+        eos = sorted(eos_ids(model, tokenizer))
+        if eos:
+            kwargs["eos_token_id"] = eos[0] if len(eos) == 1 else eos
         if self.min_new_tokens:
             kwargs["min_new_tokens"] = self.min_new_tokens
         if self.do_sample:
@@ -96,6 +98,14 @@ class DecodingOptions:
             kwargs["top_k"] = self.top_k if self.top_k is not None else 0  # 0 disables top-k (default is 50)
             kwargs["top_p"] = self.top_p if self.top_p is not None else 1.0
         return kwargs
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """The ids that end a text: the tokenizer's EOS and the model's generation_config ``eos_token_id`` (an id or a
+    list: chat models such as Llama-3 end a turn with ids of their own)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    listed = list(listed) if isinstance(listed, (list, tuple)) else [listed]
+    return {int(i) for i in [tokenizer.eos_token_id, *listed] if i is not None}
 
 
 def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
@@ -160,7 +170,7 @@ def generate_batch(
         return []
     encoded = _encode_prompts(model, tokenizer, prompts, options)
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
-    kwargs = options.to_generate_kwargs(tokenizer)
+    kwargs = options.to_generate_kwargs(tokenizer, model)
     n = options.num_return_sequences
     encoder_decoder = is_encoder_decoder(model.config)
     results: list[list[str]] = [[] for _ in prompts]
@@ -226,7 +236,8 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
             torch.manual_seed(options.seed)
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    streamer=_WriterStreamer(tokenizer, out), **options.to_generate_kwargs(tokenizer))
+                                    streamer=_WriterStreamer(tokenizer, out),
+                                    **options.to_generate_kwargs(tokenizer, model))
         out.write("\n")
         out.flush()
         return [tokenizer.decode(output[0, 1:], skip_special_tokens=True)]
@@ -247,10 +258,10 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
         input_ids = torch.tensor([window], device=model.device)
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), streamer=streamer,
-                                    **step.to_generate_kwargs(tokenizer))
+                                    **step.to_generate_kwargs(tokenizer, model))
         produced = output[0, len(window) :].tolist()
         new += produced
-        if len(produced) < step.max_new_tokens or tokenizer.eos_token_id in produced:
+        if len(produced) < step.max_new_tokens or eos_ids(model, tokenizer) & set(produced):
             break  # the model ended the text
     out.write("\n")
     out.flush()

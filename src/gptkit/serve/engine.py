@@ -153,7 +153,7 @@ class Engine:
     def _generate(self, s: Sampling, choices: list[tuple[Job, Choice]]) -> None:
         import torch
 
-        from gptkit.generation import DecodingOptions
+        from gptkit.generation import DecodingOptions, eos_ids
         from gptkit.modeling import is_encoder_decoder
 
         opts = DecodingOptions(max_new_tokens=max(c.max_tokens for _, c in choices), do_sample=s.do_sample,
@@ -161,7 +161,7 @@ class Engine:
                                repetition_penalty=s.repetition_penalty, seed=s.seed,
                                min_new_tokens=min(s.min_tokens, min(c.max_tokens for _, c in choices)))
         kwargs = opts.to_generate_kwargs(self.tok)
-        eos = set() if s.ignore_eos else _eos_ids(self.model, self.tok)
+        eos = set() if s.ignore_eos else eos_ids(self.model, self.tok)
         if eos or s.ignore_eos:  # generate (beam search) ends at any of them, not at the tokenizer's alone
             kwargs["eos_token_id"] = sorted(eos) or None
         encoder_decoder = is_encoder_decoder(self.model.config)
@@ -184,14 +184,6 @@ class Engine:
                 _finish_whole(self.tok, job, c, seq, eos)
         else:
             tracker.finish_all()
-
-
-def _eos_ids(model, tok) -> set[int]:
-    """The ids that end a text: the tokenizer's EOS and the model's generation_config ``eos_token_id`` (an id or a
-    list: chat models such as Llama-3 end a turn with ids of their own)."""
-    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    listed = list(listed) if isinstance(listed, (list, tuple)) else [listed]
-    return {int(i) for i in [tok.eos_token_id, *listed] if i is not None}
 
 
 def _finish_whole(tok, job: Job, c: Choice, seq: list[int], eos: set[int]) -> None:
