@@ -256,6 +256,13 @@ def test_default_out_is_inside_the_model_dir_and_recipe_mode_uses_test_then_val(
     assert by_recipe["metrics"] == direct["metrics"]
     ok("eval", str(recipe), f"data.val_files=[{test_file}]", "data.test_files=[]", "--limit", "3")
     assert json.loads((run / "eval-translate-validation" / "metrics.json").read_text())["counts"] == {"examples": 3}
+    # no run yet: the recipe scores its base with its own prompt and decoding (the baseline before fine-tuning)
+    recipe.write_text(yaml.safe_dump({"task": "translate", "data": {"test_files": [str(test_file)]},
+                                      "model": {"init_from": str(lm_dir)}, "output": {"dir": str(tmp_path / "none")},
+                                      "finetune": {"prompt": "{source} ->", "max_new_tokens": 5}}))
+    ok("eval", str(recipe), "--out", str(tmp_path / "base"))
+    settings = json.loads((tmp_path / "base" / "metrics.json").read_text())["settings"]
+    assert settings["template"] == "{source} ->" and settings["decoding"]["max_new_tokens"] == 5, settings
 
 
 def test_classifier_run_and_label_likelihood(tmp_path, lm_dir):

@@ -152,8 +152,9 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
     return [t[0].split("\n")[0].strip() for t in texts]
 
 
-def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots: list[dict]) -> Ctx:
-    """The run's own recipe when it was trained for this task (prompt, decoding, qa_mode), else the task's
+def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots: list[dict], given=None) -> Ctx:
+    """The run's own recipe when it was trained for this task (prompt, decoding, qa_mode), else the recipe
+    ``given`` on the command line for this task (a recipe scoring its base before fine-tuning), else the task's
     defaults (qa: generative); decoding options given on the command line win."""
     from gptkit import generation
     from gptkit.recipe import Recipe
@@ -161,7 +162,7 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
     from gptkit.trained import has_head
 
     same = run is not None and run.task == task
-    recipe = run if same else Recipe(task=task)
+    recipe = run if same else given if given is not None and given.task == task else Recipe(task=task)
     given = {k: getattr(opts, k) for k in ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p",
                                            "repetition_penalty") if getattr(opts, k) is not None}
     sampling = opts.sample or any(k in given for k in ("temperature", "top_k", "top_p"))
@@ -230,7 +231,7 @@ def _task_view(run, task: str, index: int | None = None):
 
 
 def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: Path, columns: dict,
-              index: int | None = None, loaded: tuple | None = None) -> dict:
+              index: int | None = None, loaded: tuple | None = None, given=None) -> dict:
     """Predict batch by batch, appending each batch to predictions.jsonl, then score everything written.
     ``loaded``: (model, tokenizer, run, fingerprint) already loaded (a multi-task run's tasks share them)."""
     model, tok, run, model_fp = loaded or (*load_model(model_path, task), fingerprint(Path(model_path)))
@@ -249,7 +250,7 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     shots = read_fields(tp, "--train", fields, optional, cols) if opts.few_shot else []
     if len(shots) < opts.few_shot:
         raise UserError(f"--few-shot {opts.few_shot}: {tp} has only {len(shots)} examples")
-    ctx = make_ctx(opts, task, model, tok, run, every, shots)  # labels: from all rows, whatever --limit
+    ctx = make_ctx(opts, task, model, tok, run, every, shots, given)  # labels: from all rows, whatever --limit
     identity = {"mode": "model", "task": task, "model": model_fp["sha256"], "data": file_hashes(data),
                 "columns": cols, "template": ctx.template, "decoding": asdict(ctx.decoding), "labels": ctx.labels,
                 "few_shot": opts.few_shot, "train": sha256(tp) if shots else None, "seed": opts.seed if shots else None}
@@ -354,7 +355,8 @@ def run_multitask(opts: Options, recipe, model_path: str, home: Path) -> dict:
     for name, (i, sub) in chosen.items():
         log.info("eval: task %s (%s) on %s", name, sub.task, ", ".join(map(str, files[name])))
         part = run_model(opts, sub.task, model_path, files[name], out / name, {**sub.data.columns,
-                                                                           **parse_columns(opts.columns)}, i, loaded)
+                                                                           **parse_columns(opts.columns)}, i, loaded,
+                         given=sub)
         metrics.update({f"{name}_{k}": v for k, v in part["metrics"].items()})
         metrics[f"_{name}"] = part["metrics"][multitask.PRIMARY[sub.task]]
         counts[name], parts[name] = part["counts"]["examples"], part["out"]
@@ -403,4 +405,4 @@ def run(opts: Options, recipe=None) -> dict:
             raise UserError("--resume: perplexity has no predictions to resume; run it again")
         return run_lm(opts, model_path, data, out)
     columns = {**(recipe.data.columns if recipe is not None else {}), **parse_columns(opts.columns)}
-    return run_model(opts, task, model_path, data, out, columns)
+    return run_model(opts, task, model_path, data, out, columns, given=source if recipe is not None else None)
