@@ -74,3 +74,24 @@ def test_real_and_synthetic_pairs_mix_by_weight_with_a_tag(tmp_path):
     recipe.write_text(json.dumps({"task": "translate", "data": {"train_files": [str(real)], "train_weights": [1, 2]}}))
     with pytest.raises(Exception, match="one weight per entry"):
         load_recipe(recipe)
+
+
+def test_bad_augment_input_is_one_line(tmp_path, reverse_run):
+    mono = write_jsonl(tmp_path / "mono.jsonl", [{"target": r["target"]} for r in translate_rows(4, 5)])
+    args = ["augment", "backtranslate", "--model", str(reverse_run), "--data", str(mono), "--max-new-tokens", "4"]
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    (folder / "keep.txt").write_text("mine")
+    for extra in ([], ["--overwrite"], ["--resume"]):
+        code, _, err = run_cli(*args, "--out", str(folder), *extra)
+        assert_user_error(code, err, "--out", "pairs", "is a directory")
+    assert (folder / "keep.txt").read_text() == "mine"
+    out = tmp_path / "x.jsonl"
+    code, _, err = run_cli(*args, "--out", str(out), "--num-beams", "0")
+    assert_user_error(code, err, "--num-beams", ">= 1", "got 0")
+    code, _, err = run_cli(*args, "--out", str(out), "--column", "source")
+    line = assert_user_error(code, err, "mono.jsonl", "no field 'source'", "--column", "'target'")
+    assert "--columns" not in line  # eval's flag; augment names the field with --column
+    code, _, err = run_cli(*args, "--out", str(folder / "keep.txt" / "x.jsonl"))
+    assert_user_error(code, err, "--out", "keep.txt", "not a folder")
+    assert not out.exists() and (folder / "keep.txt").read_text() == "mine"

@@ -172,6 +172,7 @@ def test_prune_command_combines_layers_heads_and_neurons(base, llama, tmp_path):
     (["--mlp", "1.5"], ["--mlp", "(0, 1)"]),
     (["--layers", "2"], ["--layers", "1 to 1", "got 2"]),
     ([], ["--layers", "--heads", "--mlp"]),
+    (["--mlp", "0.5", "--batches", "0"], ["--batches", "at least 1", "got 0"]),
 ])
 def test_bad_prune_input_is_one_line(base, tmp_path, args, needles):
     code, _, err = run_cli("prune", str(base), *args, "--out", str(tmp_path / "p"))
@@ -183,3 +184,53 @@ def test_heads_that_round_to_none_are_one_line(llama, tmp_path):
     code, _, err = run_cli("prune", str(llama), "--heads", "0.2", "--out", str(tmp_path / "p"))
     assert_user_error(code, err, "--heads", "2 key/value head", "removes none")
     assert not (tmp_path / "p").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line(base, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_cli("prune", str(base), "--mlp", "0.5", "--out", str(tmp_path / "notes.txt"))
+    assert_user_error(code, err, "--out", "notes.txt", "not a folder")
+    code, _, err = run_cli("prune", str(base), "--mlp", "0.5", "--out", str(tmp_path / "notes.txt" / "p"))
+    assert_user_error(code, err, "--out", "notes.txt", "not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_gptbigcode_linear_layers_prune_like_gpt2_conv1d(base, tmp_path):
+    """GPTBigCode (nn.Linear c_fc/c_proj, weights (out, in); what gptkit quantize rewrites a GPT-2 as) scores and
+    keeps the same neurons as the GPT-2 it equals (Conv1D, (in, out)), and the two pruned models agree."""
+    from transformers import AutoModelForCausalLM
+
+    from gptkit import engine, trained
+    from gptkit.prune import importance, shrink
+    from gptkit.quantize import gpt2_to_bigcode
+
+    gpt2, tok = trained.load_lm(base)
+    bigcode = gpt2_to_bigcode(gpt2)
+    batches = _blocks(tok, base.parent / "base.txt")
+    scores = importance(gpt2, batches[:2], engine.causal_lm_loss)
+    for a, b in zip(scores, importance(bigcode, batches[:2], engine.causal_lm_loss)):
+        assert torch.allclose(a, b, rtol=1e-3, atol=1e-6)
+    keep = [s.topk(len(s) // 2).indices.sort().values for s in scores]
+    smaller_gpt2, smaller_bigcode = shrink(gpt2, keep), shrink(bigcode, keep)
+    with torch.no_grad():
+        a, b = smaller_gpt2(batches[2]["input_ids"]).logits, smaller_bigcode(batches[2]["input_ids"]).logits
+    assert (a - b).abs().max() < 1e-4 and smaller_bigcode.config.n_inner == len(keep[0])
+    folder = tmp_path / "bigcode"
+    bigcode.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    code, _, err = run_cli("prune", str(folder), "--layers", "1", "--mlp", "0.5", "--data",
+                           str(base.parent / "base.txt"), "--out", str(tmp_path / "pruned"))
+    assert code == 0, err
+    cfg = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").config
+    assert (cfg.model_type, cfg.n_layer, cfg.n_inner) == ("gpt_bigcode", 1, len(keep[0]))
+
+
+def test_a_quantized_model_is_refused_in_one_line(base, tmp_path):
+    pytest.importorskip("torchao")
+    assert run_cli("quantize", str(base), "--out", str(tmp_path / "q8"))[0] == 0
+    for args in (["--mlp", "0.5"], ["--layers", "1"]):
+        code, _, err = run_cli("prune", str(tmp_path / "q8"), *args, "--data", str(base.parent / "base.txt"),
+                               "--out", str(tmp_path / "p"))
+        assert_user_error(code, err, "q8", "quantized", "prune works on unquantized weights",
+                          "prune first, then quantize")
+        assert not (tmp_path / "p").exists()

@@ -98,6 +98,10 @@ def test_bad_quantize_input_is_one_line(base, tmp_path, monkeypatch):
     code, _, err = run_cli("quantize", str(base), "--out", str(tmp_path / "full"))
     assert_user_error(code, err, "--out", "not empty")
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    (tmp_path / "notes.txt").write_text("mine")
+    code, _, err = run_cli("quantize", str(base), "--out", str(tmp_path / "notes.txt"))
+    assert_user_error(code, err, "--out", "notes.txt", "not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     code, _, err = run_cli("quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "b"))
     assert_user_error(code, err, "missing")
     monkeypatch.setitem(sys.modules, "torchao", None)

@@ -89,11 +89,53 @@ def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
     ({"sampler": "bayes", "train.lr": {"choice": [1e-3]}}, ["sampler", "tpe, random, grid"]),
     ({"sampler": "grid", "train.lr": {"log_uniform": [1e-4, 1e-3]}}, ["grid needs choice or int"]),
     ({"trials": 6}, ["names no recipe field"]),
+    ({"train.batch_size": {"int": [8, 32], "step": 0}}, ["space.yaml", "train.batch_size", "step", "positive integer"]),
+    ({"train.batch_size": {"int": [8, 32], "step": "x"}}, ["train.batch_size", "step", "got 'x'"]),
+    ({"train.batch_size": {"int": [8, 32], "step": 2.5}}, ["train.batch_size", "step", "positive integer"]),
+    ({"train.lr": {"uniform": [1e-4, 1e-3], "step": -1e-4}}, ["train.lr", "step", "positive number"]),
+    ({"train.lr": {"log_uniform": [1e-4, 1e-3], "step": 1e-4}}, ["train.lr", "step", "log_uniform takes no step"]),
+    ({"train.lr": {"choice": [1e-4, 1e-3], "step": 1}}, ["train.lr", "step", "choice takes no step"]),
+    ({"seed": "abc", "train.lr": {"choice": [1e-3]}}, ["space.yaml", "seed", "integer", "'abc'"]),
+    ({"seed": -1, "train.lr": {"choice": [1e-3]}}, ["seed", "integer"]),
+    ({"metric": 5, "train.lr": {"choice": [1e-3]}}, ["metric", "val_loss"]),
+    ({"trials": True, "train.lr": {"choice": [1e-3]}}, ["trials", "positive integer"]),
+    ({"train.lr": {"log_uniform": [1e-3, float("inf")]}}, ["space.yaml", "train.lr", "finite bounds"]),
+    ({"train.lr": {"uniform": [float("-inf"), 1.0]}}, ["train.lr", "finite bounds"]),
 ])
 def test_bad_spaces_are_refused_before_any_trial(tmp_path, recipe, content, needles):
     code, _, err = run_cli("sweep", str(recipe), "--space", str(space(tmp_path, **content)), "--out", str(tmp_path / "sw"))
     assert_user_error(code, err, *needles)
-    assert not list((tmp_path / "sw").glob("trial-*")) if (tmp_path / "sw").exists() else True
+    assert not (tmp_path / "sw").exists()  # nothing written: no space.yaml, no study.db
+
+
+def test_a_bad_space_leaves_an_existing_sweep_and_a_file_alone(tmp_path, recipe):
+    old = tmp_path / "sw"
+    old.mkdir()
+    (old / "study.db").write_bytes(b"an earlier sweep")
+    s = space(tmp_path, **{"model.n_layer": {"choice": [2, 0]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(old), "--overwrite")
+    assert_user_error(code, err, "model.n_layer")
+    assert (old / "study.db").read_bytes() == b"an earlier sweep"  # --overwrite removes nothing for a refused space
+    (tmp_path / "notes.txt").write_text("mine")
+    s = space(tmp_path, **{"train.lr": {"choice": [1e-3]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "notes.txt"))
+    assert_user_error(code, err, "--out", "notes.txt", "not a folder")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_uniform_step_is_honoured(tmp_path):
+    import optuna
+
+    from gptkit.sweep import _suggest, read_space
+
+    s = read_space(space(tmp_path, **{"train.lr": {"uniform": [0.001, 0.01], "step": 0.001},
+                                      "train.batch_size": {"int": [8, 32], "step": 8}}))
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(10):
+        trial = study.ask()
+        values = {k: _suggest(trial, k, d) for k, d in s.params.items()}
+        assert round(values["train.lr"] * 1000, 6) == round(values["train.lr"] * 1000)  # a multiple of the step
+        assert values["train.batch_size"] in (8, 16, 24, 32)
 
 
 def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, recipe):

@@ -59,16 +59,29 @@ def backtranslate(opts: Options) -> dict:
     from tqdm.auto import tqdm
 
     from gptkit import evaluate
-    from gptkit.eval_report import append, read_fields
+    from gptkit.eval_report import append, read_rows
 
     out, data = Path(opts.out), Path(opts.data)
     if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1):
         raise UserError("--batch-size and --limit must be >= 1")
+    for flag, value in (("--num-beams", opts.num_beams), ("--max-new-tokens", opts.max_new_tokens)):
+        if value is not None and value < 1:  # --num-beams 0 would otherwise read as "not given" (the run's width)
+            raise UserError(f"{flag}: must be >= 1, got {value}")
+    if out.is_dir():
+        raise UserError(f"--out: {out} is a directory; expected a JSON lines file to write the pairs to")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"--out: {out} is under {above}, which is a file, not a folder")
     if out.exists() and not (opts.resume or opts.overwrite):
         raise UserError(f"--out: {out} exists; --resume continues it, --overwrite replaces it")
     if opts.resume and not out.exists():
         raise UserError(f"--resume: {out} does not exist yet; start without --resume")
-    rows = read_fields(data, "--data", (opts.column,))[: opts.limit or None]
+    rows = read_rows(data, "--data")
+    missing = next((r for r in rows if opts.column not in r), None)
+    if missing is not None:
+        raise UserError(f"--data: {data}: line {missing['_line']}: no field '{opts.column}'; fields found: "
+                        f"{sorted(k for k in missing if k != '_line')} (name the field holding the text with --column)")
+    rows = rows[: opts.limit or None]
     bad = next((r["_line"] for r in rows if not isinstance(r[opts.column], str) or not r[opts.column].strip()), None)
     if bad is not None:
         raise UserError(f"--data: {data}: line {bad}: '{opts.column}' must be a non-empty string")

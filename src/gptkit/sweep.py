@@ -21,6 +21,10 @@ The space file::
     model.n_layer: {choice: [2, 4, 6]}
     train.batch_size: {int: [8, 32], step: 8}
     train.warmup_steps: {uniform: [0, 100]}
+
+Bounds are finite numbers (int: integers); ``step`` (optional) is a positive integer for int, a positive number for
+uniform, and is refused on log_uniform and choice; ``seed`` is an integer, ``metric`` a name. A bad value stops the
+sweep in one line naming the space file and key, before anything is written to the sweep folder.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -86,8 +91,14 @@ def read_space(path: Path) -> Space:
             raise UserError(f"{where}: {key}: expected one of {', '.join(a for a in allowed if a)}, got "
                             f"{getattr(space, key)!r}")
     for key in ("trials", "jobs"):
-        if not isinstance(getattr(space, key), int) or getattr(space, key) < 1:
-            raise UserError(f"{where}: {key}: expected a positive integer, got {getattr(space, key)!r}")
+        value = getattr(space, key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UserError(f"{where}: {key}: expected a positive integer, got {value!r}")
+    if not isinstance(space.seed, int) or isinstance(space.seed, bool) or not 0 <= space.seed < 2**32:
+        raise UserError(f"{where}: seed: expected an integer from 0 to 2**32 - 1, got {space.seed!r}")
+    if space.metric is not None and not (isinstance(space.metric, str) and space.metric.strip()):
+        raise UserError(f"{where}: metric: expected the name of a logged metric such as val_loss, got "
+                        f"{space.metric!r}")
     if space.sampler == "grid":
         bad = [k for k, d in space.params.items() if "choice" not in d and "int" not in d]
         if bad:
@@ -103,17 +114,39 @@ def _check_distribution(where: str, name: str, dist: Any) -> None:
                         f"{{int: [lo, hi], step: n}}, {{choice: [...]}}; got {dist!r}")
     kind = next(iter(set(dist) & DISTRIBUTIONS))
     value = dist[kind]
+    if "step" in dist and kind not in ("int", "uniform"):
+        raise UserError(f"{where}: {name}: step: {kind} takes no step (int and uniform do)")
     if kind == "choice":
         if not isinstance(value, list) or not value:
             raise UserError(f"{where}: {name}: choice needs a non-empty list")
         return
-    if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
-            and value[0] < value[1]):
+    if not (isinstance(value, list) and len(value) == 2 and all(_is_number(v) for v in value)):
+        raise UserError(f"{where}: {name}: {kind} needs [low, high] with low < high, got {value!r}")
+    if not all(_finite(v) for v in value):
+        raise UserError(f"{where}: {name}: {kind} needs finite bounds, got {value!r}")
+    if not value[0] < value[1]:
         raise UserError(f"{where}: {name}: {kind} needs [low, high] with low < high, got {value!r}")
     if kind == "log_uniform" and value[0] <= 0:
         raise UserError(f"{where}: {name}: log_uniform needs a positive low bound, got {value[0]}")
     if kind == "int" and not all(isinstance(v, int) for v in value):
         raise UserError(f"{where}: {name}: int needs integer bounds, got {value!r}")
+    if "step" in dist:
+        step = dist["step"]
+        if kind == "int" and not (isinstance(step, int) and not isinstance(step, bool) and step > 0):
+            raise UserError(f"{where}: {name}: step: int needs a positive integer step, got {step!r}")
+        if kind == "uniform" and not (_is_number(step) and _finite(step) and step > 0):
+            raise UserError(f"{where}: {name}: step: uniform needs a positive number as step, got {step!r}")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _finite(v: float) -> bool:
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an integer beyond a float's range
+        return False
 
 
 def _suggest(trial, name: str, dist: dict):
@@ -123,7 +156,8 @@ def _suggest(trial, name: str, dist: dict):
         return trial.suggest_categorical(name, value)
     if kind == "int":
         return trial.suggest_int(name, value[0], value[1], step=dist.get("step", 1))
-    return trial.suggest_float(name, float(value[0]), float(value[1]), log=kind == "log_uniform")
+    return trial.suggest_float(name, float(value[0]), float(value[1]), log=kind == "log_uniform",
+                               step=float(dist["step"]) if "step" in dist else None)
 
 
 def _override(name: str, value) -> str:
@@ -267,6 +301,11 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     metric, direction = _objective_name(recipe, space)
     own_db = storage is None
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out: {out} is a file, not a folder; choose another output folder")
+    sweep = Sweep(recipe_path.resolve(), overrides, space, out.resolve(), storage, metric, direction,
+                  "pretrain" if recipe.task == "pretrain" else "finetune")
+    sweep.check_params()  # before anything in --out is written or removed
     if own_db:
         if (out / "study.db").exists() and not (resume or overwrite):
             raise UserError(f"{out}: a sweep is already there; --resume continues it, --overwrite starts over")
@@ -277,9 +316,6 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     elif out.exists() and any(out.iterdir()) and not resume and not (out / "space.yaml").is_file():
         raise UserError(f"{out}: not empty and holds no sweep; choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
-    sweep = Sweep(recipe_path.resolve(), overrides, space, out.resolve(), storage, metric, direction,
-                  "pretrain" if recipe.task == "pretrain" else "finetune")
-    sweep.check_params()
     (out / "space.yaml").write_text(space_path.read_text())
     study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, storage, own_db),
                                 sampler=_sampler(optuna, space), pruner=_pruner(optuna, space), direction=direction,
