@@ -443,6 +443,7 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
         (data + [str(test_file), "--few-shot", "2"], ["--few-shot", "--train"]),
         (["eval", "--task", "translate"], ["--model"]),
         (data + [str(test_file), "--limit", "0"], ["--limit"]),
+        (data + [str(test_file), "--num-beams", "0"], ["num_beams must be >= 1"]),
     ]
 
 

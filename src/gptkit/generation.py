@@ -110,7 +110,7 @@ def eos_ids(model: Any, tokenizer: Any) -> set[int]:
 
 def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
     """The decoding a recipe's ``finetune`` section asks for when generating for evaluation."""
-    beams = ft.num_beams or (1 if ft.do_sample else 4)  # beam search unless sampling (then plain sampling)
+    beams = ft.num_beams if ft.num_beams is not None else 1 if ft.do_sample else 4  # beams unless sampling
     return DecodingOptions(max_new_tokens=ft.max_new_tokens, num_beams=beams, do_sample=ft.do_sample,
                            temperature=ft.temperature, top_k=ft.top_k, top_p=ft.top_p,
                            repetition_penalty=ft.repetition_penalty, seed=seed if ft.do_sample else None)
