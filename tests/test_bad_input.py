@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import assert_user_error, run_cli, tiny_recipe
 
@@ -89,19 +90,40 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
     # --force accepts a changed schedule, but a checkpoint of another shape still cannot be loaded
     code, _, err = run_cli("pretrain", str(other), "--resume", "--force")
     assert_user_error(code, err, "--resume", "does not fit this recipe's model")
+    assert snapshot(tmp_path / "run") == before  # a resume that did not start records nothing
     code, _, err = run_cli("pretrain", str(recipe), "--resume", "--force", "train.lr=0.02", "train.max_steps=3")
     assert code == 0, err
+    saved = yaml.safe_load((tmp_path / "run" / "recipe.yaml").read_text())  # what a further --resume compares with
+    assert saved["train"]["max_steps"] == 3 and saved["train"]["lr"] == 0.02
+    resumes = json.loads((tmp_path / "run" / "run.json").read_text())["resumes"]
+    assert resumes[-1]["changes"] == ["train.lr: 0.01 -> 0.02", "train.max_steps: 2 -> 3"], resumes
+    assert run_cli("pretrain", str(recipe), "--resume", "train.lr=0.02", "train.max_steps=3")[0] == 0  # no --force
     before = snapshot(tmp_path / "run")
-    # a non-empty folder that is not a run is never deleted, even with --overwrite
+    # a non-empty folder that is not a run is never deleted, even with --overwrite; nor is one holding the
+    # user's own recipe.yaml (a run also has run.json)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("precious")
+    (tmp_path / "mine" / "recipe.yaml").write_text(recipe.read_text())
     code, _, err = run_cli("pretrain", str(recipe), f"output.dir={tmp_path / 'mine'}", "--overwrite")
     assert_user_error(code, err, "holds no gptkit run")
     assert (tmp_path / "mine" / "thesis.tex").read_text() == "precious"
+    assert (tmp_path / "mine" / "recipe.yaml").read_text() == recipe.read_text()
+    code, _, err = run_cli("pretrain", str(recipe), f"output.dir={tmp_path / 'mine'}", "--resume")
+    assert_user_error(code, err, "--resume", "holds no gptkit run")
     # --overwrite replaces a run
     code, _, err = run_cli("pretrain", str(other), "--overwrite")
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["n_layer"] == 1
+
+
+def test_resume_of_a_damaged_run_record_is_one_line(tmp_path, corpus):
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "run.json").write_text("{}")
+    for text, needle in (("a: [", "is not readable YAML"), ("", "holds no recipe")):
+        (tmp_path / "run" / "recipe.yaml").write_text(text)
+        code, _, err = run_cli("pretrain", str(recipe), "--resume")
+        assert_user_error(code, err, f"--resume: {tmp_path / 'run' / 'recipe.yaml'}", needle)
 
 
 def test_bugs_still_show_a_traceback(tmp_path, corpus, monkeypatch):

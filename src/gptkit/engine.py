@@ -184,6 +184,7 @@ class Job:
     save: Callable[..., None] | None = None  # save(model, folder, state_dict): writes a model folder (best/), from
     # state_dict when not None (gathered from shards); None: save_pretrained
     distributed: DistributedConfig | None = None  # sharding (None: whatever the Accelerator was built with)
+    on_resumed: Callable[[], None] | None = None  # main process, once the checkpoint has loaded (records the resume)
 
 
 @torch.no_grad()
@@ -416,6 +417,8 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     start, counters, rng = _load(job, model, opt, accelerator) if job.resume else (0, {"bad_steps": 0}, None)
     if main:
         checkpoint.clean_partial(job.run_dir / "checkpoints")
+        if job.resume and job.on_resumed is not None:
+            job.on_resumed()
     clip = _clipper(model, accelerator)
     tracker = Tracker(job.run_dir, main, resume_step=start if job.resume else None, trackers=cfg.trackers)
     order = DataOrder(len(job.train_data), cfg.seed)

@@ -229,7 +229,8 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
                      select=(recipe.finetune.metric or task.METRIC) if evaluate else None,
                      select_higher=recipe.finetune.metric_higher_is_better,
                      patience=recipe.finetune.patience, distributed=recipe.distributed,
-                     save=lambda m, path, state=None: trained.save(m, tokenizer, path, state))
+                     save=lambda m, path, state=None: trained.save(m, tokenizer, path, state),
+                     on_resumed=partial(rundir.resumed, run_dir, recipe, command or []))
     result = engine.fit(job, accelerator)
     model = _keep_best(recipe, task_name, run_dir, tokenizer, model, accelerator, job.save)
     if accelerator.is_main_process and "test" in rows:

@@ -205,15 +205,15 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
         loss_fn = distill.loss_fn(engine.causal_lm_where, teacher, recipe.distill.temperature, recipe.distill.alpha,
                                   smoothing=smoothing)
     rundir.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
-    if accelerator.is_main_process:
-        if not resume:
-            rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
+    if accelerator.is_main_process and not resume:  # a resumed run has its tokenizer already
+        rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
         tokenizer.save_pretrained(str(plan.run_dir))
     accelerator.wait_for_everyone()
     log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
              n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
     job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume,
-                     loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss, distributed=recipe.distributed)
+                     loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss, distributed=recipe.distributed,
+                     on_resumed=partial(rundir.resumed, plan.run_dir, recipe, command or []))
     metrics = engine.fit(job, accelerator)
     save = lambda m, folder, state: trained.save(m, None, folder, state)  # noqa: E731 - the tokenizer is there
     engine.save_model(accelerator, model, plan.run_dir, save)

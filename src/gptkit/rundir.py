@@ -70,9 +70,9 @@ def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force
         raise UserError("--resume and --overwrite conflict: resume continues a run, overwrite deletes it")
     saved = run_dir / RECIPE_FILE
     if resume:
-        if not saved.is_file():
-            raise UserError(f"--resume: {run_dir} holds no gptkit run ({RECIPE_FILE} not found)")
-        changes = recipe_changes(yaml.safe_load(saved.read_text()), recipe.model_dump(mode="json"))
+        if not is_run(run_dir):
+            raise UserError(f"--resume: {run_dir} holds no gptkit run ({RECIPE_FILE} and {RUN_FILE} not found)")
+        changes = recipe_changes(_saved_recipe(saved), recipe.model_dump(mode="json"))
         if changes and not force:
             raise UserError(
                 f"--resume: the recipe differs from the run in {run_dir} in ways that change training: "
@@ -83,7 +83,7 @@ def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"output.dir: {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not saved.is_file():
+        if not is_run(run_dir):  # a folder with the user's own recipe.yaml in it is not a run to overwrite
             raise UserError(f"output.dir: {run_dir} is not empty and holds no gptkit run; choose an empty directory")
         if not overwrite:
             raise UserError(
@@ -91,13 +91,46 @@ def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force
             )
 
 
+def is_run(run_dir: Path) -> bool:
+    """A folder gptkit made: it holds both the recipe and the run record :func:`create` writes."""
+    return (run_dir / RECIPE_FILE).is_file() and (run_dir / RUN_FILE).is_file()
+
+
+def _saved_recipe(path: Path) -> dict:
+    try:
+        saved = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"--resume: {path} is not readable YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(saved, dict):
+        raise UserError(f"--resume: {path} holds no recipe (expected a mapping); the run cannot be resumed")
+    return saved
+
+
 def create(run_dir: Path, recipe: Recipe, *, overwrite: bool, command: list[str]) -> None:
     """Make the run directory (clearing an old run only with --overwrite) and record recipe and versions."""
-    if overwrite and (run_dir / RECIPE_FILE).is_file():
+    if overwrite and is_run(run_dir):
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
-    (run_dir / RUN_FILE).write_text(json.dumps({**environment(command), "sources": sources(recipe)}, indent=1))
+    _write(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
+    _write(run_dir / RUN_FILE, json.dumps({**environment(command), "sources": sources(recipe)}, indent=1))
+
+
+def resumed(run_dir: Path, recipe: Recipe, command: list[str]) -> None:
+    """A resume (maybe with --force) records the recipe it continues with, and appends to the run record when,
+    how and with which changes it resumed: the saved recipe is the one a further --resume compares against."""
+    old = _saved_recipe(run_dir / RECIPE_FILE)
+    record = json.loads((run_dir / RUN_FILE).read_text())
+    record.setdefault("resumes", []).append({**environment(command),
+                                             "changes": recipe_changes(old, recipe.model_dump(mode="json"))})
+    _write(run_dir / RECIPE_FILE, recipe_to_yaml(recipe))
+    _write(run_dir / RUN_FILE, json.dumps(record, indent=1))
+
+
+def _write(path: Path, text: str) -> None:
+    """Whole or not at all: a kill while writing never leaves a torn recipe or record."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def sources(recipe: Recipe) -> dict:
