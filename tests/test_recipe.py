@@ -84,6 +84,8 @@ def test_override_errors_name_the_command_line(tmp_path):
         ("model: {n_layer: 0}\n", r"model.n_layer: .*greater than or equal to 1"),
         ("model: {context: 0}\n", r"model.context"),
         ("model: {n_embd: 30, n_head: 4}\n", r"divisible by n_head"),
+        ("model: {arch: llama, n_embd: 32, n_head: 2, n_kv_head: 3}\n", r"n_head \(2\) must be divisible by n_kv_head"),
+        ("model: {arch: llama, n_embd: 12, n_head: 4}\n", r"even width for its rotary embedding; n_embd / n_head = 3"),
         ("train: {lr: 1.0e-4, min_lr: 1.0e-3}\n", r"min_lr .* must not exceed lr"),
         ("tokenizer: {kind: pretrained}\n", r"needs tokenizer.path"),
         ("model: {arch: bert}\n", r"model.arch: .*'gpt2', 'llama', 'bart' or 't5'"),

@@ -88,6 +88,12 @@ class ModelConfig(_Section):
     def _heads_divide_width(self) -> ModelConfig:
         if self.init_from is None and self.n_embd % self.n_head:
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.init_from is None and self.arch == "llama":  # grouped-query attention and rotary embeddings
+            if self.n_kv_head is not None and self.n_head % self.n_kv_head:
+                raise ValueError(f"n_head ({self.n_head}) must be divisible by n_kv_head ({self.n_kv_head})")
+            if self.n_embd // self.n_head % 2:
+                raise ValueError(f"a llama head needs an even width for its rotary embedding; n_embd / n_head = "
+                                 f"{self.n_embd // self.n_head}")
         return self
 
 
