@@ -116,6 +116,22 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
     assert json.loads((tmp_path / "run" / "config.json").read_text())["n_layer"] == 1
 
 
+def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_one_line(tmp_path, corpus):
+    """Continuing a checkpoint with a tokenizer it cannot embed: one line before any folder is made (it was an
+    IndexError mid-forward, a device-side assert on a GPU)."""
+    small_corpus = tmp_path / "ab.txt"
+    small_corpus.write_text("ab ba " * 3000)
+    for name, text in (("small", small_corpus), ("big", corpus)):
+        assert run_cli("pretrain", str(tiny_recipe(tmp_path / f"{name}.yaml", text, tmp_path / name,
+                                                   train={"max_steps": 1, "eval_every": 1})))[0] == 0
+    recipe = tiny_recipe(tmp_path / "c.yaml", corpus, tmp_path / "c", model={"init_from": str(tmp_path / "small")},
+                         tokenizer={"kind": "pretrained", "path": str(tmp_path / "big")})
+    for command in ("validate", "pretrain"):
+        code, _, err = run_cli(command, str(recipe))
+        assert_user_error(code, err, "tokenizer.path: its", "do not fit model.init_from's vocabulary of")
+    assert not (tmp_path / "c").exists()
+
+
 def test_resume_of_a_damaged_run_record_is_one_line(tmp_path, corpus):
     recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")
     (tmp_path / "run").mkdir()

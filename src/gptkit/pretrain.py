@@ -72,6 +72,9 @@ def check(recipe: Recipe, *, describe: bool = False) -> Plan:
         config = modeling.build_config(mcfg, vocab, 0, vocab - 1)
     else:
         config = modeling.load_config(mcfg, vocab, 0)
+        if mcfg.init_from and known is not None and len(known) > config.vocab_size:
+            raise UserError(f"tokenizer.path: its {len(known)} tokens do not fit model.init_from's vocabulary of "
+                            f"{config.vocab_size}; continue a checkpoint with its own tokenizer")
     n_params = modeling.meta_param_count(config)
     mem = 0 if init_only else modeling.training_memory_bytes(config, n_params, recipe.train.batch_size)
     return Plan(run_dir, train, val, n_params, mem, vocab, note, init_only)
