@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,14 @@ def test_validate_reports_real_parameter_count(trained):
     assert f"{saved:,} parameters" in out, out  # the tokenizer is cached, so its real vocabulary is used
     assert "accelerate launch --num_processes 1 -m gptkit pretrain" in out
     assert "train_files" in out and "all found" in out
+
+    def memory(*overrides):  # the estimate follows the recipe's context and gradient checkpointing
+        code, out, err = run_cli("validate", str(trained / "recipe.yaml"), *overrides)
+        assert code == 0, err
+        return float(re.search(r"memory per process: ([0-9.]+) GiB", out)[1])
+
+    assert memory("model.context=8", "train.batch_size=4096") < memory("train.batch_size=4096")
+    assert memory("train.gradient_checkpointing=true", "train.batch_size=4096") < memory("train.batch_size=4096")
 
 
 def test_cli_import_stays_light():

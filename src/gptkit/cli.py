@@ -301,7 +301,8 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
                        f"its tokenizer in {plan.run_dir}; `gptkit finetune` translate or summarize trains it)")
             return
         typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
-                   f"(fp32 weights, grads, AdamW state, activations at batch {rec.train.batch_size})")
+                   f"(fp32 weights, grads, AdamW state, activations of {rec.train.batch_size} x {rec.model.context} "
+                   f"tokens{', gradient checkpointing' if rec.train.gradient_checkpointing else ''})")
     where = tracking.destinations(rec.train.trackers, run_dir)
     typer.echo(f"metrics: {run_dir / 'metrics.jsonl'}" + (f"; trackers: {', '.join(where)}" if where else ""))
     args = " ".join([recipe, *(overrides or [])])  # the same launch lines for every task

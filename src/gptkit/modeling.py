@@ -403,9 +403,11 @@ def activation_bytes(config, batch_size: int, tokens: int, bytes_per_act: int = 
     return kept + 2 * B * T * V * 4
 
 
-def training_memory_bytes(config, n_params: int, batch_size: int, bytes_per_act: int = 4) -> int:
-    """Rough peak memory of one training process: fp32 weights + grads + AdamW moments + activations."""
-    return 16 * n_params + activation_bytes(config, batch_size, context_length(config), bytes_per_act)
+def training_memory_bytes(config, n_params: int, batch_size: int, tokens: int, bytes_per_act: int = 4,
+                          checkpointing: bool = False) -> int:
+    """Rough peak memory of one training process: fp32 weights + grads + AdamW moments + the activations of one
+    micro-batch of ``batch_size`` x ``tokens``."""
+    return 16 * n_params + activation_bytes(config, batch_size, tokens, bytes_per_act, checkpointing)
 
 
 # Perplexity: the model side (summed NLL over sliding windows); metrics.perplexity_from_nll turns it into a figure.

@@ -76,7 +76,10 @@ def check(recipe: Recipe, *, describe: bool = False) -> Plan:
             raise UserError(f"tokenizer.path: its {len(known)} tokens do not fit model.init_from's vocabulary of "
                             f"{config.vocab_size}; continue a checkpoint with its own tokenizer")
     n_params = modeling.meta_param_count(config)
-    mem = 0 if init_only else modeling.training_memory_bytes(config, n_params, recipe.train.batch_size)
+    t = recipe.train  # activations of the recipe's context, 16-bit under bf16/fp16 mixed precision
+    mem = 0 if init_only else modeling.training_memory_bytes(
+        config, n_params, t.batch_size, mcfg.context, 2 if t.precision in ("bf16", "fp16") else 4,
+        t.gradient_checkpointing)
     return Plan(run_dir, train, val, n_params, mem, vocab, note, init_only)
 
 
