@@ -118,6 +118,29 @@ def test_validate_reports_real_parameter_count(trained):
     assert memory("train.gradient_checkpointing=true", "train.batch_size=4096") < memory("train.batch_size=4096")
 
 
+def test_tokenizer_cache_key_follows_the_sample_of_a_parquet_corpus(tmp_path):
+    """A parquet file holds more text than its size on disk: its tokenizer is keyed by the sample size and seed
+    (as a large text corpus is), so changing tokenizer.train_bytes never reuses a tokenizer trained on another
+    sample; a small text corpus, read whole whatever the budget, keeps one key."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gptkit.pretrain import _tokenizer_cache_dir
+    from gptkit.recipe import Recipe
+
+    pq.write_table(pa.table({"text": ["to be or not to be " * 50] * 20}), tmp_path / "c.parquet")
+    (tmp_path / "c.txt").write_text("to be or not to be\n" * 20)
+
+    def key(corpus, train_bytes, seed=1):
+        recipe = Recipe.model_validate({"data": {"train_files": [str(corpus)], "cache_dir": str(tmp_path)},
+                                        "tokenizer": {"train_bytes": train_bytes}, "train": {"seed": seed}})
+        return _tokenizer_cache_dir(recipe, [str(corpus)])
+
+    parquet, text = tmp_path / "c.parquet", tmp_path / "c.txt"
+    assert key(parquet, 2_000_000) != key(parquet, 3_000_000) and key(parquet, 2_000_000) != key(parquet, 2_000_000, 2)
+    assert key(text, 2_000_000) == key(text, 3_000_000) == key(text, 2_000_000, 2)
+
+
 def test_cli_import_stays_light():
     """`gptkit --help`, and scoring a predictions file, must not import torch or transformers (seconds each)."""
     code = "import sys, gptkit.cli, gptkit.evaluate; heavy = [m for m in ('torch', 'transformers', 'datasets') if m in sys.modules]; print(heavy)"

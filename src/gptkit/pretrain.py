@@ -96,7 +96,8 @@ def _tokenizer_cache_dir(recipe: Recipe, files: list[str]) -> Path:
         h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     t = recipe.tokenizer
     h.update(f"{t.kind}|{t.vocab_size}|{recipe.data.text_column}|{recipe.data.sample_by}|{recipe.model.context}".encode())
-    if sum(os.path.getsize(f) for f in files) > t.train_bytes:  # a sample: its size and seed decide the tokenizer
+    # a sample: its size and seed decide the tokenizer (a parquet file may hold more text than its size on disk)
+    if sum(os.path.getsize(f) for f in files) > t.train_bytes or any(f.lower().endswith(".parquet") for f in files):
         h.update(f"|{t.train_bytes}|{recipe.train.seed}".encode())
     return data_mod.cache_root(recipe.data) / "tokenizers" / h.hexdigest()[:24]
 
