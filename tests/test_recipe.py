@@ -75,6 +75,13 @@ def test_override_errors_name_the_command_line(tmp_path):
         load_recipe(path, ["train.lrr=0.1"])
     with pytest.raises(UserError, match=r"expected key.path=value"):
         load_recipe(path, ["train.lr"])
+    with pytest.raises(UserError, match=r"^command-line override: train.lr: "):  # a part of the overridden field
+        load_recipe(path, ["train.lr.x=5"])
+    with pytest.raises(UserError, match=r"^command-line override: data.text_column"):  # an item below it
+        load_recipe(path, ["data.text_column=[a, 5]"])
+    with pytest.raises(UserError) as info:
+        load_recipe(path, ["tokenizer.train_bytes=lots"])
+    assert str(info.value).count("got 'lots'") == 1, info.value
 
 
 @pytest.mark.parametrize(

@@ -504,7 +504,7 @@ def format_validation_error(source: str, err: ValidationError) -> str:
         return f"{source}: {field}: unknown key{_closest(str(loc[-1]), _section_model(loc))}"
     msg = e["msg"].removeprefix("Value error, ")
     got = e.get("input")
-    shown = "" if isinstance(got, dict) or got is None else f", got {got!r}"
+    shown = "" if isinstance(got, dict) or got is None or ", got " in msg else f", got {got!r}"
     return f"{source}: {field}: {msg}{shown}"
 
 
@@ -521,7 +521,9 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         return Recipe.model_validate(raw)
     except ValidationError as err:
         loc = tuple(str(p) for p in err.errors()[0]["loc"])
-        source = "command-line override" if loc in keys else str(path)
+        # an override names the field, or a part of it (train.lr.x=5 fails at train.lr; a list item below its field)
+        source = "command-line override" if any(loc[: len(k)] == k or len(loc) > 1 and k[: len(loc)] == loc
+                                                for k in keys) else str(path)
         raise UserError(format_validation_error(source, err)) from None
 
 
