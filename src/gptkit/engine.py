@@ -316,8 +316,8 @@ def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
         if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. --force across a change of model shape
-        raise UserError(f"--resume: {ckpt} does not fit this recipe's model ({str(e).strip().splitlines()[0][:200]})") \
-            from None
+        detail = " ".join(line.strip() for line in str(e).strip().splitlines()[:3])  # torch's first line names nothing
+        raise UserError(f"--resume: {ckpt} does not fit this recipe's model ({detail[:240]})") from None
     rng_file = ckpt / f"rng-{accelerator.process_index}.pt"
     rng = torch.load(rng_file if rng_file.exists() else ckpt / "rng-0.pt", weights_only=True)
     state = json.loads((ckpt / "state.json").read_text())
