@@ -132,6 +132,17 @@ def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_one_line(tmp_path,
     assert not (tmp_path / "c").exists()
 
 
+def test_init_on_an_existing_run_suggests_only_overwrite(tmp_path):
+    from gptkit import rundir
+    from gptkit.errors import UserError
+    from gptkit.recipe import Recipe
+
+    for name in ("recipe.yaml", "run.json"):
+        (tmp_path / name).write_text("{}")
+    with pytest.raises(UserError, match="already holds a run; pass --overwrite to replace it$"):
+        rundir.check(tmp_path, Recipe(), resume=False, overwrite=False, force=False, resumable=False)
+
+
 def test_resume_of_a_damaged_run_record_is_one_line(tmp_path, corpus):
     recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")
     (tmp_path / "run").mkdir()

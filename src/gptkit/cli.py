@@ -95,7 +95,8 @@ def pretrain(
     metrics = task.run(rec, resume=resume, overwrite=overwrite, force=force, command=sys.argv)
     shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in ("train_loss", "val_loss", "val_perplexity"))
     if os.environ.get("RANK", "0") == "0":
-        typer.echo(f"done: {shown}; model saved in {rec.output.dir}")
+        typer.echo(f"done: {shown or f'no steps left (train.max_steps {rec.train.max_steps} reached)'}; model saved in "
+                   f"{rec.output.dir}")
 
 
 @app.command()

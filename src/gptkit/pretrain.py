@@ -152,7 +152,7 @@ def init(recipe: Recipe, *, overwrite: bool = False, command: list[str] | None =
         raise UserError("model.init_from: init builds a new model; unset it (a checkpoint is fine-tuned directly)")
     plan = check(recipe, describe=True)  # task, files and shape, as validate checks them
     run_dir = plan.run_dir
-    rundir.check(run_dir, recipe, resume=False, overwrite=overwrite, force=False)
+    rundir.check(run_dir, recipe, resume=False, overwrite=overwrite, force=False, resumable=False)
     tokenizer = tokenizer_for(recipe, plan.train_files)
     if recipe.model.arch in modeling.ENCODER_DECODERS and _needs_own_pad(tokenizer):
         tokenizer.add_special_tokens({"pad_token": "<pad>"})

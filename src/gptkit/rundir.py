@@ -61,7 +61,8 @@ def recipe_changes(old: dict, new: dict) -> list[str]:
     return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys if a.get(k) != b.get(k)]
 
 
-def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force: bool) -> None:
+def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force: bool, resumable: bool = True
+          ) -> None:
     """Read-only checks before any work: is it safe to write into ``run_dir``? Are its trackers installed?"""
     from gptkit import tracking
 
@@ -86,9 +87,8 @@ def check(run_dir: Path, recipe: Recipe, *, resume: bool, overwrite: bool, force
         if not is_run(run_dir):  # a folder with the user's own recipe.yaml in it is not a run to overwrite
             raise UserError(f"output.dir: {run_dir} is not empty and holds no gptkit run; choose an empty directory")
         if not overwrite:
-            raise UserError(
-                f"output.dir: {run_dir} already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
+            raise UserError(f"output.dir: {run_dir} already holds a run; pass "
+                            + ("--resume to continue it or " if resumable else "") + "--overwrite to replace it")
 
 
 def is_run(run_dir: Path) -> bool:
