@@ -119,6 +119,16 @@ def test_extends_cycle_is_refused(tmp_path):
         load_recipe(tmp_path / "a.yaml")
 
 
+def test_a_folder_is_not_taken_for_a_recipe(tmp_path, monkeypatch):
+    from gptkit.cli import bundled_recipes_dir, resolve_recipe_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pretrain" / "tiny").mkdir(parents=True)  # ./pretrain/tiny/ beside the user: not the recipe
+    assert resolve_recipe_path("pretrain/tiny") == bundled_recipes_dir() / "pretrain" / "tiny.yaml"
+    with pytest.raises(UserError, match="pretrain: recipe file not found"):
+        resolve_recipe_path("pretrain")
+
+
 def test_file_level_errors(tmp_path):
     with pytest.raises(UserError, match="recipe file not found"):
         load_recipe(tmp_path / "missing.yaml")

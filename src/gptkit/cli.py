@@ -58,7 +58,7 @@ def bundled_recipes_dir() -> Path:
 def resolve_recipe_path(name: str) -> Path:
     """A path as given, else a bundled recipe name (with or without .yaml)."""
     p = Path(name)
-    if p.exists():
+    if p.is_file():  # a folder of the same name (./pretrain) is not a recipe: look among the bundled ones
         return p
     root = bundled_recipes_dir()
     for cand in (root / name, root / f"{name}.yaml"):
