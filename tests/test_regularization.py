@@ -93,6 +93,13 @@ def test_model_dropout_sets_every_dropout_field_of_the_base(tmp_path):
     model = built(dropout=0.3)
     assert (model.config.resid_pdrop, model.config.embd_pdrop, model.config.attn_pdrop) == (0.3, 0.3, 0.3)
     assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}
+    lora = finetune_recipe(tmp_path, "lora", "translate", base, files, model={"dropout": 0.3},  # adapters on it
+                           finetune={"method": "lora", "eval_examples": 2, "max_new_tokens": 2},
+                           train={"max_steps": 2, "eval_every": 2, "save_every": 2})
+    code, _, err = run_cli("finetune", str(lora))  # the best adapters reload on the base with its dropout
+    assert code == 0, err
+    reloaded = trained.load_model(tmp_path / "lora", "translate", load_recipe(tmp_path / "lora" / "recipe.yaml"))
+    assert reloaded.config.resid_pdrop == 0.3
     assert modeling.dropout_fields(LlamaConfig(), 0.2) == {"attention_dropout": 0.2}
     assert set(modeling.dropout_fields(BartConfig(), 0.2)) == {"dropout", "attention_dropout", "activation_dropout"}
     assert modeling.dropout_fields(T5Config(), 0.2) == {"dropout_rate": 0.2}

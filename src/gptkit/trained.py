@@ -16,7 +16,7 @@ from typing import Any
 
 from gptkit import modeling, rundir
 from gptkit.errors import UserError
-from gptkit.modeling import TOKENIZER_FILES
+from gptkit.modeling import DROPOUT_FIELDS, TOKENIZER_FILES
 
 ADAPTER_FILE = "adapter_config.json"
 
@@ -94,8 +94,12 @@ def load_model(path: Path, task: str, recipe: Any):
         return cls.from_pretrained(str(path), trust_remote_code=trust)
     from peft import PeftModel
 
+    kwargs = {**modeling.load_kwargs(recipe.model), "attn_implementation": None}
+    for field in DROPOUT_FIELDS:  # with config= given, config fields go on the config (as kwargs they reach __init__)
+        if field in kwargs:
+            setattr(config, field, kwargs.pop(field))
     base = cls.from_pretrained(modeling.model_dir(_pinned_base(path, recipe), "model.init_from"), config=config,
-                               **{**modeling.load_kwargs(recipe.model), "attn_implementation": None})
+                               **kwargs)
     return PeftModel.from_pretrained(base, str(path))
 
 
