@@ -243,6 +243,28 @@ def test_lora_is_refused_on_a_tied_embedding():
     assert lora(["c_attn"]) is not None and lora(["wte", "c_attn"], tie=False) is not None
 
 
+def test_classify_examples_fit_the_model_and_keep_the_pair(base):
+    """finetune.max_length (default 256) is capped by the model's positions (an IndexError mid-training before), and a
+    long first text loses its end before the pair does (longest first)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    from gptkit import trained
+    from gptkit.recipe import Recipe
+    from gptkit.tasks import classify
+
+    tok = trained.tokenizer_of(str(base))
+    model = GPT2ForSequenceClassification(GPT2Config(vocab_size=len(tok), n_positions=16, n_embd=16, n_layer=1,
+                                                     n_head=2, num_labels=1, label2id={"a": 0}, id2label={0: "a"}))
+    recipe = Recipe.model_validate({"task": "classify"})
+    long = " ".join(["red"] * 40)
+    rows = [{"text": long, "text_pair": "blue sky", "label": "a"}, {"text": long, "label": "a"},
+            {"text": "red", "text_pair": long, "label": "a"}]
+    data = classify.preprocess(recipe, tok, rows, "train", model)
+    ids = [data.batch([i])["input_ids"][0].tolist() for i in range(3)]
+    assert [len(x) for x in ids] == [16, 16, 16]
+    assert tok.decode(ids[0]).endswith(classify.SEP + "blue sky") and tok.decode(ids[2]).startswith("red" + classify.SEP)
+
+
 def test_a_row_without_a_value_is_refused(tmp_path, base):
     """A blank csv cell or a missing jsonl key is one line naming the file, row and column (not the label or
     target "None"), in training data as in the test split checked before training."""

@@ -47,9 +47,21 @@ class _Labelled(_Padded):
         return out
 
 
-def _encode(recipe, tokenizer, row: dict) -> list[int]:
-    text = str(row["text"]) + (SEP + str(row["text_pair"]) if row.get("text_pair") not in (None, "") else "")
-    return tokenizer(text, add_special_tokens=False)["input_ids"][: recipe.finetune.max_length] or [tokenizer.eos_token_id]
+def _encode(tokenizer, row: dict, limit: int) -> list[int]:
+    """The text's tokens, then SEP and text_pair's: at most ``limit`` together, the longer side losing its end first
+    (tokenizers' "longest_first": a long first sentence never pushes the pair out); never empty."""
+    first = tokenizer(str(row["text"]), add_special_tokens=False)["input_ids"]
+    pair = row.get("text_pair")
+    second = tokenizer(SEP + str(pair), add_special_tokens=False)["input_ids"] if pair not in (None, "") else []
+    if len(first) + len(second) > limit:
+        half = limit // 2
+        if len(second) <= half:
+            first = first[: limit - len(second)]
+        elif len(first) <= limit - half:
+            second = second[: limit - len(first)]
+        else:
+            first, second = first[: limit - half], second[:half]
+    return first + second or [tokenizer.eos_token_id]
 
 
 def preprocess(recipe, tokenizer, rows, split, model):
@@ -59,7 +71,9 @@ def preprocess(recipe, tokenizer, rows, split, model):
     if unseen:
         raise UserError(f"data: {split} split has labels never seen in training: {unseen[:5]} (training labels: "
                         f"{sorted(label2id)[:10]})")
-    out = [{"input_ids": _encode(recipe, tokenizer, r), "label": label2id[str(r["label"])]} for r in rows]
+    context = modeling.max_positions(model.config)  # finetune.max_length within the model's positions
+    limit = min(recipe.finetune.max_length, context) if context else recipe.finetune.max_length
+    out = [{"input_ids": _encode(tokenizer, r, limit), "label": label2id[str(r["label"])]} for r in rows]
     return _Labelled(out, tokenizer.pad_token_id)
 
 
