@@ -210,6 +210,8 @@ def test_lora_on_a_bfloat16_base(tmp_path, base):
         ("missing column", {"data": {"columns": {"source": "src"}}}, ["no column src", "columns found"]),
         ("bad lora target", {"finetune": {"method": "lora", "lora_targets": ["nope"]}}, ["finetune.lora_targets"]),
         ("no base", {"model": {"init_from": None}}, ["model.init_from"]),
+        ("misspelled metric", {"finetune": {"metric": "val_blue"}},
+         ["finetune.metric: 'val_blue' is not a validation metric of translate; expected one of", "val_bleu"]),
     ],
 )
 def test_bad_finetune_input(tmp_path, base, case, sections, needles):

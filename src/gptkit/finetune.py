@@ -70,6 +70,8 @@ def check(recipe: Recipe, task_name: str) -> None:
     if not recipe.data.train_files and task_name != "multitask":
         raise UserError("data.train_files: empty; finetune needs a training split")
     _check_seq2seq(recipe, task_name)
+    if not recipe.finetune.extra_metrics:  # their figures' names are known only once computed
+        _check_metric(recipe, task_name)
     rundir.resolve_output(recipe.output.dir)
 
 
@@ -262,6 +264,27 @@ def _scores(task, rows: list[dict], preds: list, recipe: Recipe, extra: list) ->
     if extra:
         scores.update(user_metrics.compute(extra, preds, [reference_of(recipe.task, r, "references") for r in rows]))
     return scores
+
+
+def _check_metric(recipe: Recipe, task_name: str) -> None:
+    """finetune.metric names a figure validation logs: checked before training (a typo surfaced only at the first
+    validation, after the run folder was made). Per-class classify figures depend on the labels seen, so pass."""
+    from gptkit.metrics import TASK_METRICS
+    from gptkit.tasks import multitask
+
+    name = recipe.finetune.metric
+    if not name:
+        return
+    if task_name == "multitask":
+        subs = [s.task for s in recipe.finetune.tasks]
+        names = {"score"} | {f"{n}_{m}" for n, kind in zip(multitask._names(recipe), subs) for m in TASK_METRICS[kind]}
+    else:
+        names = set(TASK_METRICS[task_name])
+    known = {"val_loss", "val_perplexity"} | {f"val_{m}" for m in names}
+    per_class = task_name == "classify" and name.startswith(("val_precision_", "val_recall_", "val_f1_"))
+    if name not in known and not per_class:
+        raise UserError(f"finetune.metric: '{name}' is not a validation metric of {task_name}; expected one of "
+                        f"{', '.join(sorted(known))}")
 
 
 def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelerator, extra: list = ()):
