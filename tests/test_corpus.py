@@ -3,6 +3,7 @@ documents, in every format and sample_by mode, on worker processes too; an inter
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -240,3 +241,144 @@ def test_parquet_units_are_sized_by_their_uncompressed_text(tmp_path):
     text_bytes = sum(len(r["text"].encode()) for r in rows)
     assert len(units) == 4 and 0.9 < sum(u.size for u in units) / text_bytes < 1.2
     assert path.stat().st_size < text_bytes / 10
+
+
+def _long_rows(path, n_rows: int, row_chars: int, seed: int = 0) -> str:
+    rng = np.random.default_rng(seed)
+    rows = ["".join(rng.choice(list("abcdefgh "), row_chars)) for _ in range(n_rows)]
+    path.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    return "".join(rows)
+
+
+def test_tokenizer_sample_of_rows_longer_than_the_piece_holds_text(tmp_path, monkeypatch):
+    """Rows of ~5 pieces: only the unit holding a row's start holds text (all of the row). The sample draws on until
+    it holds about the budget of real rows, and says how many bytes it holds; it used to pick units by their nominal
+    size, most of them empty (a tokenizer trained on nothing)."""
+    monkeypatch.setattr(corpus, "PIECE", 1024)  # as pretrain.tokenizer_for calls it: Settings(piece=corpus.PIECE)
+    path = tmp_path / "d.jsonl"
+    _long_rows(path, 3, 5000)
+    s = corpus.Settings(piece=1024)
+    units = corpus.plan([str(path)], s)
+    assert len(units) == 15
+    for seed in range(6):
+        chosen = corpus.sample(units, 1024, seed)
+        got = sum(len(t) for batch in corpus.texts(chosen, s) for t in batch)
+        assert got >= 1024, (seed, chosen)
+        assert [u.size for u in chosen] == [corpus.read(u, s)[2] for u in chosen] and all(u.size for u in chosen)
+    two = corpus.sample(units, 6000, seed=1)  # about the budget: two whole rows, not all three
+    assert len(two) == 2 and sum(u.size for u in two) == 2 * 5013
+
+
+def test_measured_jsonl_units_are_the_units_read_and_each_byte_is_scanned_about_once(tmp_path, monkeypatch):
+    """Units drawn in any order measure exactly the bytes read() reads of them; one 300 KB line cut into 300 units is
+    scanned about once (the sampler's scans stop where an earlier one started), not once per unit."""
+    rng = np.random.default_rng(0)
+    path = tmp_path / "d.jsonl"
+    lengths = [int(x) for x in rng.choice([1, 5, 40, 300, 3000], 120)]
+    path.write_text("".join(json.dumps({"text": "x" * k}) + "\n" for k in lengths))
+    for piece in (7, 64, 1000):
+        s = corpus.Settings(piece=piece)
+        units = corpus.plan([str(path)], s)
+        starts = corpus._LineStarts(piece)
+        order = rng.permutation(len(units))
+        spans = {int(i): starts.span(units[i]) for i in order}
+        starts.close()
+        assert [spans[i] for i in range(len(units))] == [corpus.read(u, s)[2] for u in units]
+
+    big = tmp_path / "big.jsonl"
+    big.write_text(json.dumps({"text": "y" * 300_000}) + "\n" + json.dumps({"text": "end"}) + "\n")
+    read_bytes = []
+    real_open = open
+
+    class Counting:
+        def __init__(self, *a):
+            self.fh = real_open(*a)
+
+        def read(self, n=-1):
+            out = self.fh.read(n)
+            read_bytes.append(len(out))
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.fh, name)
+
+    units = corpus.plan([str(big)], corpus.Settings(piece=1024))
+    monkeypatch.setattr(corpus, "open", Counting, raising=False)  # the sampler's scans
+    chosen = corpus.sample(units, 10, seed=3, piece=1024)
+    assert chosen and all(u.size for u in chosen)
+    assert sum(read_bytes) < 2 * big.stat().st_size
+
+
+def test_a_sample_without_text_is_refused(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", None, ""] * 10))
+    s = corpus.Settings()
+    with pytest.raises(UserError, match=r"^data.train_files: no text in .*d.jsonl to train the tokenizer on"):
+        list(corpus.texts(corpus.plan([str(path)], s), s))
+
+
+@pytest.mark.parametrize("cell,kind", [(["a", "b"], "an array"), ({"a": 1}, "an object"), (123, "a number"),
+                                       (True, "a boolean")])
+def test_a_text_cell_that_is_not_a_string_is_named_by_file_line_and_column(tmp_path, cell, kind):
+    """It used to be trained on as its Python repr ("['a', 'b']"). null is skipped as before."""
+    path = tmp_path / "d.jsonl"
+    rows = [{"title": "one", "body": None}, {"title": "two", "body": "text"}, {"title": "three", "body": cell}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    s = corpus.Settings(text_columns=("title", "body"))
+    with pytest.raises(UserError, match=rf"d.jsonl: line 3: column 'body': expected a string \(or null\), got {kind}"):
+        for u in corpus.plan([str(path)], s):
+            corpus.read(u, s)
+    array = tmp_path / "a.json"  # a JSON array (read through datasets): named by row
+    array.write_text(json.dumps([{"text": cell}, {"text": cell}]))
+    with pytest.raises(UserError, match=r"a.json: row 0 \(from 0\): column 'text': expected a string"):
+        for u in corpus.plan([str(array)], corpus.Settings()):
+            corpus.read(u, corpus.Settings())
+
+
+def test_a_parquet_text_column_that_is_not_strings_is_one_error(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"text": [1, 2, 3], "s": ["a", None, "b"]}).to_parquet(path)
+    with pytest.raises(UserError, match=r"d.parquet: column 'text': expected a string column, got int64"):
+        corpus.plan([str(path)], corpus.Settings())
+    # strings, categories and all-null columns are text
+    pd.DataFrame({"text": pd.Categorical(["x y", "z"]), "s": [None, None]}).to_parquet(path)
+    s = corpus.Settings(text_columns=("text", "s"))
+    assert [t for u in corpus.plan([str(path)], s) for t in corpus.read(u, s)[0]] == ["x y", "z"]
+
+
+def test_an_empty_corpus_is_one_error_and_never_cached(tmp_path, bpe):
+    """0 tokens used to be cached as an empty stream that np.memmap cannot map: every later run crashed."""
+    import pandas as pd
+
+    empty = tmp_path / "e.parquet"
+    pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(empty)
+    with pytest.raises(UserError, match=r"e.parquet: no rows"):
+        corpus.plan([str(empty)], corpus.Settings())
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", None] * 5))
+    cfg = DataConfig(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), num_proc=1)
+    for _ in range(2):  # the second run reads the files again and says the same
+        with pytest.raises(UserError, match=r"^data.train_files: no text in .*d.jsonl: it gives 0 tokens"):
+            data_mod.token_stream([str(path)], cfg, bpe, "data.train_files")
+        assert [p.name for p in (tmp_path / "cache" / "streams").iterdir() if not p.name.endswith(".lock")] == []
+
+
+def test_special_token_text_in_a_document_is_ordinary_text(tmp_path, bpe, monkeypatch):
+    """A literal "<|endoftext|>" in a document is its characters, as tiktoken's encode_ordinary reads it: EOS only
+    between documents. Only the corpus encoding does so (prompts still get the special token), and the stream cache
+    key changed with it (a stream cached before holds EOS mid-document)."""
+    docs = ["one <|endoftext|> two", "<|endoftext|>", "three<|endoftext|>"]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cfg = DataConfig(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), num_proc=1)
+    ids = data_mod.token_stream([str(path)], cfg, bpe, "data.train_files").tolist()
+    eos = bpe.eos_token_id
+    ends = [i for i, t in enumerate(ids) if t == eos]
+    assert len(ends) == 3 and ends[-1] == len(ids) - 1
+    assert [bpe.decode(ids[a + 1 : b]) for a, b in itertools.pairwise([-1, *ends])] == docs
+    assert bpe("a<|endoftext|>", add_special_tokens=False)["input_ids"][-1] == eos  # prompts keep special tokens
+    key = data_mod._cache_key([str(path)], cfg, bpe)
+    monkeypatch.setattr(data_mod, "STREAM_FORMAT", 1)
+    assert data_mod._cache_key([str(path)], cfg, bpe) != key

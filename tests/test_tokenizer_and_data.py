@@ -104,3 +104,33 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, corpus):
         rows = (tmp_path / f"run{flag}" / "metrics.jsonl").read_text().splitlines()
         losses[flag] = [json.loads(r)["train_loss"] for r in rows if "train_loss" in r]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe", "pretrained"])
+def test_a_corpus_without_text_is_one_error_and_nothing_is_cached(tmp_path, kind):
+    """Only "" and null texts (or a parquet file with no rows): one line naming the file, exit 2, and nothing
+    cached, so the next run says the same (an empty token stream used to be cached, then crash np.memmap on
+    every run; a trained tokenizer was all special tokens)."""
+    import pandas as pd
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["", None, ""] * 20))
+    tokenizer = {"kind": kind}
+    if kind == "pretrained":
+        tok = train_bpe([TEXTS * 20], vocab_size=300, model_max_length=64)
+        tok.save_pretrained(str(tmp_path / "tok"))
+        tokenizer["path"] = str(tmp_path / "tok")
+    cache = tmp_path / "cache"
+    recipe = tiny_recipe(tmp_path / "r.yaml", path, tmp_path / "run", tokenizer=tokenizer,
+                         data={"cache_dir": str(cache)}, train={"max_steps": 2})
+    for _ in range(2):
+        code, _, err = run_cli("pretrain", str(recipe))
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert err.startswith("error: data.train_files: no text in ") and "d.jsonl" in err, err
+        assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")]
+    empty = tmp_path / "e.parquet"
+    pd.DataFrame({"text": pd.Series([], dtype=str)}).to_parquet(empty)
+    recipe = tiny_recipe(tmp_path / "r.yaml", empty, tmp_path / "run", tokenizer=tokenizer,
+                         data={"cache_dir": str(cache)}, train={"max_steps": 2})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 2 and err.startswith("error: ") and "e.parquet: no rows" in err and len(err.splitlines()) == 1, err

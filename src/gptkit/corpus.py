@@ -18,6 +18,8 @@ This module imports nothing heavy at the top: tokenization workers start with it
 
 from __future__ import annotations
 
+import bisect
+import dataclasses
 import itertools
 import json
 import os
@@ -35,6 +37,8 @@ PIECE = 1 << 20  # bytes of text per unit
 WINDOW = 1 << 16  # bytes scanned past a unit's nominal start for a cut
 TABLE_ROWS = 2000  # rows per unit of a csv / JSON-array table
 POOL_MIN_UNITS = 8  # smaller corpora are tokenized in the main process (no worker start-up)
+STREAM_FORMAT = 2  # bump when the same files and tokenizer give other ids (the token-stream cache keys on it);
+# 2: special-token text in a document ("<|endoftext|>") is encoded as ordinary text; non-string cells are refused
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _BEFORE_NEWLINE = re.compile(rb"\S\n")
 _BEFORE_SPACE = re.compile(rb"\S\s")
@@ -74,19 +78,38 @@ def plan(files: list[str], settings: Settings) -> list[Unit]:
 
             pf = pq.ParquetFile(f)
             _check_columns(f, dict.fromkeys(pf.schema_arrow.names), settings)
+            for c in settings.text_columns:
+                t = pf.schema_arrow.field(c).type
+                if not _is_text_type(t):
+                    raise UserError(f"{f}: column '{c}': expected a string column, got {t}")
+            if not pf.metadata.num_rows:
+                raise UserError(f"{f}: no rows; expected rows with text in column(s) {list(settings.text_columns)}")
             units += [Unit(f, kind, g, n) for g, n in enumerate(_parquet_text_bytes(pf, settings.text_columns))]
         else:
             table = _table(f)
             _check_columns(f, dict.fromkeys(table.column_names), settings)
+            if not len(table):
+                raise UserError(f"{f}: no rows; expected rows with text in column(s) {list(settings.text_columns)}")
             n = max(1, -(-len(table) // TABLE_ROWS))
             units += [Unit(f, kind, i, size // n) for i in range(n)]
     return units
+
+
+def _is_text_type(t) -> bool:
+    """Whether an Arrow column of type ``t`` holds text cells (strings, or only nulls)."""
+    import pyarrow as pa
+
+    if pa.types.is_dictionary(t):
+        t = t.value_type
+    return (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t)
+            or getattr(pa.types, "is_string_view", lambda _: False)(t))
 
 
 def _parquet_text_bytes(pf, columns: tuple[str, ...]) -> list[int]:
     """Per row group, about how many bytes of text its ``columns`` hold. Sizes on disk (compressed, and dictionary-
     encoded: repetitive text shrinks tenfold) understate the text, which would let the tokenizer-training sample
     outgrow its budget; the first row group's text is measured and the others scaled by their encoded size."""
+    import pyarrow as pa
     import pyarrow.compute as pc
 
     meta = pf.metadata
@@ -98,7 +121,7 @@ def _parquet_text_bytes(pf, columns: tuple[str, ...]) -> list[int]:
     encoded = [sum(meta.row_group(g).column(leaf[c]).total_uncompressed_size for c in columns)
                for g in range(meta.num_row_groups)]
     first = pf.read_row_group(0, columns=list(columns))
-    text = sum(int(pc.sum(pc.binary_length(first.column(c))).as_py() or 0) for c in columns)
+    text = sum(int(pc.sum(pc.binary_length(first.column(c).cast(pa.large_string()))).as_py() or 0) for c in columns)
     ratio = text / max(1, encoded[0])
     return [max(1, round(e * ratio)) for e in encoded]
 
@@ -203,12 +226,18 @@ def read(unit: Unit, settings: Settings) -> tuple[list[str], list[bool], int]:
         if unit.kind == "parquet":
             import pyarrow.parquet as pq
 
-            table = pq.ParquetFile(unit.file).read_row_group(unit.index, columns=list(settings.text_columns))
+            pf = pq.ParquetFile(unit.file)
+            table = pf.read_row_group(unit.index, columns=list(settings.text_columns))
             columns = {c: table.column(c).to_pylist() for c in settings.text_columns}
+            first = lambda: sum(pf.metadata.row_group(g).num_rows for g in range(unit.index))  # noqa: E731
         else:
             rows = _table(unit.file)[unit.index * TABLE_ROWS : (unit.index + 1) * TABLE_ROWS]
             columns = {c: rows[c] for c in settings.text_columns}
-        texts = _cells(columns, settings)
+            first = lambda: unit.index * TABLE_ROWS  # noqa: E731
+        # a csv file is all text: a column that reads as numbers is still the file's text; elsewhere a cell that is
+        # a list, an object or a number is no text (its Python repr would be trained on)
+        strict = Path(unit.file).suffix.lower() != ".csv"
+        texts = _cells(columns, settings, lambda r: f"{unit.file}: row {first() + r} (from 0)", strict)
         return texts, [True] * len(texts), unit.size
     size = os.path.getsize(unit.file)
     with open(unit.file, "rb") as fh:
@@ -225,7 +254,8 @@ def read(unit: Unit, settings: Settings) -> tuple[list[str], list[bool], int]:
                 row = _row(line, unit.file, lambda n=n: _line_of(unit.file, start, n))
                 if any(c not in row for c in settings.text_columns):
                     _check_columns(f"{unit.file}: line {_line_of(unit.file, start, n)}", row, settings)
-                texts += _cells({c: [row[c]] for c in settings.text_columns}, settings)
+                texts += _cells({c: [row[c]] for c in settings.text_columns}, settings,
+                                lambda _, n=n: f"{unit.file}: line {_line_of(unit.file, start, n)}")
         return texts, [True] * len(texts), end - start
     try:
         text = raw.decode("utf-8")
@@ -249,10 +279,31 @@ def read(unit: Unit, settings: Settings) -> tuple[list[str], list[bool], int]:
     return texts, eos, end - start
 
 
-def _cells(columns: dict[str, list], settings: Settings) -> list[str]:
-    """Every non-empty cell of the text columns is a document (row by row, columns in the recipe's order)."""
+def _cells(columns: dict[str, list], settings: Settings, where, strict: bool = True) -> list[str]:
+    """Every non-empty cell of the text columns is a document (row by row, columns in the recipe's order); a null
+    cell is skipped. ``strict``: a cell that is not a string is an error naming ``where(row)`` and the column (else
+    it is read as its text, as csv cells that parse as numbers are)."""
     cols = [columns[c] for c in settings.text_columns]
-    return [str(v) for row in zip(*cols) for v in row if v is not None and str(v) != ""]
+    out = []
+    for r, row in enumerate(zip(*cols)):
+        for c, v in zip(settings.text_columns, row):
+            if isinstance(v, str):
+                if v:
+                    out.append(v)
+            elif v is not None:
+                if strict:
+                    raise UserError(f"{where(r)}: column '{c}': expected a string (or null), got {_json_type(v)}")
+                if str(v):
+                    out.append(str(v))
+    return out
+
+
+def _json_type(v) -> str:
+    if isinstance(v, bool):
+        return f"a boolean ({json.dumps(v)})"
+    if isinstance(v, int | float):
+        return f"a number ({v!r})"
+    return {list: "an array", dict: "an object"}.get(type(v), f"a {type(v).__name__}")
 
 
 def _line_of(path: str, start: int, lines_into_unit: int) -> int:
@@ -270,25 +321,95 @@ def _line_of(path: str, start: int, lines_into_unit: int) -> int:
 # --- sampling (tokenizer training) ------------------------------------------------------------------
 
 
-def sample(units: list[Unit], budget: int, seed: int) -> list[Unit]:
-    """A seeded random choice of units holding about ``budget`` bytes, in corpus order (all when smaller)."""
+def sample(units: list[Unit], budget: int, seed: int, piece: int | None = None) -> list[Unit]:
+    """A seeded random choice of units holding about ``budget`` bytes, in corpus order (all when smaller).
+
+    A JSON-lines unit stands for ``piece`` (default ``PIECE``) bytes of its file but holds the rows that *start*
+    there: with rows longer than the piece most units hold nothing, and the one holding a row's start holds all of
+    it. So each drawn jsonl unit is measured (its cuts, see :class:`_LineStarts`), counts for the bytes it really
+    holds and comes back with that size; an empty one is passed over and the drawing goes on."""
     if sum(u.size for u in units) <= budget:
         return units
-    chosen, total = [], 0
-    for i in np.random.default_rng([seed, 7]).permutation(len(units)):
-        if total >= budget:
-            break
-        chosen.append(int(i))
-        total += units[i].size
-    return [units[i] for i in sorted(chosen)]
+    starts = _LineStarts(piece or PIECE)
+    chosen: dict[int, Unit] = {}
+    total = 0
+    try:
+        for i in np.random.default_rng([seed, 7]).permutation(len(units)):
+            if total >= budget:
+                break
+            u = units[i]
+            if u.kind == "jsonl":
+                u = dataclasses.replace(u, size=starts.span(u))
+                if not u.size:
+                    continue
+            chosen[int(i)] = u
+            total += u.size
+    finally:
+        starts.close()
+    return [chosen[i] for i in sorted(chosen)]
+
+
+class _LineStarts:
+    """The clean cuts (line starts) of JSON-lines units, as :func:`_cut` finds them, with the scans shared: the cut
+    at or after a target is remembered for every byte the scan passed, and a scan stops where an earlier one started,
+    so each byte of a file is scanned about once however many units inside one long line are measured."""
+
+    def __init__(self, piece: int):
+        self.piece = piece
+        self.files: dict[str, tuple] = {}  # file -> (handle, size, scan starts (sorted), the cut each found)
+
+    def span(self, unit: Unit) -> int:
+        """Bytes of the rows ``unit`` holds (what :func:`read` reads of it)."""
+        return self.cut(unit.file, (unit.index + 1) * self.piece) - self.cut(unit.file, unit.index * self.piece)
+
+    def cut(self, file: str, target: int) -> int:
+        if file not in self.files:
+            self.files[file] = (open(file, "rb"), os.path.getsize(file), [], [])
+        fh, size, starts, cuts = self.files[file]
+        if target <= 0:
+            return 0
+        if target >= size:
+            return size
+        k = bisect.bisect_right(starts, target) - 1
+        if k >= 0 and target <= cuts[k]:  # inside a scanned stretch: no line starts between its start and its cut
+            return cuts[k]
+        stop = starts[k + 1] - 1 if k + 1 < len(starts) else size  # a newline at byte >= target - 1 ends the line
+        pos, found = target - 1, None
+        fh.seek(pos)
+        while pos < stop:
+            chunk = fh.read(min(WINDOW, stop - pos))
+            if not chunk:
+                break
+            i = chunk.find(b"\n")
+            if i >= 0:
+                found = pos + i + 1
+                break
+            pos += len(chunk)
+        if found is None:  # no newline before the next scanned stretch (its cut is this one's) or the file's end
+            found = cuts[k + 1] if k + 1 < len(starts) else size
+        starts.insert(k + 1, target)
+        cuts.insert(k + 1, found)
+        return found
+
+    def close(self) -> None:
+        for fh, *_ in self.files.values():
+            fh.close()
 
 
 def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
-    """The texts of ``units``, one batch per unit (pieces of a long document come as separate texts)."""
+    """The texts of ``units``, one batch per unit (pieces of a long document come as separate texts). Units with no
+    text at all are an error (a tokenizer trained on nothing would be all special tokens)."""
+    seen = False
     for u in units:
         batch = read(u, settings)[0]
         if batch:
+            seen = seen or any(batch)
             yield batch
+    if not seen:
+        files = list(dict.fromkeys(u.file for u in units))
+        where = files[0] + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "") if files else "the corpus"
+        raise UserError(f"data.train_files: no text in {where} to train the tokenizer on (every document is empty "
+                        "or null); expected some text")
 
 
 # --- tokenization ----------------------------------------------------------------------------------------
@@ -296,6 +417,9 @@ def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
 
 def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, piece: int | None = None) -> np.ndarray:
     """Token ids of ``texts`` (a ``tokenizers.Tokenizer``), EOS after those that end a document, as one array.
+
+    ``tok`` should encode special tokens as ordinary text (``tok.encode_special_tokens = True``, as the workers'
+    tokenizer does): a literal "<|endoftext|>" in a document is its characters, EOS comes only between documents.
 
     Encoded in batches of about ``piece`` characters (default ``PIECE``), a longer text in pieces cut where
     byte-level BPE splits anyway (:func:`_split_long`): memory follows the piece size, not the longest row of a
@@ -365,7 +489,9 @@ def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Setting
     if pool:  # one thread per worker: the workers are the parallelism
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
-    _worker.update(tok=Tokenizer.from_str(tokenizer_json), eos=eos_id, dtype=np.dtype(dtype), settings=settings)
+    tok = Tokenizer.from_str(tokenizer_json)
+    tok.encode_special_tokens = True  # document text is ordinary text (tiktoken's encode_ordinary): EOS only between
+    _worker.update(tok=tok, eos=eos_id, dtype=np.dtype(dtype), settings=settings)
 
 
 def _encode_unit(unit: Unit) -> tuple[np.ndarray, int]:

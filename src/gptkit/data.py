@@ -3,8 +3,9 @@
 Pretraining data becomes one flat token stream per split (EOS between documents), stored as a
 numpy ``.bin`` in the cache and memory-mapped — nanoGPT's layout. A block is ``context + 1``
 consecutive tokens (inputs and next-token targets), so blocks are fixed-length and cost no padding.
-The cache key covers the files (path, size, mtime), the text settings and the tokenizer's
-vocabulary, so an unchanged second run skips tokenization entirely.
+The cache key covers the files (path, size, mtime), the text settings, the tokenizer's
+vocabulary and the stream format (``corpus.STREAM_FORMAT``), so an unchanged second run skips tokenization
+entirely. An empty stream is an error, never cached.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from gptkit.corpus import FORMATS as _BUILDERS
+from gptkit.corpus import STREAM_FORMAT
 from gptkit.errors import UserError
 from gptkit.recipe import DataConfig
 
@@ -90,7 +92,7 @@ def cache_root(cfg: DataConfig) -> Path:
 
 
 def _cache_key(files: list[str], cfg: DataConfig, tokenizer) -> str:
-    h = hashlib.sha256()
+    h = hashlib.sha256(f"stream format {STREAM_FORMAT}\n".encode())  # how text becomes ids: a change re-tokenizes
     for f in files:
         st = os.stat(f)
         h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
@@ -139,8 +141,8 @@ def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np
     path, meta_path = root / f"{key}.bin", root / f"{key}.json"
     root.mkdir(parents=True, exist_ok=True)
     with _locked(root / f".{key}.lock"):
-        if meta_path.exists() and path.exists():
-            meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() and path.exists() else None
+        if meta and meta["n_tokens"] > 0:  # (an empty stream, cached by an older version, is never reused)
             log.info("using cached tokens for %s (%d tokens)", field, meta["n_tokens"])
             return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
         settings = text_settings(cfg)
@@ -173,6 +175,12 @@ def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np
                     _write_json(progress, {"units": done, "tokens": n, "bytes": nbytes})
                     saved = time.monotonic()
             bar.close()
+        if n == 0:  # nothing to train on: an error, and nothing cached (the next run reads the files again)
+            for stale in (partial, progress, path, meta_path):
+                stale.unlink(missing_ok=True)
+            where = files[0] + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "")
+            raise UserError(f"{field}: no text in {where}: it gives 0 tokens (every document is empty or null); "
+                            "expected some text")
         os.replace(partial, path)
         meta_path.write_text(json.dumps({"n_tokens": n, "dtype": dtype.name, "files": files}))
         progress.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from gptkit.recipe import TokenizerConfig
 
 EOS = "<|endoftext|>"
 UNK = "<unk>"
+_NO_TEXT = "tokenizer: no text to train on; expected some text in data.train_files"
 
 
 def _wrap(tok, model_max_length: int):
@@ -35,6 +36,8 @@ def train_char(texts: Iterable[list[str]], model_max_length: int):
     for batch in texts:
         for t in batch:
             chars.update(t)
+    if not chars:
+        raise UserError(_NO_TEXT)
     vocab = {c: i for i, c in enumerate([EOS, UNK, *sorted(chars - {EOS, UNK})])}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=UNK))
     tok.add_special_tokens([EOS, UNK])
@@ -56,11 +59,17 @@ def train_bpe(texts: Iterable[list[str]], vocab_size: int, model_max_length: int
         show_progress=False,
     )
 
+    seen = []
+
     def flat() -> Iterator[str]:
         for batch in texts:
+            if not seen and any(batch):
+                seen.append(True)
             yield from batch
 
     tok.train_from_iterator(flat(), trainer=trainer)
+    if not seen:
+        raise UserError(_NO_TEXT)
     _release_freed_memory()
     return _wrap(tok, model_max_length)
 
