@@ -389,6 +389,10 @@ def test_two_process_finetune_with_validation_matches_one_process(tmp_path, base
         assert r2["val_loss"] == pytest.approx(r1["val_loss"], rel=2e-3)  # float sums differ in order only
         assert r2["val_bleu"] == pytest.approx(r1["val_bleu"], abs=1e-6)
     assert test2 == pytest.approx(test1, abs=1e-6)
+    before = (tmp_path / "one" / "metrics.jsonl").read_text()
+    code, _, err = run_cli("finetune", str(recipe), "--resume")  # an early-stopped run is finished: no more steps
+    assert code == 0 and (tmp_path / "one" / "metrics.jsonl").read_text() == before, err
+    assert not (tmp_path / "one" / "checkpoints" / "step-00000040").exists()
 
 
 def test_multitask_eval_scores_the_tasks_that_have_the_split(tmp_path, base):

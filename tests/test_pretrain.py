@@ -172,7 +172,8 @@ def test_resume_after_signal_is_bit_identical(tmp_path, monkeypatch):
 
     corpus = tmp_path / "small.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:4_000])  # ~110 blocks: an epoch every ~7 steps
-    train = {"max_steps": 20, "grad_accum": 2, "save_every": 5, "eval_every": 10}
+    # log_every 5: the step-15 log line averages steps 11-15 across the resume at step 12 (its running sum is saved)
+    train = {"max_steps": 20, "grad_accum": 2, "save_every": 5, "eval_every": 10, "log_every": 5}
     model = {"dropout": 0.1}  # dropout makes the RNG state matter
     ref = tiny_recipe(tmp_path / "ref.yaml", corpus, tmp_path / "ref", train=train, model=model)
     assert run_cli("pretrain", str(ref))[0] == 0
@@ -194,7 +195,8 @@ def test_resume_after_signal_is_bit_identical(tmp_path, monkeypatch):
 def test_two_process_torchrun_matches_one_process(tmp_path, corpus):
     """2 processes x batch 4 == 1 process x batch 8: same examples, same losses; only rank 0 writes."""
     one = tiny_recipe(tmp_path / "one.yaml", corpus, tmp_path / "one", train={"max_steps": 8, "batch_size": 8, "eval_every": 4})
-    two = tiny_recipe(tmp_path / "two.yaml", corpus, tmp_path / "two", train={"max_steps": 8, "batch_size": 4, "eval_every": 4})
+    two = tiny_recipe(tmp_path / "two.yaml", corpus, tmp_path / "two", train={"max_steps": 8, "batch_size": 4, "eval_every": 4,
+                                                                           "save_every": 4})
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"]
     res = subprocess.run([*torchrun, "-m", "gptkit", "pretrain", str(two)], capture_output=True, text=True,
@@ -210,6 +212,15 @@ def test_two_process_torchrun_matches_one_process(tmp_path, corpus):
         for key in ("train_loss", "val_loss"):
             if key in r1:
                 assert r2[key] == pytest.approx(r1[key], rel=1e-5), (r1, r2)
+    # a 2-process resume from the step-4 checkpoint (several CPU processes' device "cpu:0" broke weight loading)
+    import shutil
+
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-00000008")
+    (tmp_path / "two" / "model.safetensors").unlink()
+    res = subprocess.run([*torchrun, "-m", "gptkit", "pretrain", str(two), "--resume"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert [r.get("train_loss") for r in metrics(tmp_path / "two")] == [r.get("train_loss") for r in m2]
 
 
 def test_generate_command_on_a_run(trained):

@@ -311,8 +311,10 @@ def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
     raw = accelerator.unwrap_model(model, keep_torch_compile=False)
     try:
         if not distributed.load_state(ckpt, model, opt, accelerator):
-            load_model(raw, str(ckpt / "model.safetensors"), device=str(accelerator.device))
-            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=accelerator.device))
+            # several CPU processes report "cpu:0", which safetensors and torch.load refuse
+            device = "cpu" if accelerator.device.type == "cpu" else str(accelerator.device)
+            load_model(raw, str(ckpt / "model.safetensors"), device=device)
+            opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=device))
         if accelerator.scaler is not None and (ckpt / "scaler.pt").is_file():
             accelerator.scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
     except (RuntimeError, ValueError, KeyError) as e:  # e.g. --force across a change of model shape
@@ -429,14 +431,20 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not live, unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     last: dict[str, float] = {}
-    run_loss, run_steps, tokens, t0 = 0.0, 0, 0, time.perf_counter()
+    # the running train loss since the last log line is checkpointed: a resume logs the same figures
+    run_loss, run_steps = counters.pop("run_loss", 0.0), counters.pop("run_steps", 0)
+    tokens, t0 = 0, time.perf_counter()
+    first = start + 1
+    if counters.get("stopped_early"):  # a finished run: early stopping ended it, a resume has nothing to do
+        log.info("the run stopped early at step %d (finetune.patience); nothing left to train", start)
+        first = cfg.max_steps + 1
     if rng is not None:
         _restore_rng(rng)
     model.train()  # from_pretrained hands back a model in eval mode: dropout (LoRA's too) would be off
     status = "FINISHED"
     try:  # a tracker run is closed however training ends, and says how it ended
         with _StopOnSignal() as stop:
-            for step in range(start + 1, cfg.max_steps + 1):
+            for step in range(first, cfg.max_steps + 1):
                 lr = lr_at(step - 1, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
@@ -484,8 +492,10 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                         msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                         bar.write(msg) if live else log.info(msg)
                     stop_early = _track_best(job, model, accelerator, metrics, counters, step)
+                    if stop_early:
+                        counters["stopped_early"] = True
                 if step % cfg.save_every == 0 or step == cfg.max_steps or signum or stop_early:
-                    _save(job, step, model, opt, accelerator, counters)
+                    _save(job, step, model, opt, accelerator, {**counters, "run_loss": run_loss, "run_steps": run_steps})
                 t0 += time.perf_counter() - paused
                 if stop_early:
                     log.info("early stopping at step %d: %s has not improved for %d evaluations", step, job.select,
