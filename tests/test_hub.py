@@ -70,7 +70,7 @@ def test_finetune_eval_and_generate_from_a_hub_id(tmp_path, cache, monkeypatch, 
     assert code == 0 and out.startswith("red =>"), err
 
 
-def test_an_id_missing_from_the_cache_says_how_to_fetch_it(tmp_path, cache):
+def test_an_id_missing_from_the_cache_says_how_to_fetch_it(tmp_path, cache, monkeypatch):
     recipe = finetune_recipe(tmp_path, "run", "translate", Path("unused"), splits(tmp_path, translate_rows, 20))
     code, _, err = run_cli("finetune", str(recipe), "model.init_from=meta-llama/Llama-3.2-1B")
     assert_user_error(code, err, "model.init_from", "meta-llama/Llama-3.2-1B", "HF_HUB_OFFLINE=1",
@@ -84,6 +84,20 @@ def test_an_id_missing_from_the_cache_says_how_to_fetch_it(tmp_path, cache):
     (partial / "snapshots" / MAIN / "model.safetensors").unlink()
     code, _, err = run_cli("finetune", str(recipe), "model.init_from=org/tokenizer-only")
     assert_user_error(code, err, "model.init_from", "without its safetensors weights", "hf download org/tokenizer-only")
+    for args in (["eval", "--model", "org/tokenizer-only", "--task", "lm", "--data", str(tmp_path / "train.jsonl")],
+                 ["generate", "org/tokenizer-only", "--prompt", "x"]):  # every command that loads a model
+        code, _, err = run_cli(*args)
+        assert_user_error(code, err, "without its safetensors weights", "hf download org/tokenizer-only")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "")  # online, but the hub cannot be reached: the cache's copy has no weights
+
+    def unreachable(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(socket.socket, "connect", unreachable)
+    monkeypatch.setattr(socket, "getaddrinfo", unreachable)
+    code, _, err = run_cli("finetune", str(recipe), "model.init_from=org/tokenizer-only")
+    assert_user_error(code, err, "model.init_from", "without its safetensors weights and the hub could not be reached")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     code, _, err = run_cli("finetune", str(recipe), "model.init_from=./not/a/dir")
     assert_user_error(code, err, "model.init_from", "neither a local directory nor a Hugging Face hub id")
     assert not (tmp_path / "run").exists()

@@ -374,7 +374,7 @@ def run(opts: Options, recipe=None) -> dict:
     from gptkit import hub
 
     named = opts.model or (_recipe_model(recipe) if recipe is not None and not opts.predictions else None)
-    model_path = named and str(hub.resolve(named, "--model").path)  # a hub id: its snapshot in the local cache
+    model_path = named and str(hub.resolve(named, "--model", weights=True).path)  # a hub id: its cached snapshot
     run_recipe, home = rundir.run_of(Path(model_path).expanduser()) if model_path else (None, Path("."))
     if named and not Path(named).expanduser().is_dir():
         home = Path(".")  # default output beside the user, never inside the Hugging Face cache

@@ -98,5 +98,8 @@ def _snapshot(name: str, field: str, weights: bool, no_network: bool, *_cache_en
     except RepositoryNotFoundError:
         raise UserError(f"{field}: '{repo_id}' is not a model on the Hugging Face hub (or it is private: "
                         "log in with `hf auth login`)") from None
+    if weights and not _has_weights(folder):  # the hub could not be reached and the cache's snapshot came back
+        raise UserError(f"{field}: '{name}' is in the local Hugging Face cache ({cache}) without its safetensors "
+                        f"weights and the hub could not be reached; fetch them once with `{fetch}`")
     path = Path(folder)
     return Source(path, repo_id, revision or "main", path.name)

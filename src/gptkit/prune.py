@@ -307,7 +307,7 @@ def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None
     if batches < 1:
         raise UserError(f"--batches: must be at least 1, got {batches}")
     check_out_folder(out)
-    path = hub.resolve(source, "RUN").path
+    path = hub.resolve(source, "RUN", weights=True).path
     _refuse_quantized(path, _quantization_of(path))
     model, tok, run_recipe = trained.load_any(source, "RUN")
     _refuse_quantized(path, getattr(model.config, "quantization_config", None))  # e.g. adapters on a quantized base

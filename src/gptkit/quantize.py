@@ -128,7 +128,7 @@ def run(source: str, method: str, out: Path) -> dict:
         raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
     check_out_folder(out)
     import_torchao()
-    path = hub.resolve(source, "RUN").path
+    path = hub.resolve(source, "RUN", weights=True).path
     model, tok, run_recipe = trained.load_any(source, "RUN")
     if run_recipe is not None and trained.has_head(run_recipe.task, run_recipe):
         raise UserError(f"RUN: {path} is a {run_recipe.task} model with a task head; gptkit quantize takes language "

@@ -142,7 +142,7 @@ def load_lm(path: str | Path) -> tuple[Any, Any]:
     from gptkit import hub
 
     modeling.quiet_loading()
-    directory = hub.resolve(str(path), "model").path
+    directory = hub.resolve(str(path), "model", weights=True).path
     run, home = rundir.run_of(directory)
     if run is not None and has_head(run.task, run):
         raise UserError(f"{directory}: a {run.task} run has a task head ({'labels' if run.task == 'classify' else 'spans'}), "
@@ -177,7 +177,7 @@ def load_any(raw: str, field: str = "--model") -> tuple[Any, Any, Any]:
     from gptkit import hub
     from gptkit.tasks import FINETUNE_TASKS
 
-    path = hub.resolve(raw, field).path
+    path = hub.resolve(raw, field, weights=True).path
     run, home = rundir.run_of(path)
     if run is None or run.task not in FINETUNE_TASKS:
         model, tok = load_lm(path)
