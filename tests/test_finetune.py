@@ -167,6 +167,9 @@ def test_lora_trains_adapters_and_exports_a_merged_model(tmp_path, base):
     assert code == 0, err
     run = tmp_path / "lora"
     assert (run / "adapter_config.json").is_file() and (run / "adapter_model.safetensors").is_file()
+    (tmp_path / "afile").write_text("mine")
+    code, out, err = run_cli("export", str(run), "--merge", "--out", str(tmp_path / "afile"))
+    assert_user_error(code, err, "--out:", "is a file, not a folder")
     code, out, err = run_cli("export", str(run), "--merge")
     assert code == 0, err
     merged = AutoModelForCausalLM.from_pretrained(str(run / "merged"))

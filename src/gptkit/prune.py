@@ -26,8 +26,8 @@ from typing import Any
 
 import torch
 
+from gptkit import rundir
 from gptkit.errors import UserError
-from gptkit.quantize import check_out_folder
 
 log = logging.getLogger(__name__)
 
@@ -306,7 +306,7 @@ def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None
         raise UserError(f"--mlp: expected the share of feed-forward neurons to remove, in (0, 1); got {mlp}")
     if batches < 1:
         raise UserError(f"--batches: must be at least 1, got {batches}")
-    check_out_folder(out)
+    rundir.check_out_folder(out)
     path = hub.resolve(source, "RUN", weights=True).path
     _refuse_quantized(path, _quantization_of(path))
     model, tok, run_recipe = trained.load_any(source, "RUN")

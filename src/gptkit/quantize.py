@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from gptkit import rundir
 from gptkit.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -101,17 +102,6 @@ def count_quantized(model: Any) -> int:
     return sum(isinstance(getattr(m, "weight", None), TorchAOBaseTensor) for m in model.modules())
 
 
-def check_out_folder(out: Path, flag: str = "--out") -> None:
-    """``out`` can become a new model folder: absent (under folders, not files) or an empty directory."""
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{flag}: {out} is a file, not a folder; choose a new directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise UserError(f"{flag}: {out} is not empty; choose a new directory")
-    above = next((p for p in out.absolute().parents if p.exists()), None)
-    if above is not None and not above.is_dir():
-        raise UserError(f"{flag}: {out} is under {above}, which is a file, not a folder; choose a new directory")
-
-
 def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
@@ -126,7 +116,7 @@ def run(source: str, method: str, out: Path) -> dict:
 
     if method not in METHODS:
         raise UserError(f"--method: expected one of {', '.join(METHODS)}, got {method!r}")
-    check_out_folder(out)
+    rundir.check_out_folder(out)
     import_torchao()
     path = hub.resolve(source, "RUN", weights=True).path
     model, tok, run_recipe = trained.load_any(source, "RUN")

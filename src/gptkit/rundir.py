@@ -133,6 +133,17 @@ def _write(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """``out`` can become a new model folder: absent (under folders, not files) or an empty directory."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{flag}: {out} is a file, not a folder; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"{flag}: {out} is not empty; choose a new directory")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():
+        raise UserError(f"{flag}: {out} is under {above}, which is a file, not a folder; choose a new directory")
+
+
 def sources(recipe: Recipe) -> dict:
     """Where the recipe's base model and tokenizer came from: a local path, or a hub id with the commit its
     revision resolved to."""

@@ -199,8 +199,7 @@ def export(run_dir: Path, out: Path) -> Path:
     recipe = load_recipe(run_dir / rundir.RECIPE_FILE)
     if recipe.task == "pretrain":
         raise UserError(f"{run_dir}: a pretraining run is already a standalone checkpoint; nothing to export")
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"--out: {out} is not empty; choose a new directory")
+    rundir.check_out_folder(out)
     model = load_model(run_dir, recipe.task, recipe)
     if is_adapter_dir(run_dir):
         model = model.merge_and_unload()
