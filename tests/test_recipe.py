@@ -209,3 +209,13 @@ def test_lora_learning_rate_default_and_what_the_run_records(tmp_path):
     assert load_recipe(path, ["finetune.method=full"]).train.lr == 3e-4
     path.write_text("task: translate\nfinetune: {method: lora}\ntrain: {lr: 2.0e-4}\n")
     assert load_recipe(path).train.lr == 2e-4
+
+
+def test_schema_reference_shows_the_real_defaults():
+    """`gptkit recipes schema`: defaults made by a factory are shown as they are (trackers default to tensorboard)."""
+    from gptkit.recipe import schema_reference
+
+    rows = {line.split("|")[1].strip(" `"): line.split("|")[2].strip(" `") for line in schema_reference().splitlines()
+            if line.startswith("| `")}
+    assert rows["train.trackers"] == "[tensorboard]" and rows["data.train_files"] == "[]", rows
+    assert rows["train.lr"] == str(Recipe().train.lr) and rows["model.context"] == "256", rows

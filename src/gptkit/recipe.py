@@ -536,9 +536,11 @@ def schema_reference() -> str:
     """Every recipe field with its default and meaning, rendered from the schema itself (Markdown)."""
 
     def default(f: Any) -> str:
-        if f.default_factory is not None:
-            return "[]"
-        return "null" if f.default is None else yaml.safe_dump(f.default).strip().removesuffix("...").strip()
+        value = f.default_factory() if f.default_factory is not None else f.default  # train.trackers: [tensorboard]
+        if isinstance(value, BaseModel):
+            value = value.model_dump(mode="json")
+        return "null" if value is None else yaml.safe_dump(value, default_flow_style=True).strip().removesuffix(
+            "...").strip()
 
     lines: list[str] = []
     for name, f in Recipe.model_fields.items():
