@@ -300,6 +300,14 @@ def test_classifier_run_and_label_likelihood(tmp_path, lm_dir):
 
     liked = [max(["cold", "warm"], key=lambda lab: logprob(f"{r['text']}\nLabel:", lab)) for r in rows]
     assert [p["prediction"] for p in lines(tmp_path / "ll" / "predictions.jsonl")] == liked
+    # sentence pairs (MRPC-style): the second text is in the prompt too
+    pairs = [{**r, "text_pair": t} for r, t in zip(rows, ["blue", "red", "new old", "big", "fast"])]
+    ok("eval", "--model", str(lm_dir), "--task", "classify", "--data", str(write_jsonl(tmp_path / "p.jsonl", pairs)),
+       "--out", str(tmp_path / "pairs"))
+    liked = [max(["cold", "warm"], key=lambda lab: logprob(f"{r['text']}\n{r['text_pair']}\nLabel:", lab))
+             for r in pairs]
+    assert [p["prediction"] for p in lines(tmp_path / "pairs" / "predictions.jsonl")] == liked
+    assert json.loads((tmp_path / "pairs" / "metrics.json").read_text())["settings"]["template"].count("{") == 2
 
 
 def test_qa_with_a_causal_lm_generates_from_the_qa_prompt(tmp_path, lm_dir, monkeypatch):

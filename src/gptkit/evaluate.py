@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TASKS = ("translate", "summarize", "qa", "classify", "lm")
 CLASSIFY_PROMPT = "{text}\nLabel:"  # classify with a causal LM: which " <label>" is likeliest after it
+CLASSIFY_PAIR_PROMPT = "{text}\n{text_pair}\nLabel:"  # ... when the rows have a second text (MRPC-style pairs)
 
 
 @dataclass
@@ -108,8 +109,9 @@ def prompt(ctx: Ctx, row: dict, index: int | None = None) -> str:
 
     demos = random.Random(f"{ctx.seed}-{index}").sample(ctx.shots, ctx.few_shot) if index is not None else []
     golds = [reference_of(ctx.task, d, "--train") for d in demos]
+    fields = {**row, "text_pair": row.get("text_pair") or ""} if ctx.task == "classify" else row  # pairs may lack it
     return "".join(f"{prompt(ctx, d)} {g[0] if isinstance(g, list) else g}\n\n" for d, g in zip(demos, golds)) + \
-        render(ctx.template, row, "prompt")
+        render(ctx.template, fields, "prompt")
 
 
 def label_scores(ctx: Ctx, prompts: list[str]) -> list[str]:
@@ -182,7 +184,9 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
         what = "--few-shot: demonstrations need" if opts.few_shot else "--task classify: label likelihoods need"
         raise UserError(f"{what} a decoder-only model; {opts.model or 'the model'} is an encoder-decoder "
                         f"({model.config.model_type})")
-    template = ft.prompt or (CLASSIFY_PROMPT if task == "classify" else load(task).PROMPT)
+    pairs = task == "classify" and any(r.get("text_pair") not in (None, "") for r in rows + shots)
+    template = ft.prompt or (CLASSIFY_PAIR_PROMPT if pairs else CLASSIFY_PROMPT if task == "classify" else
+                             load(task).PROMPT)
     return Ctx(task, model, tok, recipe, template, decoding, labels, shots, opts.few_shot, opts.seed)
 
 
