@@ -240,6 +240,8 @@ def test_stream_several_samples_prints_headers(model, tok):
         (dict(max_new_tokens=0), "max_new_tokens"),
         (dict(max_new_tokens=4, min_new_tokens=5), "min_new_tokens"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
+        (dict(repetition_penalty=1e-308), "repetition_penalty"),
+        (dict(repetition_penalty=float("nan")), "repetition_penalty"),
         (dict(do_sample=True, seed=2**70), "seed"),
         (dict(seed=-1), "seed"),
     ],

@@ -62,8 +62,8 @@ class DecodingOptions:
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
                 "with greedy or beam search; use num_beams=1 with do_sample=True, or num_beams >= num_return_sequences"
             )
-        if not self.repetition_penalty > 0:
-            return f"repetition_penalty must be > 0 (1.0 = off), got {self.repetition_penalty}"
+        if not 0.01 <= self.repetition_penalty <= 10:  # (NaN fails too); 1e-308 turned logits into inf, then NaN
+            return f"repetition_penalty must be in [0.01, 10] (1.0 = off), got {self.repetition_penalty}"
         return None
 
     def validate(self) -> DecodingOptions:
