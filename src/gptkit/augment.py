@@ -59,7 +59,7 @@ def backtranslate(opts: Options) -> dict:
     from tqdm.auto import tqdm
 
     from gptkit import evaluate
-    from gptkit.eval_report import append, read_rows
+    from gptkit.eval_report import append, read_fields
 
     out, data = Path(opts.out), Path(opts.data)
     if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1):
@@ -76,11 +76,7 @@ def backtranslate(opts: Options) -> dict:
         raise UserError(f"--out: {out} exists; --resume continues it, --overwrite replaces it")
     if opts.resume and not out.exists():
         raise UserError(f"--resume: {out} does not exist yet; start without --resume")
-    rows = read_rows(data, "--data")
-    missing = next((r for r in rows if opts.column not in r), None)
-    if missing is not None:
-        raise UserError(f"--data: {data}: line {missing['_line']}: no field '{opts.column}'; fields found: "
-                        f"{sorted(k for k in missing if k != '_line')} (name the field holding the text with --column)")
+    rows = read_fields(data, "--data", (opts.column,), hint="name the field holding the text with --column")
     rows = rows[: opts.limit or None]
     bad = next((r["_line"] for r in rows if not isinstance(r[opts.column], str) or not r[opts.column].strip()), None)
     if bad is not None:

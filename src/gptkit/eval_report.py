@@ -70,14 +70,16 @@ def parse_columns(items: list[str]) -> dict[str, str]:
     return {a.strip(): b.strip() for a, _, b in pairs}
 
 
-def read_fields(path: Path, what: str, fields: tuple, optional: tuple = (), cols: dict | None = None) -> list[dict]:
-    """A file's rows renamed to task fields (``id`` kept); a row missing a field is named, with the fields it has."""
+def read_fields(path: Path, what: str, fields: tuple, optional: tuple = (), cols: dict | None = None,
+                hint: str = "map them with --columns field=column") -> list[dict]:
+    """A file's rows renamed to task fields (``id`` kept); a row missing a field is named, with the fields it has
+    and ``hint`` (the command's own way of naming columns)."""
     cols, out = cols or {}, []
     for row in read_rows(path, what):
         missing = [repr(cols.get(f, f)) for f in fields if cols.get(f, f) not in row]
         if missing:
             raise UserError(f"{what}: {path}: line {row['_line']}: no field {', '.join(missing)}; fields found: "
-                            f"{sorted(k for k in row if k != '_line')} (map them with --columns field=column)")
+                            f"{sorted(k for k in row if k != '_line')} ({hint})")
         out.append({**{f: row[cols.get(f, f)] for f in (*fields, *optional, "id") if cols.get(f, f) in row},
                     "_line": row["_line"]})
     return out
