@@ -20,6 +20,9 @@ from gptkit.modeling import is_encoder_decoder
 from gptkit.tokenizer import prompt_ids
 
 
+REPETITION_PENALTY = (0.01, 10.0)  # the range generate, eval and serve accept (1.0 = off)
+
+
 @dataclass
 class DecodingOptions:
     """How to decode. Greedy by default; ``do_sample`` switches to (seeded) sampling.
@@ -62,8 +65,9 @@ class DecodingOptions:
                 f"num_return_sequences ({self.num_return_sequences}) cannot exceed num_beams ({self.num_beams}) "
                 "with greedy or beam search; use num_beams=1 with do_sample=True, or num_beams >= num_return_sequences"
             )
-        if not 0.01 <= self.repetition_penalty <= 10:  # (NaN fails too); 1e-308 turned logits into inf, then NaN
-            return f"repetition_penalty must be in [0.01, 10] (1.0 = off), got {self.repetition_penalty}"
+        low, high = REPETITION_PENALTY
+        if not low <= self.repetition_penalty <= high:  # (NaN fails too); 1e-308 turned logits into inf, then NaN
+            return f"repetition_penalty must be in [{low}, {high:g}] (1.0 = off), got {self.repetition_penalty}"
         return None
 
     def validate(self) -> DecodingOptions:

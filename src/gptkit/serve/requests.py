@@ -99,6 +99,7 @@ def _generative(model, tok, recipe):
 
 # ------------------------------------------------------------------------------------------- requests
 def _sampling(body: dict, where: str = "") -> Any:
+    from gptkit.generation import REPETITION_PENALTY
     from gptkit.serve.engine import Sampling
 
     temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
@@ -121,7 +122,7 @@ def _sampling(body: dict, where: str = "") -> Any:
     sample = temperature > 0 and beams == 1
     return Sampling(do_sample=sample, temperature=temperature if sample else 1.0,
                     top_k=top_k if sample and top_k and top_k > 0 else None, top_p=top_p if sample else None,
-                    repetition_penalty=_number(body, "repetition_penalty", 1.0, low=0.01, high=10.0),
+                    repetition_penalty=_number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY),
                     num_beams=beams, min_tokens=_integer(body, "min_tokens", 0, low=0),
                     ignore_eos=_flag(body, "ignore_eos"), seed=seed if sample else None)
 
