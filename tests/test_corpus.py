@@ -287,7 +287,16 @@ def test_measured_jsonl_units_are_the_units_read_and_each_byte_is_scanned_about_
 
     big = tmp_path / "big.jsonl"
     big.write_text(json.dumps({"text": "y" * 300_000}) + "\n" + json.dumps({"text": "end"}) + "\n")
-    read_bytes = []
+    units = corpus.plan([str(big)], corpus.Settings(piece=1024))
+    read_bytes = _count_reads(monkeypatch)  # the sampler's scans
+    chosen = corpus.sample(units, 10, seed=3, piece=1024)
+    assert chosen and all(u.size for u in chosen)
+    assert sum(read_bytes) < 2 * big.stat().st_size
+
+
+def _count_reads(monkeypatch) -> list[int]:
+    """The sizes of every read corpus makes from a file it opens, from now on."""
+    read_bytes: list[int] = []
     real_open = open
 
     class Counting:
@@ -299,14 +308,35 @@ def test_measured_jsonl_units_are_the_units_read_and_each_byte_is_scanned_about_
             read_bytes.append(len(out))
             return out
 
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
         def __getattr__(self, name):
             return getattr(self.fh, name)
 
-    units = corpus.plan([str(big)], corpus.Settings(piece=1024))
-    monkeypatch.setattr(corpus, "open", Counting, raising=False)  # the sampler's scans
-    chosen = corpus.sample(units, 10, seed=3, piece=1024)
-    assert chosen and all(u.size for u in chosen)
-    assert sum(read_bytes) < 2 * big.stat().st_size
+    monkeypatch.setattr(corpus, "open", Counting, raising=False)
+    return read_bytes
+
+
+def test_tokenizing_a_line_of_many_pieces_reads_it_about_twice_and_gives_its_ids(tmp_path, bpe, monkeypatch):
+    """A 400 KB JSON line in 1 KB units: each unit used to scan from its start to the line's end for its cuts (400
+    units x 200 KB on average); a tokenization pass shares its line starts, so the file is read about twice (one scan,
+    one read of the row), and the ids are the row's."""
+    row = " ".join(itertools.islice(itertools.cycle(WORDS), 60_000))
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps({"text": "first"}) + "\n" + json.dumps({"text": row}) + "\n"
+                    + json.dumps({"text": "last"}) + "\n")
+    s = corpus.Settings(piece=1024)
+    units = corpus.plan([str(path)], s)
+    assert len(units) > 300
+    read_bytes = _count_reads(monkeypatch)
+    got = np.concatenate([ids for ids, _ in corpus.tokenize(units, s, bpe.backend_tokenizer.to_str(), EOS, "uint16", 1)])
+    assert sum(read_bytes) < 2.2 * path.stat().st_size
+    want = corpus.encode(bpe.backend_tokenizer, ["first", row, "last"], [True] * 3, EOS, np.uint16)
+    assert np.array_equal(got, want)
 
 
 def test_a_sample_without_text_is_refused(tmp_path):

@@ -177,10 +177,10 @@ def _table(path: str):
 # --- reading one unit -------------------------------------------------------------------------------
 
 
-def _clean_cut(buf: bytes, lead: int, kind: str, sample_by: str) -> int | None:
-    """First position p >= lead in ``buf`` right after a newline, where JSON lines and ``sample_by: line``
-    documents end; None for other kinds (their cuts are inner cuts, see :func:`read`)."""
-    if kind == "jsonl" or (kind == "text" and sample_by == "line"):
+def _clean_cut(buf: bytes, lead: int, sample_by: str) -> int | None:
+    """First position p >= lead in ``buf`` right after a newline, where ``sample_by: line`` documents end; None for
+    other modes (their cuts are inner cuts, see :func:`read`)."""
+    if sample_by == "line":
         i = buf.find(b"\n", lead - 1)
         return i + 1 if i >= 0 else None
     return None
@@ -196,8 +196,9 @@ def _inner_cut(buf: bytes, lead: int) -> int:
     return next((p for p in range(lead, len(buf)) if buf[p] & 0xC0 != 0x80), len(buf))
 
 
-def _cut(fh, size: int, target: int, kind: str, sample_by: str) -> tuple[int, bool]:
-    """The cut at or after byte ``target``, and whether it is clean (between documents)."""
+def _cut(fh, size: int, target: int, sample_by: str) -> tuple[int, bool]:
+    """The cut at or after byte ``target`` of a text file, and whether it is clean (between documents). JSON-lines
+    files are cut by :class:`_LineStarts` (a line longer than the window is read on to its end)."""
     if target <= 0:
         return 0, True
     if target >= size:
@@ -206,22 +207,18 @@ def _cut(fh, size: int, target: int, kind: str, sample_by: str) -> tuple[int, bo
     base = target - lead
     fh.seek(base)
     buf = fh.read(lead + WINDOW)
-    p = _clean_cut(buf, lead, kind, sample_by)
+    p = _clean_cut(buf, lead, sample_by)
     if p is not None:
         return base + p, True
     if base + len(buf) >= size:  # the file ends inside the window: that is the cut
         return size, True
-    if kind == "text":
-        return base + _inner_cut(buf, lead), False
-    while True:  # a JSON line longer than the window: read on to its end
-        chunk = fh.read(WINDOW)
-        i = chunk.find(b"\n")
-        if not chunk or i >= 0:
-            return (fh.tell() - len(chunk) + i + 1 if chunk else size), True
+    return base + _inner_cut(buf, lead), False
 
 
-def read(unit: Unit, settings: Settings) -> tuple[list[str], list[bool], int]:
-    """A unit's texts, whether each ends a document (is followed by EOS), and the bytes it covers."""
+def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None) -> tuple[list[str], list[bool], int]:
+    """A unit's texts, whether each ends a document (is followed by EOS), and the bytes it covers. ``starts``: the
+    line starts found so far, shared by the calls of one pass over a corpus, so that the units inside one long JSON
+    line do not each scan to its end (quadratic in the line's length)."""
     if unit.kind in ("parquet", "table"):
         if unit.kind == "parquet":
             import pyarrow.parquet as pq
@@ -240,9 +237,19 @@ def read(unit: Unit, settings: Settings) -> tuple[list[str], list[bool], int]:
         texts = _cells(columns, settings, lambda r: f"{unit.file}: row {first() + r} (from 0)", strict)
         return texts, [True] * len(texts), unit.size
     size = os.path.getsize(unit.file)
+    first, last = unit.index * settings.piece, (unit.index + 1) * settings.piece
+    if unit.kind == "jsonl":
+        lines = starts or _LineStarts(settings.piece)
+        try:
+            start, end = lines.cut(unit.file, first), lines.cut(unit.file, last)
+        finally:
+            if starts is None:
+                lines.close()
+        clean_start = clean_end = True
     with open(unit.file, "rb") as fh:
-        start, clean_start = _cut(fh, size, unit.index * settings.piece, unit.kind, settings.sample_by)
-        end, clean_end = _cut(fh, size, (unit.index + 1) * settings.piece, unit.kind, settings.sample_by)
+        if unit.kind != "jsonl":
+            start, clean_start = _cut(fh, size, first, settings.sample_by)
+            end, clean_end = _cut(fh, size, last, settings.sample_by)
         if end <= start:
             return [], [], 0
         fh.seek(start)
@@ -350,7 +357,8 @@ def sample(units: list[Unit], budget: int, seed: int, piece: int | None = None) 
 
 
 class _LineStarts:
-    """The clean cuts (line starts) of JSON-lines units, as :func:`_cut` finds them, with the scans shared: the cut
+    """The cuts (line starts) of JSON-lines units: the first line start at or after a unit's first byte, with the
+    scans shared by the units of one pass (the sampler's, a tokenization worker's): the cut
     at or after a target is remembered for every byte the scan passed, and a scan stops where an earlier one started,
     so each byte of a file is scanned about once however many units inside one long line are measured."""
 
@@ -400,11 +408,15 @@ def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
     """The texts of ``units``, one batch per unit (pieces of a long document come as separate texts). Units with no
     text at all are an error (a tokenizer trained on nothing would be all special tokens)."""
     seen = False
-    for u in units:
-        batch = read(u, settings)[0]
-        if batch:
-            seen = seen or any(batch)
-            yield batch
+    starts = _LineStarts(settings.piece)
+    try:
+        for u in units:
+            batch = read(u, settings, starts)[0]
+            if batch:
+                seen = seen or any(batch)
+                yield batch
+    finally:
+        starts.close()
     if not seen:
         files = list(dict.fromkeys(u.file for u in units))
         where = files[0] + (f" (and {len(files) - 1} more files)" if len(files) > 1 else "") if files else "the corpus"
@@ -491,11 +503,13 @@ def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Setting
 
     tok = Tokenizer.from_str(tokenizer_json)
     tok.encode_special_tokens = True  # document text is ordinary text (tiktoken's encode_ordinary): EOS only between
-    _worker.update(tok=tok, eos=eos_id, dtype=np.dtype(dtype), settings=settings)
+    if "starts" in _worker:
+        _worker["starts"].close()
+    _worker.update(tok=tok, eos=eos_id, dtype=np.dtype(dtype), settings=settings, starts=_LineStarts(settings.piece))
 
 
 def _encode_unit(unit: Unit) -> tuple[np.ndarray, int]:
-    texts_, eos, nbytes = read(unit, _worker["settings"])
+    texts_, eos, nbytes = read(unit, _worker["settings"], _worker["starts"])
     return encode(_worker["tok"], texts_, eos, _worker["eos"], _worker["dtype"]), nbytes
 
 
