@@ -194,6 +194,11 @@ def test_concurrent_requests_share_batches(lm, base):
     ("completions", {"prompt": "a", "seed": 2**70, "temperature": 0}, 400, "seed"),
     ("completions", {"prompt": "a", "seed": 1.5, "temperature": 0}, 400, "seed"),
     ("completions", {"prompt": "a", "stream": True, "stream_options": "x"}, 400, "stream_options"),
+    ("completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options"),
+    ("completions", {"prompt": "a", "stream": False, "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stream_options": {}}, 400,
+     "stream_options"),
     ("completions", {"prompt": "a", "model": "gpt-4"}, 404, "model"),
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]"),
     ("chat/completions", {"messages": []}, 400, "messages"),
@@ -328,6 +333,91 @@ def test_generation_config_eos_ids_end_the_text(chat_lm, chat_model):
     full = c.chat.completions.create(model="chat", messages=CHAT, max_tokens=8, temperature=0,
                                      extra_body={"ignore_eos": True})
     assert full.usage.completion_tokens == 8 and full.choices[0].message.content.startswith(want)
+
+
+PROMPT = "user: hi\nassistant:"  # what a chat of one user message "hi" is without a chat template
+SCRIPT = " ok 世界 done 😀 more é"  # its CJK, emoji and accented characters are 2 to 4 tokens each
+
+
+@pytest.fixture(scope="module")
+def split_tok():
+    """A byte-level BPE tokenizer that knows only the ASCII words: each byte of any other character is a token."""
+    from gptkit.tokenizer import train_bpe
+
+    tok = train_bpe([[f"{PROMPT} ok done more"] * 4], 300, 64)
+    assert tok.decode(tok(SCRIPT, add_special_tokens=False)["input_ids"][:3]) == " ok \ufffd"
+    return tok
+
+
+@pytest.fixture(scope="module")
+def scripted(split_tok, tmp_path_factory) -> Path:
+    """A model that answers :data:`SCRIPT` and then EOS to :data:`PROMPT`: a one-layer GPT-2 whose blocks add
+    nothing, whose position embedding picks each position's next token and whose head reads it back."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok, vocab = split_tok, len(split_tok)
+    prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    script = tok(SCRIPT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=vocab, n_layer=1, n_head=1, tie_word_embeddings=False,
+                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.transformer.ln_f.weight.fill_(1)
+        model.lm_head.weight.copy_(torch.eye(vocab))
+        for i, t in enumerate(script):
+            model.transformer.wpe.weight[len(prompt) - 1 + i, t] = 1
+    folder = tmp_path_factory.mktemp("serve_split") / "split"
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def engine_texts(tok, ids: list[int], max_tokens: int, stop: tuple[str, ...]) -> tuple[list[str], str]:
+    """What the engine sends when a model generates ``ids``: the streamed pieces, and the text of the same row not
+    streamed."""
+    import torch
+
+    from gptkit.serve.engine import Choice, Job, Sampling, _Tracker
+
+    events = {True: [], False: []}
+    jobs = [Job(events[s].append, Sampling(), [Choice(0, [0], max_tokens, stop)], stream=s) for s in (True, False)]
+    tracker = _Tracker(tok, [(job, job.choices[0]) for job in jobs], set())
+    for i in range(len(ids)):
+        if all(job.choices[0].done for job in jobs):
+            break
+        tracker(torch.tensor([[0, *ids[: i + 1]]] * 2), None)
+    tracker.finish_all()
+    return [e[2] for e in events[True]], events[False][0][2]
+
+
+@pytest.mark.parametrize("stop", [(), ("\nuser:",), ("😀",), ("e 😀",), ("done 😀",), ("界 d", "ok 世界 done")])
+def test_streamed_pieces_add_up_to_the_text_where_tokens_split_characters(split_tok, stop):
+    ids = split_tok(SCRIPT, add_special_tokens=False)["input_ids"]
+    for max_tokens in range(1, len(ids) + 1):
+        pieces, whole = engine_texts(split_tok, ids, max_tokens, stop)
+        assert "".join(pieces) == whole, (max_tokens, pieces)
+        assert "\ufffd" not in "".join(pieces[:-1])  # only the last piece, at max_tokens, may end inside a character
+
+
+def test_streaming_a_split_character_matches_the_completion(scripted):
+    with server(scripted) as proc:
+        c = client(proc)
+        for stop in (None, ["done 😀"]):
+            whole = c.completions.create(model="split", prompt=PROMPT, max_tokens=30, temperature=0, stop=stop)
+            pieces = [ch.choices[0].text for ch in c.completions.create(
+                model="split", prompt=PROMPT, max_tokens=30, temperature=0, stop=stop, stream=True)]
+            assert whole.choices[0].text == (SCRIPT if stop is None else " ok 世界 ")
+            assert "".join(pieces) == whole.choices[0].text and "\ufffd" not in "".join(pieces)
+            chat = c.chat.completions.create(model="split", messages=[{"role": "user", "content": "hi"}],
+                                             max_tokens=30, temperature=0, stop=stop)
+            pieces = [ch.choices[0].delta.content or "" for ch in c.chat.completions.create(
+                model="split", messages=[{"role": "user", "content": "hi"}], max_tokens=30, temperature=0, stop=stop,
+                stream=True)]
+            assert chat.choices[0].message.content == whole.choices[0].text
+            assert "".join(pieces) == chat.choices[0].message.content and "\ufffd" not in "".join(pieces)
 
 
 @pytest.fixture(scope="module")

@@ -240,10 +240,10 @@ class _Tracker:
         elif len(c.out) >= c.max_tokens:
             self._finish(job, c, "length", text)
         elif job.stream:
-            hold = max((len(s) for s in c.stop), default=1) - 1  # a stop string may be starting
-            ready = len(text) - hold
-            while ready > c.sent and text[ready - 1] == "\ufffd":  # half a multi-byte character
+            ready = len(text)
+            while ready > c.sent and text[ready - 1] == "\ufffd":  # half a character, which a next token completes
                 ready -= 1
+            ready -= max((len(s) for s in c.stop), default=1) - 1  # a stop string may start in the whole characters
             if ready > c.sent:
                 job.send(("delta", c.index, text[c.sent : ready]))
                 c.sent = ready

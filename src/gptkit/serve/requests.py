@@ -253,6 +253,9 @@ def generation_job(served: Served, limits: Limits, body: dict, prompts: list, se
     if options is not None and (not isinstance(options, dict)
                                 or not isinstance(options.get("include_usage", False), bool)):
         raise ApiError(400, "stream_options: expected an object such as {\"include_usage\": true}", "stream_options")
+    stream = _flag(body, "stream")
+    if options is not None and not stream:  # as OpenAI: the options of a stream that was not asked for
+        raise ApiError(400, "stream_options: only allowed when stream is true", "stream_options")
     stop = _stops(body) + stops
     choices, prompt_tokens = [], 0
     for i, prompt in enumerate(prompts):
@@ -261,7 +264,7 @@ def generation_job(served: Served, limits: Limits, body: dict, prompts: list, se
         max_tokens = asked if asked is not None else default if left is None else min(default, left)
         prompt_tokens += len(ids)
         choices += [Choice(i * n + j, ids, max_tokens, stop) for j in range(n)]
-    return Job(send, sampling, choices, stream=_flag(body, "stream")), prompt_tokens
+    return Job(send, sampling, choices, stream=stream), prompt_tokens
 
 
 def task_rows(task: str, body: Any) -> list[dict]:
