@@ -155,3 +155,39 @@ def test_shipped_accelerate_config_and_cpu_refusals(tmp_path, corpus):
     assert not (tmp_path / "ds").exists()
     bad = tiny_recipe(tmp_path / "bad.yaml", corpus, tmp_path / "bad", distributed={"strategy": "deepspeed"})
     assert_user_error(*run_cli("pretrain", str(bad))[::2], "deepspeed_config")
+
+
+def test_replicas_that_do_not_divide_the_processes_are_refused_before_the_run_folder(tmp_path, corpus):
+    """Refused by every rank before anything is written: the run folder it used to leave made the corrected command
+    fail too ("already holds a run")."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", train={"max_steps": 2},
+                         distributed={"strategy": "fsdp", "replicas": 3})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563"]
+    res = subprocess.run([*torchrun, "-m", "gptkit", "pretrain", str(recipe)], capture_output=True, text=True,
+                         env=ENV, timeout=300)
+    assert res.returncode != 0 and "error: distributed.replicas: 3 does not divide the 2 processes" in res.stderr
+    assert "gptkit/" not in res.stderr and not (tmp_path / "run").exists()  # torchrun's own summary aside, no traceback
+
+
+def test_fsdp_without_resharding_after_forward_validates_and_saves(tmp_path, corpus):
+    """reshard_after_forward: false keeps a validation forward's weights gathered (plain tensors, not DTensors): the
+    model was then taken for unsharded, the main process alone saved it (crash) or gathered best/ (hang)."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run",
+                         train={"max_steps": 4, "eval_every": 2, "save_every": 2, "batch_size": 4},
+                         distributed={"strategy": "fsdp", "reshard_after_forward": False})
+    launch(["pretrain", str(recipe)], port=29564)
+    run = tmp_path / "run"
+    assert len(list((run / "checkpoints" / "step-00000002" / "sharded").glob("*.distcp"))) == 2
+    assert len(losses(run, "val_loss")) == 2 and weights(run)
+
+
+def test_eval_under_torchrun_runs_once(tmp_path):
+    """Each rank used to evaluate everything and append to the same predictions.jsonl (80 or 104 lines for 64)."""
+    base = pretrained_base(tmp_path)
+    s = splits(tmp_path, translate_rows, 10)
+    out = tmp_path / "ev"
+    res = launch(["eval", "--model", str(base), "--task", "translate", "--data", str(s["test"]), "--limit", "24",
+                  "--batch-size", "4", "--max-new-tokens", "4", "--out", str(out)], port=29565)
+    assert res.stdout.count("wrote ") == 1
+    lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
+    assert [r["index"] for r in lines] == list(range(24))

@@ -191,6 +191,42 @@ def test_resume_after_signal_is_bit_identical(tmp_path, monkeypatch):
     assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+def test_resume_with_another_global_batch_goes_on_from_the_example_reached(tmp_path, corpus, monkeypatch, caplog):
+    """2 steps of 4 examples, then a resume in batches of 8 (as on twice the processes): it reads on from example 8
+    of the data order. The position was step x the new global batch: examples 8-15 were never trained on (and a
+    smaller batch trained on some twice)."""
+    from gptkit import engine
+
+    first = tiny_recipe(tmp_path / "a.yaml", corpus, tmp_path / "run", train={"max_steps": 2, "batch_size": 4,
+                                                                             "save_every": 2})
+    assert run_cli("pretrain", str(first))[0] == 0
+    more = tiny_recipe(tmp_path / "b.yaml", corpus, tmp_path / "run", train={"max_steps": 4, "batch_size": 8,
+                                                                            "save_every": 2})
+    taken = []
+    real = engine.DataOrder.take
+    monkeypatch.setattr(engine.DataOrder, "take", lambda self, pos, count: taken.append((pos, count)) or real(self, pos, count))
+    with caplog.at_level(logging.WARNING, logger="gptkit.engine"):
+        code, _, err = run_cli("pretrain", str(more), "--resume", "--force")
+    assert code == 0, err
+    assert taken == [(8, 8), (16, 8)]
+    assert "the checkpoint's were 4: training goes on from example 8" in caplog.text
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step-00000004" / "state.json").read_text())
+    assert state["examples"] == 24 and state["global_batch"] == 8
+
+
+def test_validation_sample_is_global_batches_however_the_batch_is_split(tmp_path, corpus):
+    """eval_batches counts global batches (batch x processes x accumulation): batch 4 x 2 micro-batches validates on
+    the same sample as batch 8 (it validated on half of it; the 2-process run of the same training on the whole)."""
+    runs = {}
+    for name, batch, accum in (("whole", 8, 1), ("split", 4, 2)):
+        recipe = tiny_recipe(tmp_path / f"{name}.yaml", corpus, tmp_path / name,
+                             train={"max_steps": 2, "batch_size": batch, "grad_accum": accum, "eval_every": 2,
+                                    "eval_batches": 1})
+        assert run_cli("pretrain", str(recipe))[0] == 0
+        runs[name] = [r["val_loss"] for r in metrics(tmp_path / name) if "val_loss" in r]
+    assert len(runs["whole"]) == 1 and runs["split"] == pytest.approx(runs["whole"], rel=1e-5)
+
+
 @pytest.mark.distributed
 def test_two_process_torchrun_matches_one_process(tmp_path, corpus):
     """2 processes x batch 4 == 1 process x batch 8: same examples, same losses; only rank 0 writes."""

@@ -7,8 +7,9 @@ On resume, the newest checkpoint whose manifest verifies is used; broken ones ar
 
 Contents: ``model.safetensors`` (weights), ``optimizer.pt`` (AdamW state, loaded with
 ``weights_only=True``), ``rng-<rank>.pt`` (torch CPU/CUDA generator states, one per process) and
-``state.json`` (step and loop counters). Data order and learning rate are pure functions of the
-step, so nothing else is needed for a bit-identical resume.
+``state.json`` (step, loop counters, and the examples of the data order consumed). The learning rate is a
+pure function of the step and the data order of the seed, so nothing else is needed for a bit-identical resume
+(on another process count, training goes on from the example reached).
 """
 
 from __future__ import annotations

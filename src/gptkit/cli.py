@@ -434,6 +434,22 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Bundled recipe name, 
     typer.echo(resolve_recipe_path(name).read_text().rstrip())
 
 
+TRAINING_COMMANDS = ("pretrain", "finetune", "distill")  # the commands that run on every process of a launch
+
+
+def _idle_rank(args: list[str]) -> bool:
+    """Under torchrun / accelerate launch, a command that does not train (eval, generate, augment, ...) runs on the
+    main process alone: the others exit at once (each used to repeat the work and append to the same files)."""
+    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    command = next((a for a in args if not a.startswith("-")), None)
+    if world <= 1 or command in TRAINING_COMMANDS:
+        return False
+    if rank == 0:
+        logging.getLogger("gptkit").info("%s runs on the main process; the launch's %d other processes have nothing "
+                                         "to do", command, world - 1)
+    return rank != 0
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: maps user errors to exit code 2 with one line, keeps tracebacks for bugs."""
     try:  # recent typer vendors click; older ones use the click package
@@ -442,6 +458,8 @@ def main(argv: list[str] | None = None) -> None:
         from click.exceptions import UsageError
 
     _setup_offline_and_logging()
+    if _idle_rank(argv if argv is not None else sys.argv[1:]):
+        sys.exit(0)
     try:
         code = app(args=argv, prog_name="gptkit", standalone_mode=False)
     except UsageError as e:

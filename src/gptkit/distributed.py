@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def accelerator_kwargs(train: TrainConfig, dist: DistributedConfig) -> dict:
     and for CPU FSDP (see :func:`shard`). An ``accelerate launch --config_file`` still applies with ``ddp``."""
     if dist.strategy == "ddp":
         return {}
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    # before the run folder is written (the CPU path shards later, in the loop); one CPU process does not shard
+    if dist.strategy == "fsdp" and world % dist.replicas and (world > 1 or torch.cuda.is_available()):
+        raise UserError(f"distributed.replicas: {dist.replicas} does not divide the {world} processes")
     if dist.strategy == "deepspeed":
         if not torch.cuda.is_available():
             raise UserError("distributed.strategy: deepspeed needs CUDA GPUs; use fsdp (it also runs on CPU) or ddp")
@@ -48,9 +53,6 @@ def accelerator_kwargs(train: TrainConfig, dist: DistributedConfig) -> dict:
     if dist.replicas > 1:
         from accelerate import ParallelismConfig
 
-        world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-        if world % dist.replicas:
-            raise UserError(f"distributed.replicas: {dist.replicas} does not divide the {world} processes")
         kwargs["parallelism_config"] = ParallelismConfig(dp_replicate_size=dist.replicas,
                                                          dp_shard_size=world // dist.replicas)
     return kwargs
@@ -111,10 +113,21 @@ def shard(model, dist: DistributedConfig, world: int) -> None:
 
 
 def is_sharded(model) -> bool:
-    """Parameters are FSDP2 shards (DTensors)."""
-    from torch.distributed.tensor import DTensor
+    """The model is FSDP2-sharded. Its type says so, not its parameters: with ``reshard_after_forward: false`` a
+    forward without backward (validation) leaves them gathered, plain tensors, until :func:`reshard`."""
+    from torch.distributed.fsdp import FSDPModule
 
-    return any(isinstance(p, DTensor) for p in model.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules())  # modules(): through torch.compile's wrapper too
+
+
+def reshard(model) -> None:
+    """Free the weights a forward gathered and kept (``reshard_after_forward: false``): after validation, so that
+    checkpoints and gathers see shards again (a kept gather crashed the save, or hung a fine-tune's best/ gather)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 @contextmanager

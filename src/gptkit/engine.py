@@ -189,15 +189,15 @@ class Job:
 
 @torch.no_grad()
 def evaluate_loss(model, data, loss_fn, count_fn, batch_size: int, max_batches: int | None, accelerator,
-                  lockstep: bool = False) -> float:
-    """Summed loss / items over ``max_batches`` global validation batches, sharded across processes. A limited
-    evaluation reads a fixed seeded sample of the split (the same every time and for any process count), as
-    nanoGPT estimates on random batches; None reads all of it in order. ``lockstep`` (sharded weights): every
-    process runs as many forward passes, the surplus ones discarded."""
+                  lockstep: bool = False, grad_accum: int = 1) -> float:
+    """Summed loss / items over ``max_batches`` global validation batches (``batch_size`` x processes x
+    ``grad_accum`` examples each, as training's), sharded across processes. A limited evaluation reads a fixed
+    seeded sample of the split (the same every time, and for any split of one global batch into processes and
+    micro-batches), as nanoGPT estimates on random batches; None reads all of it in order. ``lockstep`` (sharded
+    weights): every process runs as many forward passes, the surplus ones discarded."""
     model.eval()
     world = accelerator.num_processes
-    # the same examples whatever the process count: max_batches global batches of batch_size x world
-    limit = min(len(data), max_batches * batch_size * world) if max_batches else len(data)
+    limit = min(len(data), max_batches * batch_size * world * grad_accum) if max_batches else len(data)
     order = np.arange(len(data)) if limit == len(data) else np.sort(np.random.default_rng(0).permutation(len(data))[:limit])
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     n_batches = math.ceil(limit / batch_size)
@@ -226,8 +226,8 @@ def _validate(job: Job, model, accelerator, final: bool = False) -> dict[str, fl
         loss_fn = job.eval_loss_fn or job.loss_fn or causal_lm_loss
         count_fn = job.eval_count_fn or job.count_fn or all_tokens
         batches = None if final and job.cfg.full_final_eval else job.cfg.eval_batches
-        val = evaluate_loss(model, job.val_data, loss_fn, count_fn, job.cfg.batch_size, batches,
-                            accelerator, lockstep=distributed.lockstep(job.distributed, accelerator))
+        val = evaluate_loss(model, job.val_data, loss_fn, count_fn, job.cfg.batch_size, batches, accelerator,
+                            lockstep=distributed.lockstep(job.distributed, accelerator), grad_accum=job.cfg.grad_accum)
         metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
     if job.evaluate is not None:
         raw = accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -235,6 +235,8 @@ def _validate(job: Job, model, accelerator, final: bool = False) -> dict[str, fl
         with own_forward(raw), distributed.root_gathered(raw):
             metrics.update({f"val_{k}": v for k, v in job.evaluate(raw).items()})
         raw.train()
+    if distributed.is_sharded(model):
+        distributed.reshard(model)
     if accelerator.num_processes > 1:  # decisions (best, early stop) are the main process's, on every rank
         from accelerate.utils import broadcast_object_list
 
@@ -426,6 +428,17 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     order = DataOrder(len(job.train_data), cfg.seed)
     world, rank, accum, B = accelerator.num_processes, accelerator.process_index, cfg.grad_accum, cfg.batch_size
     global_batch = B * world * accum
+    # examples of the data order consumed: a resume on another process count (another global batch) goes on from
+    # there, neither training on examples again nor skipping any
+    done = counters.pop("examples", start * global_batch)
+    saved_batch = counters.pop("global_batch", global_batch)
+    if main:  # a launcher that quietly started one process shows here (accelerate launch on CPU without --multi_cpu)
+        log.info("%d process%s x batch %d x %d accumulation = global batch %d", world, "es" * (world > 1), B, accum,
+                 global_batch)
+    if job.resume and saved_batch != global_batch:
+        log.warning("resuming with global batches of %d examples (%d x %d processes x %d accumulation); the checkpoint's "
+                    "were %d: training goes on from example %d of the data order", global_batch, B, world, accum,
+                    saved_batch, done)
     # a live bar on a terminal; in logs (CI, clusters) one line per log_every steps instead
     live = main and sys.stderr.isatty()
     bar = tqdm(total=cfg.max_steps, initial=start, disable=not live, unit="step", dynamic_ncols=True)
@@ -448,14 +461,17 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                 lr = lr_at(step - 1, cfg)
                 for group in opt.param_groups:
                     group["lr"] = lr
-                batches = [job.train_data.batch(*order.take((step - 1) * global_batch + (m * world + rank) * B, B))
+                batches = [job.train_data.batch(*order.take(done + (step - 1 - start) * global_batch + (m * world + rank) * B, B))
                            for m in range(accum)]
                 loss_sum, items = backward_step(model, batches, loss_fn, count_fn, accelerator)
-                tokens += sum(b["input_ids"].numel() for b in batches) * world
-                # one collective per step: the summed loss across processes and whether any got a signal
-                flags = torch.stack([loss_sum, torch.tensor(float(stop.signum or 0), device=loss_sum.device)])
+                # one collective per step: the summed loss, tokens (padded batches differ per process) and whether
+                # any process got a signal
+                local = [float(stop.signum or 0), float(sum(b["input_ids"].numel() for b in batches))]
+                flags = torch.cat([loss_sum.reshape(1), torch.tensor(local, device=loss_sum.device, dtype=loss_sum.dtype)])
                 flags = accelerator.reduce(flags, "sum") if world > 1 else flags
-                step_loss, signum = flags[0].item() / items, int(flags[1].item()) and (stop.signum or signal.SIGTERM)
+                loss_total, signals, step_tokens = flags.tolist()  # one host sync
+                step_loss, signum = loss_total / items, int(signals) and (stop.signum or signal.SIGTERM)
+                tokens += int(step_tokens)
                 if not math.isfinite(step_loss):
                     opt.zero_grad(set_to_none=True)
                     counters["bad_steps"] += 1
@@ -495,7 +511,9 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                     if stop_early:
                         counters["stopped_early"] = True
                 if step % cfg.save_every == 0 or step == cfg.max_steps or signum or stop_early:
-                    _save(job, step, model, opt, accelerator, {**counters, "run_loss": run_loss, "run_steps": run_steps})
+                    _save(job, step, model, opt, accelerator, {**counters, "run_loss": run_loss, "run_steps": run_steps,
+                                                               "examples": done + (step - start) * global_batch,
+                                                               "global_batch": global_batch})
                 t0 += time.perf_counter() - paused
                 if stop_early:
                     log.info("early stopping at step %d: %s has not improved for %d evaluations", step, job.select,

@@ -190,7 +190,8 @@ class TrainConfig(_Section):
     seed: int = Field(1337, description="Seeds init, dropout and data order.")
     eval_every: int = Field(200, ge=1, description="Validate every N steps (and at the end).")
     eval_batches: int | None = Field(
-        50, ge=1, description="Validation batches per evaluation, a fixed seeded sample of the split (None = all)."
+        50, ge=1, description="Validation global batches (batch_size x processes x grad_accum examples) per evaluation, "
+        "a fixed seeded sample of the split (None = all)."
     )
     full_final_eval: bool = Field(
         False, description="Score the whole validation split at the last step (sampled estimates before it)."
