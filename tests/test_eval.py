@@ -256,6 +256,11 @@ def test_default_out_is_inside_the_model_dir_and_recipe_mode_uses_test_then_val(
     assert by_recipe["metrics"] == direct["metrics"]
     ok("eval", str(recipe), f"data.val_files=[{test_file}]", "data.test_files=[]", "--limit", "3")
     assert json.loads((run / "eval-translate-validation" / "metrics.json").read_text())["counts"] == {"examples": 3}
+    # decoding the recipe sets (its file or its overrides) wins over the run's; it used to be ignored silently
+    ok("eval", str(recipe), "finetune.max_new_tokens=3", "finetune.num_beams=1", "--limit", "2",
+       "--out", str(tmp_path / "short"))
+    decoding = json.loads((tmp_path / "short" / "metrics.json").read_text())["settings"]["decoding"]
+    assert decoding["max_new_tokens"] == 3 and decoding["num_beams"] == 1, decoding
     # no run yet: the recipe scores its base with its own prompt and decoding (the baseline before fine-tuning)
     recipe.write_text(yaml.safe_dump({"task": "translate", "data": {"test_files": [str(test_file)]},
                                       "model": {"init_from": str(lm_dir)}, "output": {"dir": str(tmp_path / "none")},

@@ -154,17 +154,29 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
     return [t[0].split("\n")[0].strip() for t in texts]
 
 
+DECODING = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+
+
 def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots: list[dict], given=None) -> Ctx:
-    """The run's own recipe when it was trained for this task (prompt, decoding, qa_mode), else the recipe
-    ``given`` on the command line for this task (a recipe scoring its base before fine-tuning), else the task's
-    defaults (qa: generative); decoding options given on the command line win."""
+    """The run's own recipe when it was trained for this task (prompt, decoding, qa_mode), with the decoding of
+    the recipe ``given`` on the command line (its file and overrides) for this task; else that recipe (a recipe
+    scoring its base before fine-tuning), else the task's defaults (qa: generative); decoding options given as
+    eval's own flags win."""
     from gptkit import generation
     from gptkit.recipe import Recipe
     from gptkit.tasks import classify, load
     from gptkit.trained import has_head
 
     same = run is not None and run.task == task
-    recipe = run if same else given if given is not None and given.task == task else Recipe(task=task)
+    ours = given is not None and given.task == task
+    recipe = run if same else given if ours else Recipe(task=task)
+    if same and ours:  # the run's prompt and inputs, as trained; the decoding the recipe given sets (file, overrides)
+        asked = {k: getattr(given.finetune, k) for k in DECODING if k in given.finetune.model_fields_set}
+        changed = {k: v for k, v in asked.items() if v != getattr(run.finetune, k)}
+        if changed:
+            log.info("eval: decoding of the recipe given: %s (the run's: %s)", changed,
+                     {k: getattr(run.finetune, k) for k in changed})
+            recipe = recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update=changed)})
     given = {k: getattr(opts, k) for k in ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p",
                                            "repetition_penalty") if getattr(opts, k) is not None}
     sampling = opts.sample or any(k in given for k in ("temperature", "top_k", "top_p"))
