@@ -3,7 +3,7 @@
 #   make test   install into .venv, run the whole test suite
 #
 # TORCH pins the CPU build CI uses. GPU users: `make install TORCH=torch` after installing the CUDA
-# build of torch that matches their driver (see README, "Installing on a GPU machine").
+# build of torch that matches their driver (see README, section "Install", "On a GPU machine").
 
 PYTHON ?= python3
 VENV   ?= .venv

@@ -17,7 +17,7 @@ The space file::
     trials: 20
     jobs: 1                      # trials run at once
     seed: 0
-    train.lr: {log_uniform: [1.0e-4, 3.0e-3]}
+    train.lr: {log_uniform: [5.0e-4, 5.0e-3]}  # every value must pass the recipe's checks (lr >= train.min_lr)
     model.n_layer: {choice: [2, 4, 6]}
     train.batch_size: {int: [8, 32], step: 8}
     train.warmup_steps: {uniform: [0, 100]}
@@ -80,7 +80,7 @@ def read_space(path: Path) -> Space:
     settings = {k: raw.pop(k) for k in list(raw) if k in SETTINGS}
     raw = {**(raw.pop("params", None) or {}), **raw}
     if not raw:
-        raise UserError(f"--space: {path} names no recipe field to search (e.g. train.lr: {{log_uniform: [1e-4, 3e-3]}})")
+        raise UserError(f"--space: {path} names no recipe field to search (e.g. train.lr: {{log_uniform: [5e-4, 5e-3]}})")
     for name, dist in raw.items():
         _check_distribution(where, str(name), dist)
     space = Space(params={str(k): v for k, v in raw.items()}, source=where, **settings)
