@@ -95,3 +95,42 @@ def test_bad_augment_input_is_one_line(tmp_path, reverse_run):
     code, _, err = run_cli(*args, "--out", str(folder / "keep.txt" / "x.jsonl"))
     assert_user_error(code, err, "--out", "keep.txt", "not a folder")
     assert not out.exists() and (folder / "keep.txt").read_text() == "mine"
+
+
+def test_empty_back_translations_are_skipped_and_counted(tmp_path, reverse_run, monkeypatch):
+    """A weak reverse model's empty (or blank) translations are not written: the summary counts them, --resume
+    accounts for them, and when every one is empty nothing is written and the command fails with one line."""
+    from gptkit import evaluate
+
+    real = evaluate.predict_batch
+    blank = {1, 2, 4}  # sentence indexes whose translation comes out empty or blank
+
+    def weak(ctx, rows, start):
+        return ["" if start + j in blank and j % 2 else "  " if start + j in blank else p
+                for j, p in enumerate(real(ctx, rows, start))]
+
+    monkeypatch.setattr(evaluate, "predict_batch", weak)
+    mono = write_jsonl(tmp_path / "mono.jsonl", [{"target": r["target"]} for r in translate_rows(7, 5)])
+    args = ["augment", "backtranslate", "--model", str(reverse_run), "--data", str(mono), "--batch-size", "3",
+            "--max-new-tokens", "4"]
+    code, out, err = run_cli(*args, "--out", str(tmp_path / "pairs.jsonl"))
+    assert code == 0, err
+    assert "wrote 4 synthetic pairs" in out and "skipped 3 of 7" in out, out
+    rows = lines(tmp_path / "pairs.jsonl")
+    targets = [json.loads(x)["target"] for x in mono.read_text().splitlines()]
+    assert [r["target"] for r in rows] == [t for i, t in enumerate(targets) if i not in blank]
+    assert all(r["source"].strip() for r in rows)
+    # cut after two batches and a torn line: --resume continues past the skipped sentences to the same file
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join((tmp_path / "pairs.jsonl").read_text().splitlines(keepends=True)[:3]) + '{"source": "to')
+    code, out, err = run_cli(*args, "--out", str(part), "--resume")
+    assert code == 0, err
+    assert part.read_text() == (tmp_path / "pairs.jsonl").read_text() and "skipped 3 of 7" in out, out
+    # all empty: one line, nothing written (an --overwrite target is left as it was)
+    monkeypatch.setattr(evaluate, "predict_batch", lambda ctx, rows, start: [""] * len(rows))
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "none" / "x.jsonl"))
+    assert_user_error(code, err, "--model", "all 7 back-translations", "empty", "nothing written")
+    assert not (tmp_path / "none").exists()
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "pairs.jsonl"), "--overwrite")
+    assert_user_error(code, err, "empty")
+    assert [r["target"] for r in lines(tmp_path / "pairs.jsonl")] == [r["target"] for r in rows]

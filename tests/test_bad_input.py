@@ -189,3 +189,66 @@ def test_odd_but_valid_and_degenerate_data(tmp_path, corpus):
     long_line.write_text("to be or not to be " * 550_000)  # ~10 MB, no newline
     code, err = pretrain("long", data={"train_files": [str(long_line)]}, train={"max_steps": 2, "eval_batches": 2})
     assert code == 0, err
+
+
+def test_validate_launch_line_is_shell_quoted(tmp_path, corpus):
+    """The launch lines validate prints paste into a shell as they are: overrides with spaces, colons and braces
+    are quoted (shlex.join), and the shell gives back the very arguments."""
+    import shlex
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")
+    overrides = ["finetune.prompt=translate English to German: {source}", f"output.dir={tmp_path / 'my run'}"]
+    code, out, err = run_cli("validate", str(recipe), *overrides)
+    assert code == 0, err
+    for prefix in ("launch: accelerate launch --num_processes 1 -m gptkit pretrain ",
+                   "    or: torchrun --nproc_per_node 1 -m gptkit pretrain "):
+        line = next(x for x in out.splitlines() if x.startswith(prefix))
+        assert shlex.split(line[len(prefix):]) == [str(recipe), *overrides], line
+
+
+def test_help_names_every_task_and_hub_ids():
+    """finetune --help lists multitask; generate's MODEL_DIR and eval's --model say hub ids work; export --help
+    says what it writes without a required-looking --merge."""
+    import re
+
+    def help_of(*command: str) -> str:
+        code, out, err = run_cli(*command, "--help")
+        assert code == 0, err
+        return " ".join(out.split())  # help text wrapped at any width
+
+    assert re.search(r"--task \S+ .*multitask", help_of("finetune"))
+    assert "multitask" in help_of("finetune").split("Options")[0]
+    assert "ORG/NAME[@REV]" in help_of("generate")
+    assert re.search(r"--model \S+ .*ORG/NAME\[@REV\]", help_of("eval"))
+    export_help = help_of("export")
+    assert "full fine-tune" in export_help and "always merges" in export_help
+
+
+def test_export_needs_no_merge_flag(tmp_path):
+    """`gptkit export RUN` makes the standalone model a Hugging Face user expects: a LoRA run merged, a full
+    fine-tune as it is; --merge is still accepted. A pretraining run is still one line."""
+    from transformers import AutoModelForCausalLM
+
+    from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
+
+    base = pretrained_base(tmp_path)
+    s = splits(tmp_path, translate_rows, 40)
+    short = dict(train={"max_steps": 2, "eval_every": 2, "save_every": 2}, finetune={"eval_examples": 2,
+                                                                                     "max_new_tokens": 4})
+    for method in ("lora", "full"):
+        recipe = finetune_recipe(tmp_path, method, "translate", base, s, **{**short, "finetune": {
+            **short["finetune"], "method": method}})
+        code, _, err = run_cli("finetune", str(recipe))
+        assert code == 0, err
+    code, out, err = run_cli("export", str(tmp_path / "lora"))
+    assert code == 0, err
+    assert "merged model written to" in out and "LoRA" in out
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "lora" / "merged"))
+    code, out, err = run_cli("export", str(tmp_path / "full"), "--out", str(tmp_path / "full-out"))
+    assert code == 0, err
+    assert "full fine-tune" in out
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "full-out"))
+    code, out, err = run_cli("export", str(tmp_path / "lora"), "--merge", "--out", str(tmp_path / "again"))
+    assert code == 0, err
+    code, _, err = run_cli("export", str(base))
+    assert_user_error(code, err, "pretraining run", "nothing to export")

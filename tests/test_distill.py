@@ -126,3 +126,30 @@ def test_bad_distill_input_is_one_line(base, tmp_path):
     code, _, err = run_cli("distill", str(recipe), f"distill.teacher={tmp_path / 'nothing'}")
     assert_user_error(code, err, "distill.teacher")
     assert not (tmp_path / "x").exists()
+
+
+def test_validate_checks_the_teacher_as_distill_does(base, tmp_path):
+    """`gptkit validate` runs distill's own teacher checks (configs and tokenizers, no weights): a missing teacher or
+    one with another tokenizer is the one line distill gives; a good one is a `teacher:` line of the report."""
+    s = splits(tmp_path, translate_rows, 50)
+    recipe = finetune_recipe(tmp_path, "x", "translate", base, s, train={"max_steps": 2})
+    code, out, err = run_cli("validate", str(recipe), f"distill.teacher={tmp_path / 'nothing'}")
+    assert_user_error(code, err, "distill.teacher", "nothing")
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    char_run = tiny_recipe(tmp_path / "char.yaml", corpus, tmp_path / "char", train={"max_steps": 2, "eval_every": 2})
+    assert run_cli("pretrain", str(char_run))[0] == 0
+    code, out, err = run_cli("validate", str(recipe), f"distill.teacher={tmp_path / 'char'}")
+    assert_user_error(code, err, "distill.teacher", "tokenizer", "is not the student's")
+    code, out, err = run_cli("validate", str(recipe), f"distill.teacher={base}")
+    assert code == 0, err
+    line = next(x for x in out.splitlines() if x.startswith("teacher: "))
+    assert str(base) in line and "the student's tokenizer" in line and "parameters" in line, line
+    # pretraining: the student's tokenizer named by tokenizer.path is compared before any training
+    student = tiny_recipe(tmp_path / "s.yaml", corpus, tmp_path / "s", tokenizer={"kind": "pretrained", "path": str(base)},
+                          distill={"teacher": str(tmp_path / "char")})
+    code, out, err = run_cli("validate", str(student))
+    assert_user_error(code, err, "distill.teacher", "tokenizer")
+    code, out, err = run_cli("validate", str(student), f"distill.teacher={base}")
+    assert code == 0 and f"teacher: {base}: " in out, err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "s").exists()

@@ -332,3 +332,25 @@ def test_seeded_sampling_leaves_the_callers_random_state_alone(model, tok):
     torch.manual_seed(123)
     generate_batch(model, tok, PROMPTS, DecodingOptions(max_new_tokens=4, do_sample=True, seed=7))
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_temperature_0_is_greedy_as_in_serve(tmp_path, model):
+    """`gptkit generate --temperature 0` decodes greedily (OpenAI's semantics, which serve follows) instead of
+    refusing; a negative temperature is still one line."""
+    from conftest import assert_user_error, run_cli
+    from gptkit.generation import sampling_rule
+
+    assert sampling_rule(True, 0) == sampling_rule(True, 0.0) == (False, 1.0)
+    assert sampling_rule(False, 0.7) == (True, 0.7) and sampling_rule(False, None) == (False, 1.0)
+    assert sampling_rule(True, None) == (True, 1.0)
+    model.save_pretrained(tmp_path / "m")
+    make_tokenizer().save_pretrained(tmp_path / "m")
+    args = ["generate", str(tmp_path / "m"), "--prompt", "hello", "--max-new-tokens", "10"]
+    code, greedy_out, err = run_cli(*args)
+    assert code == 0, err
+    for extra in (["--temperature", "0"], ["--temperature", "0", "--top-k", "5", "--seed", "3"], ["--sample",
+                                                                                                   "--temperature", "0"]):
+        code, out, err = run_cli(*args, *extra)
+        assert code == 0, err
+        assert out == greedy_out
+    assert_user_error(*run_cli(*args, "--temperature", "-1")[::2], "temperature")

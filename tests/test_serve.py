@@ -253,6 +253,26 @@ def test_api_key_and_sigterm_drains_a_request_in_flight(base):
         assert proc.wait(timeout=60) == 0
 
 
+def test_unknown_v1_routes_are_404_listing_the_routes_and_a_wrong_method_is_405(base):
+    """An unknown path under /v1/ is a 404 listing the routes whatever the method (GET /v1/nope matched the
+    POST-only /v1/{task} and was a bare 405); a known path with the wrong method is a 405 naming the allowed one."""
+    with server(base, "--api-key", "k3y") as proc:
+        auth = {"Authorization": "Bearer k3y"}
+        assert httpx.get(f"{proc.url}/v1/nope").status_code == 401  # the key is still asked for first
+        for method, path in (("GET", "/v1/nope"), ("POST", "/v1/nope"), ("DELETE", "/v1/classify"),
+                             ("GET", "/v1/chat/nope"), ("PUT", "/nope")):
+            r = httpx.request(method, f"{proc.url}{path}", headers=auth)
+            assert r.status_code == 404, (method, path, r.text)
+            message = r.json()["error"]["message"]
+            assert message.startswith(f"{method} {path}: ") and \
+                "routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions" in message, message
+        for method, path, allowed in (("GET", "/v1/completions", "POST"), ("GET", "/v1/chat/completions", "POST"),
+                                      ("POST", "/v1/models", "GET"), ("POST", "/health", "GET")):
+            r = httpx.request(method, f"{proc.url}{path}", headers=auth)
+            assert r.status_code == 405, (method, path, r.text)
+            assert f"(allowed: {allowed})" in r.json()["error"]["message"] and r.headers["allow"] == allowed
+
+
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
                  "{% if add_generation_prompt %}[assistant]{% endif %}")
 CHAT = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "red blue"}]

@@ -4,7 +4,9 @@ A reverse-direction translate run (trained target -> source) translates each mon
 line is ``{"source": <its translation>, "target": <the sentence>, "synthetic": true}``, ready to mix with real
 pairs (``data.train_weights``) and optionally tagged (``finetune.synthetic_tag``, Caswell et al., 2019).
 Decoding is batched (greedy, beam or sampled, the run's settings unless given); lines are appended and made
-durable batch by batch, so ``--resume`` continues after the last complete one.
+durable batch by batch, so ``--resume`` continues after the last complete one. A sentence whose translation comes
+out empty is skipped (an empty source would teach the forward model to translate into nothing) and counted in the
+summary; when every one does, nothing is written and the command fails with one line.
 """
 
 from __future__ import annotations
@@ -38,21 +40,25 @@ class Options:
     overwrite: bool = False
 
 
-def _done(out: Path, texts: list[str]) -> int:
-    """How many leading lines of ``out`` are complete and belong to ``texts`` (a torn last line is dropped)."""
-    kept = 0
+def _done(out: Path, texts: list[str]) -> tuple[int, int]:
+    """``(lines, sentences)``: how many leading lines of ``out`` are complete and belong to ``texts`` (a torn last
+    line is dropped), and how many sentences of ``texts`` they account for: each line is the next sentence of
+    ``texts`` with its target, the sentences passed over being those whose translation came out empty."""
+    kept, at = 0, 0
     lines = out.read_text(encoding="utf-8", errors="replace").split("\n")
     for line in lines[:-1]:  # the last element is "" after a complete file, or a torn line
         try:
             row = json.loads(line)
         except ValueError:
             break
-        if kept >= len(texts) or row.get("target") != texts[kept]:
+        target = row.get("target") if isinstance(row, dict) else None
+        found = next((j for j in range(at, len(texts)) if texts[j] == target), None)
+        if found is None:
             raise UserError(f"--resume: {out} line {kept + 1} does not belong to this --data; use another --out")
-        kept += 1
+        kept, at = kept + 1, found + 1
     with open(out, "r+", encoding="utf-8") as fh:  # drop a torn tail
         fh.truncate(sum(len(x.encode("utf-8")) + 1 for x in lines[:kept]))
-    return kept
+    return kept, at
 
 
 def backtranslate(opts: Options) -> dict:
@@ -91,16 +97,28 @@ def backtranslate(opts: Options) -> dict:
                              top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
     inputs = [{"source": t} for t in texts]
     ctx = evaluate.make_ctx(eopts, "translate", model, tok, run, inputs, [])
-    if opts.overwrite and out.exists() and not opts.resume:
-        out.unlink()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    start = _done(out, texts) if opts.resume else 0
-    out.touch()
+    replace = opts.overwrite and out.exists() and not opts.resume  # only once there is something to write
+    kept, start = _done(out, texts) if opts.resume else (0, 0)
+    written, empty = kept, start - kept  # a resumed file's sentences passed over came out empty
     bar = tqdm(total=len(texts), initial=start, unit="sentence", disable=None, desc="back-translating")
     for i in range(start, len(texts), opts.batch_size):
         chunk = inputs[i : i + opts.batch_size]
         preds = evaluate.predict_batch(ctx, chunk, i)
-        append(out, [{"source": p, "target": r["source"], "synthetic": True} for p, r in zip(preds, chunk)])
+        pairs = [{"source": p, "target": r["source"], "synthetic": True} for p, r in zip(preds, chunk) if p.strip()]
+        empty += len(chunk) - len(pairs)  # an empty source would teach the forward model to translate into nothing
+        if pairs:
+            if replace:
+                out.unlink()
+                replace = False
+            out.parent.mkdir(parents=True, exist_ok=True)
+            append(out, pairs)
+            written += len(pairs)
         bar.update(len(chunk))
     bar.close()
-    return {"out": str(out), "pairs": len(texts), "resumed_at": start if opts.resume else None}
+    if not written:
+        raise UserError(f"--model: all {len(texts)} back-translations by {opts.model} came out empty; nothing "
+                        f"written to {out} (a reverse run trained longer, or --sample, gives text)")
+    if empty:
+        log.warning("skipped %d of %d sentences whose back-translation came out empty", empty, len(texts))
+    return {"out": str(out), "pairs": written, "skipped_empty": empty, "sentences": len(texts),
+            "resumed_at": start if opts.resume else None}

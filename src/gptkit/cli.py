@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -118,12 +119,13 @@ def init(
 def finetune(
     recipe: RecipeArg,
     overrides: Overrides = None,
-    task: Annotated[Optional[str], typer.Option("--task", help="classify, qa, translate or summarize (wins over the recipe).")] = None,
+    task: Annotated[Optional[str], typer.Option("--task", help="classify, qa, translate, summarize or multitask (wins over the recipe).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in output.dir.")] = False,
     force: Annotated[bool, typer.Option("--force", help="With --resume: accept a recipe that changed.")] = False,
 ) -> None:
-    """Adapt a local checkpoint to a task (classify, qa, translate, summarize), full or LoRA."""
+    """Adapt a local checkpoint or a cached hub model to a task (classify, qa, translate, summarize, or multitask:
+    several of them in one model), full or LoRA."""
     from gptkit import finetune as ft
     from gptkit.tasks import FINETUNE_TASKS
 
@@ -159,16 +161,20 @@ def distill(
 @app.command()
 def export(
     run_dir: Annotated[str, typer.Argument(help="A fine-tuning run directory (LoRA or full).")],
-    merge: Annotated[bool, typer.Option("--merge", help="Merge the LoRA adapters into the base weights.")] = False,
+    merge: Annotated[bool, typer.Option("--merge", help="Accepted for older scripts and changes nothing: export "
+                                        "always merges a LoRA run's adapters.")] = False,
     out: Annotated[Optional[str], typer.Option("--out", help="Output directory (default: RUN_DIR/merged).")] = None,
 ) -> None:
-    """Write a standalone checkpoint of a fine-tuning run's model (LoRA merged) that plain transformers loads."""
+    """Write a standalone checkpoint of a fine-tuning run's model that plain transformers loads (from_pretrained),
+    with the run's recipe: a LoRA run's adapters merged into its base (heads included); a full fine-tune's weights
+    copied as they are."""
     from gptkit import trained
 
-    if not merge:
-        raise UserError("export: pass --merge (merging adapters into the base model is the only export so far)")
     path = trained.export(Path(run_dir), Path(out) if out else Path(run_dir) / "merged")
-    typer.echo(f"merged model written to {path}")
+    if trained.is_adapter_dir(Path(run_dir)):
+        typer.echo(f"merged model written to {path} (LoRA adapters merged into the base)")
+    else:
+        typer.echo(f"standalone model written to {path} (a full fine-tune: its weights as they are)")
 
 
 @app.command("eval")
@@ -176,7 +182,7 @@ def eval_(
     recipe: Annotated[Optional[str], typer.Argument(help="Recipe: evaluates its output.dir run on data.test_files.")] = None,
     overrides: Overrides = None,
     task: Annotated[Optional[str], typer.Option("--task", help="translate, summarize, qa, classify or lm.")] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="Fine-tuned run or local model directory.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Fine-tuned run, local model directory, or Hugging Face hub id (ORG/NAME[@REV]).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Examples (jsonl/csv/json/parquet; .txt for lm).")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="Recipe split: test, validation or train.")] = None,
     predictions: Annotated[Optional[str], typer.Option("--predictions", help="Score this JSONL of predictions.")] = None,
@@ -244,7 +250,8 @@ def augment_backtranslate(
         model=model, data=data, out=out, column=column, batch_size=batch_size, limit=limit, num_beams=num_beams,
         max_new_tokens=max_new_tokens, sample=sample, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
         resume=resume, overwrite=overwrite))
-    typer.echo(f"wrote {result['pairs']} synthetic pairs to {result['out']}")
+    typer.echo(f"wrote {result['pairs']} synthetic pairs to {result['out']}; skipped {result['skipped_empty']} "
+               f"of {result['sentences']} sentences whose back-translation came out empty")
 
 
 @app.command()
@@ -288,37 +295,62 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
         from gptkit import finetune as ft
 
         lines = ft.describe(rec, rec.task)
+        teacher = _teacher_line(rec, None)
         typer.echo(recipe_to_yaml(rec).rstrip())
         typer.echo("---")
         typer.echo("\n".join(lines))
     else:
         plan = task.check(rec, describe=True)
+        teacher = None if plan.init_only else _teacher_line(rec, plan.train_files)
         typer.echo(recipe_to_yaml(rec).rstrip())
         typer.echo("---")
         typer.echo(f"inputs: {len(plan.train_files)} train file(s), {len(plan.val_files)} validation file(s): all found")
         typer.echo(f"model: {rec.model.arch}, {plan.n_params:,} parameters (vocabulary {plan.vocab_size}{plan.vocab_note})")
         if plan.init_only:
-            typer.echo(f"run: gptkit init {' '.join([recipe, *(overrides or [])])}  (an untrained encoder-decoder and "
+            typer.echo(f"run: gptkit init {shlex.join([recipe, *(overrides or [])])}  (an untrained encoder-decoder and "
                        f"its tokenizer in {plan.run_dir}; `gptkit finetune` translate or summarize trains it)")
             return
         typer.echo(f"estimated training memory per process: {plan.memory_bytes / 2**30:.2f} GiB "
                    f"(fp32 weights, grads, AdamW state, activations of {rec.train.batch_size} x {rec.model.context} "
                    f"tokens{', gradient checkpointing' if rec.train.gradient_checkpointing else ''})")
+    if teacher:
+        typer.echo(f"teacher: {teacher}")
     where = tracking.destinations(rec.train.trackers, run_dir)
     typer.echo(f"metrics: {run_dir / 'metrics.jsonl'}" + (f"; trackers: {', '.join(where)}" if where else ""))
-    args = " ".join([recipe, *(overrides or [])])  # the same launch lines for every task
+    args = shlex.join([recipe, *(overrides or [])])  # the same launch lines for every task, pasteable into a shell
     command = "pretrain" if rec.task == "pretrain" else "finetune"
     typer.echo(f"launch: accelerate launch --num_processes 1 -m gptkit {command} {args}")
     typer.echo(f"    or: torchrun --nproc_per_node 1 -m gptkit {command} {args}")
 
 
+def _teacher_line(rec, train_files: list[str] | None) -> str | None:
+    """validate's check of ``distill.teacher``: the checks distill makes before training (configs and tokenizers,
+    no weights) against the student's tokenizer: the base's (fine-tuning), else the pretraining tokenizer when it
+    exists already (tokenizer.kind pretrained, or trained on this corpus before); None without a teacher."""
+    if not rec.distill.teacher:
+        return None
+    from gptkit import distill, trained
+
+    if train_files is None:
+        student = trained.tokenizer_of(rec.model.init_from or "", "model.init_from", rec.model.trust_remote_code)
+    else:
+        from gptkit import pretrain as task
+
+        cached = task._tokenizer_cache_dir(rec, train_files) / "tokenizer.json"
+        known = rec.tokenizer.kind == "pretrained" or cached.is_file()
+        student = task.tokenizer_for(rec, train_files) if known else None  # loads; never trains one here
+    return distill.check_teacher(rec, student)
+
+
 @app.command()
 def generate(
-    model_dir: Annotated[str, typer.Argument(help="A gptkit run directory or any local model directory.")],
+    model_dir: Annotated[str, typer.Argument(help="A gptkit run directory, any local model directory, or a Hugging Face hub id "
+                                          "(ORG/NAME[@REV]).")],
     prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.")] = "",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 100,
     sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
-    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (implies --sample).")] = None,
+    temperature: Annotated[Optional[float], typer.Option(help="Sampling temperature (implies --sample); 0 is greedy "
+                                                         "decoding, as in gptkit serve and the OpenAI API.")] = None,
     top_k: Annotated[Optional[int], typer.Option(help="Sample from the k likeliest tokens (implies --sample).")] = None,
     top_p: Annotated[Optional[float], typer.Option(help="Nucleus sampling mass (implies --sample).")] = None,
     num_beams: Annotated[int, typer.Option(help="Beam search width (1 = no beam search).")] = 1,
@@ -331,11 +363,11 @@ def generate(
     An encoder-decoder model (T5, BART) reads the prompt and prints only its output."""
     from gptkit import generation
 
-    do_sample = sample or any(v is not None for v in (temperature, top_k, top_p))
+    do_sample, temperature = generation.sampling_rule(sample or top_k is not None or top_p is not None, temperature)
     opts = generation.DecodingOptions(
         max_new_tokens=max_new_tokens,
         do_sample=do_sample,
-        temperature=1.0 if temperature is None else temperature,
+        temperature=temperature,
         top_k=top_k,
         top_p=top_p,
         num_beams=num_beams,

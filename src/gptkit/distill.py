@@ -23,22 +23,48 @@ log = logging.getLogger(__name__)
 TASKS = ("pretrain", "translate", "summarize", "qa", "multitask")
 
 
-def load_teacher(recipe: Any, tokenizer: Any, device: torch.device) -> Any:
-    """The teacher of ``recipe.distill``, frozen on ``device``; its tokenizer must be the student's."""
-    from gptkit import trained
+def check_teacher(recipe: Any, tokenizer: Any | None) -> str:
+    """Every check :func:`load_teacher` makes before it reads the teacher's weights (``gptkit validate`` runs them
+    too): the recipe's task can be distilled, the teacher is a run or model folder (or a cached hub id) with a
+    config, a language model rather than a task head, with the student's ``tokenizer`` (None: not trained yet,
+    so compared when the run trains it). Reads configs and tokenizers only; returns what validate prints."""
+    from gptkit import hub, rundir, trained
 
     cfg = recipe.distill
     if recipe.task not in TASKS or recipe.task == "qa" and recipe.finetune.qa_mode == "extractive":
         raise UserError(f"distill.teacher: distillation works for pretrain and the generative tasks, not {recipe.task}"
                         f"{' (extractive)' if recipe.task == 'qa' else ''}")
-    model, teacher_tok, run = trained.load_any(cfg.teacher, "distill.teacher")
+    path = hub.resolve(cfg.teacher, "distill.teacher", weights=True).path
+    run, home = rundir.run_of(path)
     if run is not None and trained.has_head(run.task, run):
         raise UserError(f"distill.teacher: {cfg.teacher} is a {run.task} model with a task head; the teacher must be "
                         "a language model")
-    if teacher_tok.get_vocab() != tokenizer.get_vocab():
+    if not (path / "config.json").is_file() and not (run is not None and trained.is_adapter_dir(path)):
+        raise UserError(f"distill.teacher: {cfg.teacher} has no config.json; expected a gptkit run or a model folder "
+                        "written by save_pretrained")
+    teacher_tok = trained.tokenizer_of(home, "distill.teacher")
+    if tokenizer is None:
+        same = f"its tokenizer ({len(teacher_tok)} tokens) is compared with the student's once that is trained"
+    elif teacher_tok.get_vocab() != tokenizer.get_vocab():
         raise UserError(f"distill.teacher: its tokenizer ({len(teacher_tok)} tokens) is not the student's "
                         f"({len(tokenizer)}); give the student the teacher's tokenizer (tokenizer.kind: pretrained, "
                         f"tokenizer.path: {cfg.teacher}) or a base trained with it")
+    else:
+        same = f"the student's tokenizer ({len(tokenizer)} tokens)"
+    shape = ""
+    if (path / "config.json").is_file():
+        config = modeling.base_config(str(path), "distill.teacher")
+        shape = f"{modeling.describe_arch(config)}, {modeling.meta_param_count(config):,} parameters, "
+    return f"{cfg.teacher}: {shape}{same}; T {cfg.temperature:g}, alpha {cfg.alpha:g}"
+
+
+def load_teacher(recipe: Any, tokenizer: Any, device: torch.device) -> Any:
+    """The teacher of ``recipe.distill``, frozen on ``device``, after :func:`check_teacher`."""
+    from gptkit import trained
+
+    cfg = recipe.distill
+    check_teacher(recipe, tokenizer)
+    model, _, _ = trained.load_any(cfg.teacher, "distill.teacher")
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -104,6 +104,15 @@ class DecodingOptions:
         return kwargs
 
 
+def sampling_rule(wants_sample: bool, temperature: float | None) -> tuple[bool, float]:
+    """``(do_sample, temperature)`` from what a caller asked: a temperature of 0 is greedy decoding whatever else
+    asks for sampling (OpenAI's semantics, which ``gptkit serve`` follows); any other given temperature implies
+    sampling (a negative one is left for :meth:`DecodingOptions.validate` to refuse); unset, 1.0."""
+    if temperature == 0:
+        return False, 1.0
+    return wants_sample or temperature is not None, 1.0 if temperature is None else temperature
+
+
 def eos_ids(model: Any, tokenizer: Any) -> set[int]:
     """The ids that end a text: the tokenizer's EOS and the model's generation_config ``eos_token_id`` (an id or a
     list: chat models such as Llama-3 end a turn with ids of their own)."""

@@ -29,10 +29,17 @@ def build_app(served: Served, engine: Engine, limits: Limits):
 
     @app.exception_handler(HTTPException)
     async def http_error(request, exc: HTTPException):
-        message = f"{request.method} {request.url.path}: {exc.detail}"
-        if exc.status_code == 404:
+        status, detail, headers = exc.status_code, exc.detail, None
+        allowed = _allowed(served, request.url.path)
+        if status == 405 and not allowed:  # /v1/{task} matched a path that is no route: GET /v1/nope
+            status, detail = 404, "Not Found"
+        message = f"{request.method} {request.url.path}: {detail}"
+        if status == 404:
             message += f" (routes: {', '.join(_routes(served))})"
-        return JSONResponse(ApiError(exc.status_code, message).body(), status_code=exc.status_code)
+        elif status == 405:
+            message += f" (allowed: {', '.join(allowed)})"
+            headers = {"Allow": ", ".join(allowed)}
+        return JSONResponse(ApiError(status, message).body(), status_code=status, headers=headers)
 
     @app.exception_handler(Exception)
     async def bug(request, exc: Exception):
@@ -72,6 +79,8 @@ def build_app(served: Served, engine: Engine, limits: Limits):
     @app.post("/v1/{task}")
     async def task(task: str, request: Request):
         if task not in served.tasks:
+            if _allowed(served, request.url.path):  # POST /v1/models: a route, by another method
+                raise HTTPException(405, "Method Not Allowed")
             raise ApiError(404, f"POST /v1/{task}: not served (routes: {', '.join(_routes(served))})",
                            code="not_found")
         rows = rq.task_rows(task, await _body(request, served, check_model=False))
@@ -89,6 +98,11 @@ def build_app(served: Served, engine: Engine, limits: Limits):
 def _routes(served: Served) -> list[str]:
     lm = ["POST /v1/completions", "POST /v1/chat/completions"] if served.lm else []
     return ["GET /v1/models", *lm, *(f"POST /v1/{t}" for t in served.tasks)]
+
+
+def _allowed(served: Served, path: str) -> list[str]:
+    """The methods a served path answers (none: the path is no route)."""
+    return [r.split(" ", 1)[0] for r in ["GET /health", *_routes(served)] if r.split(" ", 1)[1] == path]
 
 
 def _finite(row: dict) -> dict:
