@@ -286,7 +286,7 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     """Resolve and check a recipe without training: inputs exist, model size, memory, launch line."""
     from gptkit.recipe import recipe_to_yaml
     from gptkit import pretrain as task
-    from gptkit import rundir, tracking
+    from gptkit import distill, rundir, tracking
 
     rec = _load(recipe, overrides)
     run_dir = rundir.resolve_output(rec.output.dir)
@@ -295,13 +295,13 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
         from gptkit import finetune as ft
 
         lines = ft.describe(rec, rec.task)
-        teacher = _teacher_line(rec, None)
+        teacher = distill.validate_line(rec, None)
         typer.echo(recipe_to_yaml(rec).rstrip())
         typer.echo("---")
         typer.echo("\n".join(lines))
     else:
         plan = task.check(rec, describe=True)
-        teacher = None if plan.init_only else _teacher_line(rec, plan.train_files)
+        teacher = None if plan.init_only else distill.validate_line(rec, plan.train_files)
         typer.echo(recipe_to_yaml(rec).rstrip())
         typer.echo("---")
         typer.echo(f"inputs: {len(plan.train_files)} train file(s), {len(plan.val_files)} validation file(s): all found")
@@ -321,25 +321,6 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
     command = "pretrain" if rec.task == "pretrain" else "finetune"
     typer.echo(f"launch: accelerate launch --num_processes 1 -m gptkit {command} {args}")
     typer.echo(f"    or: torchrun --nproc_per_node 1 -m gptkit {command} {args}")
-
-
-def _teacher_line(rec, train_files: list[str] | None) -> str | None:
-    """validate's check of ``distill.teacher``: the checks distill makes before training (configs and tokenizers,
-    no weights) against the student's tokenizer: the base's (fine-tuning), else the pretraining tokenizer when it
-    exists already (tokenizer.kind pretrained, or trained on this corpus before); None without a teacher."""
-    if not rec.distill.teacher:
-        return None
-    from gptkit import distill, trained
-
-    if train_files is None:
-        student = trained.tokenizer_of(rec.model.init_from or "", "model.init_from", rec.model.trust_remote_code)
-    else:
-        from gptkit import pretrain as task
-
-        cached = task._tokenizer_cache_dir(rec, train_files) / "tokenizer.json"
-        known = rec.tokenizer.kind == "pretrained" or cached.is_file()
-        student = task.tokenizer_for(rec, train_files) if known else None  # loads; never trains one here
-    return distill.check_teacher(rec, student)
 
 
 @app.command()

@@ -58,6 +58,21 @@ def check_teacher(recipe: Any, tokenizer: Any | None) -> str:
     return f"{cfg.teacher}: {shape}{same}; T {cfg.temperature:g}, alpha {cfg.alpha:g}"
 
 
+def validate_line(recipe: Any, train_files: list[str] | None) -> str | None:
+    """``gptkit validate``'s teacher line: :func:`check_teacher` against the student's tokenizer, the base's
+    (fine-tuning, ``train_files`` None) or the pretraining one when it exists already (never trained here); None
+    without a teacher."""
+    if not recipe.distill.teacher:
+        return None
+    from gptkit import pretrain, trained
+
+    if train_files is None:
+        student = trained.tokenizer_of(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
+    else:
+        student = pretrain.existing_tokenizer(recipe, train_files)
+    return check_teacher(recipe, student)
+
+
 def load_teacher(recipe: Any, tokenizer: Any, device: torch.device) -> Any:
     """The teacher of ``recipe.distill``, frozen on ``device``, after :func:`check_teacher`."""
     from gptkit import trained

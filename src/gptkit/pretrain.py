@@ -102,6 +102,13 @@ def _tokenizer_cache_dir(recipe: Recipe, files: list[str]) -> Path:
     return data_mod.cache_root(recipe.data) / "tokenizers" / h.hexdigest()[:24]
 
 
+def existing_tokenizer(recipe: Recipe, train_files: list[str]):
+    """The recipe's tokenizer when one exists without training (tokenizer.kind pretrained, or trained on these
+    files before and cached); None when :func:`tokenizer_for` would have to train it."""
+    known = recipe.tokenizer.kind == "pretrained" or (_tokenizer_cache_dir(recipe, train_files) / "tokenizer.json").is_file()
+    return tokenizer_for(recipe, train_files) if known else None
+
+
 def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None = None):
     """Train (or load from the cache) the recipe's tokenizer; corpus text is streamed in batches.
 
