@@ -106,6 +106,35 @@ def test_bleu_variable_number_of_references(tmp_path):
     assert_matches_cli(ours, cli)
 
 
+def test_bleu_chrf_in_chunks_equal_cli_and_hold_less(tmp_path, monkeypatch):
+    # Statistics summed chunk by chunk (chunks of 4 here) give the CLI's numbers, with a variable number of
+    # references changing between chunks; and the corpus's reference n-grams are never held at once.
+    import tracemalloc
+
+    monkeypatch.setattr(metrics, "SCORE_CHUNK", 4)
+    hyps = HYPOTHESES * 3
+    refs = [[t, s] for t, s in zip(TARGETS, SECOND_REFS)] + [[t] for t in TARGETS] * 2
+    ours = metrics.translation_scores(hyps, refs)
+    assert "nrefs:var|" in ours["bleu_signature"]
+    cli = sacrebleu_cli(tmp_path, hyps, [[r[0] for r in refs], [r[-1] for r in refs]])
+    for name in ("BLEU", "chrF2"):
+        cli[name]["signature"] = cli[name]["signature"].replace("nrefs:2|", "nrefs:var|")
+    assert_matches_cli(ours, cli)
+
+    from sacrebleu.metrics import CHRF
+
+    many = [f"{t} {i}" for i in range(300) for t in TARGETS]
+    monkeypatch.setattr(metrics, "SCORE_CHUNK", 100)
+    peaks = []
+    for score in (lambda: metrics.chrf(many[::-1], many)["chrf"], lambda: CHRF().corpus_score(many[::-1], [many]).score):
+        tracemalloc.start()
+        value = score()
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+        assert value == pytest.approx(metrics.chrf(many[::-1], many)["chrf"], abs=1e-9)
+    assert peaks[0] < 0.25 * peaks[1], peaks
+
+
 def test_bleu_perfect_and_disjoint():
     assert metrics.bleu(TARGETS, TARGETS)["bleu"] == pytest.approx(100.0)
     assert metrics.bleu(["xyz qqq"], ["abc def"])["bleu"] == pytest.approx(0.0)

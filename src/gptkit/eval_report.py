@@ -10,6 +10,7 @@ what to run; nothing here imports torch.
 
 from __future__ import annotations
 
+import heapq
 import json
 import os
 from pathlib import Path
@@ -143,7 +144,7 @@ def _corpus_ci(metric, preds: list[str], refs: list, n: int, seed: int) -> tuple
     """bootstrap_ci of corpus BLEU/chrF, resampling sacrebleu's per-sentence statistics (same numbers, faster)."""
     import numpy as np
 
-    stats = np.array(metric._extract_corpus_statistics(preds, metrics._ref_streams(refs, "bootstrap")))
+    stats = np.array(metrics.sufficient_stats(metric, preds, metrics._ref_streams(refs, "bootstrap")))
     idx = list(range(len(preds)))
     return metrics.bootstrap_ci(lambda i, _: metric._compute_score_from_stats(stats[i].sum(0).tolist()).score,
                                 idx, idx, n=n, seed=seed)
@@ -155,21 +156,25 @@ def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0,
     optional 95% CIs and one sentence score per example."""
     from importlib.metadata import version
 
-    figures = metrics.task_scores(task, preds, refs, rouge_tokenizer=rouge_tokenizer)
     detail, signatures = {}, {}
-    if task == "translate":
+    each, cis = per_example(task, preds, refs, rouge_tokenizer), {}
+    if task == "translate":  # scored once: task_scores keeps only bleu and chrf of the same call
         full = metrics.translation_scores(preds, refs)
+        figures = {k: full[k] for k in metrics.TASK_METRICS[task]}
         signatures = {"bleu": full["bleu_signature"], "chrf": full["chrf_signature"]}
         detail = {k: full[k] for k in ("precisions", "brevity_penalty", "sys_len", "ref_len")}
-    elif task == "summarize":
+    elif task == "summarize":  # metrics.rouge is the mean of the per-example scores: not computed twice
+        figures = {k: sum(each[k]) / len(each[k]) for k in metrics.ROUGE_TYPES}
+    else:
+        figures = metrics.task_scores(task, preds, refs, rouge_tokenizer=rouge_tokenizer)
+    if task == "summarize":
         signatures = {"rouge": f"rouge_score {version('rouge-score')}, use_stemmer=True, tokenizer {rouge_tokenizer}, "
                                "rougeLsum over split_sentences (rule-based), mean F-measure x 100"}
     elif task == "qa":
         signatures = {"squad": "SQuAD v1.1 official normalisation"}
-    else:
+    elif task == "classify":
         detail = {"per_class": metrics.classification_scores(preds, refs)["per_class"],
                   "macro_average": "over the labels present in the references or the predictions (scikit-learn's)"}
-    each, cis = per_example(task, preds, refs, rouge_tokenizer), {}
     if bootstrap:
         from sacrebleu.metrics import BLEU, CHRF
 
@@ -233,7 +238,9 @@ def _ci(result: dict, key: str) -> str:
 
 def table(result: dict) -> str:
     head = f"{result['task']}: " + ", ".join(f"{v} {k}" for k, v in result["counts"].items())
-    return "\n".join([head, *(f"  {k:<16}{v:>10.4f}  {_ci(result, k)}".rstrip() for k, v in result["metrics"].items())])
+    width = max([16, *map(len, result["metrics"])])
+    return "\n".join([head, *(f"  {k:<{width}}{v:>10.4f}  {_ci(result, k)}".rstrip()
+                             for k, v in result["metrics"].items())])
 
 
 def _cell(value) -> str:
@@ -249,11 +256,13 @@ def write_outputs(out: Path, result: dict, examples: list[dict]) -> None:
              "| metric | value | 95% CI |", "|---|---:|---|"]
     lines += [f"| {k} | {v:.4f} | {_ci(result, k)} |" for k, v in result["metrics"].items()]
     lines += [f"\n{k}: `{v}`" for k, v in result.get("signatures", {}).items()]
-    for title, sign in (("5 best", -1), ("5 worst", 1)) if examples else ():
-        lines += ["", f"## {title} (by {result['sentence_metric']})", "",
+    shown = min(5, len(examples))
+    for title, sign in (("best", -1), ("worst", 1)) if examples else ():
+        lines += ["", f"## {shown} {title} (by {result['sentence_metric']})", "",
                   "| # | score | input | reference | prediction |", "|---:|---:|---|---|---|"]
         lines += [f"| {e['index']} | {e['score']:.2f} | {_cell(e['input'])} | {_cell(e['reference'])} | "
-                  f"{_cell(e['prediction'])} |" for e in sorted(examples, key=lambda e: (sign * e["score"], e["index"]))[:5]]
+                  f"{_cell(e['prediction'])} |" for e in heapq.nsmallest(shown, examples,
+                                                                          key=lambda e: (sign * e["score"], e["index"]))]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
