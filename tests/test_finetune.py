@@ -270,6 +270,47 @@ def test_classify_examples_fit_the_model_and_keep_the_pair(base):
     assert tok.decode(ids[0]).endswith(classify.SEP + "blue sky") and tok.decode(ids[2]).startswith("red" + classify.SEP)
 
 
+def test_splits_are_read_on_demand_and_tokenized_in_chunks_compactly(tmp_path, base, monkeypatch):
+    """Rows come from the Arrow table as they are read (a slice, an index, iteration give the file's rows under
+    the task's field names); tokenizing in chunks gives the examples one call for all gives; token ids are kept as
+    int32 arrays (a Python list of ints costs ~9x as much)."""
+    import numpy as np
+
+    from gptkit import data as data_mod
+    from gptkit import trained
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import classify, generative, translate
+
+    s = splits(tmp_path, classify_rows, 23)
+    rows = data_mod.load_rows([str(s["train"])], "data.train_files", classify.FIELDS, classify.OPTIONAL,
+                              {"text": "sentence"})
+    given = [json.loads(line) for line in s["train"].read_text().splitlines()]
+    expect = [{"text": g["sentence"], "label": g["label"]} for g in given]
+    assert len(rows) == 23 and list(rows) == expect and rows[3:7] == expect[3:7] and rows[-1] == expect[-1]
+    assert rows[::5] == expect[::5] and rows[30:] == []
+    with pytest.raises(IndexError):
+        rows[23]
+
+    recipe = load_recipe(finetune_recipe(tmp_path, "c", "classify", base, s, data={"columns": {"text": "sentence"}}))
+    tok = trained.tokenizer_of(recipe.model.init_from)
+    model = classify.build_model(recipe, tok, rows)
+    t_recipe = load_recipe(finetune_recipe(tmp_path, "t", "translate", base, splits(tmp_path, translate_rows, 20)))
+    t_rows = translate_rows(23, 4)
+    def both():
+        return [classify.preprocess(recipe, tok, rows, "train", model), translate.preprocess(t_recipe, tok, t_rows, "train")]
+
+    whole = both()
+    monkeypatch.setattr(generative, "CHUNK", 4)
+    chunked = both()
+    for a, b in zip(whole, chunked):
+        assert len(a) == len(b) == 23 and list(a.rows) == list(b.rows)
+        for key in a.batch([0]):
+            assert a.batch(list(range(23)))[key].equal(b.batch(list(range(23)))[key]), key
+    flat, offsets = chunked[1].rows.cols["input_ids"]
+    assert flat.dtype == np.int32 and offsets[-1] == len(flat) == sum(len(r["input_ids"]) for r in chunked[1].rows)
+    assert chunked[1].rows[0]["labels"].count(-100) > 0 and isinstance(chunked[0].rows[5]["label"], int)
+
+
 def test_a_row_without_a_value_is_refused(tmp_path, base):
     """A blank csv cell or a missing jsonl key is one line naming the file, row and column (not the label or
     target "None"), in training data as in the test split checked before training."""

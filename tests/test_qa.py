@@ -108,7 +108,9 @@ def test_long_context_answer_in_a_later_window(tmp_path, base):
     data = qa.preprocess(recipe, tok, rows, "train", stub)
     long = [w for w in data.rows if w["row"] == 0]
     assert len(long) >= 3 and all(len(w["input_ids"]) <= 32 for w in data.rows)
-    ctx = [[i for i, o in zip(w["input_ids"], w["offsets"]) if o is not None] for w in long]
+    wins = [w for w in qa.windows(recipe, tok, rows, 32, "train") if w["row"] == 0]  # the same, with offsets
+    assert [w["input_ids"] for w in wins] == [w["input_ids"] for w in long]
+    ctx = [[i for i, o in zip(w["input_ids"], w["offsets"]) if o is not None] for w in wins]
     assert all(a[-6:] == b[:6] for a, b in zip(ctx, ctx[1:]))  # consecutive windows overlap by doc_stride
     hits = [k for k, w in enumerate(long) if w["start_positions"] > 0]
     assert hits and hits[0] > 0 and all(long[k]["start_positions"] == 0 == long[k]["end_positions"]

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -257,9 +258,10 @@ def pretrain_splits(cfg: DataConfig, tokenizer, context: int, seed: int = 0) -> 
 
 
 def load_rows(files: list[str], field: str, fields: tuple[str, ...], optional: tuple[str, ...] = (),
-              columns: dict[str, str] | None = None) -> list[dict]:
+              columns: dict[str, str] | None = None) -> "TableRows":
     """Rows of a fine-tuning split renamed to the task's field names (``columns`` maps a field to its file
-    column); a missing required column is one error naming the file and the columns it has."""
+    column), read on demand (:class:`TableRows`); a missing required column, or a row without a value in one, is one
+    error naming the file and the columns it has."""
     paths = resolve_files(files, field)
     table = load_table(paths, field)
     cols = columns or {}
@@ -270,14 +272,54 @@ def load_rows(files: list[str], field: str, fields: tuple[str, ...], optional: t
         raise UserError(f"{field}: {paths[0]} has no column {', '.join(missing)}; columns found: {table.column_names} "
                         "(map them with data.columns)")
     present = {f: c for f, c in wanted.items() if c in table.column_names}
-    rows = [{f: row[c] for f, c in present.items()} for row in table]
-    for i, row in enumerate(rows):  # a blank cell or an absent key reads as None: never train on the text "None"
-        gap = next((f for f in fields if row[f] is None), None)
+    for f in fields:  # a blank cell or an absent key reads as None: never train on the text "None"
+        gap = _first_null(table, present[f])
         if gap is not None:
-            path, k = _row_origin(paths, field, i)
-            raise UserError(f"{field}: {path}: row {k} (from 0) has no value for column '{present[gap]}'; every row "
+            path, k = _row_origin(paths, field, gap)
+            raise UserError(f"{field}: {path}: row {k} (from 0) has no value for column '{present[f]}'; every row "
                             "needs one")
-    return rows
+    return TableRows(table, present)
+
+
+def _first_null(table, column: str) -> int | None:
+    """The first row whose ``column`` is null (Arrow's null count, then its position), or None."""
+    import pyarrow.compute as pc
+
+    col = table.data.column(column)
+    if col.null_count == 0:
+        return None
+    return int(pc.index(pc.is_null(col), True).as_py())
+
+
+class TableRows(Sequence):
+    """A split's rows as dicts of the task's field names, read on demand from the memory-mapped Arrow table that
+    ``datasets`` keeps on disk: a million rows cost no memory until a chunk of them is read. Indexing and slicing
+    give dicts (a list of them); iteration reads in batches."""
+
+    def __init__(self, table, present: dict[str, str]):
+        self.table, self.present = table.select_columns(list(dict.fromkeys(present.values()))), present
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def _rows(self, columns: dict) -> list[dict]:
+        n = len(next(iter(columns.values()))) if columns else 0
+        return [{f: columns[c][i] for f, c in self.present.items()} for i in range(n)]
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1:
+                return [self[k] for k in range(lo, hi, step)]
+            return self._rows(self.table[lo:hi]) if hi > lo else []
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        row = self.table[i % len(self)]
+        return {f: row[c] for f, c in self.present.items()}
+
+    def __iter__(self):
+        for lo in range(0, len(self), 1000):
+            yield from self[lo : lo + 1000]
 
 
 def _row_origin(paths: list[str], field: str, i: int) -> tuple[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
@@ -23,8 +24,9 @@ SEQ2SEQ_TASKS = ("translate", "summarize", "multitask")  # tasks an encoder-deco
 _SPLITS = (("train", "data.train_files"), ("validation", "data.val_files"), ("test", "data.test_files"))  # (split, field)
 
 
-def splits(recipe: Recipe, task) -> dict[str, list[dict]]:
-    """Rows per split ("train", "validation", "test"); a task may load its own (multitask)."""
+def splits(recipe: Recipe, task) -> dict[str, Sequence[dict]]:
+    """Rows per split ("train", "validation", "test"), read on demand from the files' Arrow tables
+    (:class:`gptkit.data.TableRows`); a task may load its own (multitask)."""
     if hasattr(task, "load_splits"):
         return task.load_splits(recipe)
     files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
@@ -37,7 +39,7 @@ def splits(recipe: Recipe, task) -> dict[str, list[dict]]:
         for pattern, weight in zip(files["train"], recipe.data.train_weights):
             part = data_mod.load_rows([pattern], "data.train_files", task.FIELDS, task.OPTIONAL, recipe.data.columns)
             whole, frac = int(weight), weight - int(weight)
-            rows += part * whole + [part[i] for i in sorted(rng.permutation(len(part))[: round(frac * len(part))])]
+            rows += list(part) * whole + [part[i] for i in sorted(rng.permutation(len(part))[: round(frac * len(part))])]
         out = {"train": rows, **out}
     tag = recipe.finetune.synthetic_tag
     if tag and "train" in out:
@@ -49,6 +51,8 @@ def _eval_subset(rows: list[dict], n: int | None) -> list[dict]:
     """The first n validation rows, or of multi-task rows the first n of each task."""
     if not n:
         return rows
+    if not len(rows) or "_sub" not in rows[0]:  # one task: no need to read the rest
+        return rows[:n]
     taken: dict[int, int] = {}
     out = []
     for r in rows:
@@ -301,7 +305,7 @@ def _sharded_scoring(task, tokenizer, rows: list[dict], recipe: Recipe, accelera
 
     def evaluate(model) -> dict[str, float]:
         mine = list(range(rank, len(rows), world))
-        preds = task.predict(model, tokenizer, [rows[i] for i in mine], recipe)
+        preds = task.predict(model, tokenizer, rows if world == 1 else [rows[i] for i in mine], recipe)
         pairs = list(zip(mine, preds))
         if world > 1:
             pairs = gather_object(pairs)

@@ -192,7 +192,10 @@ def generate_batch(
     try:
         if tokenizer.pad_token is None:  # tokenizers not loaded by gptkit.trained
             tokenizer.pad_token = tokenizer.eos_token
-        with seeded(model, options.seed), torch.inference_mode():
+        from gptkit.progress import bar
+
+        shown = bar(len(order), "generating", "prompt", show_from=8 * batch_size)
+        with seeded(model, options.seed), torch.inference_mode(), shown:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
                 batch = tokenizer.pad({"input_ids": [encoded[i] for i in chunk]}, return_tensors="pt").to(model.device)
@@ -202,6 +205,7 @@ def generate_batch(
                 texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for j, i in enumerate(chunk):
                     results[i] = texts[j * n : (j + 1) * n]
+                shown.update(len(chunk))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = saved
     return results

@@ -7,12 +7,17 @@ corpus is never held in memory whole. The result is a ``transformers`` fast toke
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from gptkit.errors import UserError
 from gptkit.recipe import TokenizerConfig
 
+# The CLI switches tokenizers' thread pool off by default (a fork after it has run warns and may deadlock); True
+# there when it did so, rather than the user: gptkit's own batch encodings then turn it back on (:func:`all_cores`).
+THREADS_DEFAULT_OFF = False
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 _NO_TEXT = "tokenizer: no text to train on; expected some text in data.train_files"
@@ -70,13 +75,13 @@ def train_bpe(texts: Iterable[list[str]], vocab_size: int, model_max_length: int
     tok.train_from_iterator(flat(), trainer=trainer)
     if not seen:
         raise UserError(_NO_TEXT)
-    _release_freed_memory()
+    release_freed_memory()
     return _wrap(tok, model_max_length)
 
 
-def _release_freed_memory() -> None:
-    """Hand the heap that training freed back to the system (glibc keeps it otherwise: ~1 GB held through the
-    whole tokenization that follows). A no-op where there is no glibc."""
+def release_freed_memory() -> None:
+    """Hand the heap freed by a big job back to the system (glibc keeps it otherwise: ~1 GB that tokenizer training
+    freed, held through the whole tokenization that follows). A no-op where there is no glibc."""
     import ctypes
     import ctypes.util
 
@@ -109,15 +114,35 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[list[str]], context: i
     return train_bpe(texts, cfg.vocab_size, context)
 
 
+@contextmanager
+def all_cores():
+    """Batch encodings inside run on every core, unless the user set TOKENIZERS_PARALLELISM themselves."""
+    if not THREADS_DEFAULT_OFF:
+        yield
+        return
+    before, os.environ["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "false"), "true"
+    try:
+        yield
+    finally:
+        os.environ["TOKENIZERS_PARALLELISM"] = before
+
+
 def prompt_ids(tokenizer, text: str, encoder: bool = False) -> list[int]:
     """Token ids of a prompt, encoded the same way in training, evaluation and generation. An encoder's input
     takes the tokenizer's special tokens (T5's </s>, BART's <s>...</s>). A decoder-only prompt starts with BOS
     when the tokenizer puts one there (Llama-style tokenizers; GPT-2's adds nothing) and never ends in EOS, which
     would tell the model the text is over."""
+    return prompts_ids(tokenizer, [text], encoder)[0]
+
+
+def prompts_ids(tokenizer, texts: list[str], encoder: bool = False) -> list[list[int]]:
+    """:func:`prompt_ids` of many prompts in one call (a fast tokenizer encodes the batch on every core)."""
+    if not texts:
+        return []
     if encoder:
-        return tokenizer(text)["input_ids"]
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids] if adds_bos(tokenizer) else ids
+        return tokenizer(texts, verbose=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [[tokenizer.bos_token_id, *i] for i in ids] if adds_bos(tokenizer) else ids
 
 
 def adds_bos(tokenizer) -> bool:

@@ -11,6 +11,7 @@ import torch
 from gptkit import metrics, modeling
 from gptkit.errors import UserError
 from gptkit.tasks.generative import Examples as _Padded
+from gptkit.tasks.generative import Rows, in_chunks
 
 FIELDS = ("text", "label")
 OPTIONAL = ("text_pair",)
@@ -47,12 +48,9 @@ class _Labelled(_Padded):
         return out
 
 
-def _encode(tokenizer, row: dict, limit: int) -> list[int]:
+def _fit(first: list[int], second: list[int], limit: int) -> list[int]:
     """The text's tokens, then SEP and text_pair's: at most ``limit`` together, the longer side losing its end first
-    (tokenizers' "longest_first": a long first sentence never pushes the pair out); never empty."""
-    first = tokenizer(str(row["text"]), add_special_tokens=False)["input_ids"]
-    pair = row.get("text_pair")
-    second = tokenizer(SEP + str(pair), add_special_tokens=False)["input_ids"] if pair not in (None, "") else []
+    (tokenizers' "longest_first": a long first sentence never pushes the pair out)."""
     if len(first) + len(second) > limit:
         half = limit // 2
         if len(second) <= half:
@@ -61,7 +59,19 @@ def _encode(tokenizer, row: dict, limit: int) -> list[int]:
             second = second[: limit - len(first)]
         else:
             first, second = first[: limit - half], second[:half]
-    return first + second or [tokenizer.eos_token_id]
+    return first + second
+
+
+def _encode(tokenizer, rows: list[dict], limit: int) -> list[list[int]]:
+    """Each row's text (and SEP + text_pair) as token ids, fitted to ``limit`` (:func:`_fit`); never empty."""
+    firsts = tokenizer([str(r["text"]) for r in rows], add_special_tokens=False, verbose=False)["input_ids"]
+    paired = [i for i, r in enumerate(rows) if r.get("text_pair") not in (None, "")]
+    seconds = [[] for _ in rows]
+    if paired:
+        enc = tokenizer([SEP + str(rows[i]["text_pair"]) for i in paired], add_special_tokens=False, verbose=False)
+        for i, ids in zip(paired, enc["input_ids"]):
+            seconds[i] = ids
+    return [_fit(a, b, limit) or [tokenizer.eos_token_id] for a, b in zip(firsts, seconds)]
 
 
 def preprocess(recipe, tokenizer, rows, split, model):
@@ -73,8 +83,9 @@ def preprocess(recipe, tokenizer, rows, split, model):
                         f"{sorted(label2id)[:10]})")
     context = modeling.max_positions(model.config)  # finetune.max_length within the model's positions
     limit = min(recipe.finetune.max_length, context) if context else recipe.finetune.max_length
-    out = [{"input_ids": _encode(tokenizer, r, limit), "label": label2id[str(r["label"])]} for r in rows]
-    return _Labelled(out, tokenizer.pad_token_id)
+    parts = [Rows([{"input_ids": ids, "label": label2id[str(r["label"])]}
+                   for r, ids in zip(chunk, _encode(tokenizer, chunk, limit))]) for chunk in in_chunks(rows, split)]
+    return _Labelled(Rows.concat(parts), tokenizer.pad_token_id)
 
 
 def loss(model, batch: dict, per: str = "token", smoothing: float = 0.0) -> torch.Tensor:
@@ -93,14 +104,15 @@ def count(batch: dict, per: str = "token") -> int:
 def probabilities(model, tokenizer, rows, recipe) -> list[dict[str, float]]:
     """Per row, every label's probability (softmax of the head's logits), in the model's label order."""
     any_label = next(iter(model.config.label2id))
-    data = preprocess(recipe, tokenizer, [{**r, "label": any_label} for r in rows], "predict", model)
     names = [model.config.id2label[i] for i in range(model.config.num_labels)]
     out: list[dict[str, float]] = []
-    for start in range(0, len(data), 32):
-        batch = data.batch(list(range(start, min(len(data), start + 32))))
-        batch.pop("labels")
-        probs = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
-        out += [dict(zip(names, p.tolist())) for p in probs]
+    for chunk in in_chunks(rows, "rows", "classifying"):
+        data = preprocess(recipe, tokenizer, [{**r, "label": any_label} for r in chunk], "predict", model)
+        for start in range(0, len(data), 32):
+            batch = data.batch(list(range(start, min(len(data), start + 32))))
+            batch.pop("labels")
+            probs = model(**{k: v.to(model.device) for k, v in batch.items()}).logits.float().softmax(-1).cpu()
+            out += [dict(zip(names, p.tolist())) for p in probs]
     return out
 
 

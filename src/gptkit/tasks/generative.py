@@ -9,12 +9,15 @@ A decoder-only base (GPT-2, Llama) reads "prompt + target + EOS" as one sequence
 from __future__ import annotations
 
 import logging
+from itertools import chain
+from typing import Iterator
 
+import numpy as np
 import torch
 
 from gptkit import modeling
 from gptkit.errors import UserError
-from gptkit.tokenizer import prompt_ids
+from gptkit.tokenizer import all_cores, prompt_ids, prompts_ids, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -24,6 +27,82 @@ def _pad(seqs: list[list[int]], value: int, width: int | None = None) -> torch.T
     for j, s in enumerate(seqs):
         out[j, : len(s)] = torch.tensor(s, dtype=torch.long)
     return out
+
+
+CHUNK = 1000  # rows tokenized per call: a fast tokenizer encodes them on every core
+
+
+def in_chunks(rows: list, split: str, doing: str = "tokenizing", size: int | None = None) -> Iterator[list]:
+    """``rows`` in chunks of ``size`` (default :data:`CHUNK`), with a progress bar (on a terminal, main process) once
+    there are many."""
+    from gptkit.progress import bar as progress
+
+    size = size or CHUNK
+    bar = progress(len(rows), f"{doing} {split}", "example", show_from=10 * CHUNK)
+    with all_cores():
+        for lo in range(0, len(rows), size):
+            yield rows[lo : lo + size]
+            bar.update(min(size, len(rows) - lo))
+    bar.close()
+    release_freed_memory()  # the chunks' Python lists, freed but kept by the allocator
+
+
+class Rows:
+    """Tokenized examples kept compact: a field of token-id lists is one flat int32 array with offsets, an integer
+    field one array (as Python lists, a token costs ~36 bytes instead of 4); anything else stays a list.
+    ``rows[i]`` gives example i back as a dict of lists and ints. Built chunk by chunk and joined with :meth:`concat`,
+    so a million examples never exist as Python lists at once."""
+
+    def __init__(self, dicts: list[dict] = ()):
+        self.n, self.cols = len(dicts), {}
+        for key in dicts[0] if dicts else ():
+            values = [d[key] for d in dicts]
+            self.cols[key] = self._column(values)
+
+    @staticmethod
+    def _column(values: list):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            return np.asarray(values, dtype=np.int64)
+        if all(isinstance(v, list) for v in values):
+            try:
+                flat = np.fromiter(chain.from_iterable(values), dtype=np.int64)
+            except (TypeError, ValueError):  # not token ids (e.g. character offsets with None)
+                return values
+            lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+            return flat.astype(np.int32), np.concatenate([[0], np.cumsum(lengths)])
+        return values
+
+    @classmethod
+    def concat(cls, parts: list["Rows"]) -> "Rows":
+        parts = [p for p in parts if p.n]
+        out = cls()
+        out.n = sum(p.n for p in parts)
+        for key in parts[0].cols if parts else ():
+            cols = [p.cols[key] for p in parts]
+            if isinstance(cols[0], tuple):
+                shifts = np.cumsum([0] + [c[1][-1] for c in cols[:-1]])
+                out.cols[key] = (np.concatenate([c[0] for c in cols]),
+                                 np.concatenate([cols[0][1][:1]] + [c[1][1:] + s for c, s in zip(cols, shifts)]))
+            elif isinstance(cols[0], np.ndarray):
+                out.cols[key] = np.concatenate(cols)
+            else:
+                out.cols[key] = [v for c in cols for v in c]
+        return out
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        if not -self.n <= i < self.n:
+            raise IndexError(i)
+        i, out = i % self.n, {}
+        for key, col in self.cols.items():
+            if isinstance(col, tuple):
+                flat, offsets = col
+                out[key] = flat[offsets[i] : offsets[i + 1]].tolist()
+            else:
+                out[key] = col[i].item() if isinstance(col, np.ndarray) else col[i]
+        return out
 
 
 class Examples:
@@ -110,34 +189,43 @@ def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str, sh
     prompt's ``shorten`` field loses its end (:func:`fit_prompt`); cuts are counted and reported."""
     config = _base(recipe)
     seq2seq, limit = modeling.is_encoder_decoder(config), _limit(recipe, config)
-    out, cut = [], 0
-    for row in rows:
-        answer = _target_ids(tokenizer, str(row[target]), seq2seq)
-        room = limit if seq2seq else limit - min(len(answer), max(1, limit // 2))
-        text, prompt, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
-        if seq2seq:  # what the field could not absorb is cut at the end, keeping the closing special token
-            cut += shortened or len(answer) > limit
-            if len(prompt) > limit:
-                prompt = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
-            out.append({"input_ids": prompt, "labels": answer[:limit]})
-            continue
-        cut += shortened or len(prompt) + len(answer) > limit
-        answer = answer[: max(1, limit // 2)] if len(prompt) + len(answer) > limit else answer
-        prompt = prompt[-(limit - len(answer)) :]  # what the field could not absorb
-        out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+    parts, cut = [], 0
+    for chunk in in_chunks(rows, split):
+        texts = [render(template, row) for row in chunk]
+        answers = _target_ids(tokenizer, [str(row[target]) for row in chunk], seq2seq)
+        out = []
+        for row, text, prompt, answer in zip(chunk, texts, prompts_ids(tokenizer, texts, seq2seq), answers):
+            room = limit if seq2seq else limit - min(len(answer), max(1, limit // 2))
+            shortened = False
+            if len(prompt) > room:  # the field loses its end; what it cannot absorb is cut below
+                text, prompt, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
+            if seq2seq:  # what the field could not absorb is cut at the end, keeping the closing special token
+                cut += shortened or len(answer) > limit
+                if len(prompt) > limit:
+                    prompt = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+                out.append({"input_ids": prompt, "labels": answer[:limit]})
+                continue
+            cut += shortened or len(prompt) + len(answer) > limit
+            answer = answer[: max(1, limit // 2)] if len(prompt) + len(answer) > limit else answer
+            prompt = prompt[-(limit - len(answer)) :]  # what the field could not absorb
+            out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+        parts.append(Rows(out))
     if cut:
         log.warning("%s: %d of %d examples longer than %d tokens were truncated (finetune.max_length)",
                     split, cut, len(rows), limit)
-    return Examples(out, tokenizer.pad_token_id, _decoder_start(recipe, config) if seq2seq else None)
+    return Examples(Rows.concat(parts), tokenizer.pad_token_id, _decoder_start(recipe, config) if seq2seq else None)
 
 
-def _target_ids(tokenizer, text: str, seq2seq: bool) -> list[int]:
-    """The answer's tokens and EOS. A decoder's targets carry the tokenizer's target special tokens, as
+def _target_ids(tokenizer, texts: list[str], seq2seq: bool) -> list[list[int]]:
+    """Each answer's tokens and EOS. A decoder's targets carry the tokenizer's target special tokens, as
     Hugging Face's seq2seq examples build them (BART: <s> ... </s>, matching the forced BOS its checkpoints
     generate; T5 and Marian: ... </s>)."""
+    if not texts:
+        return []
     eos = tokenizer.eos_token_id
-    ids = tokenizer(text_target=text)["input_ids"] if seq2seq else tokenizer(text, add_special_tokens=False)["input_ids"]
-    return ids if ids and ids[-1] == eos else [*ids, eos]
+    enc = tokenizer(text_target=texts, verbose=False) if seq2seq else tokenizer(texts, add_special_tokens=False,
+                                                                                verbose=False)
+    return [ids if ids and ids[-1] == eos else [*ids, eos] for ids in enc["input_ids"]]
 
 
 def _decoder_start(recipe, config) -> int:
@@ -201,8 +289,10 @@ def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | Non
     opts = decoding_from(recipe.finetune, recipe.train.seed)
     seq2seq = modeling.is_encoder_decoder(model.config)
     room = _limit(recipe, model.config) - (0 if seq2seq else opts.max_new_tokens)
-    prompts = [fit_prompt(tokenizer, template, r, shorten, room, special=seq2seq)[0] if room > 0 else render(template, r)
-               for r in rows]
+    prompts = [render(template, r) for r in rows]
+    if room > 0:  # only a prompt over its room is fitted (one by one)
+        prompts = [text if len(ids) <= room else fit_prompt(tokenizer, template, r, shorten, room, special=seq2seq)[0]
+                   for r, text, ids in zip(rows, prompts, prompts_ids(tokenizer, prompts, seq2seq))]
     return [outs[0].strip() for outs in generate_batch(model, tokenizer, prompts, opts, batch_size=32)]
 
 

@@ -20,6 +20,7 @@ import torch
 from gptkit import metrics, modeling
 from gptkit.errors import UserError
 from gptkit.tasks import generative as gen
+from gptkit.tokenizer import all_cores
 
 log = logging.getLogger(__name__)
 
@@ -93,26 +94,26 @@ def _limit(recipe, model) -> int:
     return min(recipe.finetune.max_length, int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings))
 
 
-def _questions(tokenizer, rows: list[dict], limit: int, split: str) -> list[str]:
-    """Each question + SEP, the question cut to half a window (as BERT's max_query_length) so the context fits."""
+def _questions(tokenizer, rows: list[dict], limit: int) -> tuple[list[str], int, int]:
+    """(each question + SEP, the question cut to half a window (as BERT's max_query_length) so the context fits;
+    how many were cut; the most tokens one has)."""
     texts = [str(r["question"]).strip() for r in rows]
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     keep = max(1, limit // 2 - 1)
     long = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) > keep]
     for i in long:
         texts[i] = texts[i][: enc["offset_mapping"][i][keep - 1][1]]
-    if long and split != "predict":
-        log.warning("%s: %d questions longer than %d tokens were cut (finetune.max_length)", split, len(long), keep)
-    return [t + SEP for t in texts]
+    texts = [t + SEP for t in texts]
+    longest = max(map(len, tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]), default=0)
+    return texts, len(long), longest
 
 
-def _stride(recipe, tokenizer, questions: list[str], limit: int, split: str) -> int:
-    """finetune.doc_stride, lowered to half the room the longest question leaves for the context."""
-    lengths = [len(ids) for ids in tokenizer(questions, add_special_tokens=False)["input_ids"]]
-    room = limit - max(lengths) - tokenizer.num_special_tokens_to_add(pair=True)
+def _stride(recipe, tokenizer, longest: int, limit: int, split: str) -> int:
+    """finetune.doc_stride, lowered to half the room the longest question (``longest`` tokens) leaves for the context."""
+    room = limit - longest - tokenizer.num_special_tokens_to_add(pair=True)
     if room < 2:
         raise UserError(f"finetune.max_length: {limit}-token windows leave no room for the context after the "
-                        f"question ({max(lengths)} tokens) and special tokens; raise finetune.max_length")
+                        f"question ({longest} tokens) and special tokens; raise finetune.max_length")
     stride = min(recipe.finetune.doc_stride, room // 2)
     if stride < recipe.finetune.doc_stride:  # said once per split, not at every evaluation
         (log.debug if split == "predict" else log.warning)(
@@ -121,21 +122,49 @@ def _stride(recipe, tokenizer, questions: list[str], limit: int, split: str) -> 
     return stride
 
 
-def windows(recipe, tokenizer, rows: list[dict], limit: int, split: str) -> list[dict]:
+def windows(recipe, tokenizer, rows: list[dict], limit: int, split: str, setup: tuple | None = None) -> list[dict]:
     """Tokenized windows of "question + SEP + context", at most ``limit`` tokens each, overlapping by doc_stride:
-    ``input_ids``, ``offsets`` (character span in the context per token, None outside the context), ``row``."""
+    ``input_ids``, ``offsets`` (character span in the context per token, None outside the context), ``row``.
+    ``setup`` is :func:`window_setup` of the whole split when ``rows`` is one chunk of it."""
     if not rows:
         return []
-    questions = _questions(tokenizer, rows, limit, split)
+    questions, stride = setup or window_setup(recipe, tokenizer, rows, limit, split)
     enc = tokenizer(questions, [str(r["context"]) for r in rows], truncation="only_second", max_length=limit,
-                    stride=_stride(recipe, tokenizer, questions, limit, split), return_overflowing_tokens=True,
-                    return_offsets_mapping=True)
+                    stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True, verbose=False)
     out = []
     for w, row in enumerate(enc["overflow_to_sample_mapping"]):
         seq = enc.sequence_ids(w)
         offsets = [tuple(o) if s == 1 and o[1] > o[0] else None for o, s in zip(enc["offset_mapping"][w], seq)]
         out.append({"input_ids": enc["input_ids"][w], "offsets": offsets, "row": row})
     return out
+
+
+def window_setup(recipe, tokenizer, rows: list[dict], limit: int, split: str) -> tuple[list[str], int]:
+    """Each row's question + SEP and the split's stride (the longest question decides it, once per split); the
+    questions are encoded a chunk at a time."""
+    questions, cut, longest = [], 0, 0
+    with all_cores():
+        for lo in range(0, len(rows), gen.CHUNK):
+            texts, n_cut, most = _questions(tokenizer, rows[lo : lo + gen.CHUNK], limit)
+            questions += texts
+            cut, longest = cut + n_cut, max(longest, most)
+    if cut and split != "predict":
+        log.warning("%s: %d questions longer than %d tokens were cut (finetune.max_length)", split, cut,
+                    max(1, limit // 2 - 1))
+    return questions, _stride(recipe, tokenizer, longest, limit, split)
+
+
+def _chunks(recipe, tokenizer, rows: list[dict], limit: int, split: str):
+    """(the chunk's first row, the chunk, its windows) over the split: windows hold character offsets per token, far
+    more than the ids, so only one chunk's exist at a time."""
+    if not rows:
+        return
+    questions, stride = window_setup(recipe, tokenizer, rows, limit, split)
+    lo = 0
+    bar = ("spans", "predicting") if split == "predict" else (split, "tokenizing")
+    for chunk in gen.in_chunks(rows, *bar, size=max(1, gen.CHUNK // 10)):  # a long context makes many windows
+        yield lo, chunk, windows(recipe, tokenizer, chunk, limit, split, (questions[lo : lo + len(chunk)], stride))
+        lo += len(chunk)
 
 
 def answer_positions(window: dict, row: dict) -> tuple[int, int]:
@@ -157,11 +186,14 @@ def preprocess(recipe, tokenizer, rows, split, model):
         targets = [{**r, "target": " " + r["answers"]["text"][0]} for r in rows]
         return gen.preprocess(recipe, tokenizer, targets, split, template=_template(recipe), target="target",
                               shorten="context")
-    out = windows(recipe, tokenizer, rows, _limit(recipe, model), split)
-    for w in out:
-        w["start_positions"], w["end_positions"] = answer_positions(w, rows[w["row"]])
+    parts = []
+    for lo, chunk, wins in _chunks(recipe, tokenizer, rows, _limit(recipe, model), split):
+        spans = [answer_positions(w, chunk[w["row"]]) for w in wins]
+        parts.append(gen.Rows([{"input_ids": w["input_ids"], "row": lo + w["row"], "start_positions": a,
+                                "end_positions": b} for w, (a, b) in zip(wins, spans)]))  # no offsets: training
+    out = gen.Rows.concat(parts)
     log.info("%s: %d rows in %d windows, %d without their answer", split, len(rows), len(out),
-             sum(w["start_positions"] == 0 for w in out))
+             int((out.cols["start_positions"] == 0).sum()) if len(out) else 0)
     return _Spans(out, tokenizer.pad_token_id)
 
 
@@ -213,28 +245,28 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
 def spans(model, tokenizer, rows, recipe) -> list[dict]:
     """Extractive qa: per row the best span over all its windows, ``{answer, start, end, score}`` (character
     offsets into the context, the span's start + end logit); an empty answer at -1 when no span is valid."""
-    wins = windows(recipe, tokenizer, rows, _limit(recipe, model), "predict")
-    data = gen.Examples(wins, tokenizer.pad_token_id)
     best = [{"answer": "", "start": -1, "end": -1, "score": float("-inf")} for _ in rows]
     was_training = model.training
     model.eval()
     try:
-        for lo in range(0, len(wins), 32):
-            idx = list(range(lo, min(len(wins), lo + 32)))
-            batch = data.batch(idx)
-            out = model(input_ids=batch["input_ids"].to(model.device),
-                        attention_mask=batch["attention_mask"].to(model.device))
-            starts, ends = out.start_logits.float().cpu(), out.end_logits.float().cpu()
-            for j, i in enumerate(idx):
-                w = wins[i]
-                value, s, e = best_span(starts[j], ends[j], w["offsets"], recipe.finetune.max_answer_tokens)
-                if value > best[w["row"]]["score"]:
-                    context = str(rows[w["row"]]["context"])
-                    lo_char, hi_char = w["offsets"][s][0], w["offsets"][e][1]
-                    text = context[lo_char:hi_char]
-                    lo_char += len(text) - len(text.lstrip())  # the span without surrounding spaces
-                    best[w["row"]] = {"answer": text.strip(), "start": lo_char, "end": lo_char + len(text.strip()),
-                                      "score": float(value)}
+        for first, chunk, wins in _chunks(recipe, tokenizer, rows, _limit(recipe, model), "predict"):
+            data = gen.Examples(wins, tokenizer.pad_token_id)
+            for lo in range(0, len(wins), 32):
+                idx = list(range(lo, min(len(wins), lo + 32)))
+                batch = data.batch(idx)
+                out = model(input_ids=batch["input_ids"].to(model.device),
+                            attention_mask=batch["attention_mask"].to(model.device))
+                starts, ends = out.start_logits.float().cpu(), out.end_logits.float().cpu()
+                for j, i in enumerate(idx):
+                    w, r = wins[i], first + wins[i]["row"]
+                    value, s, e = best_span(starts[j], ends[j], w["offsets"], recipe.finetune.max_answer_tokens)
+                    if value > best[r]["score"]:
+                        context = str(chunk[wins[i]["row"]]["context"])
+                        lo_char, hi_char = w["offsets"][s][0], w["offsets"][e][1]
+                        text = context[lo_char:hi_char]
+                        lo_char += len(text) - len(text.lstrip())  # the span without surrounding spaces
+                        best[r] = {"answer": text.strip(), "start": lo_char, "end": lo_char + len(text.strip()),
+                                   "score": float(value)}
     finally:
         model.train(was_training)
     return best
