@@ -424,18 +424,25 @@ def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, in
     return out
 
 
-def sliding_nll(model, ids: list[int], context: int, stride: int, batch_size: int) -> tuple[float, int, int]:
-    """(summed NLL in nats, tokens scored, windows); windows of equal length run batch_size at a time."""
+def sliding_nll(model, ids, context: int, stride: int, batch_size: int) -> tuple[float, int, int]:
+    """(summed NLL in nats, tokens scored, windows); windows of equal length run batch_size at a time. ``ids``: a
+    list or a (memory-mapped) numpy array of token ids; a progress bar shows on a terminal."""
+    import numpy as np
     import torch
+
+    from gptkit.progress import bar
 
     groups: list[list] = []
     for w in windows(len(ids), context, stride):
         same = groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]
         groups[-1].append(w) if same else groups.append([w])
     total, count = 0.0, 0
-    with torch.inference_mode():
+    shown = bar(len(groups), "perplexity", "batch", show_from=2)
+    with torch.inference_mode(), shown:
         for group in groups:
-            x = torch.tensor([ids[b:e] for b, e, _ in group], device=model.device)
+            shown.update()
+            rows = np.stack([np.asarray(ids[b:e], dtype=np.int64) for b, e, _ in group])
+            x = torch.from_numpy(rows).to(model.device)
             keep = torch.zeros_like(x, dtype=torch.bool)  # the positions predicting the window's scored tokens
             for j, (b, e, first) in enumerate(group):
                 keep[j, first - b - 1 : e - b - 1] = True
