@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -21,6 +23,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # test lays out its own): what a developer has downloaded cannot change a result
 os.environ["GPTKIT_CACHE"] = tempfile.mkdtemp(prefix="gptkit-test-cache-")
 os.environ["HF_HUB_CACHE"] = tempfile.mkdtemp(prefix="gptkit-test-hf-")
+for _tmp in (os.environ["GPTKIT_CACHE"], os.environ["HF_HUB_CACHE"]):  # token streams: GBs over many sessions
+    atexit.register(shutil.rmtree, _tmp, ignore_errors=True)
 
 
 @pytest.fixture

@@ -59,6 +59,11 @@ def test_unknown_key_names_file_field_and_suggestion(tmp_path):
     path = write(tmp_path / "r3.yaml", "train:\n  max_step: 3\n")
     with pytest.raises(UserError, match=r"did you mean 'max_steps'"):
         load_recipe(path)
+    path = write(tmp_path / "ok.yaml", "{}\n")
+    for hf_name, ours in (("train.learning_rate", "lr"), ("train.gradient_accumulation_steps", "grad_accum"),
+                          ("model.hidden_size", "n_embd"), ("train.save_total_limit", "keep_last")):
+        with pytest.raises(UserError, match=rf"{hf_name}: unknown key \(did you mean '{ours}'\?\)"):
+            load_recipe(path, [f"{hf_name}=1"])  # the Hugging Face name for the setting
 
 
 def test_wrong_type_names_field_and_value(tmp_path):

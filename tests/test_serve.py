@@ -88,6 +88,7 @@ def test_openai_client_completions_chat_and_streaming(lm, base):
     assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == want[0] == one.choices[0].text
     assert [ch.choices[0].finish_reason for ch in chunks if ch.choices][-1] == one.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == one.usage.completion_tokens > 0
+    assert len({ch.created for ch in chunks}) == 1 and chunks[0].created >= one.created > 0  # one time per stream
     assert r.usage.completion_tokens >= one.usage.completion_tokens
     chat = c.chat.completions.create(model="base", messages=[{"role": "system", "content": "be brief"},
                                                              {"role": "user", "content": "red blue"}],

@@ -480,9 +480,22 @@ def _apply_override(raw: dict[str, Any], parts: list[str], value: Any, cwd: Path
         _resolve_paths({parts[0]: node}, cwd)
 
 
+# Hugging Face TrainingArguments / config names users carry over, and gptkit's name for the same setting
+_HF_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "train_batch_size": "batch_size",
+             "gradient_accumulation_steps": "grad_accum", "max_grad_norm": "grad_clip", "adam_beta1": "beta1",
+             "adam_beta2": "beta2", "logging_steps": "log_every", "eval_steps": "eval_every", "save_steps": "save_every",
+             "save_total_limit": "keep_last", "label_smoothing_factor": "label_smoothing", "lr_scheduler_type":
+             "schedule", "torch_compile": "compile", "bf16": "precision", "fp16": "precision", "num_layers": "n_layer",
+             "n_positions": "context", "max_position_embeddings": "context", "hidden_size": "n_embd",
+             "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
+             "early_stopping_patience": "patience", "metric_for_best_model": "metric", "max_seq_length": "max_length"}
+
+
 def _closest(name: str, model: type[BaseModel] | None) -> str:
     if model is None:
         return ""
+    if _HF_NAMES.get(name) in model.model_fields:
+        return f" (did you mean '{_HF_NAMES[name]}'?)"
     match = difflib.get_close_matches(name, list(model.model_fields), n=1, cutoff=0.5)
     return f" (did you mean '{match[0]}'?)" if match else ""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -156,7 +157,7 @@ async def _complete(served, engine, limits, body, prompts, kind, stops, streamin
 
 async def _sse(q, job: Job, kind: str, rid: str, name: str, prompt_tokens: int, include_usage: bool):
     """Server-sent events: a chunk per piece of text, the finish reason per choice, optional usage, [DONE]."""
-    open_choices, tokens, started = len(job.choices), 0, set()
+    open_choices, tokens, started, created = len(job.choices), 0, set(), int(time.time())
     try:
         while open_choices:
             event = await q.get()
@@ -167,13 +168,14 @@ async def _sse(q, job: Job, kind: str, rid: str, name: str, prompt_tokens: int, 
             reason = event[3] if event[0] == "finish" else None
             if event[0] == "finish":
                 open_choices, tokens = open_choices - 1, tokens + event[4]
-            yield f"data: {json.dumps(rq.completion_chunk(kind, rid, name, index, text, reason, index not in started))}\n\n"
+            chunk = rq.completion_chunk(kind, rid, name, index, text, reason, index not in started, created)
+            yield f"data: {json.dumps(chunk)}\n\n"
             started.add(index)
         if include_usage:
             usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens,
                      "total_tokens": prompt_tokens + tokens}
             chunk = {"id": rid, "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
-                     "created": 0, "model": name, "choices": [], "usage": usage}
+                     "created": created, "model": name, "choices": [], "usage": usage}
             yield f"data: {json.dumps(chunk)}\n\n"
         yield "data: [DONE]\n\n"
     finally:

@@ -294,13 +294,14 @@ def _kind(name: str) -> str:
     return name.rstrip("0123456789")  # a multitask run's second translate task is "translate1"
 
 
-def completion_chunk(kind: str, rid: str, model: str, index: int, text: str, reason: str | None, first: bool) -> dict:
+def completion_chunk(kind: str, rid: str, model: str, index: int, text: str, reason: str | None, first: bool,
+                     created: int) -> dict:
+    """One streamed chunk; every chunk of a stream carries the same ``created`` (the request's time), as OpenAI's."""
     if kind == "chat":
         delta = {"role": "assistant", "content": text} if first else {"content": text}
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
-                "choices": [choice]}
-    return {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    return {"id": rid, "object": "text_completion", "created": created, "model": model,
             "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
 
 
