@@ -71,13 +71,6 @@ def ok(*args: str) -> str:
     return out
 
 
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for n in needles:
-        assert n in lines[0], f"{n!r} not in {lines[0]!r}"
-
-
 def score_files(tmp: Path, task: str, preds: list, refs: list[dict], *extra: str) -> dict:
     p = write_jsonl(tmp / f"{task}-pred.jsonl", [{"prediction": x} for x in preds])
     r = write_jsonl(tmp / f"{task}-ref.jsonl", refs)

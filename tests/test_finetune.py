@@ -273,7 +273,7 @@ def test_classify_examples_fit_the_model_and_keep_the_pair(base):
 def test_splits_are_read_on_demand_and_tokenized_in_chunks_compactly(tmp_path, base, monkeypatch):
     """Rows come from the Arrow table as they are read (a slice, an index, iteration give the file's rows under
     the task's field names); tokenizing in chunks gives the examples one call for all gives; token ids are kept as
-    int32 arrays (a Python list of ints costs ~9x as much)."""
+    uint16 or int32 arrays (a Python list of ints costs ~9-18x as much)."""
     import numpy as np
 
     from gptkit import data as data_mod
@@ -306,8 +306,9 @@ def test_splits_are_read_on_demand_and_tokenized_in_chunks_compactly(tmp_path, b
         assert len(a) == len(b) == 23 and list(a.rows) == list(b.rows)
         for key in a.batch([0]):
             assert a.batch(list(range(23)))[key].equal(b.batch(list(range(23)))[key]), key
-    flat, offsets = chunked[1].rows.cols["input_ids"]
-    assert flat.dtype == np.int32 and offsets[-1] == len(flat) == sum(len(r["input_ids"]) for r in chunked[1].rows)
+    flat, offsets = chunked[1].rows.cols["input_ids"]  # a 300-token vocabulary: 2 bytes a token; labels hold -100
+    assert flat.dtype == np.uint16 and offsets[-1] == len(flat) == sum(len(r["input_ids"]) for r in chunked[1].rows)
+    assert chunked[1].rows.cols["labels"][0].dtype == np.int32
     assert chunked[1].rows[0]["labels"].count(-100) > 0 and isinstance(chunked[0].rows[5]["label"], int)
 
 

@@ -157,17 +157,16 @@ def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0,
     from importlib.metadata import version
 
     detail, signatures = {}, {}
-    each, cis = per_example(task, preds, refs, rouge_tokenizer), {}
     if task == "translate":  # scored once: task_scores keeps only bleu and chrf of the same call
         full = metrics.translation_scores(preds, refs)
         figures = {k: full[k] for k in metrics.TASK_METRICS[task]}
         signatures = {"bleu": full["bleu_signature"], "chrf": full["chrf_signature"]}
         detail = {k: full[k] for k in ("precisions", "brevity_penalty", "sys_len", "ref_len")}
-    elif task == "summarize":  # metrics.rouge is the mean of the per-example scores: not computed twice
-        figures = {k: sum(each[k]) / len(each[k]) for k in metrics.ROUGE_TYPES}
-    else:
+    elif task != "summarize":  # (task_scores checks the inputs first)
         figures = metrics.task_scores(task, preds, refs, rouge_tokenizer=rouge_tokenizer)
-    if task == "summarize":
+    each, cis = per_example(task, preds, refs, rouge_tokenizer), {}
+    if task == "summarize":  # metrics.rouge is the mean of the per-example scores: not computed twice
+        figures = {k: sum(each[k]) / len(each[k]) for k in metrics.ROUGE_TYPES}
         signatures = {"rouge": f"rouge_score {version('rouge-score')}, use_stemmer=True, tokenizer {rouge_tokenizer}, "
                                "rougeLsum over split_sentences (rule-based), mean F-measure x 100"}
     elif task == "qa":

@@ -27,7 +27,7 @@ from gptkit import metrics, rundir, user_metrics
 from gptkit.errors import UserError
 from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder
 from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
-                                read_fields, reference_of, sha256, write_outputs)
+                                read_fields, read_text, reference_of, sha256, write_outputs)
 from gptkit.eval_report import table  # noqa: F401  (cli prints evaluate.table(result))
 
 if TYPE_CHECKING:
@@ -204,28 +204,20 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
 
 # ------------------------------------------------------------------------------------------- modes
 def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
-    """Perplexity of a causal LM on text files, strided sliding windows (:func:`gptkit.modeling.sliding_nll`).
-    The files are tokenized as pretraining tokenizes a corpus (:func:`gptkit.data.token_stream`: every core, a
-    memory-mapped stream in the cache, one document per .txt file or jsonl/csv/parquet text cell, EOS between
-    documents), so a corpus of any size evaluates in flat memory; the final EOS is not scored, and a tokenizer
-    that starts a text with BOS (Llama-style) gets it first, as ``tokenizer(text)`` gives it."""
+    """Perplexity of a causal LM on text files, strided sliding windows (:func:`gptkit.modeling.sliding_nll`): the
+    files joined by a blank line and tokenized whole, as Hugging Face's perplexity guide does (``tokenizer(text)``,
+    special tokens and all), the ids kept as one int32 array."""
     import numpy as np
 
-    from gptkit.data import token_stream
     from gptkit.modeling import context_length, sliding_nll
-    from gptkit.recipe import DataConfig
-    from gptkit.tokenizer import adds_bos
 
+    text = "\n\n".join(read_text(p, "--data") for p in data)
     model, tok, _ = load_model(model_path, "lm")
     if is_encoder_decoder(model.config):
         raise UserError(f"--task lm: perplexity needs a decoder-only model; {model_path} is an encoder-decoder "
                         f"({model.config.model_type})")
-    for p in data:
-        if not p.is_file():
-            raise UserError(f"--data: {p} not found")
-    ids = token_stream([str(p) for p in data], DataConfig(train_files=[str(p) for p in data]), tok, "--data")[:-1]
-    if adds_bos(tok):
-        ids = np.concatenate([np.array([tok.bos_token_id], dtype=ids.dtype), ids])
+    ids = np.asarray(tok(text, verbose=False)["input_ids"], dtype=np.int32)
+    del text
     context = context_length(model.config)
     stride = opts.stride or max(1, context // 2)
     if len(ids) < 2 or not 1 <= stride <= context:

@@ -48,8 +48,9 @@ def in_chunks(rows: list, split: str, doing: str = "tokenizing", size: int | Non
 
 
 class Rows:
-    """Tokenized examples kept compact: a field of token-id lists is one flat int32 array with offsets, an integer
-    field one array (as Python lists, a token costs ~36 bytes instead of 4); anything else stays a list.
+    """Tokenized examples kept compact: a field of token-id lists is one flat array with offsets (uint16 where the ids
+    fit, else int32), an integer field one array (as Python lists, a token costs ~36 bytes instead of 2 or 4);
+    anything else stays a list.
     ``rows[i]`` gives example i back as a dict of lists and ints. Built chunk by chunk and joined with :meth:`concat`,
     so a million examples never exist as Python lists at once."""
 
@@ -69,8 +70,13 @@ class Rows:
             except (TypeError, ValueError):  # not token ids (e.g. character offsets with None)
                 return values
             lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
-            return flat.astype(np.int32), np.concatenate([[0], np.cumsum(lengths)])
+            return flat.astype(Rows._dtype(flat)), np.concatenate([[0], np.cumsum(lengths)])
         return values
+
+    @staticmethod
+    def _dtype(flat: np.ndarray):
+        """uint16 for token ids of a vocabulary up to 65,536 (GPT-2's, Llama 2's), else int32 (labels hold -100)."""
+        return np.uint16 if not len(flat) or (flat.min() >= 0 and flat.max() < 2**16) else np.int32
 
     @classmethod
     def concat(cls, parts: list["Rows"]) -> "Rows":
@@ -81,7 +87,7 @@ class Rows:
             cols = [p.cols[key] for p in parts]
             if isinstance(cols[0], tuple):
                 shifts = np.cumsum([0] + [c[1][-1] for c in cols[:-1]])
-                out.cols[key] = (np.concatenate([c[0] for c in cols]),
+                out.cols[key] = (np.concatenate([c[0] for c in cols]),  # (uint16 and int32 parts give int32)
                                  np.concatenate([cols[0][1][:1]] + [c[1][1:] + s for c, s in zip(cols, shifts)]))
             elif isinstance(cols[0], np.ndarray):
                 out.cols[key] = np.concatenate(cols)
