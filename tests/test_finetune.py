@@ -312,6 +312,32 @@ def test_splits_are_read_on_demand_and_tokenized_in_chunks_compactly(tmp_path, b
     assert chunked[1].rows[0]["labels"].count(-100) > 0 and isinstance(chunked[0].rows[5]["label"], int)
 
 
+def test_plain_ids_equal_the_tokenizer_call(tmp_path, base):
+    """The batch encode gptkit calls straight on the Rust tokenizer gives tokenizer(texts, add_special_tokens=False):
+    byte-level BPE, a Llama-style tokenizer (BOS added only with special tokens), a SentencePiece-style one
+    (Metaspace), text holding special tokens, and after a truncating call left its setting on the backend."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gptkit import trained
+    from gptkit.tokenizer import plain_ids, prompts_ids
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.train_from_iterator([" ".join(translate_rows(1, 0)[0].values())] * 50,
+                           trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    spm = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    texts = ["red blue <|endoftext|> sky", "  two  spaces", "", "</s> the <s> end", "über 😀 x"]
+    for tok in (trained.tokenizer_of(str(base)), trained.tokenizer_of(str(llama_base(tmp_path / "llama"))), spm):
+        want = tok(texts, add_special_tokens=False)["input_ids"]
+        assert plain_ids(tok, texts) == want
+        tok("red blue sky", truncation=True, max_length=2)  # a setting left on the Rust tokenizer
+        assert plain_ids(tok, texts) == want
+        bos = [tok.bos_token_id] if tok("a")["input_ids"][0] == tok.bos_token_id != tok("a", add_special_tokens=False)[
+            "input_ids"][0] else []
+        assert prompts_ids(tok, texts) == [bos + w for w in want]  # Llama-style: <s> first, as generation encodes
+
+
 def test_a_row_without_a_value_is_refused(tmp_path, base):
     """A blank csv cell or a missing jsonl key is one line naming the file, row and column (not the label or
     target "None"), in training data as in the test split checked before training."""

@@ -140,8 +140,18 @@ def prompts_ids(tokenizer, texts: list[str], encoder: bool = False) -> list[list
         return []
     if encoder:
         return tokenizer(texts, verbose=False)["input_ids"]
-    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = plain_ids(tokenizer, texts)
     return [[tokenizer.bos_token_id, *i] for i in ids] if adds_bos(tokenizer) else ids
+
+
+def plain_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of many texts without special tokens: ``tokenizer(texts, add_special_tokens=False)``, through the
+    Rust tokenizer's batch encode directly where nothing (truncation, padding) is set on it — transformers' conversion
+    of each encoding to Python costs a third as much again as the encoding."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or backend.truncation is not None or backend.padding is not None:
+        return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    return [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def adds_bos(tokenizer) -> bool:

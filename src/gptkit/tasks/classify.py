@@ -12,6 +12,7 @@ from gptkit import metrics, modeling
 from gptkit.errors import UserError
 from gptkit.tasks.generative import Examples as _Padded
 from gptkit.tasks.generative import Rows, in_chunks
+from gptkit.tokenizer import plain_ids
 
 FIELDS = ("text", "label")
 OPTIONAL = ("text_pair",)
@@ -64,13 +65,11 @@ def _fit(first: list[int], second: list[int], limit: int) -> list[int]:
 
 def _encode(tokenizer, rows: list[dict], limit: int) -> list[list[int]]:
     """Each row's text (and SEP + text_pair) as token ids, fitted to ``limit`` (:func:`_fit`); never empty."""
-    firsts = tokenizer([str(r["text"]) for r in rows], add_special_tokens=False, verbose=False)["input_ids"]
+    firsts = plain_ids(tokenizer, [str(r["text"]) for r in rows])
     paired = [i for i, r in enumerate(rows) if r.get("text_pair") not in (None, "")]
     seconds = [[] for _ in rows]
-    if paired:
-        enc = tokenizer([SEP + str(rows[i]["text_pair"]) for i in paired], add_special_tokens=False, verbose=False)
-        for i, ids in zip(paired, enc["input_ids"]):
-            seconds[i] = ids
+    for i, ids in zip(paired, plain_ids(tokenizer, [SEP + str(rows[i]["text_pair"]) for i in paired]) if paired else ()):
+        seconds[i] = ids
     return [_fit(a, b, limit) or [tokenizer.eos_token_id] for a, b in zip(firsts, seconds)]
 
 

@@ -17,7 +17,7 @@ import torch
 
 from gptkit import modeling
 from gptkit.errors import UserError
-from gptkit.tokenizer import all_cores, prompt_ids, prompts_ids, release_freed_memory
+from gptkit.tokenizer import all_cores, plain_ids, prompt_ids, prompts_ids, release_freed_memory
 
 log = logging.getLogger(__name__)
 
@@ -229,9 +229,8 @@ def _target_ids(tokenizer, texts: list[str], seq2seq: bool) -> list[list[int]]:
     if not texts:
         return []
     eos = tokenizer.eos_token_id
-    enc = tokenizer(text_target=texts, verbose=False) if seq2seq else tokenizer(texts, add_special_tokens=False,
-                                                                                verbose=False)
-    return [ids if ids and ids[-1] == eos else [*ids, eos] for ids in enc["input_ids"]]
+    ids = tokenizer(text_target=texts, verbose=False)["input_ids"] if seq2seq else plain_ids(tokenizer, texts)
+    return [i if i and i[-1] == eos else [*i, eos] for i in ids]
 
 
 def _decoder_start(recipe, config) -> int:
