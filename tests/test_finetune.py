@@ -306,9 +306,12 @@ def test_splits_are_read_on_demand_and_tokenized_in_chunks_compactly(tmp_path, b
         assert len(a) == len(b) == 23 and list(a.rows) == list(b.rows)
         for key in a.batch([0]):
             assert a.batch(list(range(23)))[key].equal(b.batch(list(range(23)))[key]), key
-    flat, offsets = chunked[1].rows.cols["input_ids"]  # a 300-token vocabulary: 2 bytes a token; labels hold -100
+    flat, offsets = chunked[1].rows.cols["input_ids"]  # a 300-token vocabulary: 2 bytes a token
     assert flat.dtype == np.uint16 and offsets[-1] == len(flat) == sum(len(r["input_ids"]) for r in chunked[1].rows)
-    assert chunked[1].rows.cols["labels"][0].dtype == np.int32
+    prompts = chunked[1].rows.cols["labels"].prompt  # labels = the ids with the prompt masked: its length suffices
+    assert prompts.shape == (23,) and [r["labels"].count(-100) for r in chunked[1].rows] == prompts.tolist()
+    mixed = generative.Rows.concat([chunked[1].rows, generative.Rows([{"input_ids": [5, 6], "labels": [6, -100]}])])
+    assert list(mixed) == [*chunked[1].rows, {"input_ids": [5, 6], "labels": [6, -100]}]
     assert chunked[1].rows[0]["labels"].count(-100) > 0 and isinstance(chunked[0].rows[5]["label"], int)
 
 

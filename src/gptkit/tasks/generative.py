@@ -59,6 +59,30 @@ class Rows:
         for key in dicts[0] if dicts else ():
             values = [d[key] for d in dicts]
             self.cols[key] = self._column(values)
+        masked = self._masked_prefix()
+        if masked is not None:  # labels = the ids with a prompt masked: kept as the prompt lengths
+            self.cols["labels"] = _Masked(masked)
+
+    def _masked_prefix(self) -> np.ndarray | None:
+        """Per example, how many leading labels are -100, when every example's labels are its input ids with such a
+        prefix masked (a decoder-only prompt + target); else None."""
+        labels, ids = self.cols.get("labels"), self.cols.get("input_ids")
+        if not (isinstance(labels, tuple) and isinstance(ids, tuple) and np.array_equal(labels[1], ids[1])):
+            return None
+        lengths = np.diff(ids[1])
+        masked = labels[0] == -100
+        count = np.bincount(np.repeat(np.arange(self.n), lengths), weights=masked, minlength=self.n).astype(np.int64)
+        pos = np.arange(len(ids[0])) - np.repeat(ids[1][:-1], lengths)
+        prefix = pos < np.repeat(count, lengths)
+        return count if np.array_equal(masked, prefix) and np.array_equal(labels[0][~masked], ids[0][~masked]) else None
+
+    def _unmasked(self, key: str):
+        """A masked labels column as the flat array and offsets it stands for."""
+        flat, offsets = self.cols["input_ids"]
+        lengths = np.diff(offsets)
+        labels = flat.astype(np.int32)
+        labels[np.arange(len(flat)) - np.repeat(offsets[:-1], lengths) < np.repeat(self.cols[key].prompt, lengths)] = -100
+        return labels, offsets
 
     @staticmethod
     def _column(values: list):
@@ -85,6 +109,11 @@ class Rows:
         out.n = sum(p.n for p in parts)
         for key in parts[0].cols if parts else ():
             cols = [p.cols[key] for p in parts]
+            if any(isinstance(c, _Masked) for c in cols):
+                if all(isinstance(c, _Masked) for c in cols):
+                    out.cols[key] = _Masked(np.concatenate([c.prompt for c in cols]))
+                    continue
+                cols = [p._unmasked(key) if isinstance(c, _Masked) else c for p, c in zip(parts, cols)]
             if isinstance(cols[0], tuple):
                 shifts = np.cumsum([0] + [c[1][-1] for c in cols[:-1]])
                 out.cols[key] = (np.concatenate([c[0] for c in cols]),  # (uint16 and int32 parts give int32)
@@ -106,9 +135,20 @@ class Rows:
             if isinstance(col, tuple):
                 flat, offsets = col
                 out[key] = flat[offsets[i] : offsets[i + 1]].tolist()
-            else:
+            elif not isinstance(col, _Masked):
                 out[key] = col[i].item() if isinstance(col, np.ndarray) else col[i]
+        for key, col in self.cols.items():
+            if isinstance(col, _Masked):
+                k = int(col.prompt[i])
+                out[key] = [-100] * k + out["input_ids"][k:]
         return out
+
+
+class _Masked:
+    """A labels column that is the input ids with each example's first ``prompt[i]`` positions masked (-100)."""
+
+    def __init__(self, prompt: np.ndarray):
+        self.prompt = prompt
 
 
 class Examples:
