@@ -35,11 +35,8 @@ def _setup_offline_and_logging() -> None:
     # Hub ids are resolved by gptkit.hub (local cache first; a download only when HF_HUB_OFFLINE is not set);
     # everything else reads local files: datasets never needs the hub.
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    if "TOKENIZERS_PARALLELISM" not in os.environ:
-        from gptkit import tokenizer
-
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-        tokenizer.THREADS_DEFAULT_OFF = True
+    if "TOKENIZERS_PARALLELISM" not in os.environ:  # off by default; gptkit's own batch encodes turn it on
+        os.environ.update(TOKENIZERS_PARALLELISM="false", GPTKIT_TOKENIZER_THREADS="default-off")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     main_rank = os.environ.get("RANK", "0") == "0"

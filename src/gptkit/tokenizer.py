@@ -14,9 +14,6 @@ from contextlib import contextmanager
 from gptkit.errors import UserError
 from gptkit.recipe import TokenizerConfig
 
-# The CLI switches tokenizers' thread pool off by default (a fork after it has run warns and may deadlock); True
-# there when it did so, rather than the user: gptkit's own batch encodings then turn it back on (:func:`all_cores`).
-THREADS_DEFAULT_OFF = False
 EOS = "<|endoftext|>"
 UNK = "<unk>"
 _NO_TEXT = "tokenizer: no text to train on; expected some text in data.train_files"
@@ -115,8 +112,10 @@ def build_tokenizer(cfg: TokenizerConfig, texts: Iterable[list[str]], context: i
 
 @contextmanager
 def all_cores():
-    """Batch encodings inside run on every core, unless the user set TOKENIZERS_PARALLELISM themselves."""
-    if not THREADS_DEFAULT_OFF:
+    """Batch encodings inside run on every core, unless the user set TOKENIZERS_PARALLELISM themselves. The CLI
+    switches tokenizers' thread pool off by default (a fork after it has run warns and may deadlock) and marks that
+    in the environment, which its subprocesses (sweep trials) inherit."""
+    if os.environ.get("GPTKIT_TOKENIZER_THREADS") != "default-off":
         yield
         return
     before, os.environ["TOKENIZERS_PARALLELISM"] = os.environ.get("TOKENIZERS_PARALLELISM", "false"), "true"
