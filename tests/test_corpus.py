@@ -39,11 +39,16 @@ def expected(tok, text: str, sample_by: str) -> np.ndarray:
 
 
 def pieces(path, tok, sample_by: str, piece: int) -> np.ndarray:
+    """The stream as the tokenization workers give it: units read and encoded one by one."""
     s = corpus.Settings(sample_by=sample_by, piece=piece)
     units = corpus.plan([str(path)], s)
     assert all(u.size <= piece for u in units)
-    return np.concatenate([corpus.encode(tok.backend_tokenizer, *corpus.read(u, s)[:2], EOS, np.uint16)
-                           for u in units])
+    enc = corpus.Encoder(getattr(tok, "backend_tokenizer", tok))
+    out = []
+    for u in units:
+        texts, eos, _, continued = corpus.read(u, s, enc=enc)
+        out.append(corpus.encode(enc, texts, eos, EOS, np.uint16, continued=continued))
+    return np.concatenate(out)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -82,8 +87,8 @@ def test_a_one_line_document_is_read_in_bounded_pieces(tmp_path, bpe, monkeypatc
     reads = []
     original = corpus.read
 
-    def spy(unit, s):
-        out = original(unit, s)
+    def spy(unit, s, **kw):
+        out = original(unit, s, **kw)
         reads.append(out[2])
         return out
 
@@ -92,6 +97,71 @@ def test_a_one_line_document_is_read_in_bounded_pieces(tmp_path, bpe, monkeypatc
         reads.clear()
         assert np.array_equal(pieces(path, bpe, mode, 65536), expected(bpe, text, mode))
         assert len(reads) == -(-len(text.encode()) // 65536) and max(reads) <= 65536 + 1024
+
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _tokenizer(kind: str):
+    """Tokenizers shaped as the hub's: Llama-2/Mistral (normalizer Prepend("▁") + Replace, no pre-tokenizer, BPE),
+    Metaspace with prepend_scheme "first" (BPE) and "always" (T5-style Unigram), Llama-3 (its split regex, which
+    keeps punctuation with the newlines after it, then byte-level BPE)."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+    text = [" ".join(WORDS) * 20 + "".join(SEPS) * 10, ". ".join(WORDS) + ".\n" + ",\n".join(WORDS)]
+    if kind == "unigram":
+        tok = Tokenizer(models.Unigram())
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always")
+        trainer = trainers.UnigramTrainer(vocab_size=300, special_tokens=["<unk>"], unk_token="<unk>")
+    elif kind == "llama3":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    else:  # SentencePiece's vocabulary: "▁" only at a piece's start
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>"])
+    tok.train_from_iterator(text, trainer)
+    if kind == "llama2":  # the layout of Llama-2's tokenizer.json: the whole text is one "word" for BPE
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.pre_tokenizer = None
+    return tok
+
+
+@pytest.fixture(scope="module", params=["llama2", "metaspace", "unigram", "llama3"])
+def hub_style(request):
+    return _tokenizer(request.param)
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tokens=st.lists(st.tuples(st.sampled_from(WORDS), st.sampled_from(SEPS)), min_size=50, max_size=400),
+       sample_by=st.sampled_from(["document", "paragraph"]), piece=st.integers(40, 400))
+def test_pieces_of_sentencepiece_and_llama3_tokenizers_tokenize_like_whole_documents(tmp_path, hub_style, tokens,
+                                                                                      sample_by, piece):
+    """A cut inside a document is checked and the piece after it is encoded without the tokenizer's text-start
+    prefix: SentencePiece-style tokenizers used to get an extra "▁" per cut, Llama-3's a different split of ".\n"."""
+    text = "".join(w + s for w, s in tokens)
+    path = tmp_path / "c.txt"
+    path.write_bytes(text.encode())
+    text = text.replace("\r\n", "\n")
+    docs = [d for d in ([text] if sample_by == "document" else text.split("\n\n")) if d]
+    want = list(itertools.chain.from_iterable(e.ids + [EOS] for e in hub_style.encode_batch(docs)))
+    assert pieces(path, hub_style, sample_by, piece).tolist() == want
+    long_cell = corpus.encode(hub_style, [text], [True], EOS, np.uint32, piece=piece)  # a jsonl/parquet cell
+    assert long_cell.tolist() == hub_style.encode(text).ids + [EOS]
+
+
+@pytest.mark.parametrize("kind", ["llama2", "metaspace", "unigram"])
+def test_the_continuation_tokenizer_drops_only_the_text_start_prefix(kind):
+    tok = _tokenizer(kind)
+    cont = corpus.Encoder(tok).cont
+    assert cont is not tok
+    assert tok.encode("the café").tokens[0].startswith("▁") and not cont.encode("\nthe café").tokens[0] == "▁"
+    assert cont.encode(" the café").ids == tok.encode("the café").ids  # a space is still a "▁"
+    assert corpus.Encoder(_tokenizer("llama3")).cont.to_str() == _tokenizer("llama3").to_str()
 
 
 def test_structured_files_every_cell_of_the_text_columns_is_a_document(tmp_path, bpe):

@@ -7,9 +7,12 @@ processes in parallel for the token stream, and by the seeded sampler that feeds
   at the first *cut* at or after ``i * piece`` (found by scanning a small window), so every unit is computed
   independently of the others. A clean cut lies between documents: after a newline (``sample_by: line`` and
   JSON lines). Other text (a ``document`` — a whole .txt file —, paragraphs, a line longer than the window)
-  is cut *inside* a document, just before a whitespace byte that follows a non-space one. Byte-level BPE
-  pre-tokenizes at exactly such points, so the pieces tokenize to the ids the whole document would; EOS still
-  goes only between documents.
+  is cut *inside* a document, just before a whitespace byte that follows a non-space one (a newline first).
+  EOS still goes only between documents. Tokenization checks each such cut (:class:`Encoder`): the text around
+  it must encode to the same ids whole as in two pieces, the second encoded without the prefix a tokenizer adds
+  at a text's start (SentencePiece-style "▁", a prefix space); a cut that fails is passed over for the next one.
+  So the pieces tokenize to the ids the whole document would, for byte-level BPE (GPT-2, Llama-3: whose
+  pre-tokenizer keeps punctuation with the newlines after it) and SentencePiece-style tokenizers alike.
 - ``.parquet``: one unit per row group. ``.csv`` and JSON (not JSON-lines) files: batches of rows loaded
   with ``datasets`` (Arrow, memory-mapped, so flat as well).
 
@@ -35,10 +38,13 @@ from gptkit.errors import UserError
 
 PIECE = 1 << 20  # bytes of text per unit
 WINDOW = 1 << 16  # bytes scanned past a unit's nominal start for a cut
+CONTEXT = 512  # bytes (characters) on each side of an inner cut that are encoded to check it
+TRIES = 32  # candidate cuts of each kind checked before the next kind
 TABLE_ROWS = 2000  # rows per unit of a csv / JSON-array table
 POOL_MIN_UNITS = 8  # smaller corpora are tokenized in the main process (no worker start-up)
-STREAM_FORMAT = 2  # bump when the same files and tokenizer give other ids (the token-stream cache keys on it);
+STREAM_FORMAT = 3  # bump when the same files and tokenizer give other ids (the token-stream cache keys on it);
 # 2: special-token text in a document ("<|endoftext|>") is encoded as ordinary text; non-string cells are refused
+# 3: cuts inside a document are checked and continue without the tokenizer's text-start prefix (Encoder)
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _BEFORE_NEWLINE = re.compile(rb"\S\n")
 _BEFORE_SPACE = re.compile(rb"\S\s")
@@ -186,39 +192,72 @@ def _clean_cut(buf: bytes, lead: int, sample_by: str) -> int | None:
     return None
 
 
-def _inner_cut(buf: bytes, lead: int) -> int:
-    """A cut inside a document: before a newline, else any whitespace, that follows a non-space byte (where
-    byte-level BPE splits anyway); else at the first UTF-8 character start."""
-    for pattern in (_BEFORE_NEWLINE, _BEFORE_SPACE):
-        m = pattern.search(buf, lead - 1)
-        if m:
-            return m.start() + 1
-    return next((p for p in range(lead, len(buf)) if buf[p] & 0xC0 != 0x80), len(buf))
+def _inner_cut(buf: bytes, lead: int, stop: int, enc: Encoder | None) -> int:
+    """A cut in ``buf[lead:stop]`` inside a document: before a newline, else any whitespace, that follows a
+    non-space byte, the first that ``enc`` finds exact (bytes around it up to ``CONTEXT`` each side); else the
+    first such place; else the first UTF-8 character start."""
+
+    def around(p: int) -> tuple[str, str]:
+        return _text(buf[max(0, p - CONTEXT) : p], "left"), _text(buf[p : p + CONTEXT], "right")
+
+    kinds = [(m.start() + 1 for m in pattern.finditer(buf, lead - 1, stop)) for pattern in (_BEFORE_NEWLINE,
+                                                                                              _BEFORE_SPACE)]
+    p = _pick(kinds, around, enc)
+    if p is not None:
+        return p
+    return next((p for p in range(lead, stop) if buf[p] & 0xC0 != 0x80), stop)
 
 
-def _cut(fh, size: int, target: int, sample_by: str) -> tuple[int, bool]:
+def _text(raw: bytes, side: str) -> str:
+    """Bytes next to a cut as the text :func:`read` would make of them: a character split at the far edge
+    dropped, universal newlines."""
+    if side == "left":
+        raw = raw[next((i for i in range(min(4, len(raw))) if raw[i] & 0xC0 != 0x80), 0) :]
+    text = raw.decode("utf-8", "ignore")
+    return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
+
+
+def _pick(kinds, around, enc: Encoder | None) -> int | None:
+    """The first candidate cut (kinds in order of preference, each an iterator of positions) that ``enc`` finds
+    exact, checking at most ``TRIES`` of each kind; without ``enc`` the first candidate; else the first candidate
+    at all (None when there is none)."""
+    first = None
+    for cands in kinds:
+        for p in itertools.islice(cands, TRIES):
+            if enc is None or enc.exact(*around(p)):
+                return p
+            first = p if first is None else first
+    return first
+
+
+def _cut(fh, size: int, target: int, sample_by: str, enc: Encoder | None = None) -> tuple[int, bool]:
     """The cut at or after byte ``target`` of a text file, and whether it is clean (between documents). JSON-lines
     files are cut by :class:`_LineStarts` (a line longer than the window is read on to its end)."""
     if target <= 0:
         return 0, True
     if target >= size:
         return size, True
-    lead = min(2, target)
+    lead = min(CONTEXT, target)
     base = target - lead
     fh.seek(base)
-    buf = fh.read(lead + WINDOW)
-    p = _clean_cut(buf, lead, sample_by)
+    buf = fh.read(lead + WINDOW + CONTEXT)
+    stop = min(len(buf), lead + WINDOW)
+    p = _clean_cut(buf[:stop], lead, sample_by)
     if p is not None:
         return base + p, True
-    if base + len(buf) >= size:  # the file ends inside the window: that is the cut
+    if base + stop >= size:  # the file ends inside the window: that is the cut
         return size, True
-    return base + _inner_cut(buf, lead), False
+    return base + _inner_cut(buf, lead, stop, enc), False
 
 
-def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None) -> tuple[list[str], list[bool], int]:
-    """A unit's texts, whether each ends a document (is followed by EOS), and the bytes it covers. ``starts``: the
-    line starts found so far, shared by the calls of one pass over a corpus, so that the units inside one long JSON
-    line do not each scan to its end (quadratic in the line's length)."""
+def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
+         enc: Encoder | None = None) -> tuple[list[str], list[bool], int, bool]:
+    """A unit's texts, whether each ends a document (is followed by EOS), the bytes it covers, and whether the first
+    text continues a document cut before it (to be encoded without the tokenizer's text-start prefix). ``starts``:
+    the line starts found so far, shared by the calls of one pass over a corpus, so that the units inside one long
+    JSON line do not each scan to its end (quadratic in the line's length). ``enc``: the tokenizer the texts are
+    for, which checks the cuts inside documents (:class:`Encoder`); without it (a tokenizer's training sample)
+    the first whitespace is taken."""
     if unit.kind in ("parquet", "table"):
         if unit.kind == "parquet":
             import pyarrow.parquet as pq
@@ -235,7 +274,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None) -> t
         # a list, an object or a number is no text (its Python repr would be trained on)
         strict = Path(unit.file).suffix.lower() != ".csv"
         texts = _cells(columns, settings, lambda r: f"{unit.file}: row {first() + r} (from 0)", strict)
-        return texts, [True] * len(texts), unit.size
+        return texts, [True] * len(texts), unit.size, False
     size = os.path.getsize(unit.file)
     first, last = unit.index * settings.piece, (unit.index + 1) * settings.piece
     if unit.kind == "jsonl":
@@ -248,10 +287,10 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None) -> t
         clean_start = clean_end = True
     with open(unit.file, "rb") as fh:
         if unit.kind != "jsonl":
-            start, clean_start = _cut(fh, size, first, settings.sample_by)
-            end, clean_end = _cut(fh, size, last, settings.sample_by)
+            start, clean_start = _cut(fh, size, first, settings.sample_by, enc)
+            end, clean_end = _cut(fh, size, last, settings.sample_by, enc)
         if end <= start:
-            return [], [], 0
+            return [], [], 0, False
         fh.seek(start)
         raw = fh.read(end - start)
     if unit.kind == "jsonl":
@@ -263,7 +302,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None) -> t
                     _check_columns(f"{unit.file}: line {_line_of(unit.file, start, n)}", row, settings)
                 texts += _cells({c: [row[c]] for c in settings.text_columns}, settings,
                                 lambda _, n=n: f"{unit.file}: line {_line_of(unit.file, start, n)}")
-        return texts, [True] * len(texts), end - start
+        return texts, [True] * len(texts), end - start, False
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -272,7 +311,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None) -> t
     if "\r" in text:  # universal newlines, as Python's text mode reads them
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if settings.sample_by == "document":
-        return [text], [end == size], end - start
+        return [text], [end == size], end - start, not clean_start
     parts = text.split("\n" if settings.sample_by == "line" else "\n\n")
     # After an inner cut the first part continues the previous unit's last document (whose text had no EOS):
     # it is kept even when empty, to put that EOS. Before an inner cut the last part is unfinished: no EOS.
@@ -283,7 +322,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None) -> t
         if part or (k == 0 and not clean_start):
             texts.append(part)
             eos.append(k < len(parts) - 1 or clean_end)
-    return texts, eos, end - start
+    return texts, eos, end - start, not clean_start
 
 
 def _cells(columns: dict[str, list], settings: Settings, where, strict: bool = True) -> list[str]:
@@ -427,34 +466,96 @@ def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
 # --- tokenization ----------------------------------------------------------------------------------------
 
 
-def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, piece: int | None = None) -> np.ndarray:
-    """Token ids of ``texts`` (a ``tokenizers.Tokenizer``), EOS after those that end a document, as one array.
+class Encoder:
+    """A ``tokenizers.Tokenizer`` for documents encoded in pieces: ``tok`` for a document's first piece, ``cont`` for
+    the pieces after a cut — the same tokenizer without the prefix it adds at a text's start (a ``Prepend``
+    normalizer, Metaspace's ``prepend_scheme``, ByteLevel's ``add_prefix_space``), which the whole document has only
+    at its start. :meth:`exact` tells whether a cut gives the whole text's ids."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        self.cont = _continuation(tok) if hasattr(tok, "to_str") else tok
+
+    def exact(self, left: str, right: str) -> bool:
+        whole, head = self.tok.encode_batch_fast([left + right, left], add_special_tokens=False)
+        tail = self.cont.encode_batch_fast([right], add_special_tokens=False)[0]
+        return whole.ids == head.ids + tail.ids
+
+
+def _continuation(tok):
+    """``tok`` without the prefix it adds at a text's start (``tok`` itself when it adds none)."""
+    from tokenizers import Tokenizer
+
+    spec = json.loads(tok.to_str())
+    changed = False
+
+    def normalizer(n):
+        nonlocal changed
+        if n and n.get("type") == "Prepend":
+            changed = True
+            return None
+        if n and n.get("type") == "Sequence":
+            n["normalizers"] = [m for m in map(normalizer, n["normalizers"]) if m is not None]
+        return n
+
+    def pre_tokenizer(p):
+        nonlocal changed
+        if p and p.get("type") == "Metaspace" and (p.get("prepend_scheme", "always") != "never"
+                                                   or p.get("add_prefix_space")):
+            p["prepend_scheme"], changed = "never", True
+            if "add_prefix_space" in p:
+                p["add_prefix_space"] = False
+        elif p and p.get("type") == "ByteLevel" and p.get("add_prefix_space"):
+            p["add_prefix_space"], changed = False, True
+        elif p and p.get("type") == "Sequence":
+            for q in p["pretokenizers"]:
+                pre_tokenizer(q)
+        return p
+
+    spec["normalizer"] = normalizer(spec.get("normalizer"))
+    pre_tokenizer(spec.get("pre_tokenizer"))
+    if not changed:
+        return tok
+    cont = Tokenizer.from_str(json.dumps(spec))
+    cont.encode_special_tokens = tok.encode_special_tokens
+    return cont
+
+
+def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, piece: int | None = None,
+           continued: bool = False) -> np.ndarray:
+    """Token ids of ``texts`` (an :class:`Encoder`, or a ``tokenizers.Tokenizer`` to make one of), EOS after those
+    that end a document, as one array. ``continued``: the first text continues a document cut before it.
 
     ``tok`` should encode special tokens as ordinary text (``tok.encode_special_tokens = True``, as the workers'
     tokenizer does): a literal "<|endoftext|>" in a document is its characters, EOS comes only between documents.
 
-    Encoded in batches of about ``piece`` characters (default ``PIECE``), a longer text in pieces cut where
-    byte-level BPE splits anyway (:func:`_split_long`): memory follows the piece size, not the longest row of a
+    Encoded in batches of about ``piece`` characters (default ``PIECE``), a longer text in pieces cut where the
+    encoder finds the cut exact (:func:`_split_long`): memory follows the piece size, not the longest row of a
     jsonl or parquet file (one 15 MB cell was hundreds of MB of encodings per worker)."""
+    enc = tok if isinstance(tok, Encoder) else Encoder(tok)
     piece = piece or PIECE
     out: list[list[int]] = []
-    batch: list[str] = []
-    ends: list[bool] = []
+    batch: list[tuple[str, bool, bool]] = []  # (text, ends a document, continues one)
 
     def flush():
-        for enc, end in zip(tok.encode_batch_fast(batch, add_special_tokens=False), ends):
-            out.append(enc.ids)
+        ids: list = [None] * len(batch)
+        for cont, encoder in ((False, enc.tok), (True, enc.cont)):
+            group = [k for k, b in enumerate(batch) if b[2] == cont]
+            if group:
+                for k, e in zip(group, encoder.encode_batch_fast([batch[k][0] for k in group],
+                                                                 add_special_tokens=False)):
+                    ids[k] = e.ids
+        for (_, end, _), i in zip(batch, ids):
+            out.append(i)
             if end:
                 out.append([eos_id])
         batch.clear()
-        ends.clear()
 
     size = 0
-    for text, end in zip(texts, eos_after):
-        parts = _split_long(text, piece)
+    for n, (text, end) in enumerate(zip(texts, eos_after)):
+        parts = _split_long(text, piece, enc)
         for k, part in enumerate(parts):
-            batch.append(part)
-            ends.append(end and k == len(parts) - 1)
+            batch.append((part, end and k == len(parts) - 1, k > 0 or (n == 0 and continued)))
             size += len(part)
             if size >= piece:
                 flush()
@@ -468,22 +569,20 @@ _STR_BEFORE_NEWLINE = re.compile(r"\S(?=\n)")
 _STR_BEFORE_SPACE = re.compile(r"\S(?=[ \t\n\r\f\v])")
 
 
-def _split_long(text: str, piece: int) -> list[str]:
+def _split_long(text: str, piece: int, enc: Encoder | None = None) -> list[str]:
     """``text`` in pieces of about ``piece`` characters, each cut just before ASCII whitespace that follows a
-    non-space character (newline first), as :func:`_inner_cut` cuts files: the pieces tokenize to the whole
-    text's ids. Without such whitespace in the next ``WINDOW`` characters the cut falls at ``piece`` (the text's
-    end when that is within the window)."""
+    non-space character (newline first) that ``enc`` finds exact, as :func:`_inner_cut` cuts files: the pieces
+    tokenize to the whole text's ids. Without such whitespace in the next ``WINDOW`` characters the cut falls at
+    ``piece`` (the text's end when that is within the window)."""
     if len(text) <= piece:
         return [text]
+    context = min(CONTEXT, piece // 2)  # a check encodes at most 1.5 pieces
     parts, start = [], 0
     while len(text) - start > piece:
         target = start + piece
-        cut = None
-        for pattern in (_STR_BEFORE_NEWLINE, _STR_BEFORE_SPACE):
-            m = pattern.search(text, target - 1, target + WINDOW)
-            if m:
-                cut = m.start() + 1
-                break
+        kinds = [(m.start() + 1 for m in pattern.finditer(text, target - 1, target + WINDOW))
+                 for pattern in (_STR_BEFORE_NEWLINE, _STR_BEFORE_SPACE)]
+        cut = _pick(kinds, lambda p: (text[max(0, p - context) : p], text[p : p + context]), enc)
         if cut is None:  # the text ends inside the window: the rest is the last piece; else a cut between characters
             cut = len(text) if len(text) - target <= WINDOW else target
         parts.append(text[start:cut])
@@ -505,12 +604,12 @@ def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Setting
     tok.encode_special_tokens = True  # document text is ordinary text (tiktoken's encode_ordinary): EOS only between
     if "starts" in _worker:
         _worker["starts"].close()
-    _worker.update(tok=tok, eos=eos_id, dtype=np.dtype(dtype), settings=settings, starts=_LineStarts(settings.piece))
+    _worker.update(enc=Encoder(tok), eos=eos_id, dtype=np.dtype(dtype), settings=settings, starts=_LineStarts(settings.piece))
 
 
 def _encode_unit(unit: Unit) -> tuple[np.ndarray, int]:
-    texts_, eos, nbytes = read(unit, _worker["settings"], _worker["starts"])
-    return encode(_worker["tok"], texts_, eos, _worker["eos"], _worker["dtype"]), nbytes
+    texts_, eos, nbytes, continued = read(unit, _worker["settings"], _worker["starts"], _worker["enc"])
+    return encode(_worker["enc"], texts_, eos, _worker["eos"], _worker["dtype"], continued=continued), nbytes
 
 
 def tokenize(units: list[Unit], settings: Settings, tokenizer_json: str, eos_id: int, dtype: str,
