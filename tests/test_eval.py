@@ -278,13 +278,13 @@ def test_classifier_run_and_label_likelihood(tmp_path, lm_dir):
                                                       ("white small old", "warm"), ("blue", "cold")]]
     data = write_jsonl(tmp_path / "cls.jsonl", rows)
     ok("eval", "--model", str(run), "--data", str(data), "--batch-size", "2")  # task taken from the run
-    got = json.loads((run / "eval-classify" / "metrics.json").read_text())
+    got = json.loads((run / "eval-classify-cls" / "metrics.json").read_text())  # named for --data
     from gptkit import trained
     from gptkit.recipe import Recipe
 
     recipe = Recipe.model_validate(yaml.safe_load((run / "recipe.yaml").read_text()))
     expected = classify.predict(trained.load_model(run, "classify", recipe).eval(), make_tokenizer(), rows, recipe)
-    assert [p["prediction"] for p in lines(run / "eval-classify" / "predictions.jsonl")] == expected
+    assert [p["prediction"] for p in lines(run / "eval-classify-cls" / "predictions.jsonl")] == expected
     assert got["metrics"]["accuracy"] == pytest.approx(100 * sum(e == r["label"] for e, r in zip(expected, rows)) / 5)
     # a plain causal LM classifies by the likelihood of " <label>" after the prompt
     ok("eval", "--model", str(lm_dir), "--task", "classify", "--data", str(data), "--out", str(tmp_path / "ll"))

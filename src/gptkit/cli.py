@@ -188,7 +188,9 @@ def eval_(
     split: Annotated[Optional[str], typer.Option("--split", help="Recipe split: test, validation or train.")] = None,
     predictions: Annotated[Optional[str], typer.Option("--predictions", help="Score this JSONL of predictions.")] = None,
     references: Annotated[Optional[str], typer.Option("--references", help="JSONL of references for --predictions.")] = None,
-    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: MODEL_DIR/eval-TASK).")] = None,
+    out: Annotated[Optional[str], typer.Option("--out", help="Output folder (default: MODEL_DIR/eval-TASK; "
+                                               "eval-TASK-SPLIT for --split, eval-TASK-NAME for --data NAME.jsonl).")
+                   ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Examples (lm: windows) per batch.")] = 16,
     num_beams: Annotated[Optional[int], typer.Option("--num-beams", help="Beam width (default: the run's, else 4; 1 when sampling).")] = None,
     max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="Tokens generated per example.")] = None,

@@ -418,7 +418,9 @@ def run(opts: Options, recipe=None) -> dict:
     if opts.predictions or opts.references:
         return run_predictions(opts, task)
     data, split = _data(opts, source)
-    out = Path(opts.out) if opts.out else home / f"eval-{task}{'-' + split if split not in ('', 'test') else ''}"
+    # the recipe's test split: eval-<task>; another split: eval-<task>-<split>; --data FILE: eval-<task>-<its name>
+    name = split if split else data[0].stem if len(data) == 1 else f"{data[0].stem}-and-{len(data) - 1}-more"
+    out = Path(opts.out) if opts.out else home / f"eval-{task}{'-' + name if name != 'test' else ''}"
     log.info("eval: %s on %s (%s) -> %s", model_path, ", ".join(map(str, data)), task, out)
     if task == "lm":
         if opts.metrics:
