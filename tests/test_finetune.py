@@ -722,3 +722,42 @@ def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch, m
     modeling.scored_cross_entropy(model, keep, targets, **inputs)
     # one call of the output layer: fused, the passthrough that hands back the hidden states (never a projection)
     assert rows[calls:] == [keep.numel()] and widths[calls:] == [97 if arch == "bart" else 32]
+
+
+def test_a_second_run_reuses_the_tokenized_examples(tmp_path, base, caplog, monkeypatch):
+    """Tokenized examples are cached by files, tokenizer, model config and the preprocessing fields: a run that
+    differs in training settings only (a sweep's next trial, a resume, another output.dir, LoRA) loads them, repeats
+    what making them logged (the truncation count) and trains exactly as the first; another max_length or an edited
+    file tokenizes again."""
+    import logging
+
+    monkeypatch.setenv("GPTKIT_CACHE", str(tmp_path / "cache"))
+    s = splits(tmp_path, translate_rows, 40)
+    recipe = finetune_recipe(tmp_path, "a", "translate", base, s,
+                             finetune={"max_length": 12, "eval_examples": 4, "max_new_tokens": 4},
+                             train={"max_steps": 3, "eval_every": 3, "save_every": 3, "log_every": 1, "batch_size": 8})
+
+    def run(*overrides: str) -> str:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="gptkit"):
+            code, _, err = run_cli("finetune", str(recipe), *overrides)
+        assert code == 0, err
+        return caplog.text
+
+    def losses(run_dir: str) -> list:
+        return [r["train_loss"] for r in map(json.loads, (tmp_path / run_dir / "metrics.jsonl").read_text().splitlines())
+                if "train_loss" in r]
+
+    first = run()
+    assert "using cached examples" not in first and "examples longer than 12 tokens were truncated" in first
+    again = run(f"output.dir={tmp_path / 'b'}")
+    assert again.count("using cached examples") == 3  # train, validation, test
+    assert "examples longer than 12 tokens were truncated" in again
+    assert losses("b") == losses("a") and len(losses("a")) == 3
+    trial = run(f"output.dir={tmp_path / 'c'}", "train.lr=1e-3", "finetune.method=lora", "finetune.num_beams=1")
+    assert trial.count("using cached examples") == 3
+    longer = run(f"output.dir={tmp_path / 'd'}", "finetune.max_length=14")
+    assert "using cached examples" not in longer
+    s["validation"].write_text(s["validation"].read_text() + json.dumps(translate_rows(1, 9)[0]) + "\n")
+    edited = run(f"output.dir={tmp_path / 'e'}")
+    assert "using cached examples" not in edited  # every split's key covers every file of the recipe

@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,109 @@ def _cache_key(files: list[str], cfg: DataConfig, tokenizer) -> str:
     h.update(f"{cfg.text_column}|{cfg.sample_by}|".encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     return h.hexdigest()[:24]
+
+
+EXAMPLES_FORMAT = 1  # bump when the same inputs give other fine-tuning examples (the gptkit source is keyed too)
+# The recipe in a cached split's key: every section but these, which are left out (None) or cut to the fields named,
+# as nothing else in them changes the examples (a sweep over lr or LoRA, a resume, another output.dir reuse them).
+# A field not listed here is in the key: a forgotten one costs a cache miss, never stale examples.
+_EXAMPLES_KEY = {
+    "description": None, "output": None, "distributed": None, "train": {"seed"},
+    "data": {"train_files", "val_files", "test_files", "columns", "train_weights", "text_column", "sample_by"},
+    "finetune": {"prompt", "max_length", "synthetic_tag", "tasks", "qa_mode", "doc_stride", "max_answer_tokens",
+                 "loss"},
+}
+
+
+@lru_cache(maxsize=1)
+def _source_digest() -> str:
+    """gptkit's own code, hashed: examples cached by one version are never read by another."""
+    h = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.rglob("*.py")):
+        h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def _examples_key(recipe, tokenizer, model, split: str) -> str:
+    import tokenizers
+    import transformers
+
+    spec = recipe.model_dump(mode="json")
+    for section, kept in _EXAMPLES_KEY.items():
+        if kept is None:
+            spec.pop(section, None)
+        else:
+            spec[section] = {k: v for k, v in spec[section].items() if k in kept}
+    h = hashlib.sha256(f"examples format {EXAMPLES_FORMAT}|{split}|{_source_digest()}|{transformers.__version__}|"
+                       f"{tokenizers.__version__}\n".encode())
+    h.update(json.dumps(spec, sort_keys=True).encode())
+    patterns = [*recipe.data.train_files, *recipe.data.val_files, *recipe.data.test_files,
+                *(f for t in recipe.finetune.tasks for f in (*t.train_files, *t.val_files, *t.test_files))]
+    for f in sorted({m for p in patterns for m in (glob.glob(p, recursive=True) if glob.has_magic(p) else [p])}):
+        st = os.stat(f)
+        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(type(tokenizer).__name__.encode())
+    h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode() if model is not None else b"")
+    return h.hexdigest()[:24]
+
+
+class _Recorder(logging.Handler):
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[str, int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.name, record.levelno, record.getMessage()))
+
+
+def cached_examples(recipe, tokenizer, model, split: str, make):
+    """``make()`` (a task's ``preprocess`` of ``split``), cached in ``<cache>/examples/``: a second run on the same
+    files, tokenizer, model config and preprocessing fields — a resume, a sweep's next trial, the other ranks of a
+    distributed run (they wait for the first) — loads the examples instead of tokenizing again, and logs what making
+    them logged (truncation counts). The cache is skipped, with a warning, where it cannot be written."""
+    import pickle
+
+    root = cache_root(recipe.data) / "examples"
+    key = _examples_key(recipe, tokenizer, model, split)
+    path = root / f"{key}.pkl"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        lock = _locked(root / f".{key}.lock")
+        lock.__enter__()
+    except OSError as e:
+        log.warning("examples cache %s not writable (%s): tokenizing %s without it", root, e.strerror or e, split)
+        return make()
+    try:
+        if path.exists():
+            try:
+                with open(path, "rb") as fh:
+                    records, examples = pickle.load(fh)
+            except Exception as e:  # a torn or foreign file: made again
+                log.warning("examples cache %s unreadable (%s): tokenizing %s again", path, e, split)
+            else:
+                log.info("using cached examples for %s (%d)", split, len(examples))
+                for name, level, msg in records:
+                    logging.getLogger(name).log(level, "%s", msg)
+                return examples
+        recorder = _Recorder()
+        logging.getLogger("gptkit").addHandler(recorder)
+        try:
+            examples = make()
+        finally:
+            logging.getLogger("gptkit").removeHandler(recorder)
+        tmp = root / f".{key}.tmp"
+        try:
+            with open(tmp, "wb") as fh:
+                pickle.dump((recorder.records, examples), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            os.replace(tmp, path)
+        except OSError as e:  # a full disk costs the cache, not the run
+            tmp.unlink(missing_ok=True)
+            log.warning("examples cache: could not write %s (%s)", path, e.strerror or e)
+        return examples
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def text_settings(cfg: DataConfig):

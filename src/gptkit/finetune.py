@@ -202,10 +202,10 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     accelerator = engine.make_accelerator(recipe.train, recipe.distributed)
     set_seed(recipe.train.seed)
     model = task.build_model(recipe, tokenizer, rows["train"])
-    train = task.preprocess(recipe, tokenizer, rows["train"], "train", model)
-    val = task.preprocess(recipe, tokenizer, rows["validation"], "validation", model) if "validation" in rows else None
-    if "test" in rows:  # its labels, answers and prompt fields are checked now, not after training
-        task.preprocess(recipe, tokenizer, rows["test"], "test", model)
+    prepared = {split: data_mod.cached_examples(recipe, tokenizer, model, split,
+                                                partial(task.preprocess, recipe, tokenizer, rows[split], split, model))
+                for split in ("train", "validation", "test") if split in rows}  # test: checked now, not after training
+    train, val = prepared["train"], prepared.get("validation")
     if recipe.finetune.method == "lora":
         model = _lora(recipe, model, task_name)
     modeling.trainable_precision(model, recipe.finetune.method)
