@@ -546,3 +546,40 @@ def test_a_multitask_run_serves_each_of_its_tasks(base, tmp_path):
             want = tasks.load(task).predict(model, tok, [row], multitask.sub_recipe(run, i))[0]
             assert r.json()["data"][0]["text"] == want  # the task's own prompt ("{document} tldr") and decoding
         assert httpx.post(f"{proc.url}/v1/classify", json={"text": "a"}).status_code == 404
+
+
+def test_sampling_a_request_leaves_out_comes_from_the_generation_config(base, tmp_path, caplog):
+    """As vLLM: temperature / top_p / top_k / repetition_penalty set in the model's generation_config.json are the
+    defaults of a request that leaves them out; the request's own values win; --no-generation-config and a gptkit run
+    (which sets none) give OpenAI's; a value no request could give is dropped with a warning."""
+    import json
+    import logging
+    import shutil
+
+    from gptkit.serve import requests as rq
+
+    model = tmp_path / "instruct"
+    shutil.copytree(base, model)
+    path = model / "generation_config.json"
+    config = json.loads(path.read_text()) if path.exists() else {}
+    path.write_text(json.dumps({**config, "do_sample": True, "temperature": 0.6, "top_p": 0.9, "top_k": 7,
+                                "repetition_penalty": 1.1}))
+    served = rq.load(str(model))
+    assert served.defaults == {"temperature": 0.6, "top_p": 0.9, "top_k": 7, "repetition_penalty": 1.1}
+
+    def sampling(body, s=served):
+        return rq.generation_job(s, rq.Limits(), {"prompt": "a", **body}, ["a"], send=None)[0].sampling
+
+    got = sampling({})
+    assert got.do_sample and (got.temperature, got.top_p, got.top_k, got.repetition_penalty) == (0.6, 0.9, 7, 1.1)
+    got = sampling({"temperature": 0, "repetition_penalty": None})  # the request's greedy wins; null: the default
+    assert not got.do_sample and got.repetition_penalty == 1.1
+    got = sampling({"top_p": 0.5, "top_k": 0})
+    assert (got.temperature, got.top_p, got.top_k) == (0.6, 0.5, None)
+    plain = sampling({}, rq.load(str(model), use_defaults=False))
+    assert (plain.temperature, plain.top_p, plain.top_k, plain.repetition_penalty) == (1.0, 1.0, None, 1.0)
+    assert rq.load(str(base)).defaults == {}
+    path.write_text(json.dumps({**config, "do_sample": True, "temperature": 5.0, "top_p": 0.9}))
+    with caplog.at_level(logging.WARNING, logger="gptkit"):
+        assert rq.load(str(model)).defaults == {"top_p": 0.9}
+    assert "generation_config.json: temperature 5.0 is outside [0.0, 2.0]" in caplog.text

@@ -379,13 +379,17 @@ def serve(
     max_tokens: Annotated[int, typer.Option(help="Most tokens one completion may ask for.")] = 1024,
     max_request_bytes: Annotated[int, typer.Option(help="Largest request body accepted.")] = 1 << 20,
     drain_seconds: Annotated[float, typer.Option(help="On SIGTERM, how long in-flight requests may finish.")] = 30.0,
+    generation_config: Annotated[bool, typer.Option(
+        help="Sampling a request leaves out (temperature, top_p, top_k, repetition_penalty) from the model's "
+             "generation_config.json, as vLLM does; --no-generation-config: OpenAI's defaults.")] = True,
 ) -> None:
     """Serve a model over HTTP: OpenAI-compatible completions and chat (streaming too), and a fine-tuned run's
     task (POST /v1/classify, /v1/qa, /v1/translate, /v1/summarize). Needs gptkit[serve]."""
     from gptkit import serve as serving
 
     serving.run(model_dir, host=host, port=port, name=name, api_key=api_key, max_batch=max_batch, wait_ms=wait_ms,
-                max_tokens=max_tokens, max_request_bytes=max_request_bytes, drain_seconds=drain_seconds)
+                max_tokens=max_tokens, max_request_bytes=max_request_bytes, drain_seconds=drain_seconds,
+                generation_config=generation_config)
 
 
 @app.command()

@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 
 def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None,
         api_key: str | None = None, max_batch: int = 32, wait_ms: float = 5.0, max_tokens: int = 1024,
-        max_request_bytes: int = 1 << 20, drain_seconds: float = 30.0) -> None:
+        max_request_bytes: int = 1 << 20, drain_seconds: float = 30.0, generation_config: bool = True) -> None:
     """Load ``model`` and serve it until SIGINT/SIGTERM (in-flight requests finish first)."""
     try:
         import uvicorn
@@ -46,7 +46,7 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | No
         sock.bind((host, port))
     except OSError as exc:
         raise UserError(f"--host/--port: cannot listen on {host}:{port}: {exc.strerror}") from None
-    served = load(model, name)
+    served = load(model, name, use_defaults=generation_config)
     engine = Engine(served.model, served.tok, served.tasks, max_batch=max_batch, wait_ms=wait_ms).start()
     app = build_app(served, engine, Limits(max_tokens=max_tokens, max_body=max_request_bytes, api_key=api_key))
     config = uvicorn.Config(app, log_level="warning", access_log=False, timeout_graceful_shutdown=drain_seconds,
@@ -56,6 +56,9 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | No
     routes += [f"/v1/{t}" for t in served.tasks]
     log.info("serving %s as '%s' at http://%s:%d (%s); batches of up to %d, %s", model, served.name, host, bound,
              ", ".join(routes), max_batch, "API key required" if api_key else "no API key")
+    if served.defaults:
+        log.info("sampling a request leaves out: %s (generation_config.json; --no-generation-config for OpenAI's)",
+                 ", ".join(f"{k} {v}" for k, v in served.defaults.items()))
     try:
         _server_class()(config).run(sockets=[sock])
     finally:

@@ -10,7 +10,7 @@ import logging
 import math
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -48,13 +48,14 @@ class Served:
     run: Any  # the run's recipe, None for a plain model
     tasks: dict  # endpoint name -> function(rows) -> results
     lm: bool  # completions and chat are served
+    defaults: dict = field(default_factory=dict)  # sampling a request leaves out: the model's generation_config
 
     @property
     def context(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
 
-def load(path: str, name: str | None = None) -> Served:
+def load(path: str, name: str | None = None, use_defaults: bool = True) -> Served:
     """The model of a run or model directory (loaded as ``gptkit eval`` loads it) and its endpoints."""
     from pathlib import Path
 
@@ -63,7 +64,36 @@ def load(path: str, name: str | None = None) -> Served:
     model, tok, run = trained.load_any(path, "RUN")
     task_fns = _task_functions(model, tok, run) if run is not None else {}
     lm = run is None or not trained.has_head(run.task, run)
-    return Served(name or Path(path).resolve().name, model, tok, run, task_fns, lm)
+    return Served(name or Path(path).resolve().name, model, tok, run, task_fns, lm,
+                  sampling_defaults(model) if use_defaults else {})
+
+
+SAMPLING_DEFAULTS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, None),
+                     "repetition_penalty": None}  # each with the range a request's value must be in
+
+
+def sampling_defaults(model) -> dict:
+    """The sampling settings the model's ``generation_config.json`` sets (those differing from transformers'
+    defaults), used where a request leaves them out, as vLLM does (``--generation-config auto``): an instruct
+    model's temperature 0.6 / top_p 0.9 without each client repeating them. A value a request could not give is
+    left out with a warning."""
+    from gptkit.generation import REPETITION_PENALTY
+
+    config = getattr(model, "generation_config", None)
+    diff = config.to_diff_dict() if config is not None else {}
+    out = {}
+    for key, limits in SAMPLING_DEFAULTS.items():
+        value = diff.get(key)
+        if value is None:
+            continue
+        low, high = limits or REPETITION_PENALTY
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low
+                or high is not None and value > high):
+            log.warning("generation_config.json: %s %r is outside [%s, %s]; requests default to OpenAI's", key, value,
+                        low, high)
+            continue
+        out[key] = value
+    return out
 
 
 def _task_functions(model, tok, run) -> dict:
@@ -98,10 +128,12 @@ def _generative(model, tok, recipe):
 
 
 # ------------------------------------------------------------------------------------------- requests
-def _sampling(body: dict, where: str = "") -> Any:
+def _sampling(body: dict, defaults: dict | None = None) -> Any:
+    """A request's sampling; what it leaves out comes from ``defaults`` (:func:`sampling_defaults`), else OpenAI's."""
     from gptkit.generation import REPETITION_PENALTY
     from gptkit.serve.engine import Sampling
 
+    body = {**(defaults or {}), **{k: v for k, v in body.items() if v is not None}}
     temperature = _number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = _number(body, "top_p", 1.0, low=0.0, high=1.0, open_low=True)
     top_k = body.get("top_k")
@@ -248,7 +280,7 @@ def generation_job(served: Served, limits: Limits, body: dict, prompts: list, se
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     asked = _integer(body, key, None, low=1, high=limits.max_tokens)
     n = _integer(body, "n", 1, low=1, high=16)
-    sampling = _sampling(body)
+    sampling = _sampling(body, served.defaults)
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict)
                                 or not isinstance(options.get("include_usage", False), bool)):
