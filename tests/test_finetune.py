@@ -761,3 +761,42 @@ def test_a_second_run_reuses_the_tokenized_examples(tmp_path, base, caplog, monk
     s["validation"].write_text(s["validation"].read_text() + json.dumps(translate_rows(1, 9)[0]) + "\n")
     edited = run(f"output.dir={tmp_path / 'e'}")
     assert "using cached examples" not in edited  # every split's key covers every file of the recipe
+
+
+def test_cached_examples_are_mapped_from_the_cache_file_and_a_torn_file_is_made_again(tmp_path, base, caplog,
+                                                                                        monkeypatch):
+    """The examples a run trains on are read-only views of the cache file (the page cache holds the token ids, not
+    the process), equal to those made in memory; a torn cache file is a warning and the examples are made again."""
+    import logging
+
+    import numpy as np
+
+    from gptkit import data as data_mod
+    from gptkit import trained
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import translate
+
+    monkeypatch.setenv("GPTKIT_CACHE", str(tmp_path / "cache"))
+    recipe = load_recipe(finetune_recipe(tmp_path, "t", "translate", base, splits(tmp_path, translate_rows, 30)))
+    tok = trained.tokenizer_of(recipe.model.init_from)
+    rows = translate_rows(30, 1)
+    fresh = translate.preprocess(recipe, tok, rows, "train")
+    made = []
+
+    def make():
+        made.append(1)
+        return translate.preprocess(recipe, tok, rows, "train")
+
+    first = data_mod.cached_examples(recipe, tok, None, "train", make)
+    again = data_mod.cached_examples(recipe, tok, None, "train", make)
+    assert len(made) == 1
+    for got in (first, again):
+        flat = got.rows.cols["input_ids"][0]
+        assert not flat.flags.writeable and not flat.flags.owndata  # a view of the mapped file
+        assert list(got.rows) == list(fresh.rows)
+        assert all(got.batch([0, 7, 29])[k].equal(v) for k, v in fresh.batch([0, 7, 29]).items())
+    (cached,) = (tmp_path / "cache" / "examples").glob("*.examples")
+    cached.write_bytes(cached.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="gptkit"):
+        torn = data_mod.cached_examples(recipe, tok, None, "train", make)
+    assert len(made) == 2 and "unreadable" in caplog.text and list(torn.rows) == list(fresh.rows)

@@ -162,12 +162,12 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
     """``make()`` (a task's ``preprocess`` of ``split``), cached in ``<cache>/examples/``: a second run on the same
     files, tokenizer, model config and preprocessing fields — a resume, a sweep's next trial, the other ranks of a
     distributed run (they wait for the first) — loads the examples instead of tokenizing again, and logs what making
-    them logged (truncation counts). The cache is skipped, with a warning, where it cannot be written."""
-    import pickle
-
+    them logged (truncation counts). Their arrays are memory-mapped from the cache file (:func:`_save_examples`), the
+    first run's too once written: training holds the token ids in the page cache, not in its own memory. The cache is
+    skipped, with a warning, where it cannot be written."""
     root = cache_root(recipe.data) / "examples"
     key = _examples_key(recipe, tokenizer, model, split)
-    path = root / f"{key}.pkl"
+    path = root / f"{key}.examples"
     try:
         root.mkdir(parents=True, exist_ok=True)
         lock = _locked(root / f".{key}.lock")
@@ -178,8 +178,7 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
     try:
         if path.exists():
             try:
-                with open(path, "rb") as fh:
-                    records, examples = pickle.load(fh)
+                records, examples = _load_examples(path)
             except Exception as e:  # a torn or foreign file: made again
                 log.warning("examples cache %s unreadable (%s): tokenizing %s again", path, e, split)
             else:
@@ -195,15 +194,56 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
             logging.getLogger("gptkit").removeHandler(recorder)
         tmp = root / f".{key}.tmp"
         try:
-            with open(tmp, "wb") as fh:
-                pickle.dump((recorder.records, examples), fh, protocol=pickle.HIGHEST_PROTOCOL)
+            _save_examples(tmp, (recorder.records, examples))
             os.replace(tmp, path)
         except OSError as e:  # a full disk costs the cache, not the run
             tmp.unlink(missing_ok=True)
             log.warning("examples cache: could not write %s (%s)", path, e.strerror or e)
-        return examples
+            return examples
+        return _load_examples(path)[1]
     finally:
         lock.__exit__(None, None, None)
+
+
+_EXAMPLES_MAGIC = b"GPTKEX01"
+_ALIGN = 64
+
+
+def _save_examples(path: Path, obj) -> None:
+    """``obj`` pickled (protocol 5) with its numpy arrays' data out of band, each at an aligned offset after the
+    pickle: :func:`_load_examples` maps them instead of reading them."""
+    import pickle
+
+    buffers: list = []
+    payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
+    raws = [b.raw() for b in buffers]
+    head = 24 + 16 * len(raws)
+    offset, spans = head + len(payload), []
+    for raw in raws:
+        offset += -offset % _ALIGN
+        spans.append((offset, raw.nbytes))
+        offset += raw.nbytes
+    with open(path, "wb") as fh:
+        fh.write(_EXAMPLES_MAGIC + len(payload).to_bytes(8, "little") + len(raws).to_bytes(8, "little"))
+        fh.write(b"".join(a.to_bytes(8, "little") + n.to_bytes(8, "little") for a, n in spans))
+        fh.write(payload)
+        for raw, (at, _) in zip(raws, spans):
+            fh.write(b"\0" * (at - fh.tell()))
+            fh.write(raw)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _load_examples(path: Path):
+    import pickle
+
+    mm = np.memmap(path, dtype=np.uint8, mode="r")
+    if bytes(mm[:8]) != _EXAMPLES_MAGIC:
+        raise ValueError("not a gptkit examples file")
+    size, n = int.from_bytes(bytes(mm[8:16]), "little"), int.from_bytes(bytes(mm[16:24]), "little")
+    spans = np.frombuffer(bytes(mm[24 : 24 + 16 * n]), dtype="<u8").reshape(n, 2)
+    head = 24 + 16 * n
+    return pickle.loads(memoryview(mm[head : head + size]), buffers=[mm[a : a + b] for a, b in spans.tolist()])
 
 
 def text_settings(cfg: DataConfig):
