@@ -137,12 +137,13 @@ def hub_style(request):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(tokens=st.lists(st.tuples(st.sampled_from(WORDS), st.sampled_from(SEPS)), min_size=50, max_size=400),
-       sample_by=st.sampled_from(["document", "paragraph"]), piece=st.integers(40, 400))
-def test_pieces_of_sentencepiece_and_llama3_tokenizers_tokenize_like_whole_documents(tmp_path, hub_style, tokens,
-                                                                                      sample_by, piece):
-    """A cut inside a document is checked and the piece after it is encoded without the tokenizer's text-start
-    prefix: SentencePiece-style tokenizers used to get an extra "▁" per cut, Llama-3's a different split of ".\n"."""
+@given(tokens=st.lists(st.tuples(st.sampled_from(WORDS), st.sampled_from(SEPS)), min_size=50, max_size=600),
+       sample_by=st.sampled_from(["document", "paragraph"]), piece=st.integers(300, 600))
+def test_pieces_of_sentencepiece_and_llama3_tokenizers_tokenize_like_whole_documents(tmp_path, hub_style, monkeypatch,
+                                                                                      tokens, sample_by, piece):
+    """A cut inside a document is checked and the piece after it is encoded behind the text before the cut:
+    SentencePiece-style tokenizers used to get an extra "▁" per cut, Llama-3's a different split of ".\n"."""
+    monkeypatch.setattr(corpus, "WINDOW", 256)  # cuts inside files of a few KB (the window stays below the piece)
     text = "".join(w + s for w, s in tokens)
     path = tmp_path / "c.txt"
     path.write_bytes(text.encode())
@@ -154,14 +155,60 @@ def test_pieces_of_sentencepiece_and_llama3_tokenizers_tokenize_like_whole_docum
     assert long_cell.tolist() == hub_style.encode(text).ids + [EOS]
 
 
-@pytest.mark.parametrize("kind", ["llama2", "metaspace", "unigram"])
-def test_the_continuation_tokenizer_drops_only_the_text_start_prefix(kind):
-    tok = _tokenizer(kind)
-    cont = corpus.Encoder(tok).cont
-    assert cont is not tok
-    assert tok.encode("the café").tokens[0].startswith("▁") and not cont.encode("\nthe café").tokens[0] == "▁"
-    assert cont.encode(" the café").ids == tok.encode("the café").ids  # a space is still a "▁"
-    assert corpus.Encoder(_tokenizer("llama3")).cont.to_str() == _tokenizer("llama3").to_str()
+def _layout(kind: str):
+    """Tokenizer layouts found on the hub where a cut used to go wrong, with a text that meets the trouble."""
+    from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    if kind == "pegasus":  # transformers' Pegasus/DeBERTa-v2 converters: a "▁" before every word, not just the first
+        tok = Tokenizer(models.Unigram([("<unk>", 0.0), ("▁a", -1.0), ("▁b", -1.0), ("a", -2.0), ("b", -2.0),
+                                        ("▁", -3.0)], unk_id=0))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(),
+                                                     pre_tokenizers.Metaspace(prepend_scheme="always")])
+        return tok, "a b " * 30000, "document"
+    if kind == "added":  # Llama-2 layout: a non-special added token gets a "▁" after it, as the text start does
+        tok = Tokenizer(models.BPE({"<unk>": 0, "▁": 1, "a": 2, "b": 3, "▁a": 4, "▁b": 5}, [("▁", "a"), ("▁", "b")],
+                                   unk_token="<unk>"))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+        tok.add_tokens([AddedToken("<x>", special=False, normalized=False)])
+        return tok, "a " * 50000 + "<x>b", "document"
+    if kind == "cjk":  # Llama-3's regex keeps "。\n" together and Chinese has no spaces: cut after the newline
+        alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+        vocab = {c: i for i, c in enumerate(alphabet)}
+        merges = [("ã", "Ģ"), ("ãĢ", "Ĥ"), ("ãĢĤ", "Ċ")]  # "。" and "。\n"
+        for a, b in merges:
+            vocab[a + b] = len(vocab)
+        tok = Tokenizer(models.BPE(vocab, merges))
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(LLAMA3_SPLIT), behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        return tok, "今天天气很好。\n" * 5000, "document"
+    if kind == "paragraph":  # a token spanning "a\n": the check must see the paragraph, not the one before it
+        vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "x": 4, "\n": 5, "▁a": 6, "▁a\n": 7, "▁x": 8, "▁b": 9}
+        tok = Tokenizer(models.BPE(vocab, [("▁", "a"), ("▁a", "\n"), ("▁", "x"), ("▁", "b")], unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+        return tok, "x " * 2046 + "x\n\n" + "a\nb" + " b" * 40000, "paragraph"
+    # transformers' SpmConverter: leading/trailing spaces stripped, runs of spaces squeezed (legacy: "▁▁" at start)
+    tok = _tokenizer("metaspace")
+    tok.normalizer = normalizers.Sequence([normalizers.Replace(Regex(r"\A +| +\z"), ""),
+                                           normalizers.Replace(Regex(" {2,}"), " "), normalizers.Replace(" ", "▁"),
+                                           normalizers.Replace(Regex(r"\A▁"), "▁▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=False)
+    return tok, " ".join(itertools.islice(itertools.cycle(WORDS[:4]), 30000)), "document"
+
+
+@pytest.mark.parametrize("kind", ["pegasus", "added", "cjk", "paragraph", "spm"])
+def test_cuts_are_exact_for_every_hub_tokenizer_layout(tmp_path, kind):
+    """The piece after a cut is encoded behind the characters before it (their ids dropped) rather than by an edited
+    tokenizer: a "▁" a tokenizer puts before every word or after an added token stays, normalizers that treat the
+    text start apart are covered; a CJK document is cut after a newline; the check sees only the cut's document."""
+    tok, text, sample_by = _layout(kind)
+    path = tmp_path / "c.txt"
+    path.write_text(text)
+    docs = [d for d in (text.split("\n\n") if sample_by == "paragraph" else [text]) if d]
+    want = list(itertools.chain.from_iterable(e.ids + [EOS] for e in tok.encode_batch(docs)))
+    assert path.stat().st_size > 4096 + corpus.WINDOW  # cut inside: the file does not end in the first window
+    assert pieces(path, tok, sample_by, 4096).tolist() == want
+    if sample_by == "document":
+        assert corpus.encode(tok, [text], [True], EOS, np.uint32, piece=4096).tolist() == want
 
 
 def test_structured_files_every_cell_of_the_text_columns_is_a_document(tmp_path, bpe):

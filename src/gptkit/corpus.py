@@ -7,12 +7,14 @@ processes in parallel for the token stream, and by the seeded sampler that feeds
   at the first *cut* at or after ``i * piece`` (found by scanning a small window), so every unit is computed
   independently of the others. A clean cut lies between documents: after a newline (``sample_by: line`` and
   JSON lines). Other text (a ``document`` — a whole .txt file —, paragraphs, a line longer than the window)
-  is cut *inside* a document, just before a whitespace byte that follows a non-space one (a newline first).
-  EOS still goes only between documents. Tokenization checks each such cut (:class:`Encoder`): the text around
-  it must encode to the same ids whole as in two pieces, the second encoded without the prefix a tokenizer adds
-  at a text's start (SentencePiece-style "▁", a prefix space); a cut that fails is passed over for the next one.
-  So the pieces tokenize to the ids the whole document would, for byte-level BPE (GPT-2, Llama-3: whose
-  pre-tokenizer keeps punctuation with the newlines after it) and SentencePiece-style tokenizers alike.
+  is cut *inside* a document: just before a whitespace byte that follows a non-space one (a newline first), else
+  just after a single newline between non-space bytes (CJK lines end "。\n" with no space). EOS still goes only
+  between documents. Tokenization checks each such cut (:class:`Encoder`): the document's text around it (512 bytes
+  either side) must encode to the same ids whole as in two pieces, the piece after the cut encoded behind an
+  *anchor* — the 32 characters before the cut — whose own ids are then dropped, so no text-start prefix
+  (SentencePiece's "▁", a prefix space) lands at the cut; a cut that fails is passed over for the next one. So the
+  pieces tokenize to the ids the whole document would, for byte-level BPE (GPT-2; Llama-3, whose pre-tokenizer
+  keeps punctuation with the newlines after it) and SentencePiece-style tokenizers alike.
 - ``.parquet``: one unit per row group. ``.csv`` and JSON (not JSON-lines) files: batches of rows loaded
   with ``datasets`` (Arrow, memory-mapped, so flat as well).
 
@@ -39,15 +41,18 @@ from gptkit.errors import UserError
 PIECE = 1 << 20  # bytes of text per unit
 WINDOW = 1 << 16  # bytes scanned past a unit's nominal start for a cut
 CONTEXT = 512  # bytes (characters) on each side of an inner cut that are encoded to check it
+ANCHOR = 32  # characters before a cut that the piece after it is encoded behind (their ids dropped)
 TRIES = 32  # candidate cuts of each kind checked before the next kind
 TABLE_ROWS = 2000  # rows per unit of a csv / JSON-array table
 POOL_MIN_UNITS = 8  # smaller corpora are tokenized in the main process (no worker start-up)
 STREAM_FORMAT = 3  # bump when the same files and tokenizer give other ids (the token-stream cache keys on it);
 # 2: special-token text in a document ("<|endoftext|>") is encoded as ordinary text; non-string cells are refused
-# 3: cuts inside a document are checked and continue without the tokenizer's text-start prefix (Encoder)
+# 3: cuts inside a document are checked, and the piece after one is encoded behind an anchor (Encoder)
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _BEFORE_NEWLINE = re.compile(rb"\S\n")
 _BEFORE_SPACE = re.compile(rb"\S\s")
+_AFTER_NEWLINE = re.compile(rb"\S\r?\n(?=\S)")  # (cut at the match's end)
+_SEPARATORS = {"document": None, "paragraph": "\n\n", "line": "\n"}
 
 
 @dataclass(frozen=True)
@@ -192,17 +197,21 @@ def _clean_cut(buf: bytes, lead: int, sample_by: str) -> int | None:
     return None
 
 
-def _inner_cut(buf: bytes, lead: int, stop: int, enc: Encoder | None) -> int:
+def _inner_cut(buf: bytes, lead: int, stop: int, sample_by: str, enc: Encoder | None) -> int:
     """A cut in ``buf[lead:stop]`` inside a document: before a newline, else any whitespace, that follows a
-    non-space byte, the first that ``enc`` finds exact (bytes around it up to ``CONTEXT`` each side); else the
-    first such place; else the first UTF-8 character start."""
+    non-space byte, else after a single newline between non-space bytes — the first that ``enc`` finds exact (the
+    document's text up to ``CONTEXT`` bytes either side); else the first such place; else the first UTF-8 character
+    start."""
+    sep = _SEPARATORS[sample_by]
 
     def around(p: int) -> tuple[str, str]:
-        return _text(buf[max(0, p - CONTEXT) : p], "left"), _text(buf[p : p + CONTEXT], "right")
+        left, right = _text(buf[max(0, p - CONTEXT) : p], "left"), _text(buf[p : p + CONTEXT], "right")
+        return (left.rpartition(sep)[2], right.partition(sep)[0]) if sep else (left, right)
 
     kinds = [(m.start() + 1 for m in pattern.finditer(buf, lead - 1, stop)) for pattern in (_BEFORE_NEWLINE,
                                                                                               _BEFORE_SPACE)]
-    p = _pick(kinds, around, enc)
+    kinds.append(m.end() for m in _AFTER_NEWLINE.finditer(buf, max(0, lead - 3), stop) if m.end() >= lead)
+    p = _pick(kinds, around, enc)[0]
     if p is not None:
         return p
     return next((p for p in range(lead, stop) if buf[p] & 0xC0 != 0x80), stop)
@@ -217,17 +226,17 @@ def _text(raw: bytes, side: str) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n") if "\r" in text else text
 
 
-def _pick(kinds, around, enc: Encoder | None) -> int | None:
+def _pick(kinds, around, enc: Encoder | None) -> tuple[int | None, bool]:
     """The first candidate cut (kinds in order of preference, each an iterator of positions) that ``enc`` finds
-    exact, checking at most ``TRIES`` of each kind; without ``enc`` the first candidate; else the first candidate
-    at all (None when there is none)."""
+    exact, checking at most ``TRIES`` of each kind (without ``enc``: the first candidate), and True; else the first
+    candidate at all (None when there is none) and False."""
     first = None
     for cands in kinds:
         for p in itertools.islice(cands, TRIES):
             if enc is None or enc.exact(*around(p)):
-                return p
+                return p, True
             first = p if first is None else first
-    return first
+    return first, False
 
 
 def _cut(fh, size: int, target: int, sample_by: str, enc: Encoder | None = None) -> tuple[int, bool]:
@@ -247,13 +256,23 @@ def _cut(fh, size: int, target: int, sample_by: str, enc: Encoder | None = None)
         return base + p, True
     if base + stop >= size:  # the file ends inside the window: that is the cut
         return size, True
-    return base + _inner_cut(buf, lead, stop, enc), False
+    return base + _inner_cut(buf, lead, stop, sample_by, enc), False
+
+
+def _anchor(fh, start: int, sample_by: str) -> str:
+    """The text a unit starting with a cut at byte ``start`` continues: the last ``ANCHOR`` characters of its
+    document before the cut, as :meth:`Encoder.exact` took them when it checked the cut."""
+    lo = max(0, start - 8 * ANCHOR)
+    fh.seek(lo)
+    text = _text(fh.read(start - lo), "left")
+    sep = _SEPARATORS[sample_by]
+    return (text.rpartition(sep)[2] if sep else text)[-ANCHOR:]
 
 
 def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
-         enc: Encoder | None = None) -> tuple[list[str], list[bool], int, bool]:
-    """A unit's texts, whether each ends a document (is followed by EOS), the bytes it covers, and whether the first
-    text continues a document cut before it (to be encoded without the tokenizer's text-start prefix). ``starts``:
+         enc: Encoder | None = None) -> tuple[list[str], list[bool], int, str | None]:
+    """A unit's texts, whether each ends a document (is followed by EOS), the bytes it covers, and, when the first
+    text continues a document cut before it, the anchor to encode it behind (:meth:`Encoder.encode`). ``starts``:
     the line starts found so far, shared by the calls of one pass over a corpus, so that the units inside one long
     JSON line do not each scan to its end (quadratic in the line's length). ``enc``: the tokenizer the texts are
     for, which checks the cuts inside documents (:class:`Encoder`); without it (a tokenizer's training sample)
@@ -274,7 +293,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
         # a list, an object or a number is no text (its Python repr would be trained on)
         strict = Path(unit.file).suffix.lower() != ".csv"
         texts = _cells(columns, settings, lambda r: f"{unit.file}: row {first() + r} (from 0)", strict)
-        return texts, [True] * len(texts), unit.size, False
+        return texts, [True] * len(texts), unit.size, None
     size = os.path.getsize(unit.file)
     first, last = unit.index * settings.piece, (unit.index + 1) * settings.piece
     if unit.kind == "jsonl":
@@ -290,7 +309,8 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
             start, clean_start = _cut(fh, size, first, settings.sample_by, enc)
             end, clean_end = _cut(fh, size, last, settings.sample_by, enc)
         if end <= start:
-            return [], [], 0, False
+            return [], [], 0, None
+        anchor = None if clean_start else _anchor(fh, start, settings.sample_by)
         fh.seek(start)
         raw = fh.read(end - start)
     if unit.kind == "jsonl":
@@ -302,7 +322,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
                     _check_columns(f"{unit.file}: line {_line_of(unit.file, start, n)}", row, settings)
                 texts += _cells({c: [row[c]] for c in settings.text_columns}, settings,
                                 lambda _, n=n: f"{unit.file}: line {_line_of(unit.file, start, n)}")
-        return texts, [True] * len(texts), end - start, False
+        return texts, [True] * len(texts), end - start, None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -311,7 +331,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
     if "\r" in text:  # universal newlines, as Python's text mode reads them
         text = text.replace("\r\n", "\n").replace("\r", "\n")
     if settings.sample_by == "document":
-        return [text], [end == size], end - start, not clean_start
+        return [text], [end == size], end - start, anchor
     parts = text.split("\n" if settings.sample_by == "line" else "\n\n")
     # After an inner cut the first part continues the previous unit's last document (whose text had no EOS):
     # it is kept even when empty, to put that EOS. Before an inner cut the last part is unfinished: no EOS.
@@ -322,7 +342,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
         if part or (k == 0 and not clean_start):
             texts.append(part)
             eos.append(k < len(parts) - 1 or clean_end)
-    return texts, eos, end - start, not clean_start
+    return texts, eos, end - start, anchor
 
 
 def _cells(columns: dict[str, list], settings: Settings, where, strict: bool = True) -> list[str]:
@@ -467,64 +487,45 @@ def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
 
 
 class Encoder:
-    """A ``tokenizers.Tokenizer`` for documents encoded in pieces: ``tok`` for a document's first piece, ``cont`` for
-    the pieces after a cut — the same tokenizer without the prefix it adds at a text's start (a ``Prepend``
-    normalizer, Metaspace's ``prepend_scheme``, ByteLevel's ``add_prefix_space``), which the whole document has only
-    at its start. :meth:`exact` tells whether a cut gives the whole text's ids."""
+    """A ``tokenizers.Tokenizer`` for documents encoded in pieces. The piece after a cut is encoded behind an anchor
+    (the characters before the cut) whose own ids are then dropped: the piece's first word is encoded as it is in the
+    whole document, with no text-start prefix (a ``Prepend``/Metaspace "▁", a prefix space) and whatever the
+    tokenizer does to every word (Metaspace "always" after a split, added tokens) still done. :meth:`exact` tells
+    whether a cut gives the whole text's ids."""
 
     def __init__(self, tok):
         self.tok = tok
-        self.cont = _continuation(tok) if hasattr(tok, "to_str") else tok
 
-    def exact(self, left: str, right: str) -> bool:
-        whole, head = self.tok.encode_batch_fast([left + right, left], add_special_tokens=False)
-        tail = self.cont.encode_batch_fast([right], add_special_tokens=False)[0]
-        return whole.ids == head.ids + tail.ids
+    def exact(self, left: str, right: str, anchor: str | None = None) -> bool:
+        """Whether ``left + right`` (a document's text around a cut) encodes to the ids of ``left`` and of ``right``
+        encoded behind ``anchor`` (default: the end of ``left``, as :func:`read` takes it)."""
+        whole, head = self._ids([left + right, left])
+        tail = self.encode([right], [left[-ANCHOR:] if anchor is None else anchor], strict=True)[0]
+        return tail is not None and whole == head + tail
 
+    def encode(self, texts: list[str], anchors: list[str | None], strict: bool = False) -> list[list[int] | None]:
+        """Ids of ``texts``, each continuing its anchor (None: a text of its own). A text whose anchor's own ids do not
+        begin the ids of anchor + text (a merge across the cut) is None with ``strict``, else encoded on its own."""
+        ids = self._ids([t if a is None else a + t for t, a in zip(texts, anchors)])
+        own = iter(self._ids([a for a in anchors if a is not None]))
+        for k, a in enumerate(anchors):
+            if a is not None:
+                prefix = next(own)
+                if ids[k][: len(prefix)] == prefix:
+                    ids[k] = ids[k][len(prefix) :]
+                else:
+                    ids[k] = None if strict else self._ids([texts[k]])[0]
+        return ids
 
-def _continuation(tok):
-    """``tok`` without the prefix it adds at a text's start (``tok`` itself when it adds none)."""
-    from tokenizers import Tokenizer
-
-    spec = json.loads(tok.to_str())
-    changed = False
-
-    def normalizer(n):
-        nonlocal changed
-        if n and n.get("type") == "Prepend":
-            changed = True
-            return None
-        if n and n.get("type") == "Sequence":
-            n["normalizers"] = [m for m in map(normalizer, n["normalizers"]) if m is not None]
-        return n
-
-    def pre_tokenizer(p):
-        nonlocal changed
-        if p and p.get("type") == "Metaspace" and (p.get("prepend_scheme", "always") != "never"
-                                                   or p.get("add_prefix_space")):
-            p["prepend_scheme"], changed = "never", True
-            if "add_prefix_space" in p:
-                p["add_prefix_space"] = False
-        elif p and p.get("type") == "ByteLevel" and p.get("add_prefix_space"):
-            p["add_prefix_space"], changed = False, True
-        elif p and p.get("type") == "Sequence":
-            for q in p["pretokenizers"]:
-                pre_tokenizer(q)
-        return p
-
-    spec["normalizer"] = normalizer(spec.get("normalizer"))
-    pre_tokenizer(spec.get("pre_tokenizer"))
-    if not changed:
-        return tok
-    cont = Tokenizer.from_str(json.dumps(spec))
-    cont.encode_special_tokens = tok.encode_special_tokens
-    return cont
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.tok.encode_batch_fast(texts, add_special_tokens=False)] if texts else []
 
 
 def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, piece: int | None = None,
-           continued: bool = False) -> np.ndarray:
+           continued: str | None = None) -> np.ndarray:
     """Token ids of ``texts`` (an :class:`Encoder`, or a ``tokenizers.Tokenizer`` to make one of), EOS after those
-    that end a document, as one array. ``continued``: the first text continues a document cut before it.
+    that end a document, as one array. ``continued``: the first text continues a document cut before it, behind this
+    anchor (:func:`read` gives it).
 
     ``tok`` should encode special tokens as ordinary text (``tok.encode_special_tokens = True``, as the workers'
     tokenizer does): a literal "<|endoftext|>" in a document is its characters, EOS comes only between documents.
@@ -535,18 +536,11 @@ def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, pie
     enc = tok if isinstance(tok, Encoder) else Encoder(tok)
     piece = piece or PIECE
     out: list[list[int]] = []
-    batch: list[tuple[str, bool, bool]] = []  # (text, ends a document, continues one)
+    batch: list[tuple[str, bool, str | None]] = []  # (text, ends a document, the anchor it continues)
 
     def flush():
-        ids: list = [None] * len(batch)
-        for cont, encoder in ((False, enc.tok), (True, enc.cont)):
-            group = [k for k, b in enumerate(batch) if b[2] == cont]
-            if group:
-                for k, e in zip(group, encoder.encode_batch_fast([batch[k][0] for k in group],
-                                                                 add_special_tokens=False)):
-                    ids[k] = e.ids
-        for (_, end, _), i in zip(batch, ids):
-            out.append(i)
+        for ids, (_, end, _) in zip(enc.encode([b[0] for b in batch], [b[2] for b in batch]), batch):
+            out.append(ids)
             if end:
                 out.append([eos_id])
         batch.clear()
@@ -555,7 +549,8 @@ def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, pie
     for n, (text, end) in enumerate(zip(texts, eos_after)):
         parts = _split_long(text, piece, enc)
         for k, part in enumerate(parts):
-            batch.append((part, end and k == len(parts) - 1, k > 0 or (n == 0 and continued)))
+            anchor = parts[k - 1][-ANCHOR:] if k else continued if n == 0 else None
+            batch.append((part, end and k == len(parts) - 1, anchor))
             size += len(part)
             if size >= piece:
                 flush()
@@ -567,27 +562,34 @@ def encode(tok, texts: list[str], eos_after: list[bool], eos_id: int, dtype, pie
 
 _STR_BEFORE_NEWLINE = re.compile(r"\S(?=\n)")
 _STR_BEFORE_SPACE = re.compile(r"\S(?=[ \t\n\r\f\v])")
+_STR_AFTER_NEWLINE = re.compile(r"(?<=\S\n)\S")
 
 
 def _split_long(text: str, piece: int, enc: Encoder | None = None) -> list[str]:
     """``text`` in pieces of about ``piece`` characters, each cut just before ASCII whitespace that follows a
-    non-space character (newline first) that ``enc`` finds exact, as :func:`_inner_cut` cuts files: the pieces
-    tokenize to the whole text's ids. Without such whitespace in the next ``WINDOW`` characters the cut falls at
-    ``piece`` (the text's end when that is within the window)."""
+    non-space character (newline first), else after a single newline between non-space characters — the first
+    that ``enc`` finds exact, as :func:`_inner_cut` cuts files: the pieces tokenize to the whole text's ids. Where no
+    cut in the next ``WINDOW`` characters is exact, the rest of the text is the last piece when it ends there, else
+    the first such place is taken, else the cut falls at ``piece`` characters."""
     if len(text) <= piece:
         return [text]
-    context = min(CONTEXT, piece // 2)  # a check encodes at most 1.5 pieces
+    context = min(CONTEXT, piece // 2)  # a check encodes at most about 2 pieces
     parts, start = [], 0
     while len(text) - start > piece:
         target = start + piece
         kinds = [(m.start() + 1 for m in pattern.finditer(text, target - 1, target + WINDOW))
                  for pattern in (_STR_BEFORE_NEWLINE, _STR_BEFORE_SPACE)]
-        cut = _pick(kinds, lambda p: (text[max(0, p - context) : p], text[p : p + context]), enc)
-        if cut is None:  # the text ends inside the window: the rest is the last piece; else a cut between characters
-            cut = len(text) if len(text) - target <= WINDOW else target
+        kinds.append(m.start() for m in _STR_AFTER_NEWLINE.finditer(text, target, target + WINDOW))
+        cut, exact = _pick(kinds, lambda p: (text[max(start, p - context) : p], text[p : p + context],
+                                             text[max(start, p - ANCHOR) : p]), enc)
+        if not exact and len(text) - target <= WINDOW:  # the text ends inside the window: the rest is the last piece
+            cut = len(text)
+        elif cut is None:  # no whitespace: a cut between characters
+            cut = target
         parts.append(text[start:cut])
         start = cut
-    parts.append(text[start:])
+    if start < len(text) or not parts:
+        parts.append(text[start:])
     return parts
 
 
