@@ -78,6 +78,26 @@ def test_text_without_whitespace_is_cut_between_characters(tmp_path, bpe, monkey
     assert ids[-1] == EOS and bpe.decode(ids[:-1].tolist()) == text
 
 
+def test_cuts_with_no_exact_place_are_counted_and_reported(tmp_path, bpe, monkeypatch, caplog):
+    """Tokenization says how many cuts inside documents it could not place exactly (their ids may differ from the
+    whole document's); a text with whitespace everywhere has none to report."""
+    monkeypatch.setattr(corpus, "WINDOW", 16)
+    monkeypatch.setattr(corpus, "PIECE", 64)
+    for name, text, inexact in (("none.txt", "Über\u00a0日本語café" * 40, True), ("words.txt", "naïve café 42 " * 60, False)):
+        path = tmp_path / name
+        path.write_text(text)
+        cfg = DataConfig(train_files=[str(path)], cache_dir=str(tmp_path / "cache"), num_proc=1)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="gptkit"):
+            ids = data_mod.token_stream([str(path)], cfg, bpe, "data.train_files")
+        assert bpe.decode(ids[:-1].tolist()) == text
+        found = re.search(r"data.train_files: (\d+) cuts inside long documents found no place", caplog.text)
+        s = corpus.Settings(piece=64)
+        enc = corpus.Encoder(bpe.backend_tokenizer)
+        cuts = sum(corpus.read(u, s, enc=enc)[3] is not None for u in corpus.plan([str(path)], s))  # inner cuts
+        assert cuts > 5 and ((int(found.group(1)) == cuts) if inexact else not found), caplog.text
+
+
 def test_a_one_line_document_is_read_in_bounded_pieces(tmp_path, bpe, monkeypatch):
     """A 2 MB file with no newline at all (document and line mode): every read stays near the piece size."""
     monkeypatch.setattr(corpus, "WINDOW", 1024)
@@ -450,7 +470,8 @@ def test_tokenizing_a_line_of_many_pieces_reads_it_about_twice_and_gives_its_ids
     units = corpus.plan([str(path)], s)
     assert len(units) > 300
     read_bytes = _count_reads(monkeypatch)
-    got = np.concatenate([ids for ids, _ in corpus.tokenize(units, s, bpe.backend_tokenizer.to_str(), EOS, "uint16", 1)])
+    got = np.concatenate([ids for ids, *_ in corpus.tokenize(units, s, bpe.backend_tokenizer.to_str(), EOS, "uint16",
+                                                             1)])
     assert sum(read_bytes) < 2.2 * path.stat().st_size
     want = corpus.encode(bpe.backend_tokenizer, ["first", row, "last"], [True] * 3, EOS, np.uint16)
     assert np.array_equal(got, want)

@@ -197,11 +197,11 @@ def _clean_cut(buf: bytes, lead: int, sample_by: str) -> int | None:
     return None
 
 
-def _inner_cut(buf: bytes, lead: int, stop: int, sample_by: str, enc: Encoder | None) -> int:
+def _inner_cut(buf: bytes, lead: int, stop: int, sample_by: str, enc: Encoder | None) -> tuple[int, bool]:
     """A cut in ``buf[lead:stop]`` inside a document: before a newline, else any whitespace, that follows a
     non-space byte, else after a single newline between non-space bytes — the first that ``enc`` finds exact (the
     document's text up to ``CONTEXT`` bytes either side); else the first such place; else the first UTF-8 character
-    start."""
+    start. And whether ``enc`` found it exact."""
     sep = _SEPARATORS[sample_by]
 
     def around(p: int) -> tuple[str, str]:
@@ -211,10 +211,10 @@ def _inner_cut(buf: bytes, lead: int, stop: int, sample_by: str, enc: Encoder | 
     kinds = [(m.start() + 1 for m in pattern.finditer(buf, lead - 1, stop)) for pattern in (_BEFORE_NEWLINE,
                                                                                               _BEFORE_SPACE)]
     kinds.append(m.end() for m in _AFTER_NEWLINE.finditer(buf, max(0, lead - 3), stop) if m.end() >= lead)
-    p = _pick(kinds, around, enc)[0]
+    p, exact = _pick(kinds, around, enc)
     if p is not None:
-        return p
-    return next((p for p in range(lead, stop) if buf[p] & 0xC0 != 0x80), stop)
+        return p, exact
+    return next((p for p in range(lead, stop) if buf[p] & 0xC0 != 0x80), stop), False
 
 
 def _text(raw: bytes, side: str) -> str:
@@ -239,9 +239,11 @@ def _pick(kinds, around, enc: Encoder | None) -> tuple[int | None, bool]:
     return first, False
 
 
-def _cut(fh, size: int, target: int, sample_by: str, enc: Encoder | None = None) -> tuple[int, bool]:
+def _cut(fh, size: int, target: int, sample_by: str, enc: Encoder | None = None, count: bool = False
+         ) -> tuple[int, bool]:
     """The cut at or after byte ``target`` of a text file, and whether it is clean (between documents). JSON-lines
-    files are cut by :class:`_LineStarts` (a line longer than the window is read on to its end)."""
+    files are cut by :class:`_LineStarts` (a line longer than the window is read on to its end). ``count``: an inner
+    cut ``enc`` found no exact place for is counted in ``enc.unchecked``."""
     if target <= 0:
         return 0, True
     if target >= size:
@@ -256,7 +258,10 @@ def _cut(fh, size: int, target: int, sample_by: str, enc: Encoder | None = None)
         return base + p, True
     if base + stop >= size:  # the file ends inside the window: that is the cut
         return size, True
-    return base + _inner_cut(buf, lead, stop, sample_by, enc), False
+    p, exact = _inner_cut(buf, lead, stop, sample_by, enc)
+    if count and enc is not None and not exact:
+        enc.unchecked += 1
+    return base + p, False
 
 
 def _anchor(fh, start: int, sample_by: str) -> str:
@@ -306,7 +311,7 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
         clean_start = clean_end = True
     with open(unit.file, "rb") as fh:
         if unit.kind != "jsonl":
-            start, clean_start = _cut(fh, size, first, settings.sample_by, enc)
+            start, clean_start = _cut(fh, size, first, settings.sample_by, enc, count=True)
             end, clean_end = _cut(fh, size, last, settings.sample_by, enc)
         if end <= start:
             return [], [], 0, None
@@ -495,6 +500,7 @@ class Encoder:
 
     def __init__(self, tok):
         self.tok = tok
+        self.unchecked = 0  # cuts taken where no candidate was found exact (the ids may differ there)
 
     def exact(self, left: str, right: str, anchor: str | None = None) -> bool:
         """Whether ``left + right`` (a document's text around a cut) encodes to the ids of ``left`` and of ``right``
@@ -586,6 +592,8 @@ def _split_long(text: str, piece: int, enc: Encoder | None = None) -> list[str]:
             cut = len(text)
         elif cut is None:  # no whitespace: a cut between characters
             cut = target
+        if not exact and cut < len(text) and enc is not None:
+            enc.unchecked += 1
         parts.append(text[start:cut])
         start = cut
     if start < len(text) or not parts:
@@ -609,14 +617,18 @@ def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Setting
     _worker.update(enc=Encoder(tok), eos=eos_id, dtype=np.dtype(dtype), settings=settings, starts=_LineStarts(settings.piece))
 
 
-def _encode_unit(unit: Unit) -> tuple[np.ndarray, int]:
-    texts_, eos, nbytes, continued = read(unit, _worker["settings"], _worker["starts"], _worker["enc"])
-    return encode(_worker["enc"], texts_, eos, _worker["eos"], _worker["dtype"], continued=continued), nbytes
+def _encode_unit(unit: Unit) -> tuple[np.ndarray, int, int]:
+    enc = _worker["enc"]
+    before = enc.unchecked
+    texts_, eos, nbytes, continued = read(unit, _worker["settings"], _worker["starts"], enc)
+    ids = encode(enc, texts_, eos, _worker["eos"], _worker["dtype"], continued=continued)
+    return ids, nbytes, enc.unchecked - before
 
 
 def tokenize(units: list[Unit], settings: Settings, tokenizer_json: str, eos_id: int, dtype: str,
-             num_proc: int) -> Iterator[tuple[np.ndarray, int]]:
-    """(token ids, bytes read) per unit, in order; ``num_proc`` worker processes, at most 2 units each in flight."""
+             num_proc: int) -> Iterator[tuple[np.ndarray, int, int]]:
+    """(token ids, bytes read, cuts inside documents not found exact) per unit, in order; ``num_proc`` worker
+    processes, at most 2 units each in flight."""
     if num_proc <= 1 or len(units) < POOL_MIN_UNITS:
         _init_worker(tokenizer_json, eos_id, dtype, settings)
         yield from map(_encode_unit, units)
