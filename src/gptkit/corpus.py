@@ -340,8 +340,9 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
     parts = text.split("\n" if settings.sample_by == "line" else "\n\n")
     # After an inner cut the first part continues the previous unit's last document (whose text had no EOS):
     # it is kept even when empty, to put that EOS. Before an inner cut the last part is unfinished: no EOS.
-    # Inner cuts fall before whitespace that follows a non-space byte, so never inside a separator: splitting
-    # the pieces gives the parts of the whole text, the one at each cut in two.
+    # Inner cuts fall before whitespace that follows a non-space byte or after a single newline between non-space
+    # bytes (paragraph mode; line mode cuts at newlines cleanly), so never inside a separator: splitting the pieces
+    # gives the parts of the whole text, the one at each cut in two.
     texts, eos = [], []
     for k, part in enumerate(parts):
         if part or (k == 0 and not clean_start):

@@ -192,15 +192,15 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
             examples = make()
         finally:
             logging.getLogger("gptkit").removeHandler(recorder)
-        tmp = root / f".{key}.tmp"
+        tmp = root / f".{key}.{os.getpid()}.tmp"  # (a lock on a network file system may not hold: a file per writer)
         try:
             _save_examples(tmp, (recorder.records, examples))
             os.replace(tmp, path)
+            return _load_examples(path)[1]
         except OSError as e:  # a full disk costs the cache, not the run
             tmp.unlink(missing_ok=True)
             log.warning("examples cache: could not write %s (%s)", path, e.strerror or e)
             return examples
-        return _load_examples(path)[1]
     finally:
         lock.__exit__(None, None, None)
 
