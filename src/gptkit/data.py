@@ -93,11 +93,16 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("GPTKIT_CACHE") or Path.home() / ".cache" / "gptkit")
 
 
-def _cache_key(files: list[str], cfg: DataConfig, tokenizer) -> str:
-    h = hashlib.sha256(f"stream format {STREAM_FORMAT}\n".encode())  # how text becomes ids: a change re-tokenizes
+def _hash_files(h, files: list[str]) -> None:
+    """Each file's path, size and modification time into ``h``: an edited file gives another key."""
     for f in files:
         st = os.stat(f)
         h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+
+
+def _cache_key(files: list[str], cfg: DataConfig, tokenizer) -> str:
+    h = hashlib.sha256(f"stream format {STREAM_FORMAT}\n".encode())  # how text becomes ids: a change re-tokenizes
+    _hash_files(h, files)
     h.update(f"{cfg.text_column}|{cfg.sample_by}|".encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     return h.hexdigest()[:24]
@@ -139,9 +144,7 @@ def _examples_key(recipe, tokenizer, model, split: str) -> str:
     h.update(json.dumps(spec, sort_keys=True).encode())
     patterns = [*recipe.data.train_files, *recipe.data.val_files, *recipe.data.test_files,
                 *(f for t in recipe.finetune.tasks for f in (*t.train_files, *t.val_files, *t.test_files))]
-    for f in sorted({m for p in patterns for m in (glob.glob(p, recursive=True) if glob.has_magic(p) else [p])}):
-        st = os.stat(f)
-        h.update(f"{os.path.abspath(f)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    _hash_files(h, sorted(set(resolve_files(patterns, "data"))))
     h.update(type(tokenizer).__name__.encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
