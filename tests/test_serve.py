@@ -582,4 +582,8 @@ def test_sampling_a_request_leaves_out_comes_from_the_generation_config(base, tm
     path.write_text(json.dumps({**config, "do_sample": True, "temperature": 5.0, "top_p": 0.9}))
     with caplog.at_level(logging.WARNING, logger="gptkit"):
         assert rq.load(str(model)).defaults == {"top_p": 0.9}
-    assert "generation_config.json: temperature 5.0 is outside [0.0, 2.0]" in caplog.text
+    assert "generation_config.json: temperature: expected a number in [0.0, 2.0], got 5.0" in caplog.text
+    path.write_text(json.dumps({**config, "do_sample": True, "top_p": 0.0, "top_k": 5}))  # a request's top_p is > 0
+    with caplog.at_level(logging.WARNING, logger="gptkit"):
+        assert rq.load(str(model)).defaults == {"top_k": 5}
+    assert "top_p: expected a number in (0.0, 1.0], got 0.0" in caplog.text

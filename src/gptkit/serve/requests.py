@@ -68,31 +68,26 @@ def load(path: str, name: str | None = None, use_defaults: bool = True) -> Serve
                   sampling_defaults(model) if use_defaults else {})
 
 
-SAMPLING_DEFAULTS = {"temperature": (0.0, 2.0), "top_p": (0.0, 1.0), "top_k": (-1, None),
-                     "repetition_penalty": None}  # each with the range a request's value must be in
+SAMPLING_DEFAULTS = ("temperature", "top_p", "top_k", "repetition_penalty")
 
 
 def sampling_defaults(model) -> dict:
     """The sampling settings the model's ``generation_config.json`` sets (those differing from transformers'
     defaults), used where a request leaves them out, as vLLM does (``--generation-config auto``): an instruct
-    model's temperature 0.6 / top_p 0.9 without each client repeating them. A value a request could not give is
-    left out with a warning."""
-    from gptkit.generation import REPETITION_PENALTY
-
+    model's temperature 0.6 / top_p 0.9 without each client repeating them. A value a request could not give
+    (checked as a request's) is left out with a warning."""
     config = getattr(model, "generation_config", None)
     diff = config.to_diff_dict() if config is not None else {}
     out = {}
-    for key, limits in SAMPLING_DEFAULTS.items():
-        value = diff.get(key)
-        if value is None:
+    for key in SAMPLING_DEFAULTS:
+        if diff.get(key) is None:
             continue
-        low, high = limits or REPETITION_PENALTY
-        if (isinstance(value, bool) or not isinstance(value, (int, float)) or value < low
-                or high is not None and value > high):
-            log.warning("generation_config.json: %s %r is outside [%s, %s]; requests default to OpenAI's", key, value,
-                        low, high)
+        try:
+            _sampling({key: diff[key]})
+        except ApiError as e:
+            log.warning("generation_config.json: %s; requests default to OpenAI's %s", e.message, key)
             continue
-        out[key] = value
+        out[key] = diff[key]
     return out
 
 
