@@ -96,6 +96,28 @@ def test_cuts_with_no_exact_place_are_counted_and_reported(tmp_path, bpe, monkey
         enc = corpus.Encoder(bpe.backend_tokenizer)
         cuts = sum(corpus.read(u, s, enc=enc)[3] is not None for u in corpus.plan([str(path)], s))  # inner cuts
         assert cuts > 5 and ((int(found.group(1)) == cuts) if inexact else not found), caplog.text
+        counted = int(found.group(1)) if inexact else counted
+
+    # an interrupted tokenization resumes with the count of the units it had done
+    cfg = DataConfig(train_files=[str(tmp_path / "none.txt")], cache_dir=str(tmp_path / "cache2"), num_proc=1)
+    monkeypatch.setattr(data_mod, "PROGRESS_EVERY", 0.0)
+    real = corpus.tokenize
+
+    def killed(units, *args):
+        for i, out in enumerate(real(units, *args)):
+            if i == 3:
+                raise KeyboardInterrupt
+            yield out
+
+    monkeypatch.setattr(corpus, "tokenize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        data_mod.token_stream(cfg.train_files, cfg, bpe, "data.train_files")
+    monkeypatch.setattr(corpus, "tokenize", real)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="gptkit"):
+        data_mod.token_stream(cfg.train_files, cfg, bpe, "data.train_files")
+    assert "resuming tokenization of data.train_files after 3 of" in caplog.text
+    assert f"data.train_files: {counted} cuts inside long documents found no place" in caplog.text
 
 
 def test_a_one_line_document_is_read_in_bounded_pieces(tmp_path, bpe, monkeypatch):

@@ -297,10 +297,10 @@ def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np
         units = corpus.plan(files, settings)
         dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.uint32)
         partial, progress = root / f".{key}.partial", root / f".{key}.progress.json"
-        done, n, nbytes = 0, 0, 0
+        done, n, nbytes, inexact = 0, 0, 0, 0
         if partial.exists() and progress.exists():  # an interrupted run: keep what it recorded as complete
             state = json.loads(progress.read_text())
-            done, n, nbytes = state["units"], state["tokens"], state["bytes"]
+            done, n, nbytes, inexact = state["units"], state["tokens"], state["bytes"], state.get("inexact", 0)
             log.info("resuming tokenization of %s after %d of %d units", field, done, len(units))
         with open(partial, "r+b" if done else "wb") as fh:
             fh.truncate(n * dtype.itemsize)
@@ -308,7 +308,7 @@ def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np
             total = sum(u.size for u in units)
             bar = tqdm(total=total, initial=nbytes, unit="B", unit_scale=True, unit_divisor=1024,
                        desc=f"tokenizing {field}", mininterval=1.0, disable=None)
-            saved, checked, inexact = time.monotonic(), False, 0
+            saved, checked = time.monotonic(), False
             for ids, read, unchecked in corpus.tokenize(units[done:], settings, tokenizer.backend_tokenizer.to_str(),
                                                         tokenizer.eos_token_id, dtype.name, num_proc(cfg)):
                 inexact += unchecked
@@ -321,7 +321,7 @@ def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np
                 if time.monotonic() - saved >= PROGRESS_EVERY:
                     fh.flush()
                     os.fsync(fh.fileno())
-                    _write_json(progress, {"units": done, "tokens": n, "bytes": nbytes})
+                    _write_json(progress, {"units": done, "tokens": n, "bytes": nbytes, "inexact": inexact})
                     saved = time.monotonic()
             bar.close()
         if n == 0:  # nothing to train on: an error, and nothing cached (the next run reads the files again)
