@@ -54,6 +54,23 @@ def test_eval_scores_a_local_evaluate_module_beside_the_builtins(tmp_path, lengt
     assert "length_ratio" in out  # the printed table
 
 
+def test_a_module_named_like_a_builtin_figure_never_replaces_it(tmp_path):
+    """A module called `accuracy` returning `accuracy` (another implementation, on a 0-1 scale) is scored beside
+    the built-in figure as `accuracy_accuracy`; the built-in accuracy stays."""
+    path = tmp_path / "metrics" / "accuracy.py"
+    path.parent.mkdir()
+    path.write_text(LENGTH_RATIO.replace("LengthRatio", "Accuracy").replace(
+        '"length_ratio": sum(map(len, predictions)) / max(1, sum(map(len, references))),',
+        '"accuracy": sum(p == r for p, r in zip(predictions, references)) / len(references),'))
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(4)])
+    preds = write_jsonl(tmp_path / "preds.jsonl", [{"prediction": p} for p in "abaa"])
+    code, out, err = run_cli("eval", "--task", "classify", "--predictions", str(preds), "--references", str(refs),
+                             "--metric", str(path), "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    figures = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert figures["accuracy"] == 75.0 and figures["accuracy_accuracy"] == 0.75 and figures["accuracy_longer"] == 0
+
+
 def test_finetune_scores_picks_by_and_reevaluates_a_user_metric(tmp_path, length_ratio):
     base = pretrained_base(tmp_path)
     recipe = finetune_recipe(tmp_path, "run", "translate", base, splits(tmp_path, translate_rows, 200),

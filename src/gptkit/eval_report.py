@@ -273,7 +273,7 @@ def finish(out: Path, base: dict, task: str, rows: list[dict], preds: list, refs
 
     scored = score(task, preds, refs, bootstrap, seed, rouge_tokenizer)
     if extra:
-        scored["metrics"].update(user_metrics.compute(list(extra), preds, refs))
+        scored["metrics"].update(user_metrics.compute(list(extra), preds, refs, taken=set(scored["metrics"])))
         scored["extra_metrics"] = [m.record() for m in extra]
     result = {"task": task, **base, **scored, "counts": {"examples": len(preds)}, "out": str(out)}
     examples = [{"index": i, "score": s, "prediction": p, "reference": r,

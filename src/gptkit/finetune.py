@@ -266,7 +266,8 @@ def _scores(task, rows: list[dict], preds: list, recipe: Recipe, extra: list) ->
 
     scores = task.score(preds, rows, recipe)
     if extra:
-        scores.update(user_metrics.compute(extra, preds, [reference_of(recipe.task, r, "references") for r in rows]))
+        refs = [reference_of(recipe.task, r, "references") for r in rows]
+        scores.update(user_metrics.compute(extra, preds, refs, taken=set(scores)))
     return scores
 
 

@@ -5,8 +5,8 @@ evaluate cache holds), computed beside the built-in figures by ``gptkit eval --m
 The built-in metrics call sacrebleu and rouge-score directly: ``evaluate.load("sacrebleu")`` would fetch a
 script from the hub. A module is checked when loaded — it loads, and it computes on two references given as
 predictions — so a broken one stops a run before training, in one line. Each float its ``compute`` returns
-becomes a figure named ``<module name>`` or ``<module name>_<key>`` (unless the key already starts with the
-name); where it came from (name, source, SHA-256 of its code, evaluate's version) is recorded with the results.
+becomes a figure named ``<key>`` when the key starts with the module name, else ``<module name>_<key>`` (also
+when ``<key>`` is a built-in figure's name: a module never replaces one); where it came from (name, source, SHA-256 of its code, evaluate's version) is recorded with the results.
 """
 
 from __future__ import annotations
@@ -71,8 +71,10 @@ def load(sources: list[str], field: str, references: list | None = None) -> list
     return out
 
 
-def compute(metrics: list[UserMetric], predictions: list, references: list) -> dict[str, float]:
-    """Every float each module returns on (predictions, references), named as the module docstring says."""
+def compute(metrics: list[UserMetric], predictions: list, references: list, taken=()) -> dict[str, float]:
+    """Every float each module returns on (predictions, references), named as the module docstring says; a name
+    ``taken`` by a built-in figure (a module named ``accuracy`` returning ``accuracy``) or by an earlier module's is
+    ``<module name>_<key>`` instead, never a silent replacement."""
     figures: dict[str, float] = {}
     for m in metrics:
         try:
@@ -81,5 +83,10 @@ def compute(metrics: list[UserMetric], predictions: list, references: list) -> d
             raise UserError(f"{m.source}: the evaluate module '{m.name}' failed to compute ({_first_line(e)})") from None
         for key, value in result.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
-                figures[key if key.startswith(m.name) else f"{m.name}_{key}"] = float(value)
+                name = key if key.startswith(m.name) else f"{m.name}_{key}"
+                name = f"{m.name}_{key}" if name in taken or name in figures else name
+                if name in taken or name in figures:
+                    raise UserError(f"{m.source}: the evaluate module '{m.name}' returns '{key}', a figure another "
+                                    "metric already has; rename the module (its figures are named after it)")
+                figures[name] = float(value)
     return figures
