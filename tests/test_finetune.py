@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -796,7 +797,86 @@ def test_cached_examples_are_mapped_from_the_cache_file_and_a_torn_file_is_made_
         assert list(got.rows) == list(fresh.rows)
         assert all(got.batch([0, 7, 29])[k].equal(v) for k, v in fresh.batch([0, 7, 29]).items())
     (cached,) = (tmp_path / "cache" / "examples").glob("*.examples")
+    assert sorted(p.name for p in cached.parent.iterdir()) == sorted([cached.name, f".{cached.stem}.lock"])
     cached.write_bytes(cached.read_bytes()[:100])
+    killed = [cached.parent / f".{cached.stem}.4999999.parts", cached.parent / f".{cached.stem}.4999999.tmp"]
+    killed[0].mkdir()  # what a writer killed mid-way (no such process now) left
+    (killed[0] / "1.bin").write_bytes(b"ids")
+    killed[1].write_bytes(b"half")
     with caplog.at_level(logging.WARNING, logger="gptkit"):
         torn = data_mod.cached_examples(recipe, tok, None, "train", make)
     assert len(made) == 2 and "unreadable" in caplog.text and list(torn.rows) == list(fresh.rows)
+    assert not any(p.exists() for p in killed)
+
+
+def test_spilled_examples_equal_those_joined_in_memory_and_never_pile_up(tmp_path):
+    """Under the examples cache, each chunk of tokenized examples goes to disk as it is made (generative.Spill): the
+    joined examples equal the in-memory join — dtypes promoted alike (uint16 and int32 parts), prompt-masked labels in
+    all, some or none of the parts, seq2seq labels, a list column — mapped back read-only, with no file left over;
+    and the chunks are not held: joining 20 MB of token ids peaks at a few MB of traced memory instead of twice 20."""
+    import tracemalloc
+
+    import numpy as np
+
+    from gptkit.tasks.generative import Rows, Spill, _Masked
+
+    rng = np.random.default_rng(0)
+
+    def part(n: int, big: bool, kind: str) -> Rows:
+        out = []
+        for _ in range(n):
+            p, a = int(rng.integers(0, 5)), int(rng.integers(1, 6))
+            ids = rng.integers(0, 70000 if big else 500, p + a).tolist()
+            labels = rng.integers(0, 500, a).tolist() if kind == "seq2seq" else [-100] * p + ids[p:]
+            if kind == "unmasked":
+                labels[-1] = -100
+            out.append({"input_ids": ids, "labels": labels, "row": int(rng.integers(0, 9)), "spans": [None, p]})
+        return Rows(out)
+
+    def columns(rows: Rows) -> list:
+        out = []
+        for key, col in rows.cols.items():
+            arrays = col if isinstance(col, tuple) else (col.prompt,) if isinstance(col, _Masked) else (col,)
+            out.append((key, type(col), [(a.dtype, a.tolist()) if isinstance(a, np.ndarray) else a for a in arrays]))
+        return out
+
+    seen = set()
+    for trial in range(40):
+        kinds = ["seq2seq"] * 3 if trial % 4 == 0 else [("unmasked", "masked", "masked")[i % 3] for i in
+                                                        rng.permutation(3)[: rng.integers(1, 4)]]
+        parts = [part(int(rng.integers(0, 4)), bool(rng.integers(0, 2)), k) for k in kinds]
+        folder = tmp_path / f"spill{trial}"
+        folder.mkdir()
+        with Spill(folder).active() as spill:
+            got = Rows.concat(iter(parts))
+        want = Rows.concat(parts)
+        assert columns(got) == columns(want) and [got[i] for i in range(len(got))] == [want[i] for i in
+                                                                                        range(len(want))]
+        assert set(folder.iterdir()) == set(spill.files.values())  # every file left is one an array maps
+        flat = got.cols["input_ids"][0] if len(got) else None
+        assert flat is None or not flat.flags.writeable and not flat.flags.owndata
+        dtypes = {p.cols["input_ids"][0].dtype for p in parts if len(p)}
+        seen |= {"promoted"} if len(dtypes) > 1 else set()
+        seen |= {type(got.cols["labels"]).__name__ + str(len({type(p.cols["labels"]) for p in parts if len(p)}))
+                 } if len(got) else set()
+    assert seen == {"promoted", "_Masked1", "tuple1", "tuple2"}, seen  # (tuple2: masked and unmasked parts)
+
+    def chunks():  # 200 chunks of 1,000 examples, 50k uint16 token ids each: 20 MB in all
+        for _ in range(200):
+            rows = Rows()
+            rows.n = 1000
+            rows.cols = {"input_ids": (np.ones(50_000, np.uint16), np.arange(0, 50_001, 50, dtype=np.int64)),
+                         "labels": _Masked(np.full(1000, 10, np.int64))}
+            yield rows
+
+    peaks = {}
+    for spilled in (False, True):
+        folder = tmp_path / f"big{spilled}"
+        folder.mkdir()
+        tracemalloc.start()
+        with Spill(folder).active() if spilled else open(os.devnull):
+            joined = Rows.concat(chunks())
+        peaks[spilled] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert len(joined) == 200_000 and joined[199_999]["labels"] == [-100] * 10 + [1] * 40
+    assert peaks[True] < 5e6 and peaks[False] > 35e6, peaks

@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -189,37 +190,63 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
                 for name, level, msg in records:
                     logging.getLogger(name).log(level, "%s", msg)
                 return examples
+        from gptkit.tasks.generative import Spill
+
+        _sweep(root, key)
+        # (a lock on a network file system may not hold: files per writer)
+        tmp, parts = root / f".{key}.{os.getpid()}.tmp", root / f".{key}.{os.getpid()}.parts"
         recorder = _Recorder()
         logging.getLogger("gptkit").addHandler(recorder)
         try:
-            examples = make()
+            parts.mkdir()
+            with Spill(parts).active() as spill:  # chunks of examples go to disk as they are made
+                examples = make()
+        except OSError as e:  # a full disk costs the cache, not the run
+            log.warning("examples cache: could not write %s (%s): tokenizing %s without it", parts, e.strerror or e,
+                        split)
+            shutil.rmtree(parts, ignore_errors=True)
+            return make()
         finally:
             logging.getLogger("gptkit").removeHandler(recorder)
-        tmp = root / f".{key}.{os.getpid()}.tmp"  # (a lock on a network file system may not hold: a file per writer)
         try:
-            _save_examples(tmp, (recorder.records, examples))
+            _save_examples(tmp, (recorder.records, examples), spill.files)
             os.replace(tmp, path)
             return _load_examples(path)[1]
-        except OSError as e:  # a full disk costs the cache, not the run
+        except OSError as e:
             tmp.unlink(missing_ok=True)
             log.warning("examples cache: could not write %s (%s)", path, e.strerror or e)
             return examples
+        finally:
+            shutil.rmtree(parts, ignore_errors=True)  # (what is mapped from it stays readable until unmapped)
     finally:
         lock.__exit__(None, None, None)
+
+
+def _sweep(root: Path, key: str) -> None:
+    """Removes what writers of ``key`` that are no longer running on this machine left (killed mid-way)."""
+    for left in [*root.glob(f".{key}.*.tmp"), *root.glob(f".{key}.*.parts")]:
+        try:
+            os.kill(int(left.name.split(".")[2]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(left) if left.is_dir() else left.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            continue
 
 
 _EXAMPLES_MAGIC = b"GPTKEX01"
 _ALIGN = 64
 
 
-def _save_examples(path: Path, obj) -> None:
+def _save_examples(path: Path, obj, files: dict[int, Path] | None = None) -> None:
     """``obj`` pickled (protocol 5) with its numpy arrays' data out of band, each at an aligned offset after the
-    pickle: :func:`_load_examples` maps them instead of reading them."""
+    pickle: :func:`_load_examples` maps them instead of reading them. ``files``: arrays mapped from a file, by data
+    address (:class:`gptkit.tasks.generative.Spill`): the file is copied instead of the mapped pages read."""
     import pickle
 
     buffers: list = []
     payload = pickle.dumps(obj, protocol=5, buffer_callback=buffers.append)
     raws = [b.raw() for b in buffers]
+    files = files or {}
     head = 24 + 16 * len(raws)
     offset, spans = head + len(payload), []
     for raw in raws:
@@ -232,7 +259,12 @@ def _save_examples(path: Path, obj) -> None:
         fh.write(payload)
         for raw, (at, _) in zip(raws, spans):
             fh.write(b"\0" * (at - fh.tell()))
-            fh.write(raw)
+            source = files.get(np.frombuffer(raw, np.uint8).ctypes.data) if raw.nbytes else None
+            if source is not None and source.stat().st_size == raw.nbytes:
+                with open(source, "rb") as src:
+                    shutil.copyfileobj(src, fh, 1 << 24)
+            else:
+                fh.write(raw)
         fh.flush()
         os.fsync(fh.fileno())
 

@@ -82,8 +82,8 @@ def preprocess(recipe, tokenizer, rows, split, model):
                         f"{sorted(label2id)[:10]})")
     context = modeling.max_positions(model.config)  # finetune.max_length within the model's positions
     limit = min(recipe.finetune.max_length, context) if context else recipe.finetune.max_length
-    parts = [Rows([{"input_ids": ids, "label": label2id[str(r["label"])]}
-                   for r, ids in zip(chunk, _encode(tokenizer, chunk, limit))]) for chunk in in_chunks(rows, split)]
+    parts = (Rows([{"input_ids": ids, "label": label2id[str(r["label"])]}
+                   for r, ids in zip(chunk, _encode(tokenizer, chunk, limit))]) for chunk in in_chunks(rows, split))
     return _Labelled(Rows.concat(parts), tokenizer.pad_token_id)
 
 

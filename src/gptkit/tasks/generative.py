@@ -9,8 +9,11 @@ A decoder-only base (GPT-2, Llama) reads "prompt + target + EOS" as one sequence
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
+from contextvars import ContextVar
 from itertools import chain
-from typing import Iterator
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -78,11 +81,7 @@ class Rows:
 
     def _unmasked(self, key: str):
         """A masked labels column as the flat array and offsets it stands for."""
-        flat, offsets = self.cols["input_ids"]
-        lengths = np.diff(offsets)
-        labels = flat.astype(np.int32)
-        labels[np.arange(len(flat)) - np.repeat(offsets[:-1], lengths) < np.repeat(self.cols[key].prompt, lengths)] = -100
-        return labels, offsets
+        return _unmask(*self.cols["input_ids"], self.cols[key].prompt)
 
     @staticmethod
     def _column(values: list):
@@ -103,7 +102,12 @@ class Rows:
         return np.uint16 if not len(flat) or (flat.min() >= 0 and flat.max() < 2**16) else np.int32
 
     @classmethod
-    def concat(cls, parts: list["Rows"]) -> "Rows":
+    def concat(cls, parts: Iterable["Rows"]) -> "Rows":
+        """``parts`` joined; with a :class:`Spill` active (the examples cache makes one), each part's arrays go to disk
+        as it comes and the result maps them back, so a split's token ids never pile up in memory."""
+        spill = _SPILL.get()
+        if spill is not None:
+            return spill.concat(parts)
         parts = [p for p in parts if p.n]
         out = cls()
         out.n = sum(p.n for p in parts)
@@ -142,6 +146,152 @@ class Rows:
                 k = int(col.prompt[i])
                 out[key] = [-100] * k + out["input_ids"][k:]
         return out
+
+
+def _unmask(flat: np.ndarray, offsets: np.ndarray, prompt: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Labels that are the ids with each example's first ``prompt[i]`` masked (-100), as flat array and offsets."""
+    lengths = np.diff(offsets)
+    labels = flat.astype(np.int32)
+    labels[np.arange(len(flat)) - np.repeat(offsets[:-1], lengths) < np.repeat(prompt, lengths)] = -100
+    return labels, offsets
+
+
+_SPILL: ContextVar["Spill | None"] = ContextVar("gptkit_spill", default=None)
+
+
+class Spill:
+    """A folder :meth:`Rows.concat` writes parts to while :meth:`active` (``data.cached_examples`` sets one up around a
+    split's preprocessing): each array column is appended part by part to one file, in each part's own dtype, and
+    mapped back read-only in the dtype ``np.concatenate`` gives (rewritten part by part where the parts' dtypes
+    differ), so memory stays flat however large the split; the result equals the in-memory concat. ``files`` maps the
+    data address of each array mapped back to its file (the cache copies the file instead of reading the map)."""
+
+    def __init__(self, folder: Path):
+        self.folder, self.count, self.files = folder, 0, {}
+
+    @contextmanager
+    def active(self):
+        token = _SPILL.set(self)
+        try:
+            yield self
+        finally:
+            _SPILL.reset(token)
+
+    def new(self) -> "_Spilled":
+        self.count += 1
+        return _Spilled(self, self.folder / f"{self.count}.bin")
+
+    def mapped(self, path: Path, dtype, n: int) -> np.ndarray:
+        if not n:
+            return np.empty(0, dtype)
+        out = np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))  # (a plain view pickles out of band)
+        self.files[out.ctypes.data] = path
+        return out
+
+    def concat(self, parts: Iterable[Rows]) -> Rows:
+        out, columns = Rows(), {}
+        for part in parts:
+            if not part.n:
+                continue
+            for key, col in part.cols.items():
+                if key not in columns:
+                    columns[key] = [] if isinstance(col, list) else _Column(self)
+                if isinstance(col, list):
+                    columns[key] += col
+                else:
+                    columns[key].add(col)
+            out.n += part.n
+        for key, col in columns.items():
+            out.cols[key] = col if isinstance(col, list) else col.finish(columns.get("input_ids"))
+        for col in columns.values():
+            if isinstance(col, _Column):
+                col.close()
+        return out
+
+
+class _Spilled:
+    """One array spilled part by part (:class:`Spill`)."""
+
+    def __init__(self, spill: Spill, path: Path):
+        self.spill, self.path, self.fh, self.parts = spill, path, open(path, "wb"), []  # parts: (at, dtype, count)
+        self.used = False
+
+    def add(self, arr: np.ndarray) -> None:
+        self.parts.append((self.fh.tell(), arr.dtype, len(arr)))
+        self.fh.write(np.ascontiguousarray(arr).data)
+
+    def part(self, j: int) -> np.ndarray:
+        if not self.fh.closed:
+            self.fh.flush()
+        at, dtype, n = self.parts[j]
+        return np.fromfile(self.fh.name, dtype=dtype, count=n, offset=at)
+
+    def array(self) -> np.ndarray:
+        self.fh.close()
+        self.used = True
+        dtype = np.result_type(*(d for _, d, _ in self.parts)) if self.parts else np.dtype(np.int64)
+        if any(d != dtype for _, d, _ in self.parts):  # as np.concatenate promotes (uint16 and int32 parts: int32)
+            self.path = self.path.with_suffix(".cast")
+            with open(self.path, "wb") as fh:
+                for j in range(len(self.parts)):
+                    fh.write(self.part(j).astype(dtype).data)
+        return self.spill.mapped(self.path, dtype, sum(n for *_, n in self.parts))
+
+
+class _Column:
+    """A spilled column: an integer per row, token lists (flat ids + offsets), or labels that are the input ids with
+    a prompt masked (:class:`_Masked`) in some or all parts."""
+
+    def __init__(self, spill: Spill):
+        self.spill, self.kinds, self.begins, self.end = spill, [], [], 0  # begins: each token part's first token
+        self.flat, self.offsets, self.prompt = spill.new(), spill.new(), spill.new()
+        self.offsets.add(np.zeros(1, np.int64))
+
+    def add(self, col) -> None:
+        if isinstance(col, _Masked):
+            self.kinds.append("masked")
+            self.prompt.add(col.prompt)
+        elif isinstance(col, tuple):
+            self.kinds.append("tokens")
+            self.begins.append(self.end)
+            self.flat.add(col[0])
+            self.offsets.add(col[1][1:] - col[1][0] + self.end)
+            self.end += len(col[0])
+        else:
+            self.kinds.append("array")
+            self.flat.add(col)
+
+    def tokens(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The k-th token part as it was added: (flat ids, offsets from 0)."""
+        ends = self.offsets.part(k + 1)
+        return self.flat.part(k), np.concatenate([[0], ends - self.begins[k]])
+
+    def finish(self, ids: "_Column | None"):
+        kinds = set(self.kinds)
+        if kinds == {"array"}:
+            return self.flat.array()
+        if kinds == {"masked"}:
+            return _Masked(self.prompt.array())
+        if "masked" in kinds:  # some parts masked, some not: each part's labels written out in full
+            column, k, m = _Column(self.spill), 0, 0
+            for j, kind in enumerate(self.kinds):
+                if kind == "masked":
+                    column.add(_unmask(*ids.tokens(j), self.prompt.part(m)))
+                    m += 1
+                else:
+                    column.add(self.tokens(k))
+                    k += 1
+            out = column.finish(None)
+            column.close()
+            return out
+        return self.flat.array(), self.offsets.array()
+
+    def close(self) -> None:
+        """Removes the files a cast rewrote and those the column did not use."""
+        for spilled in (self.flat, self.offsets, self.prompt):
+            spilled.fh.close()
+            if not spilled.used or Path(spilled.fh.name) != spilled.path:
+                Path(spilled.fh.name).unlink()
 
 
 class _Masked:
@@ -235,31 +385,36 @@ def preprocess(recipe, tokenizer, rows, split, *, template: str, target: str, sh
     prompt's ``shorten`` field loses its end (:func:`fit_prompt`); cuts are counted and reported."""
     config = _base(recipe)
     seq2seq, limit = modeling.is_encoder_decoder(config), _limit(recipe, config)
-    parts, cut = [], 0
-    for chunk in in_chunks(rows, split):
-        texts = [render(template, row) for row in chunk]
-        answers = _target_ids(tokenizer, [str(row[target]) for row in chunk], seq2seq)
-        out = []
-        for row, text, prompt, answer in zip(chunk, texts, prompts_ids(tokenizer, texts, seq2seq), answers):
-            room = limit if seq2seq else limit - min(len(answer), max(1, limit // 2))
-            shortened = False
-            if len(prompt) > room:  # the field loses its end; what it cannot absorb is cut below
-                text, prompt, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
-            if seq2seq:  # what the field could not absorb is cut at the end, keeping the closing special token
-                cut += shortened or len(answer) > limit
-                if len(prompt) > limit:
-                    prompt = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
-                out.append({"input_ids": prompt, "labels": answer[:limit]})
-                continue
-            cut += shortened or len(prompt) + len(answer) > limit
-            answer = answer[: max(1, limit // 2)] if len(prompt) + len(answer) > limit else answer
-            prompt = prompt[-(limit - len(answer)) :]  # what the field could not absorb
-            out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
-        parts.append(Rows(out))
+    cut = 0
+
+    def parts() -> Iterator[Rows]:
+        nonlocal cut
+        for chunk in in_chunks(rows, split):
+            texts = [render(template, row) for row in chunk]
+            answers = _target_ids(tokenizer, [str(row[target]) for row in chunk], seq2seq)
+            out = []
+            for row, text, prompt, answer in zip(chunk, texts, prompts_ids(tokenizer, texts, seq2seq), answers):
+                room = limit if seq2seq else limit - min(len(answer), max(1, limit // 2))
+                shortened = False
+                if len(prompt) > room:  # the field loses its end; what it cannot absorb is cut below
+                    text, prompt, shortened = fit_prompt(tokenizer, template, row, shorten, room, special=seq2seq)
+                if seq2seq:  # what the field could not absorb is cut at the end, keeping the closing special token
+                    cut += shortened or len(answer) > limit
+                    if len(prompt) > limit:
+                        prompt = tokenizer(text, truncation=True, max_length=limit)["input_ids"]
+                    out.append({"input_ids": prompt, "labels": answer[:limit]})
+                    continue
+                cut += shortened or len(prompt) + len(answer) > limit
+                answer = answer[: max(1, limit // 2)] if len(prompt) + len(answer) > limit else answer
+                prompt = prompt[-(limit - len(answer)) :]  # what the field could not absorb
+                out.append({"input_ids": prompt + answer, "labels": [-100] * len(prompt) + answer})
+            yield Rows(out)
+
+    joined = Rows.concat(parts())
     if cut:
         log.warning("%s: %d of %d examples longer than %d tokens were truncated (finetune.max_length)",
                     split, cut, len(rows), limit)
-    return Examples(Rows.concat(parts), tokenizer.pad_token_id, _decoder_start(recipe, config) if seq2seq else None)
+    return Examples(joined, tokenizer.pad_token_id, _decoder_start(recipe, config) if seq2seq else None)
 
 
 def _target_ids(tokenizer, texts: list[str], seq2seq: bool) -> list[list[int]]:

@@ -186,12 +186,13 @@ def preprocess(recipe, tokenizer, rows, split, model):
         targets = [{**r, "target": " " + r["answers"]["text"][0]} for r in rows]
         return gen.preprocess(recipe, tokenizer, targets, split, template=_template(recipe), target="target",
                               shorten="context")
-    parts = []
-    for lo, chunk, wins in _chunks(recipe, tokenizer, rows, _limit(recipe, model), split):
-        spans = [answer_positions(w, chunk[w["row"]]) for w in wins]
-        parts.append(gen.Rows([{"input_ids": w["input_ids"], "row": lo + w["row"], "start_positions": a,
-                                "end_positions": b} for w, (a, b) in zip(wins, spans)]))  # no offsets: training
-    out = gen.Rows.concat(parts)
+    def parts():
+        for lo, chunk, wins in _chunks(recipe, tokenizer, rows, _limit(recipe, model), split):
+            spans = [answer_positions(w, chunk[w["row"]]) for w in wins]
+            yield gen.Rows([{"input_ids": w["input_ids"], "row": lo + w["row"], "start_positions": a,
+                             "end_positions": b} for w, (a, b) in zip(wins, spans)])  # no offsets: training
+
+    out = gen.Rows.concat(parts())
     log.info("%s: %d rows in %d windows, %d without their answer", split, len(rows), len(out),
              int((out.cols["start_positions"] == 0).sum()) if len(out) else 0)
     return _Spans(out, tokenizer.pad_token_id)
