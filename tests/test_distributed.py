@@ -139,6 +139,48 @@ def test_gpu_plugins_are_built_from_the_recipe(monkeypatch):
         assert ds.zero_stage == stage
 
 
+def test_deepspeed_steps_once_per_accumulated_step():
+    """Accelerate's DeepSpeed wrapper steps the engine inside backward whenever sync_gradients holds, and gptkit
+    does not use accelerator.accumulate(): every micro-batch was an optimizer step. A stand-in accelerator whose
+    backward does what Accelerate's DeepSpeed path does (engine boundary and step from sync_gradients) counts the
+    engine steps of one gptkit step of 3 micro-batches: one, at the last; the gradient is the whole batch's."""
+    import contextlib
+    from types import SimpleNamespace
+
+    import torch
+    from accelerate.state import GradientState
+    from accelerate.utils import DistributedType
+
+    from gptkit import engine
+
+    class Engine:
+        def __init__(self):
+            self.boundaries, self.steps = [], 0
+
+        def set_gradient_accumulation_boundary(self, is_boundary):
+            self.boundaries.append(is_boundary)
+
+    ds, gradient_state = Engine(), GradientState()
+
+    def backward(loss):  # accelerate's Accelerator.backward -> DeepSpeedEngineWrapper.backward
+        ds.set_gradient_accumulation_boundary(is_boundary=gradient_state.sync_gradients)
+        (loss / 3).backward()  # the engine divides by gradient_accumulation_steps
+        ds.steps += gradient_state.sync_gradients
+
+    acc = SimpleNamespace(num_processes=1, device=torch.device("cpu"), distributed_type=DistributedType.DEEPSPEED,
+                          gradient_state=gradient_state, backward=backward, no_sync=lambda m: contextlib.nullcontext(),
+                          autocast=lambda: torch.autocast("cpu", enabled=False), state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config={
+                              "gradient_accumulation_steps": 3})))
+    model = torch.nn.Linear(4, 1)
+    batches = [{"x": torch.randn(2, 4)} for _ in range(3)]
+    engine.backward_step(model, batches, lambda m, b: m(b["x"]).sum(), lambda b: 2, acc)
+    assert (ds.boundaries, ds.steps, gradient_state.sync_gradients) == ([False, False, True], 1, True)
+    whole = torch.nn.Linear(4, 1)
+    whole.load_state_dict(model.state_dict())
+    whole(torch.cat([b["x"] for b in batches])).sum().div(6).backward()
+    assert torch.allclose(model.weight.grad, whole.weight.grad, atol=1e-6)
+
+
 def test_shipped_accelerate_config_and_cpu_refusals(tmp_path, corpus):
     from accelerate.commands.config.config_args import load_config_from_file
 

@@ -113,16 +113,16 @@ def test_torn_checkpoints_are_detected_and_skipped(tmp_path, small_corpus, caplo
     assert same_weights(tmp_path / "cut", tmp_path / "ref")
 
 
-def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, monkeypatch):
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, monkeypatch, caplog):
     from gptkit import engine
 
     real = engine.causal_lm_loss
-    calls = {"n": 0}
+    calls, bad = {"n": 0}, {13, 14}
 
     def nan_at_step_7(model, batch):  # grad_accum=2: two micro-batches per step
         calls["n"] += model.training
         loss = real(model, batch)
-        return loss * float("nan") if model.training and calls["n"] in (13, 14) else loss
+        return loss * float("nan") if model.training and calls["n"] in bad else loss
 
     monkeypatch.setattr(engine, "causal_lm_loss", nan_at_step_7)
     recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={**TRAIN, "max_steps": 12})
@@ -137,6 +137,57 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_cor
     assert code == 0, err
     steps = losses(tmp_path / "run")
     assert 7 not in steps and 12 in steps and all(v == v for v in steps.values())
+    # a skipped step is still a step: at a save step and at the last one, the checkpoint, evaluation and final save
+    calls["n"] = 0
+    bad |= {19, 20}  # step 10 too
+    with caplog.at_level("WARNING", logger="gptkit"):
+        code, _, err = run_cli("pretrain", str(recipe), "--overwrite", "train.skip_nonfinite=2", "train.max_steps=10")
+    assert code == 0 and "non-finite loss at step 10" in caplog.text, err
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000005", "step-00000010"]
+    logged = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["step"] == 10 and "val_loss" in r for r in logged)
+    assert (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_nan_validation_figure_is_never_the_best(tmp_path):
+    """A NaN metric at the first evaluation does not become the best (every later comparison with NaN is False: no
+    evaluation could improve on it, and patience would stop the run on the NaN weights)."""
+    from accelerate import Accelerator
+
+    from gptkit import engine
+    from gptkit.recipe import TrainConfig
+
+    model, saved = torch.nn.Linear(2, 2), []
+    job = engine.Job(model=model, train_data=None, val_data=None, cfg=TrainConfig(), run_dir=tmp_path,
+                     select="val_score", select_higher=True, patience=2,
+                     save=lambda raw, folder, state: (folder.mkdir(parents=True), saved.append(folder.name)))
+    counters: dict = {}
+    stops = [engine._track_best(job, model, Accelerator(cpu=True), {"val_score": v}, counters, step)
+             for step, v in ((2, float("nan")), (4, 0.5), (6, 0.6))]
+    assert stops == [False, False, False] and (counters["best"], counters["best_step"], counters["stale"]) == (0.6, 6, 0)
+    assert saved == [".best.tmp", ".best.tmp"]
+
+
+def test_checkpoints_pruned_never_push_out_good_ones_for_a_newer_broken_one(tmp_path):
+    """A resume that fell back past a broken step-10 saves steps 7, 8, ...: keep_last counts those and the older
+    good ones, not step-10 (an abandoned timeline), so the checkpoint just written is never the one deleted."""
+    from gptkit import checkpoint
+
+    root = tmp_path / "checkpoints"
+    for step in (5, 10, 7, 8):
+        checkpoint.tmp_dir(root, step).mkdir(parents=True)
+        (checkpoint.tmp_dir(root, step) / "model.safetensors").write_bytes(b"w" * step)
+        if step == 10:
+            checkpoint.finalize(root, step, keep_last=5)
+            (root / "step-00000010" / "model.safetensors").write_bytes(b"torn")
+            assert checkpoint.latest(root).name == "step-00000005"
+            continue
+        checkpoint.finalize(root, step, keep_last=1 if step == 7 else 2)
+        if step == 7:
+            assert sorted(p.name for p in root.iterdir()) == ["step-00000007", "step-00000010"]
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000007", "step-00000008", "step-00000010"]
+    assert checkpoint.latest(root).name == "step-00000008"
 
 
 def test_refuses_to_start_without_disk_space(tmp_path, small_corpus, monkeypatch):

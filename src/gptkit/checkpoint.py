@@ -70,7 +70,10 @@ def finalize(root: Path, step: int, keep_last: int) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    for old in complete_checkpoints(root, verified=False)[:-keep_last]:
+    # pruned among the steps up to this one: a newer checkpoint left by a resume that fell back past it (it did not
+    # verify) belongs to an abandoned timeline and must not push out the good ones this run writes
+    earlier = [p for p in complete_checkpoints(root, verified=False) if int(p.name.split("-")[-1]) <= step]
+    for old in earlier[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 

@@ -133,10 +133,20 @@ def reshard(model) -> None:
 @contextmanager
 def no_sync(accelerator, model, skip: bool):
     """No gradient reduction inside (for all but the last micro-batch of a step); FSDP2 modules sharded by
-    :func:`shard` have no DDP ``no_sync`` and use ``set_requires_gradient_sync`` instead."""
+    :func:`shard` have no DDP ``no_sync`` and use ``set_requires_gradient_sync`` instead; under DeepSpeed, not the
+    accumulation boundary."""
     from accelerate.utils import DistributedType
 
-    if not skip:
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Accelerate's DeepSpeed wrapper marks a micro-batch the accumulation boundary, and steps the engine in its
+        # backward, whenever sync_gradients holds (accelerator.accumulate() clears it between boundaries): left set,
+        # every micro-batch would be an optimizer step of its own
+        accelerator.gradient_state._set_sync_gradients(not skip)
+        try:
+            yield
+        finally:
+            accelerator.gradient_state._set_sync_gradients(True)
+    elif not skip:
         yield
     elif hasattr(model, "set_requires_gradient_sync") and accelerator.distributed_type != DistributedType.FSDP:
         model.set_requires_gradient_sync(False)

@@ -253,7 +253,7 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
     value = metrics[job.select]
     lower = job.select in ("val_loss", "val_perplexity") if job.select_higher is None else not job.select_higher
     best = counters.get("best")
-    if best is None or (value < best if lower else value > best):
+    if math.isfinite(value) and (best is None or (value < best if lower else value > best)):  # NaN: never best
         counters.update(best=value, best_step=step, stale=0)
         state = distributed.full_state_dict(accelerator, model)  # collective when sharded
         if accelerator.is_main_process:
@@ -472,7 +472,7 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                 loss_total, signals, step_tokens = flags.tolist()  # one host sync
                 step_loss, signum = loss_total / items, int(signals) and (stop.signum or signal.SIGTERM)
                 tokens += int(step_tokens)
-                if not math.isfinite(step_loss):
+                if not math.isfinite(step_loss):  # the update is skipped; the step's log, eval and save are not
                     opt.zero_grad(set_to_none=True)
                     counters["bad_steps"] += 1
                     if counters["bad_steps"] > cfg.skip_nonfinite:
@@ -481,14 +481,14 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                             f"in {job.run_dir / 'checkpoints'} (lower train.lr, or allow skips with train.skip_nonfinite)"
                         )
                     log.warning("non-finite loss at step %d: batch skipped (%d so far)", step, counters["bad_steps"])
-                    continue
-                if cfg.grad_clip > 0:
-                    clip(cfg.grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                run_loss, run_steps = run_loss + step_loss, run_steps + 1
+                else:
+                    if cfg.grad_clip > 0:
+                        clip(cfg.grad_clip)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    run_loss, run_steps = run_loss + step_loss, run_steps + 1
                 bar.update(1)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
+                if (step % cfg.log_every == 0 or step == cfg.max_steps) and run_steps:
                     tok_s = tokens / (time.perf_counter() - t0)
                     last = {"train_loss": run_loss / run_steps, "train_lr": lr, "train_tokens_per_s": tok_s}
                     tracker.log(step, last)
