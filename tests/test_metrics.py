@@ -229,6 +229,13 @@ def test_rouge_tokenizer_drops_non_ascii_unless_unicode():
     # English text scores as with rouge_score's own tokenizer (same stemming of ASCII words)
     assert metrics.rouge(ROUGE_PREDS, ROUGE_REFS, tokenizer="unicode") == pytest.approx(metrics.rouge(ROUGE_PREDS, ROUGE_REFS))
     assert metrics.UnicodeTokenizer().tokenize("猫が座った") == ["猫", "が", "座", "っ", "た"]
+    # combining marks belong to their words (Devanagari vowel signs, viramas; decomposed accents)
+    pred, ref = "यह एक अच्छा दिन है", "यह अच्छा दिन था"
+    ours = metrics.rouge([pred], [ref], tokenizer="unicode")
+    direct = rouge_scorer.RougeScorer(list(metrics.ROUGE_TYPES), tokenizer=Whitespace()).score(ref, pred)
+    assert all(ours[key] == pytest.approx(100 * direct[key].fmeasure, abs=1e-9) for key in metrics.ROUGE_TYPES)
+    assert metrics.rouge(["हिन्दी"], ["हिन्दू"], tokenizer="unicode")["rouge1"] == 0.0  # "Hindi" is not "Hindu"
+    assert metrics.rouge(["cafe\u0301 noir"], ["café noir"], tokenizer="unicode")["rouge2"] == 100.0
 
 
 # ----------------------------------------------------------------------------------- SQuAD v1.1

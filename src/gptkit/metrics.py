@@ -26,8 +26,11 @@ import logging
 import math
 import re
 import string
+import unicodedata
 from collections import Counter
 from typing import Any, Callable, Hashable, Sequence
+
+import regex
 
 from gptkit.errors import UserError
 
@@ -170,12 +173,14 @@ def split_sentences(text: str) -> list[str]:
 
 
 class UnicodeTokenizer:
-    """A rouge_score tokenizer for any script: lower-cased runs of Unicode letters and digits (``\\w+``), each
-    CJK ideograph or kana on its own (those scripts do not separate words). With ``use_stemmer``, ASCII
-    words longer than 3 letters go through the Porter stemmer, as rouge_score's default tokenizer does."""
+    """A rouge_score tokenizer for any script: lower-cased runs of Unicode letters, combining marks and digits,
+    in NFC form, each CJK ideograph or kana on its own (those scripts do not separate words). Marks belong to
+    their words: Devanagari "हिन्दी" and "हिन्दू" differ only in them (``\\w`` leaves marks out), and a decomposed
+    "café" is the composed one. With ``use_stemmer``, ASCII words longer than 3 letters go through the Porter
+    stemmer, as rouge_score's default tokenizer does."""
 
     _CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-    _TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+", re.UNICODE)
+    _TOKEN = regex.compile(f"[{_CJK}]|[[\\p{{L}}\\p{{M}}\\p{{N}}]--[{_CJK}]]+", regex.V1)
 
     def __init__(self, use_stemmer: bool = False):
         from nltk.stem import porter
@@ -183,7 +188,7 @@ class UnicodeTokenizer:
         self._stemmer = porter.PorterStemmer() if use_stemmer else None
 
     def tokenize(self, text: str) -> list[str]:
-        tokens = self._TOKEN.findall(text.lower())
+        tokens = self._TOKEN.findall(unicodedata.normalize("NFC", text).lower())
         if self._stemmer is None:
             return tokens
         return [self._stemmer.stem(t) if len(t) > 3 and t.isascii() else t for t in tokens]
