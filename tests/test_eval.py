@@ -188,6 +188,25 @@ def test_every_decoding_option_reaches_generation(tmp_path, lm_dir, test_file):
     assert not greedy["settings"]["decoding"]["do_sample"]
 
 
+def test_the_checkpoints_own_generation_settings_apply_and_are_recorded(tmp_path, lm_dir, test_file):
+    """Settings of generation_config.json that gptkit's options do not make (no_repeat_ngram_size here) apply as in
+    transformers' generate, and metrics.json records them: two checkpoints' figures say why they decode apart."""
+    import shutil
+
+    plain = eval_model(lm_dir, test_file, tmp_path / "plain")
+    tuned = tmp_path / "tuned"
+    shutil.copytree(lm_dir, tuned)
+    config = json.loads((tuned / "generation_config.json").read_text())
+    (tuned / "generation_config.json").write_text(json.dumps({**config, "no_repeat_ngram_size": 1}))
+    got = eval_model(tuned, test_file, tmp_path / "t")
+    assert plain["settings"]["generation_config"] == {} and got["settings"]["generation_config"] == {
+        "no_repeat_ngram_size": 1}
+    for p in lines(tmp_path / "t" / "predictions.jsonl"):  # no token twice (the tiny model repeats without it)
+        assert len(set(p["prediction"].split())) == len(p["prediction"].split())
+    assert [p["prediction"] for p in lines(tmp_path / "t" / "predictions.jsonl")] != [
+        p["prediction"] for p in lines(tmp_path / "plain" / "predictions.jsonl")]
+
+
 def test_predictions_stream_and_resume_after_a_crash(tmp_path, lm_dir, test_file, monkeypatch):
     from gptkit import generation
 

@@ -256,6 +256,8 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
               index: int | None = None, loaded: tuple | None = None, given=None) -> dict:
     """Predict batch by batch, appending each batch to predictions.jsonl, then score everything written.
     ``loaded``: (model, tokenizer, run, fingerprint) already loaded (a multi-task run's tasks share them)."""
+    from gptkit import generation
+
     model, tok, run, model_fp = loaded or (*load_model(model_path, task), fingerprint(Path(model_path)))
     run = _task_view(run, task, index)
     cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
@@ -274,7 +276,8 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
         raise UserError(f"--few-shot {opts.few_shot}: {tp} has only {len(shots)} examples")
     ctx = make_ctx(opts, task, model, tok, run, every, shots, given)  # labels: from all rows, whatever --limit
     identity = {"mode": "model", "task": task, "model": model_fp["sha256"], "data": file_hashes(data),
-                "columns": cols, "template": ctx.template, "decoding": asdict(ctx.decoding), "labels": ctx.labels,
+                "columns": cols, "template": ctx.template, "decoding": asdict(ctx.decoding),
+                "generation_config": generation.inherited(model), "labels": ctx.labels,
                 "few_shot": opts.few_shot, "train": sha256(tp) if shots else None, "seed": opts.seed if shots else None}
     preds = [k["prediction"] for k in prepare_out(out, identity, opts.resume, len(rows))]
     started, resumed_at = time.time(), len(preds)

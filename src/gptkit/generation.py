@@ -78,10 +78,12 @@ class DecodingOptions:
         return self
 
     def to_generate_kwargs(self, tokenizer: Any, model: Any = None) -> dict[str, Any]:
-        """Keyword arguments for ``model.generate``; every decoding choice is explicit so that a
-        checkpoint's ``generation_config.json`` cannot silently change it (only its end-of-text ids count, when
-        ``model`` is given: :func:`eos_ids`). Sampling parameters are only passed when sampling (transformers
-        warns about them otherwise)."""
+        """Keyword arguments for ``model.generate``: the choices gptkit's options make (beams, sampling, lengths,
+        repetition penalty) are explicit, so a checkpoint's ``generation_config.json`` cannot change them; its other
+        settings (length_penalty, no_repeat_ngram_size, min_length, forced or suppressed tokens) apply as in
+        transformers' ``generate`` — what the checkpoint's authors tuned — and :func:`inherited` lists them (eval
+        records them). Its end-of-text ids count too, when ``model`` is given (:func:`eos_ids`). Sampling parameters
+        are only passed when sampling (transformers warns about them otherwise)."""
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         kwargs: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
@@ -102,6 +104,20 @@ class DecodingOptions:
             kwargs["top_k"] = self.top_k if self.top_k is not None else 0  # 0 disables top-k (default is 50)
             kwargs["top_p"] = self.top_p if self.top_p is not None else 1.0
         return kwargs
+
+
+_PASSED = {"max_new_tokens", "do_sample", "num_beams", "num_return_sequences", "repetition_penalty", "pad_token_id",
+           "use_cache", "eos_token_id", "min_new_tokens", "temperature", "top_k", "top_p", "transformers_version",
+           "bos_token_id", "decoder_start_token_id", "_from_model_config"}
+
+
+def inherited(model) -> dict:
+    """The settings of the model's ``generation_config.json`` that ``generate`` applies beyond those gptkit passes
+    (:meth:`DecodingOptions.to_generate_kwargs`): what makes its outputs differ from another checkpoint's decoding
+    with the same options."""
+    config = getattr(model, "generation_config", None)
+    diff = config.to_diff_dict() if config is not None else {}
+    return {k: v for k, v in sorted(diff.items()) if k not in _PASSED and not k.startswith(("output_", "return_"))}
 
 
 def sampling_rule(wants_sample: bool, temperature: float | None) -> tuple[bool, float]:
