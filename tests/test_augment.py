@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from conftest import assert_user_error, run_cli
@@ -66,11 +67,21 @@ def test_real_and_synthetic_pairs_mix_by_weight_with_a_tag(tmp_path):
     recipe.write_text(json.dumps({"task": "translate", "data": {"train_files": [str(real), str(synthetic)],
                                                                  "train_weights": [2, 0.5]},
                                   "finetune": {"synthetic_tag": "<BT>"}}))
-    rows = finetune.splits(load_recipe(recipe), tasks.load("translate"))["train"]
+    loaded = load_recipe(recipe)
+    rows = finetune.splits(loaded, tasks.load("translate"))["train"]
     assert len(rows) == 2 * 40 + 15
     tagged = [r for r in rows if r.get("synthetic")]
     assert len(tagged) == 15 and all(r["source"].startswith("<BT> ") for r in tagged)
     assert not any(r["source"].startswith("<BT>") for r in rows if not r.get("synthetic"))
+    # read on demand (index arrays, not a list of every row), in the order of: each file's rows `weight` times, then
+    # a seeded sample of the fraction, in file order
+    rng = np.random.default_rng([loaded.train.seed, 11])
+    given = [[json.loads(line) for line in path.read_text().splitlines()] for path in (real, synthetic)]
+    rng.permutation(40)
+    want = given[0] * 2 + [{**given[1][i], "source": "<BT> " + given[1][i]["source"]}
+                           for i in sorted(rng.permutation(30)[:15])]
+    assert not isinstance(rows, list) and list(rows) == want
+    assert rows[75:90] == want[75:90] and rows[-1] == want[-1] and rows[3::7] == want[3::7] and rows[95:] == []
     recipe.write_text(json.dumps({"task": "translate", "data": {"train_files": [str(real)], "train_weights": [1, 2]}}))
     with pytest.raises(Exception, match="one weight per entry"):
         load_recipe(recipe)

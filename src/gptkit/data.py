@@ -505,6 +505,58 @@ class TableRows(Sequence):
         for lo in range(0, len(self), 1000):
             yield from self[lo : lo + 1000]
 
+    def take(self, indices) -> list[dict]:
+        """The rows at ``indices``, read in one go."""
+        return self._rows(self.table[np.asarray(indices, dtype=np.int64)]) if len(indices) else []
+
+
+class Joined(Sequence):
+    """Row sequences read as one, on demand: part k's rows (``pick``: those indices of it, in that order — a weight's
+    repeats and sample), each passed through ``edit(row, k)`` (a task tag, the synthetic tag) as it is read. A
+    million rows cost their index arrays, not a million dicts; ``part(k)`` is part k alone, ``keys`` name the parts
+    (a multi-task split: each task's index)."""
+
+    def __init__(self, parts: list[tuple[Sequence, np.ndarray | None]], edit=None, keys: list | None = None):
+        self.parts, self.edit, self.keys = parts, edit, keys
+        self.starts = np.cumsum([0] + [len(rows) if pick is None else len(pick) for rows, pick in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def part(self, k: int) -> "Joined":
+        edit = self.edit
+        return Joined([self.parts[k]], (lambda row, _: edit(row, k)) if edit else None)
+
+    def _read(self, k: int, lo: int, hi: int) -> list[dict]:
+        rows, pick = self.parts[k]
+        if pick is None:
+            got = rows[lo:hi]
+        else:
+            idx = pick[lo:hi]
+            got = rows.take(idx) if isinstance(rows, TableRows) else [rows[int(i)] for i in idx]
+        return [self.edit(r, k) for r in got] if self.edit else list(got)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1:
+                return [self[k] for k in range(lo, hi, step)]
+            out: list[dict] = []
+            for k in range(len(self.parts)):
+                a, b = max(lo, self.starts[k]), min(hi, self.starts[k + 1])
+                if a < b:
+                    out += self._read(k, int(a - self.starts[k]), int(b - self.starts[k]))
+            return out
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self._read(k, int(i - self.starts[k]), int(i - self.starts[k] + 1))[0]
+
+    def __iter__(self):
+        for lo in range(0, len(self), 1000):
+            yield from self[lo : lo + 1000]
+
 
 def _row_origin(paths: list[str], field: str, i: int) -> tuple[str, int]:
     """The file and row within it of row ``i`` of the files loaded together (loaded again one by one: error path)."""

@@ -35,15 +35,19 @@ def splits(recipe: Recipe, task) -> dict[str, Sequence[dict]]:
     if recipe.data.train_weights:  # each entry's rows repeated / subsampled by its weight (seeded)
         import numpy as np
 
-        rng, rows = np.random.default_rng([recipe.train.seed, 11]), []
+        rng, parts = np.random.default_rng([recipe.train.seed, 11]), []
         for pattern, weight in zip(files["train"], recipe.data.train_weights):
             part = data_mod.load_rows([pattern], "data.train_files", task.FIELDS, task.OPTIONAL, recipe.data.columns)
             whole, frac = int(weight), weight - int(weight)
-            rows += list(part) * whole + [part[i] for i in sorted(rng.permutation(len(part))[: round(frac * len(part))])]
-        out = {"train": rows, **out}
+            sample = np.sort(rng.permutation(len(part))[: round(frac * len(part))])
+            parts.append((part, np.concatenate([np.tile(np.arange(len(part)), whole), sample])))
+        out = {"train": data_mod.Joined(parts), **out}
     tag = recipe.finetune.synthetic_tag
-    if tag and "train" in out:
-        out["train"] = [{**r, "source": f"{tag} {r['source']}"} if r.get("synthetic") is True else r for r in out["train"]]
+    if tag and "train" in out:  # applied as rows are read
+        def tagged(row, _):
+            return {**row, "source": f"{tag} {row['source']}"} if row.get("synthetic") is True else row
+
+        out["train"] = data_mod.Joined([(out["train"], None)], tagged)
     return out
 
 

@@ -38,21 +38,34 @@ def _names(recipe) -> list[str]:
     return [k if kinds.count(k) == 1 else f"{k}{i}" for i, k in enumerate(kinds)]
 
 
-def load_splits(recipe) -> dict[str, list[dict]]:
-    """Rows of every task and split, tagged with their task (``_sub`` index, ``_task`` kind, ``_name``)."""
-    from gptkit.data import load_rows
+def load_splits(recipe) -> dict:
+    """Rows of every task and split, tagged with their task (``_sub`` index, ``_task`` kind, ``_name``) as they are
+    read (:class:`gptkit.data.Joined`, a part per task)."""
+    from gptkit.data import Joined, load_rows
 
     if not recipe.finetune.tasks:
         raise UserError("finetune.tasks: task 'multitask' needs a list of tasks, each with task and train_files")
-    out: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    parts: dict[str, list] = {"train": [], "validation": [], "test": []}
+    tags: dict[str, list[dict]] = {split: [] for split in parts}
     for i, (sub, name) in enumerate(zip(recipe.finetune.tasks, _names(recipe))):
         module, sr, tag = tasks.load(sub.task), sub_recipe(recipe, i), {"_sub": i, "_task": sub.task, "_name": name}
         for split, files, key in (("train", sub.train_files, "train_files"), ("validation", sub.val_files, "val_files"),
                                   ("test", sub.test_files, "test_files")):
             if files:
                 rows = load_rows(files, f"finetune.tasks[{i}].{key}", module.FIELDS, module.OPTIONAL, sr.data.columns)
-                out[split] += [{**r, **tag} for r in rows]
-    return {split: rows for split, rows in out.items() if rows}
+                parts[split].append((rows, None))
+                tags[split].append(tag)
+    return {split: Joined(found, lambda row, k, t=tags[split]: {**row, **t[k]}, [t["_sub"] for t in tags[split]])
+            for split, found in parts.items() if found}
+
+
+def _of_task(rows, i: int):
+    """The rows of task ``i``: its part of :func:`load_splits`' rows as it is (nothing read), else those tagged."""
+    from gptkit.data import Joined
+
+    if isinstance(rows, Joined) and rows.keys is not None:
+        return rows.part(rows.keys.index(i)) if i in rows.keys else []
+    return [r for r in rows if r["_sub"] == i]
 
 
 class Mixture:
@@ -97,8 +110,8 @@ class Mixture:
 def preprocess(recipe, tokenizer, rows, split, model=None) -> Mixture:
     parts = []
     for i, sub in enumerate(recipe.finetune.tasks):
-        mine = [r for r in rows if r["_sub"] == i]
-        if mine:
+        mine = _of_task(rows, i)
+        if len(mine):
             examples = tasks.load(sub.task).preprocess(sub_recipe(recipe, i), tokenizer, mine, f"{split} ({sub.task})",
                                                        model)
             parts.append((sub.weight, examples))
