@@ -144,6 +144,21 @@ def test_unset_max_tokens_is_what_the_context_leaves(lm, base):
     assert chat.usage.total_tokens == context or chat.choices[0].finish_reason == "stop"
 
 
+def test_rows_batched_together_fit_the_context_together(lm, base):
+    """Rows of one generate call are left-padded to the longest prompt and all run the largest max_tokens: each row
+    here fits the context alone (the long prompt + the room it leaves, the short one + 16), together they would not
+    (the long prompt + 16), so they are two calls, not an IndexError past the position embedding."""
+    from gptkit import trained
+
+    _, tok = trained.load_lm(base)
+    long = len(tok("red " * 28, add_special_tokens=False)["input_ids"])
+    r = httpx.post(f"{lm.url}/v1/completions", json={"prompt": ["red", "red " * 28], "temperature": 0,
+                                                     "ignore_eos": True}, timeout=120)
+    assert r.status_code == 200, r.text
+    assert [ch["finish_reason"] for ch in r.json()["choices"]] == ["length", "length"]
+    assert r.json()["usage"]["completion_tokens"] == 16 + 64 - long
+
+
 def test_concurrent_requests_share_batches(lm, base):
     prompts = [f"{w} blue" for w in ("red", "green", "black", "white", "small", "big", "old", "new")]
     before = httpx.get(f"{lm.url}/health").json()

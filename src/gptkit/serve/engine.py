@@ -2,7 +2,8 @@
 
 The worker owns the model. Requests wait in a queue; the worker takes the first, waits up to ``wait_ms`` for
 more (``max_batch`` rows at most), groups them by what one ``generate`` call must share (the sampling settings;
-a seeded sampled request runs alone, so its seed alone decides its text) and runs each group as one batch.
+a seeded sampled request runs alone, so its seed alone decides its text) and runs each group as one batch
+(split where max_batch rows or the model's context would be exceeded).
 A stopping criterion looks at every row's new token as it is produced: it applies the row's own ``max_tokens``,
 stop strings and end of text, sends new text to a streaming client, and finishes the row there, so a short
 answer returns while longer ones in its batch go on. Task requests (classify, qa, translate, summarize) are
@@ -129,18 +130,37 @@ class Engine:
             if group[0].task is not None:
                 self.batches += 1
                 self._task(group)
-            else:  # at most max_batch sequences per generate call; a seed covers all of a job's calls
+            else:  # a seed covers all of a job's calls
                 from gptkit.generation import seeded
 
-                sampling, choices = group[0].sampling, [(job, c) for job in group for c in job.choices]
+                sampling = group[0].sampling
                 with seeded(self.model, sampling.seed):
-                    for lo in range(0, len(choices), self.max_batch):
+                    for call in self._calls([(job, c) for job in group for c in job.choices]):
                         self.batches += 1
-                        self._generate(sampling, choices[lo : lo + self.max_batch])
+                        self._generate(sampling, call)
         except Exception as exc:  # a bug or an out-of-memory: those requests get a 500, the server goes on
             log.exception("serve: batch of %d requests failed", len(group))
             for job in group:
                 job.send(("error", 500, f"generation failed: {type(exc).__name__}: {str(exc)[:200]}"))
+
+    def _calls(self, choices: list[tuple[Job, Choice]]) -> list[list[tuple[Job, Choice]]]:
+        """The generate calls of a group: at most max_batch rows each, in order of prompt length, and a new call
+        where a row would not fit the context with the call's others (a decoder's rows are left-padded to the
+        longest prompt and all run the largest max_tokens; each row fits alone, as its request was checked)."""
+        from gptkit.modeling import is_encoder_decoder
+
+        config = self.model.config
+        limit = None if is_encoder_decoder(config) else getattr(config, "max_position_embeddings", None)
+        calls: list[list[tuple[Job, Choice]]] = []
+        most = 0  # the largest max_tokens of the last call; sorted, its longest prompt is the row's own
+        for job, c in sorted(choices, key=lambda jc: len(jc[1].ids)):
+            if not calls or len(calls[-1]) == self.max_batch or \
+                    limit is not None and len(c.ids) + max(most, c.max_tokens) > limit:
+                calls.append([])
+                most = 0
+            calls[-1].append((job, c))
+            most = max(most, c.max_tokens)
+        return calls
 
     def _task(self, group: list[Job]) -> None:
         rows = [r for job in group for r in job.rows]
