@@ -240,32 +240,48 @@ def test_malformed_and_oversized_bodies(lm):
 
 
 def test_api_key_and_sigterm_drains_a_request_in_flight(base):
-    with server(base, "--api-key", "s3cret") as proc:
+    """SIGTERM closes the listener at once and answers the request in flight. The request is held in flight without
+    racing the model: it is sent with ``Expect: 100-continue`` and no body; uvicorn's ``100 Continue`` says the
+    handler is reading it; its body goes only once the server refuses new connections (a long --drain-seconds, so a
+    loaded machine cannot run out of drain time)."""
+    import json
+    import socket
+
+    with server(base, "--api-key", "s3cret", "--drain-seconds", "600") as proc:
         with pytest.raises(openai.AuthenticationError):
             client(proc, "wrong").completions.create(model="base", prompt="a", max_tokens=2)
         assert httpx.post(f"{proc.url}/v1/completions", json={"prompt": "a"}).status_code == 401
         assert httpx.get(f"{proc.url}/health").status_code == 200  # a load balancer's probe needs no key
-        auth = {"Authorization": "Bearer s3cret"}
-        body = {"prompt": ["red"] * 16, "n": 16, "max_tokens": 60, "temperature": 0, "ignore_eos": True}
-        done = {}
-
-        def big():  # 256 sequences of 60 tokens in 8 batches of 32: seconds on a CPU
-            done["r"] = httpx.post(f"{proc.url}/v1/completions", json=body, headers=auth, timeout=300)
-
-        worker = threading.Thread(target=big)
-        worker.start()
-        while httpx.get(f"{proc.url}/health").json()["requests"] < 1:  # the request is with the engine
-            time.sleep(0.01)
-        proc.send_signal(signal.SIGTERM)
-        while True:  # the server stops accepting connections at once...
-            try:
-                httpx.get(f"{proc.url}/health", timeout=1)
+        body = json.dumps({"prompt": ["red"] * 2, "n": 2, "max_tokens": 6, "temperature": 0,
+                           "ignore_eos": True}).encode()
+        host, port = proc.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=120) as sock:
+            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer s3cret\r\n"
+                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                         "Expect: 100-continue\r\n\r\n".encode())
+            got = b""
+            while b"\r\n\r\n" not in got:
+                got += sock.recv(4096) or pytest.fail(f"connection closed: {got!r}")
+            assert got.startswith(b"HTTP/1.1 100 "), got  # the handler is reading the body: the request is in flight
+            proc.send_signal(signal.SIGTERM)
+            while True:  # the server stops accepting connections at once...
+                try:
+                    httpx.get(f"{proc.url}/health", timeout=5)
+                except httpx.ConnectError:
+                    break
+                except httpx.TransportError:  # a connection accepted before the listener closed, then dropped
+                    pass
                 time.sleep(0.02)
-            except httpx.TransportError:
-                break
-        assert worker.is_alive()  # ...while the request in flight is still being answered
-        worker.join(timeout=300)
-        assert done["r"].status_code == 200 and done["r"].json()["usage"]["completion_tokens"] == 16 * 16 * 60
+            sock.sendall(body)  # ...while the request in flight is still answered
+            got = got.split(b"\r\n\r\n", 1)[1]
+            while True:
+                head, _, rest = got.partition(b"\r\n\r\n")
+                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
+                if length and len(rest) >= int(length.group(1)):
+                    break
+                got += sock.recv(65536) or pytest.fail(f"connection closed: {got!r}")
+        assert head.startswith(b"HTTP/1.1 200 "), got
+        assert json.loads(rest)["usage"]["completion_tokens"] == 2 * 2 * 6
         assert proc.wait(timeout=60) == 0
 
 
