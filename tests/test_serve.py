@@ -369,6 +369,24 @@ def test_a_chat_template_gives_the_prompt_ids_once(chat_lm, chat_model):
     assert r.usage.prompt_tokens == len(ids)  # not BOS + the template's BOS + ...
 
 
+@pytest.mark.parametrize("template, needle", [
+    ("{% if messages[0]['role'] == 'assistant' %}{{ raise_exception('roles must alternate user/assistant') }}"
+     "{% endif %}{% for m in messages %}{{ m['content'] }}{% endfor %}", "roles must alternate user/assistant"),
+    ("{% for m in messages %}{{ m['content'] }", "unexpected"),  # a template that does not compile
+])
+def test_a_chat_template_that_raises_is_a_400_on_messages(base, template, needle):
+    from transformers import AutoTokenizer
+
+    from gptkit.serve import requests as rq
+
+    tok = AutoTokenizer.from_pretrained(base)
+    tok.chat_template = template
+    for encoder in (False, True):
+        with pytest.raises(rq.ApiError) as err:
+            rq.chat_prompt(tok, [{"role": "assistant", "content": "hi"}], encoder)
+        assert (err.value.status, err.value.param) == (400, "messages") and needle in err.value.message
+
+
 def test_generation_config_eos_ids_end_the_text(chat_lm, chat_model):
     from gptkit import trained
 

@@ -226,9 +226,14 @@ def chat_prompt(tok, messages, encoder: bool = False) -> tuple[str | list[int], 
                            f"messages[{i}]")
         clean.append({"role": role, "content": content})
     if getattr(tok, "chat_template", None):
-        if encoder:
-            return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True), ()
-        ids = tok.apply_chat_template(clean, tokenize=True, add_generation_prompt=True)
+        from jinja2 import TemplateError
+
+        try:
+            if encoder:
+                return tok.apply_chat_template(clean, tokenize=False, add_generation_prompt=True), ()
+            ids = tok.apply_chat_template(clean, tokenize=True, add_generation_prompt=True)
+        except TemplateError as e:  # Llama-2/Mistral templates raise_exception() on roles out of order
+            raise ApiError(400, f"messages: the model's chat template refused them: {e}", "messages") from None
         return list(ids if isinstance(ids, list) else ids["input_ids"]), ()  # transformers 5: a BatchEncoding
     return "".join(f"{m['role']}: {m['content']}\n" for m in clean) + "assistant:", ("\nuser:",)
 
