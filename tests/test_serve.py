@@ -232,6 +232,8 @@ def test_bad_requests_get_a_json_error_naming_the_field(lm, path, body, status, 
 def test_malformed_and_oversized_bodies(lm):
     r = httpx.post(f"{lm.url}/v1/completions", content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["param"] == "body"
+    r = httpx.post(f"{lm.url}/v1/completions", content=b"[" * 100000 + b"]" * 100000)  # past the recursion limit
+    assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
     r = httpx.post(f"{lm.url}/v1/completions", json={"prompt": "x" * (2 << 20)})
     assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
     r = httpx.get(f"{lm.url}/v2/anything")

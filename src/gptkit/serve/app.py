@@ -118,6 +118,8 @@ async def _body(request, served: Served, check_model: bool = True) -> dict:
         body = json.loads(raw)
     except ValueError:
         raise ApiError(400, "body: not valid JSON", "body") from None
+    except RecursionError:  # [[[[...]]]]: Python's parser recurses per level
+        raise ApiError(400, "body: JSON nested too deeply", "body") from None
     if not isinstance(body, dict):
         raise ApiError(400, "body: expected a JSON object", "body")
     if check_model:
