@@ -126,6 +126,15 @@ def test_usage_stop_strings_and_seeded_samples(lm, base):
     assert sorted(x.index for x in a.choices) == [0, 1, 2]
 
 
+def test_a_temperature_below_1e_5_is_greedy(lm):
+    """As vLLM: dividing the logits by 1e-40 would give inf/NaN probabilities (a 500)."""
+    body = {"prompt": "red blue", "max_tokens": 8, "ignore_eos": True}
+    greedy = httpx.post(f"{lm.url}/v1/completions", json={**body, "temperature": 0}).json()["choices"][0]["text"]
+    for temperature in (1e-40, 1e-6):
+        r = httpx.post(f"{lm.url}/v1/completions", json={**body, "temperature": temperature, "seed": 3})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy, r.text
+
+
 def test_unset_max_tokens_is_what_the_context_leaves(lm, base):
     from gptkit import trained
 

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 TASK_INPUTS = {"classify": (("text",), ("text_pair",)), "qa": (("question", "context"), ()),
                "translate": (("source",), ()), "summarize": (("document",), ())}
 MAX_INPUTS = 64  # rows per task request, prompts per completion request
+SAMPLING_EPS = 1e-5  # a lower temperature is greedy, as vLLM's _SAMPLING_EPS (1e-40 would overflow the logits)
 
 
 @dataclass
@@ -146,7 +147,7 @@ def _sampling(body: dict, defaults: dict | None = None) -> Any:
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of: not supported (use n)", "best_of")
     seed = _integer(body, "seed", None, low=-(1 << 63), high=(1 << 63) - 1)  # checked even when greedy
-    sample = temperature > 0 and beams == 1
+    sample = temperature >= SAMPLING_EPS and beams == 1
     return Sampling(do_sample=sample, temperature=temperature if sample else 1.0,
                     top_k=top_k if sample and top_k and top_k > 0 else None, top_p=top_p if sample else None,
                     repetition_penalty=_number(body, "repetition_penalty", 1.0, *REPETITION_PENALTY),
