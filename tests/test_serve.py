@@ -143,6 +143,9 @@ def test_unset_max_tokens_is_what_the_context_leaves(lm, base):
     c = client(lm)
     short = c.completions.create(model="base", prompt="red blue", temperature=0, extra_body={"ignore_eos": True})
     assert short.usage.completion_tokens == 16 and short.choices[0].finish_reason == "length"  # OpenAI's default
+    stray = c.completions.create(model="base", prompt="red blue", temperature=0, extra_body={
+        "ignore_eos": True, "messages": [{"role": "user", "content": "x"}]})  # the route decides, not the keys
+    assert stray.usage.completion_tokens == 16
     prompt = "red " * 28
     assert context - 16 < len(tok(prompt, add_special_tokens=False)["input_ids"]) < context
     long = c.completions.create(model="base", prompt=prompt, temperature=0, extra_body={"ignore_eos": True})

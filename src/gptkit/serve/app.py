@@ -135,7 +135,7 @@ async def _body(request, served: Served, check_model: bool = True) -> dict:
 
 async def _complete(served, engine, limits, body, prompts, kind, stops, streaming_response):
     q, send = rq.channel()
-    job, prompt_tokens = rq.generation_job(served, limits, body, prompts, send, stops)
+    job, prompt_tokens = rq.generation_job(served, limits, body, prompts, send, stops, chat=kind == "chat")
     rid = rq.new_id(kind)
     engine.submit(job)
     if job.stream:

@@ -270,13 +270,13 @@ def _room(served: Served, ids: list[int]) -> int | None:
     return limit - 1 if is_encoder_decoder(served.model.config) else limit - len(ids)
 
 
-def generation_job(served: Served, limits: Limits, body: dict, prompts: list, send, stops=()):
+def generation_job(served: Served, limits: Limits, body: dict, prompts: list, send, stops=(), chat: bool = False):
     """A :class:`gptkit.serve.engine.Job` of n choices per prompt, and the prompts' token counts. An unset
-    max_tokens is 16 for a completion, the server's --max-tokens for a chat, either capped by the room the
-    prompt leaves in the context (as OpenAI: never a context error the client did not ask for)."""
+    max_tokens is 16 for a completion, the server's --max-tokens for a chat (``chat``: the route, not the body's
+    keys), either capped by the room the prompt leaves in the context (as OpenAI: never a context error the client
+    did not ask for)."""
     from gptkit.serve.engine import Choice, Job
 
-    chat = "messages" in body
     default = min(limits.max_tokens, 16) if not chat else limits.max_tokens
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     asked = _integer(body, key, None, low=1, high=limits.max_tokens)
