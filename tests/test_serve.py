@@ -419,6 +419,20 @@ def test_generation_config_eos_ids_end_the_text(chat_lm, chat_model):
     assert full.usage.completion_tokens == 8 and full.choices[0].message.content.startswith(want)
 
 
+def test_min_tokens_holds_whatever_max_tokens_a_batch_neighbour_asks(chat_model):
+    """min_tokens holds back the end-of-turn id that greedy decoding gives after a few tokens, in a generate call
+    shared with a request whose max_tokens is below the minimum (it lowered the call's minimum for every row)."""
+    from gptkit import trained
+    from gptkit.serve.engine import Choice, Engine, Job, Sampling
+
+    model, tok = trained.load_lm(chat_model[0])
+    ids, events = template_ids(tok, CHAT), {8: [], 1: []}
+    jobs = [Job(events[m].append, Sampling(min_tokens=8), [Choice(0, ids, m)]) for m in (8, 1)]
+    assert jobs[0].key == jobs[1].key and len(chat_model[1]) < 8
+    Engine(model, tok)._run(jobs)
+    assert [e[3:] for e in events[8]] == [("length", 8)] and [e[3:] for e in events[1]] == [("length", 1)]
+
+
 PROMPT = "user: hi\nassistant:"  # what a chat of one user message "hi" is without a chat template
 SCRIPT = " ok 世界 done 😀 more é"  # its CJK, emoji and accented characters are 2 to 4 tokens each
 

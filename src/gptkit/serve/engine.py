@@ -176,10 +176,13 @@ class Engine:
         from gptkit.generation import DecodingOptions, eos_ids
         from gptkit.modeling import is_encoder_decoder
 
-        opts = DecodingOptions(max_new_tokens=max(c.max_tokens for _, c in choices), do_sample=s.do_sample,
-                               temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, num_beams=s.num_beams,
+        # min_tokens capped by the call's largest max_tokens, not each row's: a row ends at its own max_tokens
+        # anyway, and a short neighbour must not lower the others' minimum
+        longest = max(c.max_tokens for _, c in choices)
+        opts = DecodingOptions(max_new_tokens=longest, do_sample=s.do_sample, temperature=s.temperature,
+                               top_k=s.top_k, top_p=s.top_p, num_beams=s.num_beams,
                                repetition_penalty=s.repetition_penalty, seed=s.seed,
-                               min_new_tokens=min(s.min_tokens, min(c.max_tokens for _, c in choices)))
+                               min_new_tokens=min(s.min_tokens, longest))
         kwargs = opts.to_generate_kwargs(self.tok)
         eos = set() if s.ignore_eos else eos_ids(self.model, self.tok)
         if eos or s.ignore_eos:  # generate (beam search) ends at any of them, not at the tokenizer's alone
