@@ -253,13 +253,51 @@ def test_malformed_and_oversized_bodies(lm):
     assert httpx.get(f"{lm.url}/health").json()["status"] == "ok"  # still serving
 
 
+def held_request(proc, body: bytes, *headers: str):
+    """A socket whose POST /v1/completions is in flight, its handler waiting for the body: sent with ``Expect:
+    100-continue`` and no body, until uvicorn answers ``100 Continue`` (which it does when the app reads the body)."""
+    import socket
+
+    host, port = proc.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=120)
+    head = ["POST /v1/completions HTTP/1.1", f"Host: {host}", "Content-Type: application/json",
+            f"Content-Length: {len(body)}", "Expect: 100-continue", *headers]
+    sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
+    got = b""
+    while b"\r\n\r\n" not in got:
+        got += sock.recv(4096) or pytest.fail(f"connection closed: {got!r}")
+    assert got.startswith(b"HTTP/1.1 100 ") and got.endswith(b"\r\n\r\n"), got
+    return sock
+
+
+def sigterm_and_wait_for_refusal(proc):
+    """SIGTERM, then wait until a new connection is refused (a request's timeout or a dropped connection is no
+    refusal)."""
+    proc.send_signal(signal.SIGTERM)
+    while True:
+        try:
+            httpx.get(f"{proc.url}/health", timeout=5)
+        except httpx.ConnectError:
+            return
+        except httpx.TransportError:  # a connection accepted before the listener closed, then dropped
+            pass
+        time.sleep(0.02)
+
+
+def read_to_close(sock) -> tuple[bytes, bytes]:
+    """The response's head and body; a server shutting down closes the connection after it."""
+    got = b""
+    while chunk := sock.recv(65536):
+        got += chunk
+    head, _, body = got.partition(b"\r\n\r\n")
+    return head, body
+
+
 def test_api_key_and_sigterm_drains_a_request_in_flight(base):
     """SIGTERM closes the listener at once and answers the request in flight. The request is held in flight without
-    racing the model: it is sent with ``Expect: 100-continue`` and no body; uvicorn's ``100 Continue`` says the
-    handler is reading it; its body goes only once the server refuses new connections (a long --drain-seconds, so a
-    loaded machine cannot run out of drain time)."""
+    racing the model (:func:`held_request`); its body goes only once the server refuses new connections (a long
+    --drain-seconds, so a loaded machine cannot run out of drain time)."""
     import json
-    import socket
 
     with server(base, "--api-key", "s3cret", "--drain-seconds", "600") as proc:
         with pytest.raises(openai.AuthenticationError):
@@ -268,35 +306,25 @@ def test_api_key_and_sigterm_drains_a_request_in_flight(base):
         assert httpx.get(f"{proc.url}/health").status_code == 200  # a load balancer's probe needs no key
         body = json.dumps({"prompt": ["red"] * 2, "n": 2, "max_tokens": 6, "temperature": 0,
                            "ignore_eos": True}).encode()
-        host, port = proc.url.removeprefix("http://").split(":")
-        with socket.create_connection((host, int(port)), timeout=120) as sock:
-            sock.sendall(f"POST /v1/completions HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer s3cret\r\n"
-                         f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-                         "Expect: 100-continue\r\n\r\n".encode())
-            got = b""
-            while b"\r\n\r\n" not in got:
-                got += sock.recv(4096) or pytest.fail(f"connection closed: {got!r}")
-            assert got.startswith(b"HTTP/1.1 100 "), got  # the handler is reading the body: the request is in flight
-            proc.send_signal(signal.SIGTERM)
-            while True:  # the server stops accepting connections at once...
-                try:
-                    httpx.get(f"{proc.url}/health", timeout=5)
-                except httpx.ConnectError:
-                    break
-                except httpx.TransportError:  # a connection accepted before the listener closed, then dropped
-                    pass
-                time.sleep(0.02)
+        with held_request(proc, body, "Authorization: Bearer s3cret") as sock:
+            sigterm_and_wait_for_refusal(proc)  # the server stops accepting connections at once...
             sock.sendall(body)  # ...while the request in flight is still answered
-            got = got.split(b"\r\n\r\n", 1)[1]
-            while True:
-                head, _, rest = got.partition(b"\r\n\r\n")
-                length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
-                if length and len(rest) >= int(length.group(1)):
-                    break
-                got += sock.recv(65536) or pytest.fail(f"connection closed: {got!r}")
-        assert head.startswith(b"HTTP/1.1 200 "), got
-        assert json.loads(rest)["usage"]["completion_tokens"] == 2 * 2 * 6
+            head, answer = read_to_close(sock)
+        assert head.startswith(b"HTTP/1.1 200 "), head + answer
+        assert json.loads(answer)["usage"]["completion_tokens"] == 2 * 2 * 6
         assert proc.wait(timeout=60) == 0
+        assert "serve: stopped; requests in flight were answered" in proc.log.read_text()
+
+
+def test_a_request_the_drain_time_cuts_off_is_logged_so(base):
+    with server(base, "--drain-seconds", "0") as proc:
+        with held_request(proc, b"{}") as sock:  # its body never comes
+            sigterm_and_wait_for_refusal(proc)
+            head, _ = read_to_close(sock)
+        assert not head.startswith(b"HTTP/1.1 200 ")
+        assert proc.wait(timeout=60) == 0
+        log = proc.log.read_text()
+        assert "1 request(s) in flight were cut off (--drain-seconds 0 ran out)" in log and "answered" not in log
 
 
 def test_unknown_v1_routes_are_404_listing_the_routes_and_a_wrong_method_is_405(base):
@@ -574,6 +602,7 @@ def test_task_endpoints_answer_as_the_task_predicts(task_runs):
 @pytest.mark.parametrize("args, needles", [
     (["{missing}"], ["{missing}"]),
     (["{base}", "--max-batch", "0"], ["--max-batch", ">= 1"]),
+    (["{base}", "--drain-seconds", "-1"], ["--drain-seconds", ">= 0"]),
     (["{base}", "--host", "203.0.113.9"], ["--host/--port", "cannot listen"]),  # not this machine's address
 ])
 def test_bad_serve_arguments_are_one_line(base, tmp_path, args, needles):

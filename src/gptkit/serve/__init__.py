@@ -37,7 +37,8 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | No
     from gptkit.serve.requests import Limits, load
 
     for flag, value, low in (("--max-batch", max_batch, 1), ("--max-tokens", max_tokens, 1),
-                             ("--max-request-bytes", max_request_bytes, 1024), ("--wait-ms", wait_ms, 0)):
+                             ("--max-request-bytes", max_request_bytes, 1024), ("--wait-ms", wait_ms, 0),
+                             ("--drain-seconds", drain_seconds, 0)):
         if value < low:
             raise UserError(f"{flag}: expected >= {low}, got {value}")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
@@ -59,11 +60,16 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | No
     if served.defaults:
         log.info("sampling a request leaves out: %s (generation_config.json; --no-generation-config for OpenAI's)",
                  ", ".join(f"{k} {v}" for k, v in served.defaults.items()))
+    server = _server_class()(config)
     try:
-        _server_class()(config).run(sockets=[sock])
+        server.run(sockets=[sock])
     finally:
         engine.stop()
-    log.info("serve: stopped; requests in flight were answered")
+    if server.cut:
+        why = "a second signal forced the exit" if server.force_exit else f"--drain-seconds {drain_seconds:g} ran out"
+        log.warning("serve: stopped; %d request(s) in flight were cut off (%s)", server.cut, why)
+    else:
+        log.info("serve: stopped; requests in flight were answered")
 
 
 def _server_class():
@@ -71,7 +77,13 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn's server, except that after a graceful SIGINT/SIGTERM shutdown the process exits 0 (uvicorn raises
-        the signal again, so the process would die by it)."""
+        the signal again, so the process would die by it), and ``cut`` counts the requests the drain time cut off."""
+
+        cut = 0
+
+        async def shutdown(self, sockets=None):
+            await super().shutdown(sockets)
+            self.cut = len(self.server_state.tasks)  # what it cancelled when the drain time ran out: not yet gone
 
         @contextlib.contextmanager
         def capture_signals(self):
