@@ -475,16 +475,15 @@ def split_tok():
     return tok
 
 
-@pytest.fixture(scope="module")
-def scripted(split_tok, tmp_path_factory) -> Path:
-    """A model that answers :data:`SCRIPT` and then EOS to :data:`PROMPT`: a one-layer GPT-2 whose blocks add
-    nothing, whose position embedding picks each position's next token and whose head reads it back."""
+def script_model(tok, prompt: str, script: str):
+    """A model that answers ``script`` and then EOS to ``prompt``: a one-layer GPT-2 whose blocks add nothing, whose
+    position embedding picks each position's next token and whose head reads it back."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    tok, vocab = split_tok, len(split_tok)
-    prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
-    script = tok(SCRIPT, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    vocab = len(tok)
+    start = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    ids = tok(script, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
     config = GPT2Config(vocab_size=vocab, n_positions=64, n_embd=vocab, n_layer=1, n_head=1, tie_word_embeddings=False,
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
     model = GPT2LMHeadModel(config)
@@ -493,24 +492,31 @@ def scripted(split_tok, tmp_path_factory) -> Path:
             p.zero_()
         model.transformer.ln_f.weight.fill_(1)
         model.lm_head.weight.copy_(torch.eye(vocab))
-        for i, t in enumerate(script):
-            model.transformer.wpe.weight[len(prompt) - 1 + i, t] = 1
+        for i, t in enumerate(ids):
+            model.transformer.wpe.weight[start - 1 + i, t] = 1
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def scripted(split_tok, tmp_path_factory) -> Path:
+    """A model that answers :data:`SCRIPT` and then EOS to :data:`PROMPT` (:func:`script_model`)."""
     folder = tmp_path_factory.mktemp("serve_split") / "split"
-    model.save_pretrained(folder)
-    tok.save_pretrained(folder)
+    script_model(split_tok, PROMPT, SCRIPT).save_pretrained(folder)
+    split_tok.save_pretrained(folder)
     return folder
 
 
 def engine_texts(tok, ids: list[int], max_tokens: int, stop: tuple[str, ...]) -> tuple[list[str], str]:
-    """What the engine sends when a model generates ``ids``: the streamed pieces, and the text of the same row not
-    streamed."""
+    """What the engine sends when a model generates ``ids`` after :data:`PROMPT`: the streamed pieces, and the text of
+    the same row not streamed."""
     import torch
 
     from gptkit.serve.engine import Choice, Job, Sampling, _Tracker
 
     events = {True: [], False: []}
-    jobs = [Job(events[s].append, Sampling(), [Choice(0, [0], max_tokens, stop)], stream=s) for s in (True, False)]
-    tracker = _Tracker(tok, [(job, job.choices[0]) for job in jobs], set())
+    prompt = tok(PROMPT, add_special_tokens=False)["input_ids"]
+    jobs = [Job(events[s].append, Sampling(), [Choice(0, prompt, max_tokens, stop)], stream=s) for s in (True, False)]
+    tracker = _Tracker(tok, [(job, job.choices[0]) for job in jobs], set(), True)
     for i in range(len(ids)):
         if all(job.choices[0].done for job in jobs):
             break
@@ -544,6 +550,34 @@ def test_streaming_a_split_character_matches_the_completion(scripted):
                 stream=True)]
             assert chat.choices[0].message.content == whole.choices[0].text
             assert "".join(pieces) == chat.choices[0].message.content and "\ufffd" not in "".join(pieces)
+
+
+def test_new_text_continues_the_prompt_with_a_sentencepiece_tokenizer():
+    """A Metaspace decoder (SentencePiece, Llama-2) drops the space of a text's first token; the new tokens are the
+    text that follows the prompt, space included, streamed or not, cut by stop strings or not, and by beam search."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from gptkit.serve.engine import Choice, Engine, Job, Sampling
+
+    sp = Tokenizer(models.BPE(unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    sp.decoder = decoders.Metaspace(prepend_scheme="first")
+    sp.train_from_iterator([f"{PROMPT} ok done more"] * 4, trainers.BpeTrainer(vocab_size=60, special_tokens=[
+        "<unk>", "<s>", "</s>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                  pad_token="</s>")
+    script, prompt = " ok done more", tok(PROMPT, add_special_tokens=False)["input_ids"]
+    ids = tok(script, add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids) == "ok done more" and tok.decode(prompt + ids) == PROMPT + script
+    for stop, want in (((), script), (("e m",), " ok don")):
+        pieces, whole = engine_texts(tok, ids, len(ids), stop)
+        assert whole == "".join(pieces) == want, pieces
+    engine, events = Engine(script_model(tok, PROMPT, script), tok), []
+    for sampling, streams in ((Sampling(), (True, False)), (Sampling(num_beams=2), (False,))):
+        engine._run([Job(events.append, sampling, [Choice(0, prompt, 8)], stream=s) for s in streams])
+    texts = [e[2] for e in events]
+    assert texts[-2:] == [script, script] and "".join(texts[:-2]) == script, events
 
 
 @pytest.fixture(scope="module")

@@ -194,7 +194,7 @@ class Engine:
             batch = self.tok.pad({"input_ids": [c.ids for _, c in choices]}, return_tensors="pt").to(self.model.device)
         finally:
             self.tok.padding_side = saved
-        tracker = None if s.num_beams > 1 else _Tracker(self.tok, choices, eos)
+        tracker = None if s.num_beams > 1 else _Tracker(self.tok, choices, eos, not encoder_decoder)
         from transformers import StoppingCriteriaList
 
         with torch.inference_mode():
@@ -204,12 +204,12 @@ class Engine:
         if tracker is None:  # beam search: whole sequences at the end
             start = 1 if encoder_decoder else batch["input_ids"].shape[1]
             for (job, c), seq in zip(choices, output[:, start:].tolist()):
-                _finish_whole(self.tok, job, c, seq, eos)
+                _finish_whole(self.tok, job, c, seq, eos, not encoder_decoder)
         else:
             tracker.finish_all()
 
 
-def _finish_whole(tok, job: Job, c: Choice, seq: list[int], eos: set[int]) -> None:
+def _finish_whole(tok, job: Job, c: Choice, seq: list[int], eos: set[int], after_prompt: bool) -> None:
     """A sequence generated in one piece: cut at end of text (any of ``eos``), stop strings and max_tokens, then
     sent."""
     reason = "length"
@@ -218,9 +218,22 @@ def _finish_whole(tok, job: Job, c: Choice, seq: list[int], eos: set[int]) -> No
             seq, reason = seq[:i], "stop"
             break
         c.out.append(t)
-    text, hit = _cut(tok.decode(c.out, skip_special_tokens=True), c.stop)
+    text, hit = _cut(_text(tok, c, after_prompt), c.stop)
     c.done = True
     job.send(("finish", c.index, text, "stop" if hit else reason, len(c.out)))
+
+
+PROMPT_TAIL = 5  # prompt tokens decoded before the new ones, as vLLM's detokenizer reads
+
+
+def _text(tok, c: Choice, after_prompt: bool) -> str:
+    """The text of a row's new tokens as it continues its prompt (``after_prompt``: a decoder-only model's row). A
+    SentencePiece (Metaspace) decoder drops the space of a text's first token (Llama-2's "▁ok" alone is "ok"), so the
+    new tokens are decoded after the prompt's last few and only what follows the prompt's text is kept."""
+    tail = c.ids[-PROMPT_TAIL:] if after_prompt else []
+    before = tok.decode(tail, skip_special_tokens=True)
+    text = tok.decode(tail + c.out, skip_special_tokens=True)
+    return text[len(before) :] if text.startswith(before) else tok.decode(c.out, skip_special_tokens=True)
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
@@ -232,8 +245,8 @@ def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 class _Tracker:
     """A ``StoppingCriteria`` reading each row's new token: it ends rows at their own limits and streams text."""
 
-    def __init__(self, tok, choices: list[tuple[Job, Choice]], eos: set[int]):
-        self.tok, self.choices, self.eos = tok, choices, eos
+    def __init__(self, tok, choices: list[tuple[Job, Choice]], eos: set[int], after_prompt: bool):
+        self.tok, self.choices, self.eos, self.after_prompt = tok, choices, eos, after_prompt
 
     def __call__(self, input_ids, scores, **kwargs):
         import torch
@@ -256,7 +269,7 @@ class _Tracker:
             if len(c.out) >= c.max_tokens:
                 self._finish(job, c, "length")
             return
-        text = self.tok.decode(c.out, skip_special_tokens=True)
+        text = _text(self.tok, c, self.after_prompt)
         cut, hit = _cut(text, c.stop)
         if hit:
             self._finish(job, c, "stop", cut)
@@ -273,7 +286,7 @@ class _Tracker:
 
     def _finish(self, job: Job, c: Choice, reason: str, text: str | None = None) -> None:
         if text is None:
-            text = self.tok.decode(c.out, skip_special_tokens=True)
+            text = _text(self.tok, c, self.after_prompt)
         c.done = True
         job.send(("finish", c.index, text[c.sent :] if job.stream else text, reason, len(c.out)))
 
