@@ -554,7 +554,8 @@ def test_streaming_a_split_character_matches_the_completion(scripted):
 
 def test_new_text_continues_the_prompt_with_a_sentencepiece_tokenizer():
     """A Metaspace decoder (SentencePiece, Llama-2) drops the space of a text's first token; the new tokens are the
-    text that follows the prompt, space included, streamed or not, cut by stop strings or not, and by beam search."""
+    text that follows the prompt, space included, streamed or not, cut by stop strings or not, and by beam search;
+    in serve, and in generate / eval (generation.generate_batch and stream)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -578,6 +579,14 @@ def test_new_text_continues_the_prompt_with_a_sentencepiece_tokenizer():
         engine._run([Job(events.append, sampling, [Choice(0, prompt, 8)], stream=s) for s in streams])
     texts = [e[2] for e in events]
     assert texts[-2:] == [script, script] and "".join(texts[:-2]) == script, events
+    # gptkit generate and eval decode alike: "Once" + " upon", not "Onceupon"
+    import io
+
+    from gptkit import generation
+
+    model, opts, out = script_model(tok, PROMPT, script), generation.DecodingOptions(max_new_tokens=8), io.StringIO()
+    assert generation.generate_batch(model, tok, [PROMPT, PROMPT], opts) == [[script], [script]]
+    assert generation.stream(model, tok, PROMPT, opts, out) == [script] and out.getvalue() == PROMPT + script + "\n"
 
 
 @pytest.fixture(scope="module")

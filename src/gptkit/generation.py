@@ -183,6 +183,20 @@ def seeded(model: Any, seed: int | None):
         yield
 
 
+PROMPT_TAIL = 5  # prompt tokens decoded before the new ones, as vLLM's detokenizer reads
+
+
+def continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> str:
+    """The text of ``new_ids`` as it continues a prompt ending in ``prompt_ids`` (give ``[]`` for an encoder-decoder's
+    output, which continues nothing). A SentencePiece (Metaspace) decoder drops the space of a text's first token
+    (Llama-2's "▁upon" alone is "upon": "Once" + "upon"), so the new tokens are decoded after the prompt's last few
+    and only what follows the prompt's own text is kept."""
+    tail = list(prompt_ids[-PROMPT_TAIL:]) if len(prompt_ids) else []
+    before = tokenizer.decode(tail, skip_special_tokens=True)
+    text = tokenizer.decode(tail + list(new_ids), skip_special_tokens=True)
+    return text[len(before) :] if text.startswith(before) else tokenizer.decode(new_ids, skip_special_tokens=True)
+
+
 def generate_batch(
     model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions, batch_size: int = 32
 ) -> list[list[str]]:
@@ -218,9 +232,9 @@ def generate_batch(
                 output = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
                 # a decoder's output starts with its start token; a decoder-only model's with the prompt
                 new_tokens = output[:, 1:] if encoder_decoder else output[:, batch["input_ids"].shape[1] :]
-                texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
                 for j, i in enumerate(chunk):
-                    results[i] = texts[j * n : (j + 1) * n]
+                    results[i] = [continuation(tokenizer, [] if encoder_decoder else encoded[i], row)
+                                  for row in new_tokens[j * n : (j + 1) * n].tolist()]
                 shown.update(len(chunk))
     finally:
         tokenizer.padding_side, tokenizer.pad_token = saved
@@ -228,11 +242,20 @@ def generate_batch(
 
 
 class _WriterStreamer(TextStreamer):
-    """A :class:`TextStreamer` that writes the new text (no prompt) to a file object."""
+    """A :class:`TextStreamer` that writes the new text (no prompt) to a file object, decoded after the prompt's last
+    tokens (``after_prompt``; see :func:`continuation`)."""
 
-    def __init__(self, tokenizer: Any, out: TextIO):
+    def __init__(self, tokenizer: Any, out: TextIO, after_prompt: bool = True):
         super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
-        self.out = out
+        self.out, self.after_prompt = out, after_prompt
+
+    def put(self, value):
+        if not self.next_tokens_are_prompt:
+            return super().put(value)
+        self.next_tokens_are_prompt = False  # the prompt (a window): its tail is what the new text is decoded after
+        ids = (value[0] if len(value.shape) > 1 else value).tolist()
+        self.token_cache = ids[-PROMPT_TAIL:] if self.after_prompt else []
+        self.print_len = len(self.tokenizer.decode(self.token_cache, **self.decode_kwargs))
 
     def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         self.out.write(text)  # the caller ends the line once the last chunk is done
@@ -269,7 +292,7 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
             torch.manual_seed(options.seed)
         with torch.inference_mode():
             output = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                                    streamer=_WriterStreamer(tokenizer, out),
+                                    streamer=_WriterStreamer(tokenizer, out, after_prompt=False),
                                     **options.to_generate_kwargs(tokenizer, model))
         out.write("\n")
         out.flush()
@@ -298,4 +321,4 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
             break  # the model ended the text
     out.write("\n")
     out.flush()
-    return [tokenizer.decode(new, skip_special_tokens=True)]
+    return [continuation(tokenizer, ids, new)]

@@ -223,17 +223,11 @@ def _finish_whole(tok, job: Job, c: Choice, seq: list[int], eos: set[int], after
     job.send(("finish", c.index, text, "stop" if hit else reason, len(c.out)))
 
 
-PROMPT_TAIL = 5  # prompt tokens decoded before the new ones, as vLLM's detokenizer reads
-
-
 def _text(tok, c: Choice, after_prompt: bool) -> str:
-    """The text of a row's new tokens as it continues its prompt (``after_prompt``: a decoder-only model's row). A
-    SentencePiece (Metaspace) decoder drops the space of a text's first token (Llama-2's "▁ok" alone is "ok"), so the
-    new tokens are decoded after the prompt's last few and only what follows the prompt's text is kept."""
-    tail = c.ids[-PROMPT_TAIL:] if after_prompt else []
-    before = tok.decode(tail, skip_special_tokens=True)
-    text = tok.decode(tail + c.out, skip_special_tokens=True)
-    return text[len(before) :] if text.startswith(before) else tok.decode(c.out, skip_special_tokens=True)
+    """The text of a row's new tokens as it continues its prompt (``after_prompt``: a decoder-only model's row)."""
+    from gptkit.generation import continuation
+
+    return continuation(tok, c.ids if after_prompt else [], c.out)
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
