@@ -78,6 +78,23 @@ def test_text_without_whitespace_is_cut_between_characters(tmp_path, bpe, monkey
     assert ids[-1] == EOS and bpe.decode(ids[:-1].tolist()) == text
 
 
+def interrupt_tokenization(monkeypatch, cfg: DataConfig, tok, after: int) -> None:
+    """Tokenize ``cfg.train_files`` as a run killed (Ctrl-C) after ``after`` units does, progress saved at each."""
+    monkeypatch.setattr(data_mod, "PROGRESS_EVERY", 0.0)
+    real = corpus.tokenize
+
+    def killed(units, *args):
+        for i, out in enumerate(real(units, *args)):
+            if i == after:
+                raise KeyboardInterrupt
+            yield out
+
+    monkeypatch.setattr(corpus, "tokenize", killed)
+    with pytest.raises(KeyboardInterrupt):
+        data_mod.token_stream(cfg.train_files, cfg, tok, "data.train_files")
+    monkeypatch.setattr(corpus, "tokenize", real)
+
+
 def test_cuts_with_no_exact_place_are_counted_and_reported(tmp_path, bpe, monkeypatch, caplog):
     """Tokenization says how many cuts inside documents it could not place exactly (their ids may differ from the
     whole document's); a text with whitespace everywhere has none to report."""
@@ -100,19 +117,7 @@ def test_cuts_with_no_exact_place_are_counted_and_reported(tmp_path, bpe, monkey
 
     # an interrupted tokenization resumes with the count of the units it had done
     cfg = DataConfig(train_files=[str(tmp_path / "none.txt")], cache_dir=str(tmp_path / "cache2"), num_proc=1)
-    monkeypatch.setattr(data_mod, "PROGRESS_EVERY", 0.0)
-    real = corpus.tokenize
-
-    def killed(units, *args):
-        for i, out in enumerate(real(units, *args)):
-            if i == 3:
-                raise KeyboardInterrupt
-            yield out
-
-    monkeypatch.setattr(corpus, "tokenize", killed)
-    with pytest.raises(KeyboardInterrupt):
-        data_mod.token_stream(cfg.train_files, cfg, bpe, "data.train_files")
-    monkeypatch.setattr(corpus, "tokenize", real)
+    interrupt_tokenization(monkeypatch, cfg, bpe, after=3)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="gptkit"):
         data_mod.token_stream(cfg.train_files, cfg, bpe, "data.train_files")
@@ -310,21 +315,9 @@ def test_worker_processes_and_resume_give_the_same_stream(tmp_path, bpe, monkeyp
     assert np.array_equal(streams[1], expected(bpe, path.read_text(), "line"))
 
     cfg = DataConfig(train_files=[str(path)], sample_by="line", cache_dir=str(tmp_path / "cache3"), num_proc=1)
-    monkeypatch.setattr(data_mod, "PROGRESS_EVERY", 0.0)
-    real = corpus.tokenize
-
-    def killed(units, *args):
-        for i, out in enumerate(real(units, *args)):
-            if i == 5:
-                raise KeyboardInterrupt
-            yield out
-
-    monkeypatch.setattr(corpus, "tokenize", killed)
-    with pytest.raises(KeyboardInterrupt):
-        data_mod.token_stream([str(path)], cfg, bpe, "data.train_files")
+    interrupt_tokenization(monkeypatch, cfg, bpe, after=5)
     streams_dir = tmp_path / "cache3" / "streams"
     assert not list(streams_dir.glob("*.bin"))  # never a half stream under the final name
-    monkeypatch.setattr(corpus, "tokenize", real)
     with caplog.at_level(logging.INFO, logger="gptkit.data"):
         resumed = np.array(data_mod.token_stream([str(path)], cfg, bpe, "data.train_files"))
     assert "resuming tokenization of data.train_files after 5 of" in caplog.text
