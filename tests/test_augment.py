@@ -54,6 +54,12 @@ def test_backtranslation_writes_pairs_and_resumes(tmp_path, reverse_run):
     code, _, err = run_cli(*args, "--out", str(part), "--resume")
     assert code == 0, err
     assert part.read_text() == (tmp_path / "full.jsonl").read_text()
+    # a line that is not a pair before the end (an edited file, a file of something else): refused, left untouched
+    rows = part.read_text().splitlines(keepends=True)
+    for name, text in (("edited.jsonl", "".join(rows[:4] + ["not json\n"] + rows[5:])), ("notes.txt", "my notes\n")):
+        (tmp_path / name).write_text(text)
+        assert_user_error(*run_cli(*args, "--out", str(tmp_path / name), "--resume")[::2], "is not a JSON pair")
+        assert (tmp_path / name).read_text() == text
     assert_user_error(*run_cli(*args, "--out", str(tmp_path / "x.jsonl"), "--column", "text")[::2], "no field 'text'")
 
 

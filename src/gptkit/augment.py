@@ -41,16 +41,18 @@ class Options:
 
 
 def _done(out: Path, texts: list[str]) -> tuple[int, int]:
-    """``(lines, sentences)``: how many leading lines of ``out`` are complete and belong to ``texts`` (a torn last
-    line is dropped), and how many sentences of ``texts`` they account for: each line is the next sentence of
-    ``texts`` with its target, the sentences passed over being those whose translation came out empty."""
+    """``(lines, sentences)``: how many lines of ``out`` are complete and belong to ``texts`` (a torn last line, one
+    without its newline, is dropped), and how many sentences of ``texts`` they account for: each line is the next
+    sentence of ``texts`` with its target, the sentences passed over being those whose translation came out empty.
+    Any other line that is not a pair (an edited file, another file) is an error, and the file is left as it is."""
     kept, at = 0, 0
     lines = out.read_text(encoding="utf-8", errors="replace").split("\n")
     for line in lines[:-1]:  # the last element is "" after a complete file, or a torn line
         try:
             row = json.loads(line)
         except ValueError:
-            break
+            raise UserError(f"--resume: {out} line {kept + 1} is not a JSON pair (a file augment wrote ends at most "
+                            "in one torn line); use another --out") from None
         target = row.get("target") if isinstance(row, dict) else None
         found = next((j for j in range(at, len(texts)) if texts[j] == target), None)
         if found is None:
