@@ -774,6 +774,7 @@ def test_cached_examples_are_mapped_from_the_cache_file_and_a_torn_file_is_made_
 
     from gptkit import data as data_mod
     from gptkit import trained
+    from gptkit.errors import UserError
     from gptkit.recipe import load_recipe
     from gptkit.tasks import translate
 
@@ -807,6 +808,15 @@ def test_cached_examples_are_mapped_from_the_cache_file_and_a_torn_file_is_made_
         torn = data_mod.cached_examples(recipe, tok, None, "train", make)
     assert len(made) == 2 and "unreadable" in caplog.text and list(torn.rows) == list(fresh.rows)
     assert not any(p.exists() for p in killed)
+
+    def refused():  # bad data found half-way through a split: nothing of it is left in the cache folder
+        translate.preprocess(recipe, tok, rows, "train")
+        raise UserError("data: bad row")
+
+    cached.unlink()
+    with pytest.raises(UserError):
+        data_mod.cached_examples(recipe, tok, None, "train", refused)
+    assert [p.name for p in cached.parent.iterdir()] == [f".{cached.stem}.lock"]
 
 
 def test_spilled_examples_equal_those_joined_in_memory_and_never_pile_up(tmp_path):

@@ -206,6 +206,9 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
                         split)
             shutil.rmtree(parts, ignore_errors=True)
             return make()
+        except BaseException:  # bad data (a UserError), Ctrl-C: nothing left behind
+            shutil.rmtree(parts, ignore_errors=True)
+            raise
         finally:
             logging.getLogger("gptkit").removeHandler(recorder)
         try:
