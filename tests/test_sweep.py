@@ -101,6 +101,7 @@ def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
     ({"trials": True, "train.lr": {"choice": [1e-3]}}, ["trials", "positive integer"]),
     ({"train.lr": {"log_uniform": [1e-3, float("inf")]}}, ["space.yaml", "train.lr", "finite bounds"]),
     ({"train.lr": {"uniform": [float("-inf"), 1.0]}}, ["train.lr", "finite bounds"]),
+    ({"params": 5}, ["space.yaml", "params", "mapping", "got 5"]),
 ])
 def test_bad_spaces_are_refused_before_any_trial(tmp_path, recipe, content, needles):
     code, _, err = run_cli("sweep", str(recipe), "--space", str(space(tmp_path, **content)), "--out", str(tmp_path / "sw"))

@@ -78,7 +78,10 @@ def read_space(path: Path) -> Space:
     if not isinstance(raw, dict):
         raise UserError(f"--space: {path}: expected a mapping of recipe fields to distributions")
     settings = {k: raw.pop(k) for k in list(raw) if k in SETTINGS}
-    raw = {**(raw.pop("params", None) or {}), **raw}
+    params = raw.pop("params", None) or {}
+    if not isinstance(params, dict):
+        raise UserError(f"{where}: params: expected a mapping of recipe fields to distributions, got {params!r}")
+    raw = {**params, **raw}
     if not raw:
         raise UserError(f"--space: {path} names no recipe field to search (e.g. train.lr: {{log_uniform: [5e-4, 5e-3]}})")
     for name, dist in raw.items():
