@@ -139,6 +139,15 @@ def test_a_uniform_step_is_honoured(tmp_path):
         assert values["train.batch_size"] in (8, 16, 24, 32)
 
 
+def test_a_null_choice_reaches_the_recipe_as_none(tmp_path, recipe):
+    """{choice: [null, ...]}: a number field and a text field both get None, not the text 'None'."""
+    from gptkit.recipe import load_recipe
+    from gptkit.sweep import _override
+
+    r = load_recipe(recipe, [_override("model.dropout", None), _override("finetune.prompt", None)])
+    assert r.model.dropout is None and r.finetune.prompt is None
+
+
 def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, recipe):
     s = space(tmp_path, sampler="grid", trials=2, pruner="none", **{"train.batch_size": {"choice": [8, 100000]}})
     code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"))

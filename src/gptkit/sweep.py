@@ -164,7 +164,8 @@ def _suggest(trial, name: str, dist: dict):
 
 
 def _override(name: str, value) -> str:
-    return f"{name}={json.dumps(value) if isinstance(value, str) else value}"
+    """name=value as the override parser (YAML) reads it back: text quoted, None as null (not the text 'None')."""
+    return f"{name}={json.dumps(value) if isinstance(value, str) or value is None else value}"
 
 
 def _import_optuna():
