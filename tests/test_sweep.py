@@ -148,6 +148,22 @@ def test_a_null_choice_reaches_the_recipe_as_none(tmp_path, recipe):
     assert r.model.dropout is None and r.finetune.prompt is None
 
 
+def test_the_objective_direction_follows_the_recipe(tmp_path, recipe):
+    """A finetune recipe's metric_higher_is_better gives the direction of its metric unless the space says one."""
+    from gptkit.recipe import load_recipe
+    from gptkit.sweep import Space, _objective_name
+
+    base = load_recipe(recipe)
+    ter = base.model_copy(update={"task": "translate", "finetune": base.finetune.model_copy(
+        update={"metric": "val_ter", "metric_higher_is_better": False})})
+    assert _objective_name(ter, Space(params={})) == ("val_ter", "minimize")
+    assert _objective_name(ter, Space(params={}, direction="maximize")) == ("val_ter", "maximize")
+    assert _objective_name(ter, Space(params={}, metric="val_bleu")) == ("val_bleu", "maximize")
+    task_default = ter.model_copy(update={"finetune": ter.finetune.model_copy(update={"metric": None})})
+    assert _objective_name(task_default, Space(params={})) == ("val_bleu", "minimize")  # as the run selects it
+    assert _objective_name(base, Space(params={})) == ("val_loss", "minimize")
+
+
 def test_a_crashing_trial_is_recorded_and_the_sweep_goes_on(tmp_path, recipe):
     s = space(tmp_path, sampler="grid", trials=2, pruner="none", **{"train.batch_size": {"choice": [8, 100000]}})
     code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"))

@@ -178,13 +178,17 @@ def _import_optuna():
 
 
 def _objective_name(recipe, space: Space) -> tuple[str, str]:
+    """The metric and its direction; by default the ones the run picks its best checkpoint by (finetune.metric or
+    the task's, in the direction finetune.metric_higher_is_better gives when set: val_ter is lower-is-better)."""
     from gptkit import tasks
 
-    metric = space.metric or ("val_loss" if recipe.task == "pretrain" else tasks.load(recipe.task).METRIC)
-    if recipe.task != "pretrain" and recipe.finetune.metric and not space.metric:
-        metric = recipe.finetune.metric
-    lower = metric in ("val_loss", "val_perplexity")
-    return metric, space.direction or ("minimize" if lower else "maximize")
+    selected = None if recipe.task == "pretrain" else recipe.finetune.metric or tasks.load(recipe.task).METRIC
+    metric = space.metric or selected or "val_loss"
+    if space.direction:
+        return metric, space.direction
+    if metric == selected and recipe.finetune.metric_higher_is_better is not None:
+        return metric, "maximize" if recipe.finetune.metric_higher_is_better else "minimize"
+    return metric, "minimize" if metric in ("val_loss", "val_perplexity") else "maximize"
 
 
 @dataclass
