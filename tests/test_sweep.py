@@ -124,6 +124,34 @@ def test_a_bad_space_leaves_an_existing_sweep_and_a_file_alone(tmp_path, recipe)
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_folder_holding_no_sweep_is_never_removed_or_written_into(tmp_path, recipe):
+    out = tmp_path / "thesis"
+    out.mkdir()
+    (out / "thesis.tex").write_text("mine")
+    s = out / "lr.yaml"
+    s.write_text(yaml.safe_dump({"train.lr": {"choice": [1e-3]}, "trials": 1}))
+    for flags in (["--overwrite"], [], ["--resume"]):
+        code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), *flags)
+        assert_user_error(code, err, str(out), "holds no sweep")
+    assert sorted(p.name for p in out.iterdir()) == ["lr.yaml", "thesis.tex"]
+    (out / "study.db").write_bytes(b"an earlier sweep")  # now a sweep folder: --overwrite would remove lr.yaml
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--overwrite")
+    assert_user_error(code, err, "--space", "lr.yaml", "--overwrite")
+    assert (out / "thesis.tex").read_text() == "mine" and (out / "study.db").read_bytes() == b"an earlier sweep"
+
+
+def test_overwrite_reads_the_space_file_the_sweep_folder_holds(tmp_path, recipe):
+    """--space SWEEP/space.yaml --overwrite: the space is read before the folder is removed, then written back."""
+    out = tmp_path / "sw"
+    out.mkdir()
+    (out / "study.db").write_bytes(b"an earlier sweep")
+    text = yaml.safe_dump({"train.batch_size": {"choice": [100000]}, "trials": 1, "pruner": "none"})
+    (out / "space.yaml").write_text(text)  # a trial that fails at once: no training
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(out / "space.yaml"), "--out", str(out), "--overwrite")
+    assert code == 0, err
+    assert (out / "space.yaml").read_text() == text and [r["state"] for r in trials(out)] == ["FAIL"]
+
+
 def test_a_uniform_step_is_honoured(tmp_path):
     import optuna
 

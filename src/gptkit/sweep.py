@@ -314,17 +314,21 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     sweep = Sweep(recipe_path.resolve(), overrides, space, out.resolve(), storage, metric, direction,
                   "pretrain" if recipe.task == "pretrain" else "finetune")
     sweep.check_params()  # before anything in --out is written or removed
+    space_text = space_path.read_text()  # before --overwrite removes the folder it may sit in
+    if out.exists() and any(out.iterdir()) and not ((out / "study.db").exists() or (out / "space.yaml").is_file()):
+        raise UserError(f"{out}: not empty and holds no sweep; choose another output folder")
     if own_db:
         if (out / "study.db").exists() and not (resume or overwrite):
             raise UserError(f"{out}: a sweep is already there; --resume continues it, --overwrite starts over")
         if overwrite and not resume and out.exists():
             import shutil
 
+            for arg, path in (("--space", space_path), ("recipe", recipe_path)):  # out/space.yaml is written back
+                if out.resolve() in path.resolve().parents and path.resolve() != (out / "space.yaml").resolve():
+                    raise UserError(f"{arg}: {path} is inside {out}, which --overwrite removes; move it out first")
             shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()) and not resume and not (out / "space.yaml").is_file():
-        raise UserError(f"{out}: not empty and holds no sweep; choose another output folder")
     out.mkdir(parents=True, exist_ok=True)
-    (out / "space.yaml").write_text(space_path.read_text())
+    (out / "space.yaml").write_text(space_text)
     study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, storage, own_db),
                                 sampler=_sampler(optuna, space), pruner=_pruner(optuna, space), direction=direction,
                                 load_if_exists=True)
