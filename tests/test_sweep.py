@@ -152,6 +152,34 @@ def test_overwrite_reads_the_space_file_the_sweep_folder_holds(tmp_path, recipe)
     assert (out / "space.yaml").read_text() == text and [r["state"] for r in trials(out)] == ["FAIL"]
 
 
+def test_resuming_with_a_changed_distribution_is_refused_before_anything_changes(tmp_path, recipe):
+    """Another list of choices than the study's: one line, space.yaml and the study as they were; new bounds for a
+    range are fine (trials: 1 is already done, so no trial runs)."""
+    import optuna
+
+    out = tmp_path / "sw"
+    out.mkdir()
+    stored = yaml.safe_dump({"train.lr": {"choice": [1e-3, 1e-2]}, "train.max_steps": {"int": [10, 30]}})
+    (out / "space.yaml").write_text(stored)
+    study = optuna.create_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")
+    study.add_trial(optuna.trial.create_trial(
+        params={"train.lr": 1e-3, "train.max_steps": 20}, value=2.0,
+        distributions={"train.lr": optuna.distributions.CategoricalDistribution([1e-3, 1e-2]),
+                       "train.max_steps": optuna.distributions.IntDistribution(10, 30)}))
+    s = space(tmp_path, trials=2, **{"train.lr": {"choice": [1e-4, 1e-3]}, "train.max_steps": {"int": [10, 30]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert_user_error(code, err, "space.yaml", "train.lr", "has choice [0.001, 0.01], not choice [0.0001, 0.001]")
+    assert (out / "space.yaml").read_text() == stored
+    assert len(optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}").trials) == 1
+    s = space(tmp_path, trials=2, **{"train.lr": {"choice": [1e-3, 1e-2]}, "train.max_steps": {"uniform": [10, 30]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert_user_error(code, err, "train.max_steps", "has int [10, 30], not uniform [10.0, 30.0]")
+    s = space(tmp_path, trials=1, **{"train.lr": {"choice": [1e-3, 1e-2]}, "train.max_steps": {"int": [5, 40]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert code == 0, err
+    assert yaml.safe_load((out / "space.yaml").read_text())["train.max_steps"] == {"int": [5, 40]}
+
+
 def test_a_uniform_step_is_honoured(tmp_path):
     import optuna
 

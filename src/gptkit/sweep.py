@@ -5,7 +5,8 @@ as recipe overrides: a crashing trial is recorded as failed and the sweep goes o
 ``metrics.jsonl`` is read as it grows and each new value of the objective is reported to the pruner, which may
 stop the trial (SIGTERM: it checkpoints and exits). The study lives in ``SWEEP/study.db`` (SQLite) unless
 ``--storage`` names another database (several machines can then work on one study): ``--resume`` continues
-it, finished trials are not rerun, and a trial the killed sweep left running is retried with the same values.
+it, finished trials are not rerun, and a trial the killed sweep left running is retried with the same values (a
+field keeps its kind of distribution and its choices; bounds, trials and the other settings may change).
 The objective of a trial is the best value of the metric over its evaluations.
 
 The space file::
@@ -327,11 +328,14 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
                 if out.resolve() in path.resolve().parents and path.resolve() != (out / "space.yaml").resolve():
                     raise UserError(f"{arg}: {path} is inside {out}, which --overwrite removes; move it out first")
             shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "space.yaml").write_text(space_text)
+    if own_db:
+        out.mkdir(parents=True, exist_ok=True)
     study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, storage, own_db),
                                 sampler=_sampler(optuna, space), pruner=_pruner(optuna, space), direction=direction,
                                 load_if_exists=True)
+    _check_continues(optuna, study, space)  # before the stored space.yaml is replaced
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "space.yaml").write_text(space_text)
     if own_db and resume:  # this machine's own sweep: what it left running died with it
         _retry_interrupted(optuna, study)
     counted = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
@@ -348,6 +352,38 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     if done() < space.trials:
         study.optimize(sweep.objective, n_jobs=space.jobs, callbacks=[enough], catch=(RuntimeError,))
     return report(study, sweep, recipe_to_yaml, load_recipe)
+
+
+def _check_continues(optuna, study, space: Space) -> None:
+    """A study being continued keeps each field's kind of distribution and its choices (Optuna refuses a change at
+    the trial's first suggestion, leaving a failed trial behind); bounds and settings may change."""
+    known = {}
+    for t in study.get_trials(deepcopy=False):
+        known.update(t.distributions)
+    for name, dist in space.params.items():
+        if name not in known:
+            continue
+        kind = next(iter(set(dist) & DISTRIBUTIONS))
+        value = dist[kind]
+        if kind == "choice":
+            new = optuna.distributions.CategoricalDistribution(value)
+        elif kind == "int":
+            new = optuna.distributions.IntDistribution(value[0], value[1], step=dist.get("step", 1))
+        else:
+            new = optuna.distributions.FloatDistribution(float(value[0]), float(value[1]), log=kind == "log_uniform")
+        try:
+            optuna.distributions.check_distribution_compatibility(known[name], new)
+        except ValueError:
+            raise UserError(f"{space.source}: {name}: the study being continued has {_described(known[name])}, not "
+                            f"{_described(new)}; keep it or start another sweep") from None
+
+
+def _described(d) -> str:
+    """An Optuna distribution as the space file writes it."""
+    if hasattr(d, "choices"):
+        return f"choice {list(d.choices)}"
+    kind = "int" if isinstance(d.low, int) else "log_uniform" if d.log else "uniform"
+    return f"{kind} [{d.low}, {d.high}]"
 
 
 def _storage(optuna, url: str, own: bool):
