@@ -42,6 +42,18 @@ def test_gpt2_rewritten_as_linear_layers_gives_the_same_logits():
     assert linear == 2 * 4  # c_attn, c_proj, c_fc, mlp c_proj per block
 
 
+def test_a_bf16_gpt2_is_rewritten_and_stays_bf16():
+    """The rewrite is checked in fp32: a bf16 original against the fp32 copy differed by ~1e-2 and was refused."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptkit.quantize import gpt2_to_bigcode
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=32))
+    bigcode = gpt2_to_bigcode(gpt2.to(torch.bfloat16))
+    assert bigcode.dtype == torch.bfloat16 and gpt2.dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("method", ["int8", "int4"])
 def test_quantized_folder_loads_in_transformers_and_gptkit(base, tmp_path, method):
     from transformers import AutoModelForCausalLM
