@@ -69,6 +69,19 @@ def test_prune_command_writes_a_smaller_loadable_model(base, tmp_path):
     assert code == 0, err
 
 
+def test_a_pretraining_run_with_globbed_train_files_is_measured_on_them(base):
+    """data.train_files may be a glob (as pretrain accepts); it was read as a literal path: '*.txt not found'."""
+    from types import SimpleNamespace
+
+    from gptkit import trained
+    from gptkit.prune import _batches
+
+    model, tok = trained.load_lm(base)
+    run = SimpleNamespace(task="lm", data=SimpleNamespace(train_files=[str(base.parent / "base*.txt")]))
+    batches, _ = _batches(model, tok, run, None, 1, 2)
+    assert len(batches) == 1 and batches[0]["input_ids"].shape[0] == 2
+
+
 def test_dropping_a_block_equals_silencing_it_and_the_measured_choice_matters(base):
     from gptkit import engine, trained
     from gptkit.prune import drop_layers, layer_importance

@@ -261,7 +261,10 @@ def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int)
         examples = task.preprocess(run, tok, rows, "train", model)
         return [examples.batch(list(range(i, min(len(rows), i + batch_size))))
                 for i in range(0, len(rows), batch_size)], gen.loss
-    files = [data] if data else [f for f in run.data.train_files if f.endswith(".txt")] if run is not None else []
+    from gptkit.data import resolve_files
+
+    files = [data] if data else [f for f in resolve_files(run.data.train_files, "data.train_files")  # globs
+                                 if f.endswith(".txt")] if run is not None else []
     if not files:
         raise UserError("--data: a text file to measure neuron importance on (this model has no .txt corpus)")
     text = "\n".join(read_text(Path(f), "--data")[: 2_000_000] for f in files)
