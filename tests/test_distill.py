@@ -153,3 +153,18 @@ def test_validate_checks_the_teacher_as_distill_does(base, tmp_path):
     code, out, err = run_cli("validate", str(student), f"distill.teacher={base}")
     assert code == 0 and f"teacher: {base}: " in out, err
     assert not (tmp_path / "x").exists() and not (tmp_path / "s").exists()
+
+
+def test_a_teacher_with_a_shorter_context_than_the_student_trains_on_is_one_line(base, tmp_path):
+    """The base reads 64 positions; a student packing 128-token blocks crashed mid-training in its position embedding
+    (and validate accepted it): now both refuse it before training."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:20_000])
+    student = tiny_recipe(tmp_path / "s.yaml", corpus, tmp_path / "s", model={"context": 128},
+                          tokenizer={"kind": "pretrained", "path": str(base)}, distill={"teacher": str(base)})
+    for command in ("validate", "distill"):
+        code, _, err = run_cli(command, str(student))
+        assert_user_error(code, err, "distill.teacher", "64 positions", "128-token", "model.context")
+    assert not (tmp_path / "s").exists()
+    code, _, err = run_cli("validate", str(student), "model.context=64")
+    assert code == 0, err

@@ -54,8 +54,28 @@ def check_teacher(recipe: Any, tokenizer: Any | None) -> str:
     shape = ""
     if (path / "config.json").is_file():
         config = modeling.base_config(str(path), "distill.teacher")
+        _check_fits(recipe, config)
         shape = f"{modeling.describe_arch(config)}, {modeling.meta_param_count(config):,} parameters, "
     return f"{cfg.teacher}: {shape}{same}; T {cfg.temperature:g}, alpha {cfg.alpha:g}"
+
+
+def _check_fits(recipe: Any, teacher: Any) -> None:
+    """The teacher reads the sequences the student trains on: past its positions its position embedding fails
+    mid-training."""
+    cfg = recipe.distill
+    student = None  # pretraining: a decoder-only GPT of model.context positions
+    if recipe.task != "pretrain" and recipe.model.init_from:
+        student = modeling.base_config(recipe.model.init_from, "model.init_from", recipe.model.trust_remote_code)
+    if recipe.task == "pretrain":
+        length, field = recipe.model.context, "model.context"
+    else:  # finetune.max_length within the student's own positions (gptkit.tasks.generative._limit)
+        length, field = recipe.finetune.max_length, "finetune.max_length"
+        length = min(length, (modeling.max_positions(student) if student is not None else None) or length)
+    positions = modeling.max_positions(teacher)
+    if positions and positions < length:
+        raise UserError(f"distill.teacher: {cfg.teacher} reads at most {positions} positions but the student trains on "
+                        f"{length}-token sequences ({field}); lower {field} to {positions} or use a teacher with a "
+                        "longer context")
 
 
 def validate_line(recipe: Any, train_files: list[str] | None) -> str | None:
