@@ -60,12 +60,18 @@ def check_teacher(recipe: Any, tokenizer: Any | None) -> str:
 
 
 def _check_fits(recipe: Any, teacher: Any) -> None:
-    """The teacher reads the sequences the student trains on: past its positions its position embedding fails
-    mid-training."""
+    """The teacher reads what the student trains on: the same kind of model (an encoder-decoder's soft targets for a
+    decoder-only student's sequences, or the reverse, mean nothing), and sequences within its positions (past them
+    its position embedding fails mid-training)."""
     cfg = recipe.distill
     student = None  # pretraining: a decoder-only GPT of model.context positions
     if recipe.task != "pretrain" and recipe.model.init_from:
         student = modeling.base_config(recipe.model.init_from, "model.init_from", recipe.model.trust_remote_code)
+    kind = {True: "an encoder-decoder", False: "a decoder-only model"}
+    ours, theirs = student is not None and modeling.is_encoder_decoder(student), modeling.is_encoder_decoder(teacher)
+    if ours != theirs:
+        raise UserError(f"distill.teacher: {cfg.teacher} is {kind[theirs]} ({teacher.model_type}) but the student is "
+                        f"{kind[ours]}; the teacher must be the same kind of model")
     if recipe.task == "pretrain":
         length, field = recipe.model.context, "model.context"
     else:  # finetune.max_length within the student's own positions (gptkit.tasks.generative._limit)
