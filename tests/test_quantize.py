@@ -121,6 +121,22 @@ def test_bad_quantize_input_is_one_line(base, tmp_path, monkeypatch):
     assert_user_error(code, err, "pip install 'gptkit[quantize]'")
 
 
+def test_int4_of_a_width_that_is_not_a_multiple_of_32_is_one_line(base, tmp_path):
+    """n_embd 80: torchao's int4 groups of 32 failed with an AssertionError traceback."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptkit import trained
+
+    tok = trained.load_lm(base)[1]
+    folder = tmp_path / "w80"
+    GPT2LMHeadModel(GPT2Config(n_embd=80, n_layer=1, n_head=4, vocab_size=len(tok), n_positions=32)).save_pretrained(
+        folder)
+    tok.save_pretrained(folder)
+    code, _, err = run_cli("quantize", str(folder), "--method", "int4", "--out", str(tmp_path / "q"))
+    assert_user_error(code, err, "--method int4", "80 inputs", "group size 32", "--method int8")
+    assert not (tmp_path / "q").exists()
+
+
 def test_serve_answers_from_a_quantized_model(base, tmp_path):
     pytest.importorskip("fastapi")
     import httpx

@@ -30,6 +30,7 @@ from gptkit.errors import UserError
 log = logging.getLogger(__name__)
 
 METHODS = ("int8", "int4")
+INT4_GROUP = 32  # int4 weights share a scale per this many inputs
 
 
 def import_torchao():
@@ -51,7 +52,7 @@ def torchao_config(method: str):
 
     if method == "int8":
         return Int8WeightOnlyConfig()
-    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(32))
+    return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(INT4_GROUP))
 
 
 def gpt2_to_bigcode(gpt2: Any) -> Any:
@@ -139,6 +140,11 @@ def run(source: str, method: str, out: Path) -> dict:
 
     quant = torchao_config(method)
     output_names = {n for n, m in model.named_modules() if m is model.get_output_embeddings()}
+    if method == "int4":  # torchao asserts (a traceback) on a row that does not split into whole groups
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.Linear) and name not in output_names and m.in_features % INT4_GROUP:
+                raise UserError(f"--method int4: {name} takes {m.in_features} inputs, not a multiple of the group "
+                                f"size {INT4_GROUP}; use --method int8 for this model")
     quantize_(model, quant, filter_fn=lambda m, name: isinstance(m, torch.nn.Linear) and name not in output_names)
     layers = count_quantized(model)
     config = TorchAoConfig(quant)
