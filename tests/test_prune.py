@@ -139,6 +139,26 @@ def llama(base, tmp_path_factory):
     return out
 
 
+def test_a_llama_with_mlp_biases_shrinks_like_silencing():
+    """mlp_bias=True: the gate/up biases are cut with their rows (they were left whole: a size mismatch)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from gptkit.prune import shrink
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=16, num_hidden_layers=1,
+                                         num_attention_heads=2, max_position_embeddings=16, mlp_bias=True)).eval()
+    keep = [torch.tensor([1, 4, 5, 9, 12])]
+    smaller = shrink(model, keep)
+    with torch.no_grad():
+        drop = torch.ones(16, dtype=torch.bool)
+        drop[keep[0]] = False
+        model.model.layers[0].mlp.down_proj.weight[:, drop] = 0
+        ids = torch.randint(0, 50, (2, 8))
+        assert (smaller(ids).logits - model(ids).logits).abs().max() < 1e-5
+    assert smaller.config.intermediate_size == 5
+
+
 def test_removing_heads_equals_silencing_them(base, llama):
     from gptkit import engine, trained
     from gptkit.prune import head_importance, shrink_heads

@@ -198,6 +198,8 @@ def shrink(model: Any, keep: list[torch.Tensor]) -> Any:
         else:
             for proj in ("gate_proj", "up_proj"):
                 state[f"{name}.{proj}.weight"] = state[f"{name}.{proj}.weight"][idx, :]
+                if f"{name}.{proj}.bias" in state:  # mlp_bias=True; down_proj's bias is per output, kept whole
+                    state[f"{name}.{proj}.bias"] = state[f"{name}.{proj}.bias"][idx]
             state[f"{name}.down_proj.weight"] = state[f"{name}.down_proj.weight"][:, idx]
     return _rebuild(model, state, **{"intermediate_size" if parts[0][1] == "llama" else "n_inner": len(keep[0])})
 
