@@ -21,6 +21,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +108,24 @@ def count_quantized(model: Any) -> int:
     return sum(isinstance(getattr(m, "weight", None), TorchAOBaseTensor) for m in model.modules())
 
 
+def check_loads(folder: Path, config: Any, method: str) -> None:
+    """Transformers reads the saved folder back: torchao cannot deserialize every architecture's quantized weights
+    (BART's fail), and a folder that does not load must not be reported as written."""
+    from transformers.utils import logging as hf_logging
+
+    from gptkit import modeling
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would print beside the one-line error
+    try:
+        modeling.lm_class(config).from_pretrained(str(folder))
+    except Exception as e:  # whatever the loader raises, the folder is unusable
+        raise UserError(f"RUN: a {method}-quantized {config.model_type} does not load back in transformers "
+                        f"({type(e).__name__}); nothing was written to --out") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def weight_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in Path(folder).glob("*.safetensors"))
 
@@ -150,14 +170,23 @@ def run(source: str, method: str, out: Path) -> dict:
     config = TorchAoConfig(quant)
     model.config.quantization_config = config
     model.hf_quantizer = TorchAoHfQuantizer(config, pre_quantized=True)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    trained.write_recipe(run_recipe, out)
-    record = {"method": method, "source": str(path), "architecture": type(model).__name__,
-              "converted_from_gpt2": converted, "quantized_layers": layers, "bytes_before": before,
-              "bytes_after": weight_bytes(out), "torchao": _version("torchao")}
-    (out / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # becomes out once it loads back
+    try:
+        model.save_pretrained(str(staging))
+        tok.save_pretrained(str(staging))
+        trained.write_recipe(run_recipe, staging)
+        check_loads(staging, model.config, method)
+        record = {"method": method, "source": str(path), "architecture": type(model).__name__,
+                  "converted_from_gpt2": converted, "quantized_layers": layers, "bytes_before": before,
+                  "bytes_after": weight_bytes(staging), "torchao": _version("torchao")}
+        (staging / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")
+        if out.is_dir():
+            out.rmdir()  # empty (rundir.check_out_folder)
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log.info("quantize: %s -> %s (%s): %d linear layers quantized%s; weights %.2f MB -> %.2f MB (%.2fx)", path, out,
              method, layers, " after rewriting GPT-2 as GPTBigCode" if converted else "", before / 1e6,
              record["bytes_after"] / 1e6, record["bytes_after"] / max(1, before))
