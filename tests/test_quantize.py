@@ -102,6 +102,19 @@ def test_a_translate_run_keeps_its_prompt_and_scores_alike(base, tmp_path):
     assert scores["run"] > 20 and abs(scores["q"] - scores["run"]) < 5, scores
 
 
+def test_a_lora_run_counts_the_merged_model_before_quantizing(base, tmp_path):
+    """bytes_before was the adapter file's size alone, though the merged base is what is quantized."""
+    recipe = finetune_recipe(tmp_path, "run", "translate", base, splits(tmp_path, translate_rows, 40),
+                             train={"max_steps": 2, "eval_every": 2, "save_every": 2},
+                             finetune={"method": "lora", "eval_examples": 2, "max_new_tokens": 2})
+    assert run_cli("finetune", str(recipe))[0] == 0
+    code, _, err = run_cli("quantize", str(tmp_path / "run"), "--out", str(tmp_path / "q"))
+    assert code == 0, err
+    record = json.loads((tmp_path / "q" / "quantize.json").read_text())
+    base_bytes = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+    assert record["bytes_before"] > 0.9 * base_bytes and record["bytes_after"] < record["bytes_before"], record
+
+
 def test_bad_quantize_input_is_one_line(base, tmp_path, monkeypatch):
     code, _, err = run_cli("quantize", str(base), "--method", "int3", "--out", str(tmp_path / "a"))
     assert_user_error(code, err, "--method", "int8, int4")

@@ -152,7 +152,9 @@ def run(source: str, method: str, out: Path) -> dict:
     model = model.cpu()
     if hasattr(model, "merge_and_unload"):  # LoRA adapters: fold them in first
         model = model.merge_and_unload()
-    before = weight_bytes(path) or sum(p.numel() * p.element_size() for p in model.parameters())
+    # a LoRA run's folder holds its adapters only: the merged model is what gets quantized
+    before = (not trained.is_adapter_dir(path) and weight_bytes(path)) or \
+        sum(p.numel() * p.element_size() for p in model.parameters())
     converted = isinstance(model, GPT2LMHeadModel)
     if converted:
         model = gpt2_to_bigcode(model)
