@@ -167,7 +167,7 @@ class Spill:
     data address of each array mapped back to its file (the cache copies the file instead of reading the map)."""
 
     def __init__(self, folder: Path):
-        self.folder, self.count, self.files = folder, 0, {}
+        self.folder, self.count, self.files, self._held = folder, 0, {}, []
 
     @contextmanager
     def active(self):
@@ -186,6 +186,7 @@ class Spill:
             return np.empty(0, dtype)
         out = np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=(n,)))  # (a plain view pickles out of band)
         self.files[out.ctypes.data] = path
+        self._held.append(out)  # mapped while the spill lives: no other array can take its address
         return out
 
     def concat(self, parts: Iterable[Rows]) -> Rows:
