@@ -205,6 +205,21 @@ def seq2seq_base(out: Path, arch: str = "bart", bos: bool = False) -> Path:
     return out
 
 
+def tiny_bart_with(base: Path, folder: Path, width: int = 16) -> Path:
+    """A random one-layer BART saved in ``folder`` with the tokenizer of the gptkit run ``base`` (64 positions)."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from gptkit import trained
+
+    tok = trained.load_lm(base)[1]
+    BartForConditionalGeneration(BartConfig(vocab_size=len(tok), d_model=width, encoder_layers=1, decoder_layers=1,
+                                            encoder_attention_heads=2, decoder_attention_heads=2,
+                                            encoder_ffn_dim=2 * width, decoder_ffn_dim=2 * width,
+                                            max_position_embeddings=64)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
 def llama_base(out: Path) -> Path:
     """A tiny randomly initialised Llama (2 layers, 64 wide) whose tokenizer starts every sequence with <s> and
     has no pad token, as Llama checkpoints do; saved so that the Auto classes load it offline."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import SHAKESPEARE, assert_user_error, run_cli, run_interrupted, tiny_recipe
-from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows
+from tasks_helpers import finetune_recipe, pretrained_base, splits, tiny_bart_with, translate_rows
 
 
 @pytest.mark.parametrize("plain", [False, True])
@@ -172,16 +172,7 @@ def test_a_teacher_with_a_shorter_context_than_the_student_trains_on_is_one_line
 
 def test_an_encoder_decoder_teacher_for_a_decoder_only_student_is_one_line(base, tmp_path):
     """A BART teacher with the student's tokenizer was accepted, its soft targets meaningless for a GPT student."""
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    from gptkit import trained
-
-    tok = trained.load_lm(base)[1]
-    bart = tmp_path / "bart"
-    BartForConditionalGeneration(BartConfig(vocab_size=len(tok), d_model=16, encoder_layers=1, decoder_layers=1,
-                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
-                                            decoder_ffn_dim=32, max_position_embeddings=64)).save_pretrained(bart)
-    tok.save_pretrained(bart)
+    bart = tiny_bart_with(base, tmp_path / "bart")
     corpus = tmp_path / "c.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:20_000])
     student = tiny_recipe(tmp_path / "s.yaml", corpus, tmp_path / "s",

@@ -12,7 +12,7 @@ pytest.importorskip("torchao")
 import torch  # noqa: E402
 
 from conftest import assert_user_error, run_cli  # noqa: E402
-from tasks_helpers import finetune_recipe, pretrained_base, splits, translate_rows  # noqa: E402
+from tasks_helpers import finetune_recipe, pretrained_base, splits, tiny_bart_with, translate_rows  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -152,16 +152,7 @@ def test_int4_of_a_width_that_is_not_a_multiple_of_32_is_one_line(base, tmp_path
 
 def test_a_model_whose_quantized_folder_does_not_load_back_is_one_line(base, tmp_path):
     """A BART quantizes, but transformers cannot deserialize its torchao weights: that was reported as success."""
-    from transformers import BartConfig, BartForConditionalGeneration
-
-    from gptkit import trained
-
-    tok = trained.load_lm(base)[1]
-    folder = tmp_path / "bart"
-    BartForConditionalGeneration(BartConfig(vocab_size=len(tok), d_model=32, encoder_layers=1, decoder_layers=1,
-                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
-                                            decoder_ffn_dim=64, max_position_embeddings=64)).save_pretrained(folder)
-    tok.save_pretrained(folder)
+    folder = tiny_bart_with(base, tmp_path / "bart", width=32)
     (tmp_path / "out").mkdir()
     code, _, err = run_cli("quantize", str(folder), "--out", str(tmp_path / "out" / "q"))
     assert_user_error(code, err, "RUN", "bart", "does not load back", "nothing was written")
