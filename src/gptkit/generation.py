@@ -191,7 +191,7 @@ def continuation(tokenizer: Any, prompt_ids: list[int], new_ids: list[int]) -> s
     output, which continues nothing). A SentencePiece (Metaspace) decoder drops the space of a text's first token
     (Llama-2's "▁upon" alone is "upon": "Once" + "upon"), so the new tokens are decoded after the prompt's last few
     and only what follows the prompt's own text is kept."""
-    tail = list(prompt_ids[-PROMPT_TAIL:]) if len(prompt_ids) else []
+    tail = list(prompt_ids[-PROMPT_TAIL:])
     before = tokenizer.decode(tail, skip_special_tokens=True)
     text = tokenizer.decode(tail + list(new_ids), skip_special_tokens=True)
     return text[len(before) :] if text.startswith(before) else tokenizer.decode(new_ids, skip_special_tokens=True)
