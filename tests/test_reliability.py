@@ -257,3 +257,35 @@ def test_no_network_is_attempted(tmp_path, small_corpus):
     assert probe.returncode != 0 and "blocked" in probe.stderr
     lines = log.read_text().splitlines()
     assert lines == ["getaddrinfo 'example.com'"], lines
+
+
+def test_best_model_is_judged_on_the_same_sample_when_the_last_evaluation_reads_the_whole_split(tmp_path):
+    """With train.full_final_eval the last validation loss is the whole split's, the earlier ones a seeded sample's:
+    best/ must compare the sample's figure at every step (a split whose sample happens to score lower than the whole
+    would otherwise never let the final model be the best, or the other way round always make it so)."""
+    from accelerate import Accelerator
+
+    from gptkit import engine
+    from gptkit.recipe import TrainConfig
+
+    class Values:  # one number per example; the loss of a batch is the sum of its numbers
+        values = torch.arange(40, dtype=torch.float64)
+
+        def __len__(self):
+            return len(self.values)
+
+        def batch(self, idx):
+            return {"x": self.values[idx]}
+
+    cfg = TrainConfig(batch_size=2, eval_batches=1, full_final_eval=True)
+    job = engine.Job(model=torch.nn.Linear(2, 2), train_data=None, val_data=Values(), cfg=cfg, run_dir=tmp_path,
+                     select="val_loss", loss_fn=lambda model, batch: batch["x"].sum(), count_fn=lambda b: len(b["x"]))
+    acc = Accelerator(cpu=True)
+    sampled, _ = engine._validate(job, job.model, acc, final=False)
+    logged, judged = engine._validate(job, job.model, acc, final=True)
+    assert logged["val_loss"] == 19.5 != sampled["val_loss"]  # the whole split's mean is logged ...
+    assert judged["val_loss"] == sampled["val_loss"]  # ... best/ judges the sample's
+    job.select = "val_accuracy"  # a metric that is not the loss: nothing extra is computed
+    job.evaluate = lambda raw: {"accuracy": 0.5}
+    logged, judged = engine._validate(job, job.model, acc, final=True)
+    assert judged == logged and logged["val_loss"] == 19.5

@@ -220,15 +220,28 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def _validate(job: Job, model, accelerator, final: bool = False) -> dict[str, float]:
+def _loss_metrics(job: Job, model, accelerator, batches: int | None) -> dict[str, float]:
+    loss_fn = job.eval_loss_fn or job.loss_fn or causal_lm_loss
+    count_fn = job.eval_count_fn or job.count_fn or all_tokens
+    val = evaluate_loss(model, job.val_data, loss_fn, count_fn, job.cfg.batch_size, batches, accelerator,
+                        lockstep=distributed.lockstep(job.distributed, accelerator), grad_accum=job.cfg.grad_accum)
+    return {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+
+
+def _full_final(job: Job, final: bool) -> bool:
+    """The last evaluation reads the whole split while the earlier ones read a sample of it."""
+    return final and job.cfg.full_final_eval and job.cfg.eval_batches is not None
+
+
+def _validate(job: Job, model, accelerator, final: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """(metrics to log, metrics best/ is judged by). They differ only in the last evaluation of the whole split
+    (full_final_eval): best/ compares like with like, the loss on the seeded sample the earlier evaluations read."""
     metrics: dict[str, float] = {}
+    judged: dict[str, float] = {}
     if job.val_data is not None:
-        loss_fn = job.eval_loss_fn or job.loss_fn or causal_lm_loss
-        count_fn = job.eval_count_fn or job.count_fn or all_tokens
-        batches = None if final and job.cfg.full_final_eval else job.cfg.eval_batches
-        val = evaluate_loss(model, job.val_data, loss_fn, count_fn, job.cfg.batch_size, batches, accelerator,
-                            lockstep=distributed.lockstep(job.distributed, accelerator), grad_accum=job.cfg.grad_accum)
-        metrics = {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+        metrics = _loss_metrics(job, model, accelerator, None if _full_final(job, final) else job.cfg.eval_batches)
+        if _full_final(job, final) and job.select in metrics:
+            judged = _loss_metrics(job, model, accelerator, job.cfg.eval_batches)
     if job.evaluate is not None:
         raw = accelerator.unwrap_model(model, keep_torch_compile=False)
         raw.eval()
@@ -240,8 +253,8 @@ def _validate(job: Job, model, accelerator, final: bool = False) -> dict[str, fl
     if accelerator.num_processes > 1:  # decisions (best, early stop) are the main process's, on every rank
         from accelerate.utils import broadcast_object_list
 
-        metrics = broadcast_object_list([metrics], from_process=0)[0]
-    return metrics
+        metrics, judged = broadcast_object_list([(metrics, judged)], from_process=0)[0]
+    return metrics, {**metrics, **judged}
 
 
 def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, step: int) -> bool:
@@ -501,13 +514,13 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                 stop_early = False
                 paused = time.perf_counter()  # evaluation and checkpoints do not count in train_tokens_per_s
                 if (job.val_data is not None or job.evaluate) and (step % cfg.eval_every == 0 or step == cfg.max_steps):
-                    metrics = _validate(job, model, accelerator, final=step == cfg.max_steps)
+                    metrics, judged = _validate(job, model, accelerator, final=step == cfg.max_steps)
                     tracker.log(step, metrics)
                     last.update(metrics)
                     if main:
                         msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
                         bar.write(msg) if live else log.info(msg)
-                    stop_early = _track_best(job, model, accelerator, metrics, counters, step)
+                    stop_early = _track_best(job, model, accelerator, judged, counters, step)
                     if stop_early:
                         counters["stopped_early"] = True
                 if step % cfg.save_every == 0 or step == cfg.max_steps or signum or stop_early:

@@ -194,7 +194,8 @@ class TrainConfig(_Section):
         "a fixed seeded sample of the split (None = all)."
     )
     full_final_eval: bool = Field(
-        False, description="Score the whole validation split at the last step (sampled estimates before it)."
+        False, description="Score the whole validation split at the last step (sampled estimates before it; best/ is still judged on "
+        "the sample, like with like)."
     )
     log_every: int = Field(10, ge=1, description="Log training metrics every N steps.")
     save_every: int = Field(500, ge=1, description="Checkpoint every N steps (and at the end).")
