@@ -306,3 +306,34 @@ def test_an_objective_no_trial_logs_stops_the_sweep_in_one_line(tmp_path, recipe
     code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"))
     assert_user_error(code, err, "val_blue", "val_loss")
     assert len(trials(tmp_path / "sw")) <= 1 if (tmp_path / "sw" / "trials.csv").exists() else True
+
+
+def test_a_float_override_reads_back_as_the_same_number():
+    """YAML reads 1e-05 as text: the override written for a trial must read back as the float suggested."""
+    from gptkit.recipe import _parse_override
+    from gptkit.sweep import _override
+
+    for value in (1e-5, 3e-4, 2.5e-07, 1e20, 0.1, 7, True, None, "fp32"):
+        assert _parse_override(_override("train.lr", value)) == (["train", "lr"], value), value
+        assert type(_parse_override(_override("train.lr", value))[1]) is type(value)
+
+
+def test_resuming_with_another_objective_or_grid_is_refused(tmp_path, recipe):
+    """Optuna keeps a stored study's direction whatever is asked, and a grid sampler given another grid starts it
+    over while the old trials still count: both refused in one line, the study as it was."""
+    import optuna
+
+    out = tmp_path / "sw"
+    s = space(tmp_path, trials=1, sampler="grid", **{"train.lr": {"choice": [1e-3, 3e-3]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out))
+    assert code == 0, err
+    s = space(tmp_path, trials=2, sampler="grid", direction="maximize", **{"train.lr": {"choice": [1e-3, 3e-3]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert_user_error(code, err, "space.yaml", "minimizes val_loss, not maximizes val_loss")
+    s = space(tmp_path, trials=2, sampler="grid", metric="val_perplexity", **{"train.lr": {"choice": [1e-3, 3e-3]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert_user_error(code, err, "minimizes val_loss, not minimizes val_perplexity")
+    s = space(tmp_path, trials=2, sampler="grid", **{"train.lr": {"choice": [1e-3, 3e-3, 1e-2]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert_user_error(code, err, "the grid sweep being continued has another grid")
+    assert len(optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}").trials) == 1

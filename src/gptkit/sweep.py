@@ -165,8 +165,14 @@ def _suggest(trial, name: str, dist: dict):
 
 
 def _override(name: str, value) -> str:
-    """name=value as the override parser (YAML) reads it back: text quoted, None as null (not the text 'None')."""
-    return f"{name}={json.dumps(value) if isinstance(value, str) or value is None else value}"
+    """name=value as the override parser (YAML) reads it back: text quoted, None as null (not the text 'None'), a
+    float with a dot in its mantissa (YAML reads 1e-05 as text, 1.0e-05 as a number)."""
+    if isinstance(value, str) or value is None:
+        return f"{name}={json.dumps(value)}"
+    text = repr(value)
+    if isinstance(value, float) and "e" in text and "." not in text:
+        text = text.replace("e", ".0e")
+    return f"{name}={text}"
 
 
 def _import_optuna():
@@ -280,15 +286,19 @@ def _sampler(optuna, space: Space):
     if space.sampler == "random":
         return optuna.samplers.RandomSampler(seed=space.seed)
     if space.sampler == "grid":
-        grid = {}
-        for name, dist in space.params.items():
-            if "choice" in dist:
-                grid[name] = dist["choice"]
-            else:
-                lo, hi = dist["int"]
-                grid[name] = list(range(lo, hi + 1, dist.get("step", 1)))
-        return optuna.samplers.GridSampler(grid, seed=space.seed)
+        return optuna.samplers.GridSampler(_grid(space), seed=space.seed)
     return optuna.samplers.TPESampler(seed=space.seed)
+
+
+def _grid(space: Space) -> dict[str, list]:
+    grid = {}
+    for name, dist in space.params.items():
+        if "choice" in dist:
+            grid[name] = dist["choice"]
+        else:
+            lo, hi = dist["int"]
+            grid[name] = list(range(lo, hi + 1, dist.get("step", 1)))
+    return grid
 
 
 def _pruner(optuna, space: Space):
@@ -333,7 +343,7 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, storage, own_db),
                                 sampler=_sampler(optuna, space), pruner=_pruner(optuna, space), direction=direction,
                                 load_if_exists=True)
-    _check_continues(optuna, study, space)  # before the stored space.yaml is replaced
+    _check_continues(optuna, study, space, metric, direction)  # before the stored space.yaml is replaced
     out.mkdir(parents=True, exist_ok=True)
     (out / "space.yaml").write_text(space_text)
     if own_db and resume:  # this machine's own sweep: what it left running died with it
@@ -354,9 +364,22 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     return report(study, sweep, recipe_to_yaml, load_recipe)
 
 
-def _check_continues(optuna, study, space: Space) -> None:
-    """A study being continued keeps each field's kind of distribution and its choices (Optuna refuses a change at
-    the trial's first suggestion, leaving a failed trial behind); bounds and settings may change."""
+def _check_continues(optuna, study, space: Space, metric: str, direction: str) -> None:
+    """A study being continued keeps its objective (Optuna keeps the stored direction whatever is asked), a grid
+    sweep its grid (Optuna would start another grid, the old trials still counted), and each field its kind of
+    distribution and its choices (Optuna refuses a change at the trial's first suggestion, leaving a failed trial
+    behind); otherwise bounds and settings may change."""
+    stored = study.user_attrs.get("metric", metric)
+    if (stored, study.direction.name.lower()) != (metric, direction):
+        raise UserError(f"{space.source}: the study being continued {study.direction.name.lower()[:-1]}es {stored}, "
+                        f"not {direction[:-1]}es {metric}; keep its objective (metric, direction) or start another sweep")
+    study.set_user_attr("metric", metric)
+    if space.sampler == "grid":
+        grids = {json.dumps(t.system_attrs["search_space"], sort_keys=True)
+                 for t in study.get_trials(deepcopy=False) if "search_space" in t.system_attrs}
+        if grids - {json.dumps(_grid(space), sort_keys=True)}:
+            raise UserError(f"{space.source}: the grid sweep being continued has another grid "
+                            f"({', '.join(sorted(grids))}); keep it or start another sweep")
     known = {}
     for t in study.get_trials(deepcopy=False):
         known.update(t.distributions)
