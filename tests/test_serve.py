@@ -736,3 +736,48 @@ def test_sampling_a_request_leaves_out_comes_from_the_generation_config(base, tm
     with caplog.at_level(logging.WARNING, logger="gptkit"):
         assert rq.load(str(model)).defaults == {"top_k": 5}
     assert "top_p: expected a number in (0.0, 1.0], got 0.0" in caplog.text
+
+
+@pytest.mark.parametrize("route,body", [
+    ("/v1/completions", {"prompt": "red", "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "red"}], "max_tokens": 4}),
+    ("/v1/classify", {"text": "a"}),
+])
+def test_a_client_that_goes_away_stops_its_request(base, route, body):
+    """Starlette does not cancel a handler whose client disconnected: a client that timed out and retried left its
+    first job running to the end. The handler now answers the disconnect at once and the job is cancelled (the
+    engine here never answers, so without that the handler would wait for ever)."""
+    import asyncio
+    import json
+
+    from gptkit.serve.app import build_app
+    from gptkit.serve.requests import Limits, load
+
+    served = load(str(base), None)
+    served.tasks = {"classify": None}  # the route only needs to exist: the engine below never runs anything
+    jobs = []
+    engine = type("Silent", (), {"submit": lambda self, job: jobs.append(job)})()
+    app = build_app(served, engine, Limits())
+
+    async def call():
+        sent, messages = [], [{"type": "http.request", "body": json.dumps(body).encode(), "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await asyncio.sleep(0.2)  # the client waits a little, then hangs up
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "path": route,
+                 "raw_path": route.encode(), "root_path": "", "scheme": "http", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json")], "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 80)}
+        await asyncio.wait_for(app(scope, receive, send), timeout=30)
+        return sent
+
+    sent = asyncio.run(call())
+    assert sent[0]["status"] == 499
+    assert len(jobs) == 1 and jobs[0].cancelled

@@ -6,12 +6,15 @@ Every route only reads the request (:mod:`gptkit.serve.requests`), hands a job t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hmac
 import json
+import logging
 import time
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from gptkit.modeling import is_encoder_decoder
@@ -19,6 +22,7 @@ from gptkit.serve import requests as rq
 from gptkit.serve.engine import Engine, Job
 from gptkit.serve.requests import ApiError, Limits, Served
 
+log = logging.getLogger("gptkit")
 
 def build_app(served: Served, engine: Engine, limits: Limits):
     """The ASGI app (FastAPI inside the body-size cap)."""
@@ -41,6 +45,10 @@ def build_app(served: Served, engine: Engine, limits: Limits):
             message += f" (allowed: {', '.join(allowed)})"
             headers = {"Allow": ", ".join(allowed)}
         return JSONResponse(ApiError(status, message).body(), status_code=status, headers=headers)
+
+    @app.exception_handler(_Gone)
+    async def gone(request, exc: _Gone):
+        return Response(status_code=499)  # nobody reads it (nginx's "client closed request")
 
     @app.exception_handler(Exception)
     async def bug(request, exc: Exception):
@@ -69,13 +77,13 @@ def build_app(served: Served, engine: Engine, limits: Limits):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await _body(request, served)
-        return await _complete(served, engine, limits, body, rq._prompts(body), "text", (), StreamingResponse)
+        return await _complete(request, served, engine, limits, body, rq._prompts(body), "text", ())
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         body = await _body(request, served)
         prompt, stops = rq.chat_prompt(served.tok, body.get("messages"), is_encoder_decoder(served.model.config))
-        return await _complete(served, engine, limits, body, [prompt], "chat", stops, StreamingResponse)
+        return await _complete(request, served, engine, limits, body, [prompt], "chat", stops)
 
     @app.post("/v1/{task}")
     async def task(task: str, request: Request):
@@ -86,8 +94,10 @@ def build_app(served: Served, engine: Engine, limits: Limits):
                            code="not_found")
         rows = rq.task_rows(task, await _body(request, served, check_model=False))
         q, send = rq.channel()
-        engine.submit(Job(send, task=task, rows=rows))
-        event = await q.get()
+        job = Job(send, task=task, rows=rows)
+        engine.submit(job)
+        async with _answering(request, job) as next_event:
+            event = await next_event(q)
         if event[0] == "error":
             raise ApiError(event[1], event[2], kind="server_error")
         data = [{"index": i, **_finite(r)} for i, r in enumerate(event[1])]
@@ -133,28 +143,62 @@ async def _body(request, served: Served, check_model: bool = True) -> dict:
     return body
 
 
-async def _complete(served, engine, limits, body, prompts, kind, stops, streaming_response):
+async def _complete(request, served, engine, limits, body, prompts, kind, stops):
     q, send = rq.channel()
     job, prompt_tokens = rq.generation_job(served, limits, body, prompts, send, stops, chat=kind == "chat")
     rid = rq.new_id(kind)
     engine.submit(job)
     if job.stream:
         usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
-        return streaming_response(_sse(q, job, kind, rid, served.name, prompt_tokens, bool(usage)),
-                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return StreamingResponse(_sse(q, job, kind, rid, served.name, prompt_tokens, bool(usage)),
+                                 media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
     finished, tokens = {}, 0
-    try:
+    async with _answering(request, job) as next_event:
         while len(finished) < len(job.choices):
-            event = await q.get()
+            event = await next_event(q)
             if event[0] == "error":
                 raise ApiError(event[1], event[2], kind="server_error")
             if event[0] == "finish":
                 _, index, text, reason, n = event
                 finished[index], tokens = (text, reason), tokens + n
-    finally:
-        job.cancelled = len(finished) < len(job.choices)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": tokens, "total_tokens": prompt_tokens + tokens}
     return rq.completion_body(kind, rid, served.name, finished, usage)
+
+
+class _Gone(Exception):
+    """The client disconnected before its answer was ready."""
+
+
+@contextlib.asynccontextmanager
+async def _answering(request, job: Job):
+    """Yields ``next_event(q)``, the job's next event while the client waits for it. Starlette does not cancel a
+    handler whose client went away: the job is cancelled here (its rows stop at the next token), whether the client
+    left, the handler failed, or the wait ended for any other reason before the answer was whole."""
+
+    async def disconnected():
+        while (await request.receive())["type"] != "http.disconnect":  # the body was read: only a disconnect comes
+            pass
+
+    gone = asyncio.ensure_future(disconnected())
+
+    async def next_event(q: asyncio.Queue):
+        get = asyncio.ensure_future(q.get())
+        await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not get.done():
+            get.cancel()
+            raise _Gone
+        return get.result()
+
+    answered = False
+    try:
+        yield next_event
+        answered = True
+    except _Gone:
+        log.info("serve: a client went away before its answer; its request was stopped")
+        raise
+    finally:
+        gone.cancel()
+        job.cancelled = not answered
 
 
 async def _sse(q, job: Job, kind: str, rid: str, name: str, prompt_tokens: int, include_usage: bool):
