@@ -252,3 +252,25 @@ def test_export_needs_no_merge_flag(tmp_path):
     assert code == 0, err
     code, _, err = run_cli("export", str(base))
     assert_user_error(code, err, "pretraining run", "nothing to export")
+
+
+def test_a_new_model_folder_is_whole_or_absent(tmp_path):
+    """quantize and prune write their model through rundir.new_folder: a failure part-way leaves no half folder, no
+    staging folder, and not the folders above --out it made; a success leaves exactly the folder."""
+    from gptkit import rundir
+
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "a" / "b" / "model"
+    with pytest.raises(OSError):
+        with rundir.new_folder(out) as staging:
+            (staging / "config.json").write_text("{}")
+            raise OSError(28, "No space left on device")
+    assert list((tmp_path / "kept").iterdir()) == []
+    (tmp_path / "empty").mkdir()  # an empty --out is allowed, and kept as it was on failure
+    with pytest.raises(KeyboardInterrupt):
+        with rundir.new_folder(tmp_path / "empty") as staging:
+            raise KeyboardInterrupt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "kept"] and not any((tmp_path / "empty").iterdir())
+    with rundir.new_folder(out) as staging:
+        (staging / "config.json").write_text("{}")
+    assert [p.name for p in out.iterdir()] == ["config.json"] and [p.name for p in out.parent.iterdir()] == ["model"]

@@ -154,9 +154,9 @@ def test_a_model_whose_quantized_folder_does_not_load_back_is_one_line(base, tmp
     """A BART quantizes, but transformers cannot deserialize its torchao weights: that was reported as success."""
     folder = tiny_bart_with(base, tmp_path / "bart", width=32)
     (tmp_path / "out").mkdir()
-    code, _, err = run_cli("quantize", str(folder), "--out", str(tmp_path / "out" / "q"))
+    code, _, err = run_cli("quantize", str(folder), "--out", str(tmp_path / "out" / "new" / "q"))
     assert_user_error(code, err, "RUN", "bart", "does not load back", "nothing was written")
-    assert list((tmp_path / "out").iterdir()) == []  # no half folder, no staging folder
+    assert list((tmp_path / "out").iterdir()) == []  # no half folder, no staging folder, not the folder it made
 
 
 def test_serve_answers_from_a_quantized_model(base, tmp_path):

@@ -357,13 +357,13 @@ def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None
         record.update(mlp=mlp, neurons_per_block=[width, kept])
         log.info("prune: feed-forward %d -> %d neurons per block", width, kept)
     after = sum(p.numel() for p in model.parameters())
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(out))
-    tok.save_pretrained(str(out))
-    trained.write_recipe(run_recipe, out)
     record.update(parameters=[before, after], importance=f"over {len(sample)} batches of the run's data: blocks by the "
                   "loss rise without each, heads and neurons by |sum activation x gradient|")
-    (out / "prune.json").write_text(json.dumps(record, indent=2) + "\n")
+    with rundir.new_folder(out) as staging:  # a failed save leaves no half model folder
+        model.save_pretrained(str(staging))
+        tok.save_pretrained(str(staging))
+        trained.write_recipe(run_recipe, staging)
+        (staging / "prune.json").write_text(json.dumps(record, indent=2) + "\n")
     log.info("prune: %s -> %s: %.2fM -> %.2fM parameters (%.0f%%)", path, out, before / 1e6, after / 1e6,
              100 * after / before)
     return record

@@ -21,8 +21,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -172,9 +170,7 @@ def run(source: str, method: str, out: Path) -> dict:
     config = TorchAoConfig(quant)
     model.config.quantization_config = config
     model.hf_quantizer = TorchAoHfQuantizer(config, pre_quantized=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))  # becomes out once it loads back
-    try:
+    with rundir.new_folder(out) as staging:  # becomes out once it loads back
         model.save_pretrained(str(staging))
         tok.save_pretrained(str(staging))
         trained.write_recipe(run_recipe, staging)
@@ -183,12 +179,6 @@ def run(source: str, method: str, out: Path) -> dict:
                   "converted_from_gpt2": converted, "quantized_layers": layers, "bytes_before": before,
                   "bytes_after": weight_bytes(staging), "torchao": _version("torchao")}
         (staging / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")
-        if out.is_dir():
-            out.rmdir()  # empty (rundir.check_out_folder)
-        staging.rename(out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log.info("quantize: %s -> %s (%s): %d linear layers quantized%s; weights %.2f MB -> %.2f MB (%.2fx)", path, out,
              method, layers, " after rewriting GPT-2 as GPTBigCode" if converted else "", before / 1e6,
              record["bytes_after"] / 1e6, record["bytes_after"] / max(1, before))

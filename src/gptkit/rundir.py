@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -142,6 +144,27 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
     above = next((p for p in out.absolute().parents if p.exists()), None)
     if above is not None and not above.is_dir():
         raise UserError(f"{flag}: {out} is under {above}, which is a file, not a folder; choose a new directory")
+
+
+@contextlib.contextmanager
+def new_folder(out: Path):
+    """Yields a staging folder beside ``out`` that becomes ``out`` only when the block completes (``out`` absent or
+    empty, :func:`check_out_folder`). On failure nothing is left: not the staging folder, nor the folders above
+    ``out`` that this made."""
+    made = [p for p in out.absolute().parents if not p.exists()]  # deepest first
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        yield staging
+        if out.is_dir():
+            out.rmdir()
+        staging.rename(out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in made:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                folder.rmdir()
+        raise
 
 
 def sources(recipe: Recipe) -> dict:
