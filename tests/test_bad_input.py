@@ -98,6 +98,9 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
     resumes = json.loads((tmp_path / "run" / "run.json").read_text())["resumes"]
     assert resumes[-1]["changes"] == ["train.lr: 0.01 -> 0.02", "train.max_steps: 2 -> 3"], resumes
     assert run_cli("pretrain", str(recipe), "--resume", "train.lr=0.02", "train.max_steps=3")[0] == 0  # no --force
+    code, _, err = run_cli("pretrain", str(recipe), "--resume", "train.lr=0.02", "train.max_steps=3",
+                           "train.eval_batches=2")  # another validation sample: best/ would compare across samples
+    assert_user_error(code, err, "train.eval_batches: 4 -> 2", "--force")
     before = snapshot(tmp_path / "run")
     # a non-empty folder that is not a run is never deleted, even with --overwrite; nor is one holding the
     # user's own recipe.yaml (a run also has run.json)

@@ -19,14 +19,14 @@ from gptkit.recipe import Recipe, recipe_to_yaml
 RECIPE_FILE = "recipe.yaml"
 RUN_FILE = "run.json"
 
-# Fields that may change between a run and its resume without changing what is computed.
+# Fields that may change between a run and its resume without changing what is computed. Not train.eval_batches:
+# best/ and patience compare each evaluation with the best one before it, measured on the sample it sets.
 _HARMLESS = {
     "description",
     "output.dir",
     "data.cache_dir",
     "data.num_proc",
     "train.eval_every",
-    "train.eval_batches",
     "train.full_final_eval",
     "train.log_every",
     "train.save_every",
