@@ -134,3 +134,54 @@ def test_a_corpus_without_text_is_one_error_and_nothing_is_cached(tmp_path, kind
                          data={"cache_dir": str(cache)}, train={"max_steps": 2})
     code, _, err = run_cli("pretrain", str(recipe))
     assert code == 2 and err.startswith("error: ") and "e.parquet: no rows" in err and len(err.splitlines()) == 1, err
+
+
+def test_cache_entries_unused_for_a_month_are_removed_when_another_is_made(tmp_path, monkeypatch):
+    """Token streams and examples are keyed on the files, the tokenizer and gptkit's code: after an edit or an upgrade
+    an entry is never read again, and the cache grew for ever. Making an entry removes those unused for
+    $GPTKIT_CACHE_DAYS days (30), with what interrupted builds of them left, but never one a process holds locked;
+    reading an entry marks it used."""
+    import fcntl
+    import os
+    import time
+
+    from gptkit import data
+    from gptkit.recipe import DataConfig
+
+    monkeypatch.setenv("GPTKIT_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("\n".join(TEXTS) * 20)
+    tok = train_char(iter([TEXTS]), model_max_length=64)
+    cfg = DataConfig(train_files=[str(corpus)], num_proc=1)
+    first = data.token_stream([str(corpus)], cfg, tok, "data.train_files")
+    root = tmp_path / "cache" / "streams"
+    (built,) = [p.stem for p in root.glob("*.json")]
+    old = time.time() - 40 * 86400
+
+    def entry(key: str, *names: str, age: float = old) -> list:
+        (root / f".{key}.lock").touch()
+        for name in names:
+            (root / name.format(key=key)).write_bytes(b"x")
+            os.utime(root / name.format(key=key), (age, age))
+        return names
+
+    entry("a" * 24, "{key}.bin", "{key}.json")  # stale: removed
+    entry("b" * 24, "{key}.bin", "{key}.json", age=time.time() - 5 * 86400)  # used 5 days ago: kept
+    entry("c" * 24, "{key}.bin", "{key}.json")  # stale but locked by a running process: kept
+    entry("d" * 24, ".{key}.partial", ".{key}.progress.json")  # an interrupted tokenization, long abandoned
+    for p in root.glob(f"{built}.*"):
+        os.utime(p, (old, old))
+    assert data.token_stream([str(corpus)], cfg, tok, "data.train_files").tolist() == first.tolist()  # cached
+    assert (root / f"{built}.json").stat().st_mtime > time.time() - 3600  # ... and marked used
+    with open(root / f".{'c' * 24}.lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        monkeypatch.setenv("GPTKIT_CACHE_DAYS", "0")  # 0 keeps everything
+        corpus.write_text("another corpus")
+        data.token_stream([str(corpus)], cfg, tok, "data.train_files")
+        assert len(list(root.glob("*.bin"))) == 5
+        monkeypatch.delenv("GPTKIT_CACHE_DAYS")
+        corpus.write_text("a third corpus")
+        data.token_stream([str(corpus)], cfg, tok, "data.train_files")
+    left = sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock"))
+    assert [n[:1] for n in left if n.startswith(("a", "b", "c", ".d"))] == ["b", "b", "c", "c"], left
+    assert f"{built}.bin" in left and len([n for n in left if n.endswith(".bin")]) == 5, left

@@ -187,12 +187,14 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
                 log.warning("examples cache %s unreadable (%s): tokenizing %s again", path, e, split)
             else:
                 log.info("using cached examples for %s (%d)", split, len(examples))
+                _used(path)
                 for name, level, msg in records:
                     logging.getLogger(name).log(level, "%s", msg)
                 return examples
         from gptkit.tasks.generative import Spill
 
         _sweep(root, key)
+        _evict(root, key)
         # (a lock on a network file system may not hold: files per writer)
         tmp, parts = root / f".{key}.{os.getpid()}.tmp", root / f".{key}.{os.getpid()}.parts"
         recorder = _Recorder()
@@ -296,6 +298,39 @@ def num_proc(cfg: DataConfig) -> int:
     return cfg.num_proc or len(os.sched_getaffinity(0))
 
 
+def _used(path: Path) -> None:
+    """Marks a cache entry as used now (its modification time): :func:`_evict` keeps what runs still read."""
+    try:
+        os.utime(path)
+    except OSError:  # a cache another user owns: reading is fine
+        pass
+
+
+def _evict(root: Path, keep: str) -> None:
+    """Removes the cache entries in ``root`` (a key's files, and what an interrupted build of it left) that no run has
+    used for ``$GPTKIT_CACHE_DAYS`` days (30; 0 keeps everything): an entry made by another gptkit version, or of
+    files since edited, is never read again. An entry whose lock another process holds is left alone."""
+    import fcntl
+
+    days = float(os.environ.get("GPTKIT_CACHE_DAYS") or 30)
+    if days <= 0:
+        return
+    cutoff = time.time() - days * 86400
+    for lock in root.glob(".*.lock"):
+        key = lock.name[1:-len(".lock")]
+        files = [p for p in (*root.glob(f"{key}.*"), *root.glob(f".{key}.*")) if p != lock]
+        try:
+            if key == keep or not files or max(p.stat().st_mtime for p in files) > cutoff:
+                continue
+            with open(lock, "a") as fh:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # (the lock file stays: another may have it open)
+                for p in files:
+                    shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+        except OSError:  # in use (BlockingIOError), or removed by another process meanwhile
+            continue
+        log.info("cache: removed %s (unused for over %g days; GPTKIT_CACHE_DAYS)", root / key, days)
+
+
 @contextmanager
 def _locked(path: Path):
     """An exclusive lock on ``path`` (another process tokenizing the same corpus waits, then reads its cache)."""
@@ -327,7 +362,9 @@ def token_stream(files: list[str], cfg: DataConfig, tokenizer, field: str) -> np
         meta = json.loads(meta_path.read_text()) if meta_path.exists() and path.exists() else None
         if meta and meta["n_tokens"] > 0:  # (an empty stream, cached by an older version, is never reused)
             log.info("using cached tokens for %s (%d tokens)", field, meta["n_tokens"])
+            _used(meta_path)
             return np.memmap(path, dtype=meta["dtype"], mode="r", shape=(meta["n_tokens"],))
+        _evict(root, key)
         settings = text_settings(cfg)
         units = corpus.plan(files, settings)
         dtype = np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.uint32)
