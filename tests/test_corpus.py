@@ -565,3 +565,58 @@ def test_special_token_text_in_a_document_is_ordinary_text(tmp_path, bpe, monkey
     key = data_mod._cache_key([str(path)], cfg, bpe)
     monkeypatch.setattr(data_mod, "STREAM_FORMAT", 1)
     assert data_mod._cache_key([str(path)], cfg, bpe) != key
+
+
+def test_a_tokenizer_saved_with_truncation_padding_or_another_eos_gives_its_own_whole_stream(tmp_path, bpe):
+    """A tokenizer.json saved after a call with truncation=True / padding=True carries those settings: the workers
+    rebuilt the tokenizer from it and cut every unit to max_length (or padded it). And two tokenizers sharing one
+    tokenizer.json but naming another EOS (a base and its instruct variant) shared one cached stream."""
+    import json as json_
+
+    from transformers import AutoTokenizer
+
+    path = tmp_path / "c.txt"
+    path.write_text("".join(f"{w} line {i}\n" for i, w in enumerate(WORDS * 40)))
+    cfg = DataConfig(train_files=[str(path)], sample_by="line", cache_dir=str(tmp_path / "cache"), num_proc=1)
+    bpe.save_pretrained(tmp_path / "plain")  # (the fixture is shared: changed only as a copy)
+    plain = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    plain.add_special_tokens({"additional_special_tokens": ["<|eot|>"]})
+    plain.pad_token = plain.eos_token
+    plain.save_pretrained(tmp_path / "plain")
+    plain = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    want = np.array(data_mod.token_stream([str(path)], cfg, plain, "data.train_files"))
+    assert np.array_equal(want, expected(plain, path.read_text(), "line"))
+    plain(["some text here", "more"], truncation=True, max_length=4, padding="max_length")  # left on the backend
+    plain.save_pretrained(tmp_path / "cutting")
+    saved = json_.loads((tmp_path / "cutting" / "tokenizer.json").read_text())
+    assert saved["truncation"] and saved["padding"]
+    cutting = AutoTokenizer.from_pretrained(tmp_path / "cutting")
+    assert np.array_equal(np.array(data_mod.token_stream([str(path)], cfg, cutting, "data.train_files")), want)
+    same = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    config = json_.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+    (tmp_path / "plain" / "tokenizer_config.json").write_text(json_.dumps({**config, "eos_token": "<|eot|>"}))
+    other = AutoTokenizer.from_pretrained(tmp_path / "plain")
+    assert other.backend_tokenizer.to_str() == same.backend_tokenizer.to_str() and other.eos_token_id != EOS
+    stream = np.array(data_mod.token_stream([str(path)], cfg, other, "data.train_files"))
+    assert (stream == other.eos_token_id).sum() == len(want[want == EOS]) and not (stream == EOS).any()
+
+
+def test_thousands_of_jsonl_shards_keep_few_files_open(tmp_path, bpe):
+    """Every JSON-lines file's handle stayed open to the end of a pass: a corpus of ~1000 shards ran out of file
+    descriptors (ulimit -n 1024). At most _LineStarts.OPEN are open at once now."""
+    import resource
+
+    files = []
+    for i in range(60):
+        files.append(tmp_path / f"s{i:03d}.jsonl")
+        files[-1].write_text("".join(json.dumps({"text": f"{w} shard {i}"}) + "\n" for w in WORDS))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (48, hard))  # fewer than the shards
+    try:
+        cfg = DataConfig(train_files=[str(f) for f in files], cache_dir=str(tmp_path / "cache"), num_proc=1)
+        units = corpus.plan(cfg.train_files, corpus.Settings(piece=64))
+        assert len(list(corpus.texts(units, corpus.Settings(piece=64)))) == len(units)
+        stream = np.array(data_mod.token_stream(cfg.train_files, cfg, bpe, "data.train_files"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert (stream == EOS).sum() == 60 * len(WORDS)

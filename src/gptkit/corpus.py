@@ -45,9 +45,10 @@ ANCHOR = 32  # characters before a cut that the piece after it is encoded behind
 TRIES = 32  # candidate cuts of each kind checked before the next kind
 TABLE_ROWS = 2000  # rows per unit of a csv / JSON-array table
 POOL_MIN_UNITS = 8  # smaller corpora are tokenized in the main process (no worker start-up)
-STREAM_FORMAT = 3  # bump when the same files and tokenizer give other ids (the token-stream cache keys on it);
+STREAM_FORMAT = 4  # bump when the same files and tokenizer give other ids (the token-stream cache keys on it);
 # 2: special-token text in a document ("<|endoftext|>") is encoded as ordinary text; non-string cells are refused
 # 3: cuts inside a document are checked, and the piece after one is encoded behind an anchor (Encoder)
+# 4: truncation and padding a tokenizer.json carries are ignored (they cut and padded units); the EOS id is keyed
 FORMATS = {".txt": "text", ".text": "text", ".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _BEFORE_NEWLINE = re.compile(rb"\S\n")
 _BEFORE_SPACE = re.compile(rb"\S\s")
@@ -427,9 +428,12 @@ class _LineStarts:
     at or after a target is remembered for every byte the scan passed, and a scan stops where an earlier one started,
     so each byte of a file is scanned about once however many units inside one long line are measured."""
 
+    OPEN = 8  # files kept open at once (a corpus of thousands of shards must not run out of file descriptors)
+
     def __init__(self, piece: int):
         self.piece = piece
-        self.files: dict[str, tuple] = {}  # file -> (handle, size, scan starts (sorted), the cut each found)
+        self.files: dict[str, tuple] = {}  # file -> (size, scan starts (sorted), the cut each found)
+        self.handles: dict = {}  # file -> handle: the files open now, least recently used first
 
     def span(self, unit: Unit) -> int:
         """Bytes of the rows ``unit`` holds (what :func:`read` reads of it)."""
@@ -437,12 +441,16 @@ class _LineStarts:
 
     def cut(self, file: str, target: int) -> int:
         if file not in self.files:
-            self.files[file] = (open(file, "rb"), os.path.getsize(file), [], [])
-        fh, size, starts, cuts = self.files[file]
+            self.files[file] = (os.path.getsize(file), [], [])
+        size, starts, cuts = self.files[file]
         if target <= 0:
             return 0
         if target >= size:
             return size
+        fh = self.handles.pop(file, None) or open(file, "rb")
+        self.handles[file] = fh
+        if len(self.handles) > self.OPEN:
+            self.handles.pop(next(iter(self.handles))).close()
         k = bisect.bisect_right(starts, target) - 1
         if k >= 0 and target <= cuts[k]:  # inside a scanned stretch: no line starts between its start and its cut
             return cuts[k]
@@ -465,8 +473,9 @@ class _LineStarts:
         return found
 
     def close(self) -> None:
-        for fh, *_ in self.files.values():
+        for fh in self.handles.values():
             fh.close()
+        self.handles.clear()
 
 
 def texts(units: list[Unit], settings: Settings) -> Iterator[list[str]]:
@@ -612,6 +621,8 @@ def _init_worker(tokenizer_json: str, eos_id: int, dtype: str, settings: Setting
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
     tok = Tokenizer.from_str(tokenizer_json)
+    tok.no_truncation()  # a tokenizer.json may carry them (saved after a call with truncation=True or padding=True):
+    tok.no_padding()  # a stream is whole documents, never cut to max_length nor padded
     tok.encode_special_tokens = True  # document text is ordinary text (tiktoken's encode_ordinary): EOS only between
     if "starts" in _worker:
         _worker["starts"].close()

@@ -106,6 +106,7 @@ def _cache_key(files: list[str], cfg: DataConfig, tokenizer) -> str:
     _hash_files(h, files)
     h.update(f"{cfg.text_column}|{cfg.sample_by}|".encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
+    h.update(f"|eos {tokenizer.eos_token_id}".encode())  # one tokenizer.json, two EOS (a base and its instruct)
     return h.hexdigest()[:24]
 
 
@@ -149,6 +150,7 @@ def _examples_key(recipe, tokenizer, model, split: str) -> str:
     h.update(type(tokenizer).__name__.encode())
     h.update(tokenizer.backend_tokenizer.to_str().encode())
     h.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
+    h.update(f"|{tokenizer.bos_token_id}|{tokenizer.eos_token_id}|{tokenizer.pad_token_id}".encode())
     h.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode() if model is not None else b"")
     return h.hexdigest()[:24]
 
