@@ -277,3 +277,38 @@ def test_a_new_model_folder_is_whole_or_absent(tmp_path):
     with rundir.new_folder(out) as staging:
         (staging / "config.json").write_text("{}")
     assert [p.name for p in out.iterdir()] == ["config.json"] and [p.name for p in out.parent.iterdir()] == ["model"]
+
+
+def test_a_broken_or_unfit_base_to_continue_is_one_line_before_tokenizing(tmp_path, corpus):
+    """Continuing pretraining from model.init_from: a torn config.json or weights file, a context past the
+    checkpoint's positions and a tokenizer other than the checkpoint's are one line (validate sees the first three;
+    the context one was found only after the whole corpus was tokenized). An attention-free base (Mamba) is described,
+    not a traceback."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    base = tmp_path / "base"
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, base, train={"max_steps": 2})
+    assert run_cli("pretrain", str(recipe))[0] == 0
+    cont = ["model.init_from=" + str(base), "tokenizer.kind=pretrained", "tokenizer.path=" + str(base),
+            "output.dir=" + str(tmp_path / "more")]
+    code, _, err = run_cli("validate", str(recipe), *cont, "model.context=64")
+    assert_user_error(code, err, "model.context: 64 exceeds the checkpoint's 32 positions")
+    code, _, err = run_cli("validate", str(recipe), *cont[:1], "output.dir=" + str(tmp_path / "more"))
+    assert_user_error(code, err, "tokenizer.kind", "needs the checkpoint's tokenizer")
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    for f in base.glob("*.json"):
+        (torn / f.name).write_bytes(f.read_bytes())
+    (torn / "model.safetensors").write_bytes((base / "model.safetensors").read_bytes()[:1000])
+    code, _, err = run_cli("pretrain", str(recipe), *[c.replace(str(base), str(torn)) for c in cont])
+    assert_user_error(code, err, "model.init_from", "cannot load")
+    (torn / "config.json").write_text('{"model_type": "gpt2", ')
+    code, _, err = run_cli("validate", str(recipe), *[c.replace(str(base), str(torn)) for c in cont])
+    assert_user_error(code, err, str(torn / "config.json"))  # (the tokenizer, read first, names it too)
+    assert not (tmp_path / "more").exists()
+    mamba = tmp_path / "mamba"
+    MambaForCausalLM(MambaConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, state_size=4)).save_pretrained(
+        mamba)
+    code, out, err = run_cli("validate", str(recipe), *[c.replace(str(base), str(mamba), 1) for c in cont[:1]],
+                             *cont[1:])
+    assert code == 0 and "Traceback" not in err, err

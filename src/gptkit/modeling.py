@@ -87,7 +87,7 @@ def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
 
     if cfg.init_from:
         path = model_dir(cfg.init_from, "model.init_from")
-        config = AutoConfig.from_pretrained(str(path), trust_remote_code=cfg.trust_remote_code)
+        config = base_config(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
         if is_encoder_decoder(config):
             raise UserError(f"model.init_from: {path} is an encoder-decoder ({config.model_type}); pretrain continues "
                             "decoder-only (GPT-style) models")
@@ -353,6 +353,7 @@ def build_model(cfg: ModelConfig, config, n_tokens: int | None = None):
     sequence-to-sequence LM); a new model whose vocabulary
     is padded past the tokenizer's ``n_tokens`` never generates the padding ids (its generation config suppresses
     them, for transformers' ``generate`` too)."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     if cfg.trust_remote_code:
@@ -361,7 +362,7 @@ def build_model(cfg: ModelConfig, config, n_tokens: int | None = None):
     if cfg.init_from:
         try:
             return AutoModelForCausalLM.from_pretrained(model_dir(cfg.init_from, "model.init_from"), **load_kwargs(cfg))
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # a torn weights file: SafetensorError
             raise UserError(f"model.init_from: cannot load '{cfg.init_from}': {str(e).splitlines()[0]}") from None
     model = lm_class(config).from_config(config, attn_implementation=cfg.attn_implementation)
     if n_tokens is not None and config.vocab_size > n_tokens:
@@ -396,7 +397,8 @@ def activation_bytes(config, batch_size: int, tokens: int, bytes_per_act: int = 
     at 2 bytes per value) scaled to ``bytes_per_act``; with gradient checkpointing only each layer's input is
     kept, plus one layer recomputed at a time. The logits (B·T·V in fp32, and their gradient) come on top.
     """
-    d, L, H, V = config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.vocab_size
+    d, L, V = config.hidden_size, config.num_hidden_layers, config.vocab_size
+    H = getattr(config, "num_attention_heads", None) or 0  # an attention-free model (Mamba): no T² scores
     B, T = batch_size, tokens
     layer = (34 * B * T * d + 5 * B * H * T * T) * bytes_per_act // 2
     kept = L * B * T * d * bytes_per_act + layer if checkpointing else L * layer

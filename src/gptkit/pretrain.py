@@ -40,6 +40,10 @@ class Plan:
     init_only: bool = False  # an encoder-decoder: built by `gptkit init`, trained by `gptkit finetune`
 
 
+CONTINUE_WITH_ITS_TOKENIZER = ("tokenizer.kind: continuing from model.init_from needs the checkpoint's tokenizer (set "
+                               "tokenizer.kind: pretrained and tokenizer.path to the checkpoint directory)")
+
+
 def check(recipe: Recipe, *, describe: bool = False) -> Plan:
     """Validate inputs without training or tokenizing: files exist, the model builds (on the meta device).
     ``describe`` (``gptkit validate``): an encoder-decoder recipe is described as ``gptkit init`` builds it instead
@@ -54,6 +58,8 @@ def check(recipe: Recipe, *, describe: bool = False) -> Plan:
     tok, mcfg = recipe.tokenizer, recipe.model
     if mcfg.init_from:
         modeling.model_dir(mcfg.init_from, "model.init_from")
+        if tok.kind != "pretrained":  # before hours of tokenizing, not after
+            raise UserError(CONTINUE_WITH_ITS_TOKENIZER)
     cached = _tokenizer_cache_dir(recipe, train)
     known = None  # the tokenizer itself, where it exists before training
     if tok.kind == "pretrained":
@@ -75,6 +81,9 @@ def check(recipe: Recipe, *, describe: bool = False) -> Plan:
         if mcfg.init_from and known is not None and len(known) > config.vocab_size:
             raise UserError(f"tokenizer.path: its {len(known)} tokens do not fit model.init_from's vocabulary of "
                             f"{config.vocab_size}; continue a checkpoint with its own tokenizer")
+        positions = modeling.max_positions(config)  # None: no limit (an attention-free or relative-position model)
+        if mcfg.init_from and positions is not None and positions < mcfg.context:
+            raise UserError(f"model.context: {mcfg.context} exceeds the checkpoint's {positions} positions")
     n_params = modeling.meta_param_count(config)
     t = recipe.train  # activations of the recipe's context, 16-bit under bf16/fp16 mixed precision
     mem = 0 if init_only else modeling.training_memory_bytes(
@@ -122,8 +131,7 @@ def tokenizer_for(recipe: Recipe, train_files: list[str], run_dir: Path | None =
     if tok_cfg.kind == "pretrained":
         return load_local(tok_cfg.path or "", trust_remote_code=recipe.model.trust_remote_code)
     if recipe.model.init_from:
-        raise UserError("tokenizer.kind: continuing from model.init_from needs the checkpoint's tokenizer "
-                        "(set tokenizer.kind: pretrained and tokenizer.path to the checkpoint directory)")
+        raise UserError(CONTINUE_WITH_ITS_TOKENIZER)
     cached = _tokenizer_cache_dir(recipe, train_files)
     if (cached / "tokenizer.json").is_file():
         log.info("using cached tokenizer %s", cached)
@@ -202,9 +210,6 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
         tokenizer = tokenizer_for(recipe, plan.train_files, plan.run_dir if resume else None)
         train, val = data_mod.pretrain_splits(recipe.data, tokenizer, recipe.model.context, recipe.train.seed)
     config = modeling.load_config(recipe.model, len(tokenizer), tokenizer.eos_token_id)
-    ctx = modeling.context_length(config)
-    if ctx < recipe.model.context:
-        raise UserError(f"model.context: {recipe.model.context} exceeds the checkpoint's {ctx} positions")
     set_seed(recipe.train.seed)
     model = modeling.build_model(recipe.model, config, len(tokenizer))
     modeling.trainable_precision(model, "full")
