@@ -620,3 +620,15 @@ def test_thousands_of_jsonl_shards_keep_few_files_open(tmp_path, bpe):
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert (stream == EOS).sum() == 60 * len(WORDS)
+
+
+def test_a_torn_or_foreign_parquet_file_is_one_error(tmp_path):
+    import pandas as pd
+
+    path = tmp_path / "d.parquet"
+    pd.DataFrame({"text": ["a b c"] * 100}).to_parquet(path)
+    whole = path.read_bytes()
+    for content in (b"not parquet at all", whole[: len(whole) // 2], whole[:-20]):
+        path.write_bytes(content)
+        with pytest.raises(UserError, match=r"d.parquet: not a readable parquet file \("):
+            corpus.plan([str(path)], corpus.Settings())

@@ -24,6 +24,7 @@ This module imports nothing heavy at the top: tokenization workers start with it
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -88,7 +89,8 @@ def plan(files: list[str], settings: Settings) -> list[Unit]:
         elif kind == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(f)
+            with _unreadable_parquet(f):
+                pf = pq.ParquetFile(f)
             _check_columns(f, dict.fromkeys(pf.schema_arrow.names), settings)
             for c in settings.text_columns:
                 t = pf.schema_arrow.field(c).type
@@ -96,7 +98,9 @@ def plan(files: list[str], settings: Settings) -> list[Unit]:
                     raise UserError(f"{f}: column '{c}': expected a string column, got {t}")
             if not pf.metadata.num_rows:
                 raise UserError(f"{f}: no rows; expected rows with text in column(s) {list(settings.text_columns)}")
-            units += [Unit(f, kind, g, n) for g, n in enumerate(_parquet_text_bytes(pf, settings.text_columns))]
+            with _unreadable_parquet(f):
+                sizes = _parquet_text_bytes(pf, settings.text_columns)
+            units += [Unit(f, kind, g, n) for g, n in enumerate(sizes)]
         else:
             table = _table(f)
             _check_columns(f, dict.fromkeys(table.column_names), settings)
@@ -105,6 +109,18 @@ def plan(files: list[str], settings: Settings) -> list[Unit]:
             n = max(1, -(-len(table) // TABLE_ROWS))
             units += [Unit(f, kind, i, size // n) for i in range(n)]
     return units
+
+
+@contextlib.contextmanager
+def _unreadable_parquet(f: str):
+    """Arrow's errors on a torn or foreign .parquet file (a copy cut short, another format renamed) as one line."""
+    import pyarrow as pa
+
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{f}: not a readable parquet file ({first})") from None
 
 
 def _is_text_type(t) -> bool:
@@ -287,8 +303,9 @@ def read(unit: Unit, settings: Settings, starts: _LineStarts | None = None,
         if unit.kind == "parquet":
             import pyarrow.parquet as pq
 
-            pf = pq.ParquetFile(unit.file)
-            table = pf.read_row_group(unit.index, columns=list(settings.text_columns))
+            with _unreadable_parquet(unit.file):
+                pf = pq.ParquetFile(unit.file)
+                table = pf.read_row_group(unit.index, columns=list(settings.text_columns))
             columns = {c: table.column(c).to_pylist() for c in settings.text_columns}
             first = lambda: sum(pf.metadata.row_group(g).num_rows for g in range(unit.index))  # noqa: E731
         else:
