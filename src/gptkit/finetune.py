@@ -78,6 +78,7 @@ def check(recipe: Recipe, task_name: str) -> None:
     if not recipe.data.train_files and task_name != "multitask":
         raise UserError("data.train_files: empty; finetune needs a training split")
     _check_seq2seq(recipe, task_name)
+    _check_answer_room(recipe, task_name)
     if not recipe.finetune.extra_metrics:  # their figures' names are known only once computed
         _check_metric(recipe, task_name)
     rundir.resolve_output(recipe.output.dir)
@@ -93,6 +94,20 @@ def _check_seq2seq(recipe: Recipe, task_name: str) -> None:
     if bad:
         raise UserError(f"model.init_from: {recipe.model.init_from} is an encoder-decoder ({config.model_type}); "
                         f"task {bad} needs a decoder-only base (encoder-decoder bases train translate and summarize)")
+
+
+def _check_answer_room(recipe: Recipe, task_name: str) -> None:
+    """A task that generates its answers needs finetune.max_new_tokens within the base's positions (found at the
+    first validation otherwise: after training up to it, with nothing saved)."""
+    subs = {s.task for s in recipe.finetune.tasks} if task_name == "multitask" else {task_name}
+    extractive = recipe.finetune.qa_mode == "extractive"
+    if not subs & {"translate", "summarize"} and not ("qa" in subs and not extractive):
+        return
+    config = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
+    positions = modeling.max_positions(config)
+    if positions is not None and recipe.finetune.max_new_tokens >= positions:
+        raise UserError(f"finetune.max_new_tokens: {recipe.finetune.max_new_tokens} must be < the base's context of "
+                        f"{positions} tokens (prompt and answer share it)")
 
 
 def describe(recipe: Recipe, task_name: str) -> list[str]:

@@ -483,6 +483,9 @@ def loss(model, batch: dict, per: str = "token", smoothing: float = 0.0) -> torc
     return modeling.scored_cross_entropy(model, keep, targets, weights(batch, per), smoothing=smoothing, **inputs)
 
 
+_WARNED: set = set()
+
+
 def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | None = None) -> list[str]:
     """Generated answers; prompts are fitted as in training (a decoder-only model keeps room for the answer)."""
     from gptkit.generation import decoding_from, generate_batch
@@ -492,8 +495,16 @@ def predict(model, tokenizer, rows, recipe, *, template: str, shorten: str | Non
     room = _limit(recipe, model.config) - (0 if seq2seq else opts.max_new_tokens)
     prompts = [render(template, r) for r in rows]
     if room > 0:  # only a prompt over its room is fitted (one by one)
-        prompts = [text if len(ids) <= room else fit_prompt(tokenizer, template, r, shorten, room, special=seq2seq)[0]
-                   for r, text, ids in zip(rows, prompts, prompts_ids(tokenizer, prompts, seq2seq))]
+        lengths = [len(ids) for ids in prompts_ids(tokenizer, prompts, seq2seq)]
+        prompts = [text if n <= room else fit_prompt(tokenizer, template, r, shorten, room, special=seq2seq)[0]
+                   for r, text, n in zip(rows, prompts, lengths)]
+        cut = sum(room < n < room + opts.max_new_tokens for n in lengths)  # prompts the context alone would hold
+        warned = (template, room, opts.max_new_tokens)
+        if cut > len(rows) // 10 and not seq2seq and warned not in _WARNED:  # the answer's room cuts the inputs
+            _WARNED.add(warned)
+            log.warning("%d of %d prompts lost the end of their %s to fit %d tokens, leaving finetune.max_new_tokens "
+                        "(%d) for the answer in %d; lower finetune.max_new_tokens to keep them whole", cut, len(rows),
+                        shorten or "input", room, opts.max_new_tokens, room + opts.max_new_tokens)
     return [outs[0].strip() for outs in generate_batch(model, tokenizer, prompts, opts, batch_size=32)]
 
 
