@@ -160,3 +160,30 @@ def test_answer_start_that_misses_the_answer_is_one_line_error(tmp_path, base):
     error = next(ln for ln in lines if ln.startswith("error:"))
     assert "data.train_files" in error and "row 3" in error and repr(rows[3]["answers"]["text"][0]) in error, error
     assert not (tmp_path / "bad").exists()
+
+
+def test_windows_and_answers_of_a_row_do_not_depend_on_the_other_rows(tmp_path, base):
+    """A long question lowers the stride of its own row only: eval's batches and fine-tuning's whole test split
+    (one predict call) cut every row into the same windows and give the same answers."""
+    from transformers import GPT2Config, GPT2ForQuestionAnswering
+
+    from gptkit import trained
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import qa
+
+    recipe = load_recipe(finetune_recipe(tmp_path, "w", "qa", base, qa_splits(tmp_path, 20),
+                                         finetune={"max_length": 32, "doc_stride": 12}))
+    tok = trained.tokenizer_of(recipe.model.init_from)
+    rows = qa_rows(6, 7)
+    for r in rows:  # long contexts: several windows per row
+        r.update(qa_row(r["context"].split() * 6, len(r["context"].split()) * 5 + 1))
+    rows[2]["question"] = "which word " * 40 + QUESTION  # cut to half a window: little room left for the context
+    alone = [qa.windows(recipe, tok, [r], 32, "test") for r in rows]
+    together = qa.windows(recipe, tok, rows, 32, "test")
+    assert all(len(a) >= 2 for a in alone)  # overlapping windows: the stride shapes them
+    for i, a in enumerate(alone):
+        assert [w["input_ids"] for w in a] == [w["input_ids"] for w in together if w["row"] == i]
+    torch.manual_seed(0)
+    model = GPT2ForQuestionAnswering(GPT2Config(vocab_size=len(tok), n_positions=64, n_layer=1, n_head=2, n_embd=16))
+    whole = qa.spans(model, tok, rows, recipe)
+    assert whole == [s for r in rows for s in qa.spans(model, tok, [r], recipe)]

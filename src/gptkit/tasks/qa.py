@@ -5,7 +5,8 @@ Hugging Face layout: character offsets into the context); ``id`` is optional.
 
 - ``finetune.qa_mode: extractive`` (default): a start/end head on the language model picks a span of the
   context. "question + SEP + context" is cut into windows of ``finetune.max_length`` tokens that overlap by
-  ``finetune.doc_stride``; a training window that does not hold the first answer points at token 0 (as in
+  ``finetune.doc_stride`` (lowered for a row whose long question leaves less than twice that for the context:
+  per row, so a row's windows never depend on the other rows of its batch or split); a training window that does not hold the first answer points at token 0 (as in
   Hugging Face's run_qa). A prediction is the best span over all windows of a row.
 - ``finetune.qa_mode: generative``: a causal LM trained on "prompt + first answer + EOS" with the loss on
   the answer only (:mod:`gptkit.tasks.generative`), evaluated by generating from the prompt.
@@ -94,9 +95,9 @@ def _limit(recipe, model) -> int:
     return min(recipe.finetune.max_length, int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings))
 
 
-def _questions(tokenizer, rows: list[dict], limit: int) -> tuple[list[str], int, int]:
+def _questions(tokenizer, rows: list[dict], limit: int) -> tuple[list[str], list[int], int]:
     """(each question + SEP, the question cut to half a window (as BERT's max_query_length) so the context fits;
-    how many were cut; the most tokens one has)."""
+    the tokens each has; how many were cut)."""
     texts = [str(r["question"]).strip() for r in rows]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
     keep = max(1, limit // 2 - 1)
@@ -104,54 +105,67 @@ def _questions(tokenizer, rows: list[dict], limit: int) -> tuple[list[str], int,
     for i in long:
         texts[i] = texts[i][: enc["offset_mapping"][i][keep - 1][1]]
     texts = [t + SEP for t in texts]
-    longest = max(map(len, tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]), default=0)
-    return texts, len(long), longest
+    return texts, list(map(len, tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"])), len(long)
 
 
-def _stride(recipe, tokenizer, longest: int, limit: int, split: str) -> int:
-    """finetune.doc_stride, lowered to half the room the longest question (``longest`` tokens) leaves for the context."""
-    room = limit - longest - tokenizer.num_special_tokens_to_add(pair=True)
+def _stride(recipe, tokenizer, question: int, limit: int) -> int:
+    """finetune.doc_stride, lowered to half the room a question of ``question`` tokens leaves for the context.
+    Decided per row from its own question, so a row's windows (and its prediction) never depend on which rows
+    share its batch or split: eval's batches of 16 and fine-tuning's whole test split answer alike."""
+    room = limit - question - tokenizer.num_special_tokens_to_add(pair=True)
     if room < 2:
         raise UserError(f"finetune.max_length: {limit}-token windows leave no room for the context after the "
-                        f"question ({longest} tokens) and special tokens; raise finetune.max_length")
-    stride = min(recipe.finetune.doc_stride, room // 2)
-    if stride < recipe.finetune.doc_stride:  # said once per split, not at every evaluation
-        (log.debug if split == "predict" else log.warning)(
-            "%s: finetune.doc_stride %d lowered to %d: %d-token windows leave %d tokens for the context",
-            split, recipe.finetune.doc_stride, stride, limit, room)
-    return stride
+                        f"question ({question} tokens) and special tokens; raise finetune.max_length")
+    return min(recipe.finetune.doc_stride, room // 2)
+
+
+def check_room(recipe, tokenizer, model) -> None:
+    """Raise the "no room" error of :func:`_stride` before any row is read: a question cut to half a window (its
+    longest) must leave the context two tokens."""
+    if _extractive(recipe):
+        limit = _limit(recipe, model)
+        _stride(recipe, tokenizer, max(1, limit // 2 - 1) + len(tokenizer(SEP, add_special_tokens=False)["input_ids"]),
+                limit)
 
 
 def windows(recipe, tokenizer, rows: list[dict], limit: int, split: str, setup: tuple | None = None) -> list[dict]:
-    """Tokenized windows of "question + SEP + context", at most ``limit`` tokens each, overlapping by doc_stride:
-    ``input_ids``, ``offsets`` (character span in the context per token, None outside the context), ``row``.
-    ``setup`` is :func:`window_setup` of the whole split when ``rows`` is one chunk of it."""
+    """Tokenized windows of "question + SEP + context", at most ``limit`` tokens each, overlapping by the row's
+    stride: ``input_ids``, ``offsets`` (character span in the context per token, None outside the context), ``row``.
+    ``setup`` is :func:`window_setup` of the rows when it was computed already; rows sharing a stride are encoded
+    together (the tokenizer takes one stride per call)."""
     if not rows:
         return []
-    questions, stride = setup or window_setup(recipe, tokenizer, rows, limit, split)
-    enc = tokenizer(questions, [str(r["context"]) for r in rows], truncation="only_second", max_length=limit,
-                    stride=stride, return_overflowing_tokens=True, return_offsets_mapping=True, verbose=False)
+    questions, strides = setup or window_setup(recipe, tokenizer, rows, limit, split)
     out = []
-    for w, row in enumerate(enc["overflow_to_sample_mapping"]):
-        seq = enc.sequence_ids(w)
-        offsets = [tuple(o) if s == 1 and o[1] > o[0] else None for o, s in zip(enc["offset_mapping"][w], seq)]
-        out.append({"input_ids": enc["input_ids"][w], "offsets": offsets, "row": row})
-    return out
+    for stride in sorted(set(strides)):
+        idx = [i for i, s in enumerate(strides) if s == stride]
+        enc = tokenizer([questions[i] for i in idx], [str(rows[i]["context"]) for i in idx],
+                        truncation="only_second", max_length=limit, stride=stride, return_overflowing_tokens=True,
+                        return_offsets_mapping=True, verbose=False)
+        for w, k in enumerate(enc["overflow_to_sample_mapping"]):
+            seq = enc.sequence_ids(w)
+            offsets = [tuple(o) if s == 1 and o[1] > o[0] else None for o, s in zip(enc["offset_mapping"][w], seq)]
+            out.append({"input_ids": enc["input_ids"][w], "offsets": offsets, "row": idx[k]})
+    return sorted(out, key=lambda w: w["row"])  # stable: each row's windows stay in order
 
 
-def window_setup(recipe, tokenizer, rows: list[dict], limit: int, split: str) -> tuple[list[str], int]:
-    """Each row's question + SEP and the split's stride (the longest question decides it, once per split); the
-    questions are encoded a chunk at a time."""
-    questions, cut, longest = [], 0, 0
+def window_setup(recipe, tokenizer, rows: list[dict], limit: int, split: str) -> tuple[list[str], list[int]]:
+    """Each row's question + SEP and its stride (:func:`_stride`); the questions are encoded a chunk at a time."""
+    questions, strides, cut = [], [], 0
     with all_cores():
         for lo in range(0, len(rows), gen.CHUNK):
-            texts, n_cut, most = _questions(tokenizer, rows[lo : lo + gen.CHUNK], limit)
+            texts, lengths, n_cut = _questions(tokenizer, rows[lo : lo + gen.CHUNK], limit)
             questions += texts
-            cut, longest = cut + n_cut, max(longest, most)
-    if cut and split != "predict":
+            strides += [_stride(recipe, tokenizer, n, limit) for n in lengths]
+            cut += n_cut
+    lowered = sum(s < recipe.finetune.doc_stride for s in strides)
+    if split != "predict" and cut:  # said once per split, not at every evaluation
         log.warning("%s: %d questions longer than %d tokens were cut (finetune.max_length)", split, cut,
                     max(1, limit // 2 - 1))
-    return questions, _stride(recipe, tokenizer, longest, limit, split)
+    if split != "predict" and lowered:
+        log.warning("%s: finetune.doc_stride %d lowered for %d rows: with their question, %d-token windows leave "
+                    "less than twice that for the context", split, recipe.finetune.doc_stride, lowered, limit)
+    return questions, strides
 
 
 def _chunks(recipe, tokenizer, rows: list[dict], limit: int, split: str):
@@ -159,11 +173,12 @@ def _chunks(recipe, tokenizer, rows: list[dict], limit: int, split: str):
     more than the ids, so only one chunk's exist at a time."""
     if not rows:
         return
-    questions, stride = window_setup(recipe, tokenizer, rows, limit, split)
+    questions, strides = window_setup(recipe, tokenizer, rows, limit, split)
     lo = 0
     bar = ("spans", "predicting") if split == "predict" else (split, "tokenizing")
     for chunk in gen.in_chunks(rows, *bar, size=max(1, gen.CHUNK // 10)):  # a long context makes many windows
-        yield lo, chunk, windows(recipe, tokenizer, chunk, limit, split, (questions[lo : lo + len(chunk)], stride))
+        yield lo, chunk, windows(recipe, tokenizer, chunk, limit, split, (questions[lo : lo + len(chunk)],
+                                                                     strides[lo : lo + len(chunk)]))
         lo += len(chunk)
 
 
