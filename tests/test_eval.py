@@ -249,6 +249,12 @@ def test_out_folder_is_refused_unless_it_holds_the_same_evaluation(tmp_path, lm_
                            "--out", str(tmp_path / "junk"))
     assert_user_error(code, err, "not empty")
     assert [p.name for p in (tmp_path / "junk").iterdir()] == ["notes.txt"]
+    for torn in ('{"identity": {"mode": "mod', "[1, 2]", '{"identity": 3}'):  # a crash mid-write, or not ours
+        (tmp_path / "o" / "eval.json").write_text(torn)
+        code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "translate", "--data", str(test_file),
+                               "--out", str(tmp_path / "o"), "--limit", "4")
+        assert_user_error(code, err, str(tmp_path / "o" / "eval.json"), "is not a gptkit evaluation manifest")
+        assert (tmp_path / "o" / "eval.json").read_text() == torn and (tmp_path / "o" / "metrics.json").is_file()
 
 
 def test_default_out_is_inside_the_model_dir_and_recipe_mode_uses_test_then_val(tmp_path, lm_dir, test_file):

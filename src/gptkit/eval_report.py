@@ -194,7 +194,7 @@ def prepare_out(out: Path, identity: dict, resume: bool, keep: int) -> list[dict
     busy = out.is_dir() and any(out.iterdir())
     if busy and not manifest.is_file():
         raise UserError(f"--out: {out} is not empty and holds no gptkit evaluation; choose another directory")
-    old = json.loads(manifest.read_text()).get("identity", {}) if busy else identity
+    old = _manifest(manifest) if busy else identity
     differs = sorted(k for k in {*old, *identity} if old.get(k) != identity.get(k))
     if differs:
         raise UserError(f"--out: {out} holds an evaluation of something else (differs in {', '.join(differs)}); "
@@ -218,8 +218,20 @@ def prepare_out(out: Path, identity: dict, resume: bool, keep: int) -> list[dict
         os.replace(out / "predictions.jsonl.tmp", preds)
     else:
         preds.unlink(missing_ok=True)
-    manifest.write_text(json.dumps({"identity": identity}, indent=1))
+    manifest.with_suffix(".json.tmp").write_text(json.dumps({"identity": identity}, indent=1))
+    os.replace(manifest.with_suffix(".json.tmp"), manifest)  # never torn: a crash leaves the old one or the new
     return kept
+
+
+def _manifest(path: Path) -> dict:
+    """The identity an eval.json records; anything else (torn, edited, not ours) is one line, not a traceback."""
+    try:
+        identity = json.loads(path.read_text(encoding="utf-8")).get("identity")
+    except (OSError, ValueError, AttributeError):  # ValueError: bad JSON or UTF-8; AttributeError: not an object
+        identity = None
+    if not isinstance(identity, dict):
+        raise UserError(f"--out: {path} is not a gptkit evaluation manifest; choose another --out")
+    return identity
 
 
 def append(path: Path, records: list[dict]) -> None:
