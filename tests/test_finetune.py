@@ -485,6 +485,14 @@ def test_multitask_eval_scores_the_tasks_that_have_the_split(tmp_path, base):
                    "val_files": [str(su["validation"])]}]}}
     path = tmp_path / "mt.yaml"
     path.write_text(yaml.safe_dump(recipe))
+    mine = tmp_path / "mine"  # a folder of the user's: its metrics.json and report.md are not overwritten
+    mine.mkdir()
+    (mine / "metrics.json").write_text("{}")
+    (mine / "report.md").write_text("my notes")
+    code, _, err = run_cli("eval", str(path), "--limit", "4", "--max-new-tokens", "4", "--out", str(mine))
+    assert_user_error(code, err, "not empty and holds no gptkit evaluation")
+    assert sorted(p.name for p in mine.iterdir()) == ["metrics.json", "report.md"]
+    assert (mine / "report.md").read_text() == "my notes" and (mine / "metrics.json").read_text() == "{}"
     code, _, err = run_cli("eval", str(path), "--limit", "4", "--max-new-tokens", "4", "--out", str(tmp_path / "test"))
     assert code == 0, err
     result = json.loads((tmp_path / "test" / "metrics.json").read_text())
@@ -493,6 +501,11 @@ def test_multitask_eval_scores_the_tasks_that_have_the_split(tmp_path, base):
     code, _, err = run_cli("eval", str(path), "--limit", "4", "--max-new-tokens", "4", "--split", "validation", "--out",
                            str(tmp_path / "val"))
     assert code == 0 and list(json.loads((tmp_path / "val" / "metrics.json").read_text())["counts"]) == ["summarize"]
+    before = (tmp_path / "test" / "metrics.json").read_text()
+    code, _, err = run_cli("eval", str(path), "--limit", "4", "--max-new-tokens", "4", "--split", "validation", "--out",
+                           str(tmp_path / "test"))  # the folder of the test split's evaluation
+    assert_user_error(code, err, "holds an evaluation of something else", "split")
+    assert (tmp_path / "test" / "metrics.json").read_text() == before
     recipe["finetune"]["tasks"][1].pop("val_files")
     path.write_text(yaml.safe_dump(recipe))
     code, _, err = run_cli("eval", str(path), "--split", "validation", "--out", str(tmp_path / "none"))

@@ -154,6 +154,14 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
     return [t[0].split("\n")[0].strip() for t in texts]
 
 
+def _remove_if(condition: bool, out: Path) -> None:
+    """Remove the output folder this run created when a UserError stops it before anything was predicted."""
+    if condition:
+        import shutil
+
+        shutil.rmtree(out, ignore_errors=True)
+
+
 DECODING = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
 
 
@@ -377,11 +385,19 @@ def run_multitask(opts: Options, recipe, model_path: str, home: Path) -> dict:
     out = Path(opts.out) if opts.out else home / f"eval-multitask{'-' + split if split != 'test' else ''}"
     metrics, counts, data, parts = {}, {}, {}, {}
     loaded = (*load_model(model_path, "multitask"), fingerprint(Path(model_path)))  # once for all its tasks
+    created = not out.exists()
+    # the folder is checked as a single task's is, before any task is scored: never another evaluation's, nor
+    # a folder of the user's whose metrics.json and report.md this would overwrite
+    prepare_out(out, {"mode": "multitask", "model": loaded[3]["sha256"], "split": split, "tasks": sorted(chosen)},
+                opts.resume, 0)
     for name, (i, sub) in chosen.items():
         log.info("eval: task %s (%s) on %s", name, sub.task, ", ".join(map(str, files[name])))
-        part = run_model(opts, sub.task, model_path, files[name], out / name, {**sub.data.columns,
-                                                                           **parse_columns(opts.columns)}, i, loaded,
-                         given=sub)
+        try:
+            part = run_model(opts, sub.task, model_path, files[name], out / name,
+                             {**sub.data.columns, **parse_columns(opts.columns)}, i, loaded, given=sub)
+        except UserError:
+            _remove_if(created and not parts, out)  # the first task's error: the corrected re-run starts afresh
+            raise
         metrics.update({f"{name}_{k}": v for k, v in part["metrics"].items()})
         metrics[f"_{name}"] = part["metrics"][multitask.PRIMARY[sub.task]]
         counts[name], parts[name] = part["counts"]["examples"], part["out"]
