@@ -240,21 +240,69 @@ def test_out_folder_is_refused_unless_it_holds_the_same_evaluation(tmp_path, lm_
     assert again["metrics"] == first["metrics"] and again["counts"] == {"examples": 4}
     other = write_jsonl(tmp_path / "other.jsonl", translate_rows(4, 9))
     code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "translate", "--data", str(other),
-                           "--out", str(tmp_path / "o"))
+                           "--out", str(tmp_path / "o"), "--max-new-tokens", "8")
     assert_user_error(code, err, "holds an evaluation of something else", "data")
     assert json.loads((tmp_path / "o" / "metrics.json").read_text()) == again  # left untouched
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "notes.txt").write_text("mine")
     code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "translate", "--data", str(other),
-                           "--out", str(tmp_path / "junk"))
+                           "--out", str(tmp_path / "junk"), "--max-new-tokens", "8")
     assert_user_error(code, err, "not empty")
     assert [p.name for p in (tmp_path / "junk").iterdir()] == ["notes.txt"]
     for torn in ('{"identity": {"mode": "mod', "[1, 2]", '{"identity": 3}'):  # a crash mid-write, or not ours
         (tmp_path / "o" / "eval.json").write_text(torn)
         code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "translate", "--data", str(test_file),
-                               "--out", str(tmp_path / "o"), "--limit", "4")
+                               "--out", str(tmp_path / "o"), "--limit", "4", "--max-new-tokens", "8")
         assert_user_error(code, err, str(tmp_path / "o" / "eval.json"), "is not a gptkit evaluation manifest")
         assert (tmp_path / "o" / "eval.json").read_text() == torn and (tmp_path / "o" / "metrics.json").is_file()
+
+
+def test_an_error_of_the_first_batch_leaves_no_out_folder(tmp_path, lm_dir, test_file, monkeypatch):
+    """max_new_tokens past the context, a prompt naming a missing field, qa windows with no room: refused before
+    eval.json is written, so the corrected command runs; any other error before a prediction removes the folder."""
+    from transformers import GPT2ForQuestionAnswering
+
+    from gptkit import evaluate
+
+    out = tmp_path / "o"
+    code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "translate", "--data", str(test_file),
+                           "--out", str(out), "--max-new-tokens", "64")
+    assert_user_error(code, err, "max_new_tokens=64", "context size (64 tokens)")
+    assert not out.exists()
+    assert eval_model(lm_dir, test_file, out, "--limit", "2")["counts"] == {"examples": 2}  # the corrected run
+    run = tmp_path / "run"
+    for name in ("config.json", "model.safetensors"):
+        (run / name).parent.mkdir(exist_ok=True)
+        (run / name).write_bytes((lm_dir / name).read_bytes())
+    make_tokenizer().save_pretrained(run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"task": "translate", "model": {"init_from": str(lm_dir)},
+                                                     "finetune": {"prompt": "{src} =>", "max_new_tokens": 8}}))
+    code, _, err = run_cli("eval", "--model", str(run), "--data", str(test_file), "--out", str(tmp_path / "p"))
+    assert_user_error(code, err, "{src}")
+    assert not (tmp_path / "p").exists()
+    qa_run = tmp_path / "qa"
+    torch.manual_seed(0)
+    GPT2ForQuestionAnswering(gpt2_config(n_positions=3)).save_pretrained(qa_run)  # 3-token windows
+    make_tokenizer().save_pretrained(qa_run)
+    (qa_run / "recipe.yaml").write_text(yaml.safe_dump({"task": "qa", "model": {"init_from": str(lm_dir)}}))
+    rows = [{"question": "q?", "context": "a b c", "answers": {"text": ["b"], "answer_start": [2]}}]
+    code, _, err = run_cli("eval", "--model", str(qa_run), "--data", str(write_jsonl(tmp_path / "qa.jsonl", rows)),
+                           "--out", str(tmp_path / "q"))
+    assert_user_error(code, err, "finetune.max_length", "no room")
+    assert not (tmp_path / "q").exists()
+
+    def fail(*a):
+        raise evaluate.UserError("prompt 0 is empty and the tokenizer has no bos/eos token to start from")
+
+    monkeypatch.setattr(evaluate, "predict_batch", fail)
+    code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "translate", "--data", str(test_file),
+                           "--out", str(tmp_path / "f"), "--max-new-tokens", "8")
+    assert_user_error(code, err, "prompt 0 is empty")
+    assert not (tmp_path / "f").exists()
+    code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "translate", "--data", str(test_file),
+                           "--out", str(out), "--limit", "2", "--max-new-tokens", "8")  # not created by it: kept
+    assert_user_error(code, err, "prompt 0 is empty")
+    assert (out / "eval.json").is_file()
 
 
 def test_default_out_is_inside_the_model_dir_and_recipe_mode_uses_test_then_val(tmp_path, lm_dir, test_file):
@@ -467,7 +515,8 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
         (["eval", "--task", "poetry", "--predictions", p3, "--references", r2], ["poetry", "not an eval task"]),
         (["eval", "--model", str(tmp / "notok"), "--task", "translate", "--data", str(test_file)], ["no tokenizer"]),
         (["eval", "--model", str(tmp / "absent"), "--task", "translate", "--data", str(test_file)], ["neither a local directory nor a Hugging Face hub id"]),
-        (data + [str(test_file), "--out", str(tmp / "fresh"), "--resume"], ["--resume", "holds no evaluation to resume"]),
+        (data + [str(test_file), "--out", str(tmp / "fresh"), "--resume", "--max-new-tokens", "8"],
+         ["--resume", "holds no evaluation to resume"]),
         (["eval", "--model", str(lm_dir), "--task", "lm", "--data", f("t.txt", "abc"), "--stride", "65"], ["--stride"]),
         (["eval", "--model", str(lm_dir), "--task", "lm", "--data", f("bad.txt", b"ok\nok\n\xc3\x28\n")],
          ["bad.txt", "line 3", "UTF-8"]),

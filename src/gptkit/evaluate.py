@@ -154,6 +154,23 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
     return [t[0].split("\n")[0].strip() for t in texts]
 
 
+def check_first(ctx: Ctx, row: dict) -> None:
+    """The errors the first batch would meet, raised before the output folder is written: max_new_tokens past
+    the model's context, a prompt naming a field the rows lack, extractive qa's windows leaving the context no
+    room. (An eval.json written first would make the corrected re-run "an evaluation of something else".)"""
+    from gptkit import generation
+    from gptkit.tasks import qa
+
+    if ctx.task == "classify" and ctx.labels is None:  # a classifier head: no prompt, no generation
+        return
+    if ctx.task == "qa" and not ctx.few_shot and qa._extractive(ctx.recipe):
+        qa.check_room(ctx.recipe, ctx.tok, ctx.model)
+        return
+    if ctx.labels is None:
+        generation.check_context(ctx.model, ctx.decoding)
+    prompt(ctx, row, 0)
+
+
 def _remove_if(condition: bool, out: Path) -> None:
     """Remove the output folder this run created when a UserError stops it before anything was predicted."""
     if condition:
@@ -287,11 +304,17 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
                 "columns": cols, "template": ctx.template, "decoding": asdict(ctx.decoding),
                 "generation_config": generation.inherited(model), "labels": ctx.labels,
                 "few_shot": opts.few_shot, "train": sha256(tp) if shots else None, "seed": opts.seed if shots else None}
+    check_first(ctx, rows[0])
+    created = not out.exists()
     preds = [k["prediction"] for k in prepare_out(out, identity, opts.resume, len(rows))]
     started, resumed_at = time.time(), len(preds)
     for start in range(len(preds), len(rows), opts.batch_size):
         chunk = rows[start : start + opts.batch_size]
-        new = predict_batch(ctx, chunk, start)
+        try:
+            new = predict_batch(ctx, chunk, start)
+        except UserError:
+            _remove_if(created and not preds, out)  # nothing predicted: the corrected re-run starts afresh
+            raise
         append(out / "predictions.jsonl", [{"index": start + j, **({"id": r["id"]} if "id" in r else {}),
                                             "prediction": p, "reference": refs[start + j]}
                                            for j, (r, p) in enumerate(zip(chunk, new))])

@@ -145,15 +145,22 @@ def decoding_from(ft: Any, seed: int | None = None) -> DecodingOptions:
                            repetition_penalty=ft.repetition_penalty, seed=seed if ft.do_sample else None)
 
 
+def check_context(model: Any, options: DecodingOptions) -> int | None:
+    """The model's context size (None when its config has none), once ``max_new_tokens`` is known to fit in it;
+    callers that write files check it before they touch any."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    if limit is not None and options.max_new_tokens >= limit:
+        raise UserError(f"max_new_tokens={options.max_new_tokens} must be < the model's context size ({limit} tokens)")
+    return limit
+
+
 def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: DecodingOptions) -> list[list[int]]:
     """Token ids per prompt; empty prompts start from BOS/EOS. A long prompt keeps its last tokens (decoder-only:
     they must leave room for the new ones) or, for an encoder, its first (as fine-tuning cut them)."""
     encoder = is_encoder_decoder(model.config)
     ids = [prompt_ids(tokenizer, p, encoder) for p in prompts]  # as fine-tuning encoded them
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and options.max_new_tokens >= limit:
-        raise UserError(f"max_new_tokens={options.max_new_tokens} must be < the model's context size ({limit} tokens)")
+    limit = check_context(model, options)
     keep = None if limit is None else limit if encoder else limit - options.max_new_tokens
     encoded = []
     for i, seq in enumerate(ids):
