@@ -71,6 +71,25 @@ def test_a_module_named_like_a_builtin_figure_never_replaces_it(tmp_path):
     assert figures["accuracy"] == 75.0 and figures["accuracy_accuracy"] == 0.75 and figures["accuracy_longer"] == 0
 
 
+def test_numpy_numbers_are_figures_and_other_values_are_logged(tmp_path, caplog):
+    """Modules compute with numpy: np.float32, np.int64 and 0-d arrays are figures like Python numbers."""
+    path = tmp_path / "metrics" / "npm.py"
+    path.parent.mkdir()
+    path.write_text(LENGTH_RATIO.replace("LengthRatio", "Npm").replace("import datasets", "import datasets\nimport numpy as np").replace(
+        '"length_ratio": sum(map(len, predictions)) / max(1, sum(map(len, references))),',
+        '"npm_f32": np.float32(0.5), "i64": np.int64(3), "arr": np.array(2.5), "flag": np.bool_(True),'))
+    refs = write_jsonl(tmp_path / "refs.jsonl", [{"text": f"t{i}", "label": "ab"[i % 2]} for i in range(4)])
+    preds = write_jsonl(tmp_path / "preds.jsonl", [{"prediction": p} for p in "abaa"])
+    with caplog.at_level("INFO", logger="gptkit.user_metrics"):
+        code, _, err = run_cli("eval", "--task", "classify", "--predictions", str(preds), "--references", str(refs),
+                               "--metric", str(path), "--out", str(tmp_path / "ev"))
+    assert code == 0, err
+    figures = json.loads((tmp_path / "ev" / "metrics.json").read_text())["metrics"]
+    assert figures["npm_f32"] == 0.5 and figures["npm_i64"] == 3 and figures["npm_arr"] == 2.5
+    assert figures["npm_longer"] == 0 and "npm_flag" not in figures and "npm_note" not in figures
+    assert "'note' is not a number (str)" in caplog.text and "'flag' is not a number (bool)" in caplog.text
+
+
 def test_finetune_scores_picks_by_and_reevaluates_a_user_metric(tmp_path, length_ratio):
     base = pretrained_base(tmp_path)
     recipe = finetune_recipe(tmp_path, "run", "translate", base, splits(tmp_path, translate_rows, 200),

@@ -5,18 +5,22 @@ evaluate cache holds), computed beside the built-in figures by ``gptkit eval --m
 The built-in metrics call sacrebleu and rouge-score directly: ``evaluate.load("sacrebleu")`` would fetch a
 script from the hub. A module is checked when loaded — it loads, and it computes on two references given as
 predictions — so a broken one stops a run before training, in one line. Each float its ``compute`` returns
-becomes a figure named ``<key>`` when the key starts with the module name, else ``<module name>_<key>`` (also
+(a Python or numpy number: modules often return ``np.float64``) becomes a figure named ``<key>`` when the key starts with the module name, else ``<module name>_<key>`` (also
 when ``<key>`` is a built-in figure's name: a module never replaces one); where it came from (name, source, SHA-256 of its code, evaluate's version) is recorded with the results.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gptkit.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -82,7 +86,10 @@ def compute(metrics: list[UserMetric], predictions: list, references: list, take
         except Exception as e:
             raise UserError(f"{m.source}: the evaluate module '{m.name}' failed to compute ({_first_line(e)})") from None
         for key, value in result.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = value.item() if _numpy_scalar(value) else value  # np.float64(0.5), np.array(3): plain numbers
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                log.info("%s: '%s' is not a number (%s); not a figure", m.name, key, type(value).__name__)
+            else:
                 name = key if key.startswith(m.name) else f"{m.name}_{key}"
                 name = f"{m.name}_{key}" if name in taken or name in figures else name
                 if name in taken or name in figures:
@@ -90,3 +97,8 @@ def compute(metrics: list[UserMetric], predictions: list, references: list, take
                                     "metric already has; rename the module (its figures are named after it)")
                 figures[name] = float(value)
     return figures
+
+
+def _numpy_scalar(value) -> bool:
+    """A numpy scalar or 0-d array (evaluate modules compute with numpy); numpy itself is not imported for it."""
+    return type(value).__module__ == "numpy" and getattr(value, "shape", None) == () and hasattr(value, "item")
