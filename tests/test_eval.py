@@ -381,6 +381,46 @@ def test_classifier_run_and_label_likelihood(tmp_path, lm_dir):
     assert json.loads((tmp_path / "pairs" / "metrics.json").read_text())["settings"]["template"].count("{") == 2
 
 
+def test_label_likelihood_runs_the_output_layer_on_label_tokens_only(lm_dir):
+    """The same choice as full log-softmax scores; batch-size sequences per forward and logits only at the positions
+    that predict a label token (not batch x labels x length x vocabulary)."""
+    from transformers import AutoModelForCausalLM
+
+    from gptkit import evaluate, modeling
+
+    model, tok = AutoModelForCausalLM.from_pretrained(lm_dir).eval(), make_tokenizer()
+    labels = ["cold", "warm", "mild"]
+    prompts = [f"{t}\nLabel:" for t in ("red big", "old new fast", "b", "white small old blue", "blue")]
+
+    def full(prompt: str, label: str) -> float:  # every position's log-softmax, one sequence at a time
+        head, tail = tok(prompt)["input_ids"], tok(" " + label)["input_ids"]
+        with torch.no_grad():
+            logp = model(torch.tensor([head + tail])).logits.log_softmax(-1)[0]
+        return sum(logp[len(head) + k - 1, t].item() for k, t in enumerate(tail))
+
+    expected = [max(labels, key=lambda lab: full(p, lab)) for p in prompts]
+    assert len(set(expected)) > 1
+    shapes, batches, real = [], [], modeling.logits_where
+    model.register_forward_pre_hook(lambda m, a, k: batches.append(k["input_ids"].shape[0]), with_kwargs=True)
+
+    def where(*a, **k):
+        out = real(*a, **k)
+        shapes.append(tuple(out.shape))
+        return out
+
+    ctx = evaluate.Ctx("classify", model, tok, None, evaluate.CLASSIFY_PROMPT, None, labels, [], 0, 0)
+    import unittest.mock
+
+    with unittest.mock.patch.object(modeling, "logits_where", where):
+        assert evaluate.label_scores(ctx, prompts) == expected
+        batches.clear()
+        assert evaluate.label_scores(ctx, prompts[:2]) == expected[:2]
+    assert max(batches) == 2  # two prompts: two sequences per forward, three labels in three forwards
+    label_tokens = sum(len(tok(" " + lab)["input_ids"]) for lab in labels)
+    assert shapes[0] == (len(prompts) * 5, model.config.vocab_size) and len(shapes) == 3 + 3  # 5 tokens per label
+    assert sum(s[0] for s in shapes[:3]) == len(prompts) * label_tokens
+
+
 def test_qa_with_a_causal_lm_generates_from_the_qa_prompt(tmp_path, lm_dir, monkeypatch):
     from gptkit import generation
     from gptkit.tasks import qa

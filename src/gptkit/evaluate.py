@@ -115,24 +115,34 @@ def prompt(ctx: Ctx, row: dict, index: int | None = None) -> str:
 
 
 def label_scores(ctx: Ctx, prompts: list[str]) -> list[str]:
-    """Per prompt, the label whose tokens (after a space) have the highest summed log-probability."""
+    """Per prompt, the label whose tokens (after a space) have the highest summed log-probability. The sequences
+    (prompt + label, for every label) run ``len(prompts)`` at a time and the output layer only on the label
+    tokens' positions (:func:`gptkit.modeling.logits_where`): never batch x labels x length x vocabulary
+    log-probabilities (4 GB at batch 16 for a 50k vocabulary and four labels)."""
     import torch
 
-    from gptkit.modeling import context_length
+    from gptkit.modeling import context_length, logits_where
     from gptkit.tokenizer import prompt_ids
 
-    seqs, spans = [], []
-    for p in prompts:
-        for label in ctx.labels:
-            tail = ctx.tok(" " + label, add_special_tokens=False)["input_ids"]
-            seqs.append((prompt_ids(ctx.tok, p) + tail)[-context_length(ctx.model.config):])
-            spans.append((len(seqs[-1]) - len(tail), tail))
-    width, pad = max(map(len, seqs)), ctx.tok.pad_token_id or 0
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=ctx.model.device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=ctx.model.device)
-    with torch.inference_mode():
-        logp = ctx.model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-    totals = [sum(logp[j, s + k - 1, t].item() for k, t in enumerate(tail)) for j, (s, tail) in enumerate(spans)]
+    tails = [ctx.tok(" " + label, add_special_tokens=False)["input_ids"] for label in ctx.labels]
+    seqs = [((prompt_ids(ctx.tok, p) + tail)[-context_length(ctx.model.config):], tail) for p in prompts
+            for tail in tails]
+    totals, pad, device = [], ctx.tok.pad_token_id or 0, ctx.model.device
+    for lo in range(0, len(seqs), max(1, len(prompts))):
+        part = seqs[lo : lo + len(prompts)]
+        width = max(len(s) for s, _ in part)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s, _ in part], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s, _ in part], device=device)
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        for j, (s, tail) in enumerate(part):  # the positions that predict the label's tokens
+            keep[j, len(s) - len(tail) - 1 : len(s) - 1] = True
+        targets = torch.tensor([t for _, tail in part for t in tail], device=device)
+        with torch.inference_mode():
+            logp = logits_where(ctx.model, keep, input_ids=ids, attention_mask=mask).float().log_softmax(-1)
+        picked = logp.gather(1, targets[:, None])[:, 0].tolist()
+        for _, tail in part:
+            totals.append(sum(picked[: len(tail)]))
+            picked = picked[len(tail) :]
     n = len(ctx.labels)
     return [ctx.labels[max(range(n), key=lambda c: totals[i * n + c])] for i in range(len(prompts))]
 
