@@ -479,6 +479,10 @@ def run(opts: Options, recipe=None) -> dict:
             raise UserError("--metric: evaluate modules score text tasks; perplexity (lm) takes none")
         if opts.resume:
             raise UserError("--resume: perplexity has no predictions to resume; run it again")
+        if opts.limit is not None or opts.bootstrap:  # not silently ignored: the figure would not be what was asked
+            raise UserError(f"{'--limit' if opts.limit is not None else '--bootstrap'}: perplexity (lm) scores every "
+                            "token of --data; cut the file instead" + ("" if opts.limit is not None else
+                                                                        ", and takes no confidence interval"))
         return run_lm(opts, model_path, data, out)
     columns = {**(recipe.data.columns if recipe is not None else {}), **parse_columns(opts.columns)}
     return run_model(opts, task, model_path, data, out, columns, given=source if recipe is not None else None)
