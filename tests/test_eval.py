@@ -565,6 +565,8 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
          ["--limit", "perplexity (lm)"]),
         (["eval", "--model", str(lm_dir), "--task", "lm", "--data", str(tmp / "l.txt"), "--bootstrap", "9"],
          ["--bootstrap", "perplexity (lm)"]),
+        (pred + [f("pf.jsonl", '{"prediction": "a"}\n{"prediction": false}\n'), "--references", r2],
+         ["pf.jsonl", "line 2", "prediction must be a string, got false"]),
         (["eval", "--task", "translate"], ["--model"]),
         (data + [str(test_file), "--limit", "0"], ["--limit"]),
         (data + [str(test_file), "--num-beams", "0"], ["num_beams must be >= 1"]),

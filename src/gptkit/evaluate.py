@@ -346,9 +346,10 @@ def run_predictions(opts: Options, task: str) -> dict:
     preds = read_fields(ppath, "--predictions", ("prediction",))
     refs = read_fields(rpath, "--references", (REFERENCE[task],), INPUTS[task], cols)
     pairs = pair(preds, refs, ppath, rpath)
-    bad = [p["_line"] for p, _ in pairs if not isinstance(p["prediction"], (str, int)) or p["prediction"] is True]
-    if bad:
-        raise UserError(f"--predictions: {ppath}: line {bad[0]}: prediction must be a string")
+    bad = [p for p, _ in pairs if isinstance(p["prediction"], bool) or not isinstance(p["prediction"], (str, int))]
+    if bad:  # an int is a class id; true/false, null, lists are not predictions
+        raise UserError(f"--predictions: {ppath}: line {bad[0]['_line']}: prediction must be a string, got "
+                        f"{json.dumps(bad[0]['prediction'])}")
     gold = [reference_of(task, r, f"--references: {rpath}: line {r['_line']}") for _, r in pairs]
     extra = user_metrics.load(opts.metrics, "--metric", gold)
     data = file_hashes([ppath, rpath])
