@@ -21,6 +21,7 @@ from gptkit.errors import UserError
 
 REFERENCE = {"translate": "target", "summarize": "summary", "qa": "answers", "classify": "label"}
 INPUTS = {"translate": ("source",), "summarize": ("document",), "qa": ("context", "question"), "classify": ("text",)}
+STRUCTURED = ("answers",)  # qa's gold: {"text": [...], ...} or a list, checked by reference_of
 SENTENCE = {"translate": "sentence_bleu", "summarize": "rougeL", "qa": "f1", "classify": "accuracy"}
 
 
@@ -74,13 +75,19 @@ def parse_columns(items: list[str]) -> dict[str, str]:
 def read_fields(path: Path, what: str, fields: tuple, optional: tuple = (), cols: dict | None = None,
                 hint: str = "map them with --columns field=column") -> list[dict]:
     """A file's rows renamed to task fields (``id`` kept); a row missing a field is named, with the fields it has
-    and ``hint`` (the command's own way of naming columns)."""
+    and ``hint`` (the command's own way of naming columns); so is one whose field is null, a list or an object."""
     cols, out = cols or {}, []
     for row in read_rows(path, what):
         missing = [repr(cols.get(f, f)) for f in fields if cols.get(f, f) not in row]
         if missing:
             raise UserError(f"{what}: {path}: line {row['_line']}: no field {', '.join(missing)}; fields found: "
                             f"{sorted(k for k in row if k != '_line')} ({hint})")
+        for f in fields:  # fine-tuning refuses such rows too: a null is not the text "None", nor a class
+            value = row[cols.get(f, f)]
+            if value is None or isinstance(value, (dict, list)) and f not in STRUCTURED:
+                got = "null" if value is None else "a list" if isinstance(value, list) else "an object"
+                raise UserError(f"{what}: {path}: line {row['_line']}: field {cols.get(f, f)!r} is {got}; expected "
+                                "a string or a number")
         out.append({**{f: row[cols.get(f, f)] for f in (*fields, *optional, "id") if cols.get(f, f) in row},
                     "_line": row["_line"]})
     return out
