@@ -506,6 +506,35 @@ def test_perplexity_stride_equal_context_is_non_overlapping(tmp_path, lm_dir):
     assert strided["metrics"]["perplexity"] != pytest.approx(expected, rel=1e-4)
 
 
+def test_perplexity_of_rows_files_reads_their_text_column(tmp_path, lm_dir):
+    """A pretraining recipe's jsonl/parquet val files: the text_column cells, one document each, as a text file
+    holding them separated by blank lines (never the JSON syntax); a missing column names data.text_column."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    docs = ["the quick brown fox", "jumps over the lazy dog.", "to be or not to be"]
+    text = tmp_path / "docs.txt"
+    text.write_text("\n\n".join(docs))
+    expected = lm_eval(lm_dir, text, tmp_path / "t")
+    rows = write_jsonl(tmp_path / "docs.jsonl", [{"text": d, "id": i} for i, d in enumerate(docs)])
+    pq.write_table(pa.table({"text": docs}), tmp_path / "docs.parquet")
+    for path in (rows, tmp_path / "docs.parquet"):
+        got = lm_eval(lm_dir, path, tmp_path / path.suffix[1:])
+        assert got["counts"] == expected["counts"] and got["metrics"] == pytest.approx(expected["metrics"], rel=1e-6)
+    run = tmp_path / "run"  # a pretraining run whose recipe names its column
+    shutil.copytree(lm_dir, run)
+    (run / "recipe.yaml").write_text(yaml.safe_dump({"data": {"train_files": [str(text)], "text_column": "body"},
+                                                     "output": {"dir": str(run)}}))
+    body = write_jsonl(tmp_path / "body.jsonl", [{"body": d} for d in docs])
+    got = lm_eval(run, body, tmp_path / "body")
+    assert got["metrics"] == pytest.approx(expected["metrics"], rel=1e-6)
+    code, _, err = run_cli("eval", "--model", str(run), "--task", "lm", "--data", str(rows), "--out", str(tmp_path / "x"))
+    assert_user_error(code, err, "data.text_column: column 'body' not found", "docs.jsonl")
+    assert not (tmp_path / "x").exists()
+
+
 def test_windows_score_each_token_once_with_the_longest_context():
     from gptkit.modeling import windows
 

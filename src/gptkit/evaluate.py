@@ -238,15 +238,38 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
 
 
 # ------------------------------------------------------------------------------------------- modes
-def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
+def _structured(path: Path) -> bool:
+    from gptkit.corpus import FORMATS
+
+    return FORMATS.get(path.suffix.lower(), "text") != "text"
+
+
+def _lm_text(path: Path, settings) -> str:
+    """A --task lm file's text: a text file whole; a jsonl/json/csv/parquet file (a pretraining recipe's val or
+    test files) read as pretraining reads it (:mod:`gptkit.corpus`): the data.text_column cells, one document each,
+    joined by a blank line — never its JSON syntax."""
+    from gptkit import corpus
+
+    if not _structured(path):
+        return read_text(path, "--data")
+    if not path.is_file():
+        raise UserError(f"--data: {path} not found")
+    return "\n\n".join(t for unit in corpus.plan([str(path)], settings) for t in corpus.read(unit, settings)[0])
+
+
+def run_lm(opts: Options, model_path: str, data: list[Path], out: Path, recipe=None) -> dict:
     """Perplexity of a causal LM on text files, strided sliding windows (:func:`gptkit.modeling.sliding_nll`): the
     files joined by a blank line and tokenized whole, as Hugging Face's perplexity guide does (``tokenizer(text)``,
-    special tokens and all), the ids kept as one int32 array."""
+    special tokens and all), the ids kept as one int32 array. Rows files give their ``recipe``'s data.text_column
+    (default ``text``)."""
     import numpy as np
 
+    from gptkit import corpus
+    from gptkit.data import text_settings
     from gptkit.modeling import context_length, sliding_nll
 
-    text = "\n\n".join(read_text(p, "--data") for p in data)
+    settings = text_settings(recipe.data) if recipe is not None else corpus.Settings()
+    text = "\n\n".join(_lm_text(p, settings) for p in data)
     model, tok, _ = load_model(model_path, "lm")
     if is_encoder_decoder(model.config):
         raise UserError(f"--task lm: perplexity needs a decoder-only model; {model_path} is an encoder-decoder "
@@ -259,7 +282,8 @@ def run_lm(opts: Options, model_path: str, data: list[Path], out: Path) -> dict:
         raise UserError(f"--data has {len(ids)} tokens (need >= 2)" if len(ids) < 2 else
                         f"--stride must be in [1, {context}] (the model's context), got {stride}")
     model_fp, data_fp = fingerprint(Path(model_path)), file_hashes(data)
-    prepare_out(out, {"mode": "lm", "model": model_fp["sha256"], "data": data_fp, "stride": stride}, False, 0)
+    columns = {"text_column": list(settings.text_columns)} if any(map(_structured, data)) else {}
+    prepare_out(out, {"mode": "lm", "model": model_fp["sha256"], "data": data_fp, "stride": stride, **columns}, False, 0)
     started = time.time()
     nll, n, n_windows = sliding_nll(model, ids, context, stride, opts.batch_size)
     result = {"task": "lm", "mode": "lm", "metrics": {"perplexity": metrics.perplexity_from_nll(nll, n),
@@ -484,6 +508,6 @@ def run(opts: Options, recipe=None) -> dict:
             raise UserError(f"{'--limit' if opts.limit is not None else '--bootstrap'}: perplexity (lm) scores every "
                             "token of --data; cut the file instead" + ("" if opts.limit is not None else
                                                                         ", and takes no confidence interval"))
-        return run_lm(opts, model_path, data, out)
+        return run_lm(opts, model_path, data, out, source)
     columns = {**(recipe.data.columns if recipe is not None else {}), **parse_columns(opts.columns)}
     return run_model(opts, task, model_path, data, out, columns, given=source if recipe is not None else None)
