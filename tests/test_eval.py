@@ -562,7 +562,7 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
     nopred = f("nopred.jsonl", '{"prediction": "a"}\n{"output": "b"}\n')
     noref = f("noref.jsonl", '{"target": "a"}\n{"tgt": "b"}\n')
     empty = f("empty.jsonl", "\n")
-    binary = f("bin.jsonl", b'{"target": "a"}\n{"target": "b\xff\xfe"}\n')
+    binary = f("bin.jsonl", b'{"source": "x", "target": "a"}\n{"source": "y", "target": "b\xff\xfe"}\n')
     (tmp / "notok").mkdir()
     for name in ("config.json", "model.safetensors"):
         (tmp / "notok" / name).write_bytes((lm_dir / name).read_bytes())
@@ -613,3 +613,29 @@ def test_bad_input_is_one_error_line(tmp_path, lm_dir, test_file):
         code, _, err = run_cli(*args)
         assert_user_error(code, err, *needles)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_limit_reads_no_further_than_it_needs(tmp_path, lm_dir):
+    """--limit 3 on a big --data file parsed the whole file into dicts first (74 MB of JSON lines: +330 MB); the
+    rows past the limit are not read now (classify still sees every row's label, one row per label kept)."""
+    import tracemalloc
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as fh:
+        for i in range(60_000):
+            fh.write(json.dumps({"source": f"red big old {i} " + "blue " * 20, "target": "rot", "label": f"l{i % 3}",
+                                 "text": "red"}) + "\n")
+    tracemalloc.start()
+    try:
+        eval_model(lm_dir, big, tmp_path / "tr", "--limit", "3", "--num-beams", "1")
+        _, peak_translate = tracemalloc.get_traced_memory()
+        tracemalloc.reset_peak()
+        ok("eval", "--model", str(lm_dir), "--task", "classify", "--data", str(big), "--limit", "3",
+           "--out", str(tmp_path / "cl"))
+        _, peak_classify = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert json.loads((tmp_path / "tr" / "metrics.json").read_text())["counts"] == {"examples": 3}
+    got = json.loads((tmp_path / "cl" / "metrics.json").read_text())
+    assert got["counts"] == {"examples": 3} and got["settings"]["labels"] == ["l0", "l1", "l2"]
+    assert peak_translate < 20e6 and peak_classify < 20e6, (peak_translate, peak_classify)  # the file is 12 MB

@@ -13,6 +13,7 @@ from __future__ import annotations
 import heapq
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from gptkit import metrics
@@ -43,25 +44,36 @@ def read_text(path: Path, what: str) -> str:
         raise UserError(f"{what}: {path}: line {line}: not valid UTF-8 text") from None
 
 
-def read_rows(path: Path, what: str) -> list[dict]:
-    """Rows with their line number: JSONL read here (precise errors), csv/json/parquet via data.load_table."""
+def read_rows(path: Path, what: str) -> Iterator[dict]:
+    """Rows with their line number, read as they are consumed (stopping early reads no further): JSONL read here
+    line by line (precise errors), csv/json/parquet via data.load_table (memory-mapped Arrow)."""
     if path.suffix.lower() in (".csv", ".json", ".parquet") and path.is_file():
         from gptkit import data as data_mod
 
         table = data_mod.load_table(data_mod.resolve_files([str(path)], what), what)
-        return [{**row, "_line": i + 1 + (path.suffix.lower() == ".csv")} for i, row in enumerate(table)]
-    rows = []
-    for n, line in enumerate(read_text(path, what).splitlines(), 1):
-        try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError as e:
-            raise UserError(f"{what}: {path}: line {n}: invalid JSON ({e.msg}); expected one object per line") from None
-        if row is not None and not isinstance(row, dict):
-            raise UserError(f"{what}: {path}: line {n}: expected a JSON object, got {type(row).__name__}")
-        rows += [{**row, "_line": n}] if row is not None else []
-    if not rows:
+        yield from ({**row, "_line": i + 1 + (path.suffix.lower() == ".csv")} for i, row in enumerate(table))
+        return
+    if not path.is_file():
+        raise UserError(f"{what}: {path} not found")
+    empty = True
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{what}: {path}: line {n}: not valid UTF-8 text") from None
+            try:
+                row = json.loads(line) if line.strip() else None
+            except json.JSONDecodeError as e:
+                raise UserError(f"{what}: {path}: line {n}: invalid JSON ({e.msg}); expected one object per line"
+                                ) from None
+            if row is not None and not isinstance(row, dict):
+                raise UserError(f"{what}: {path}: line {n}: expected a JSON object, got {type(row).__name__}")
+            if row is not None:
+                empty = False
+                yield {**row, "_line": n}
+    if empty:
         raise UserError(f"{what}: {path} is empty")
-    return rows
 
 
 def parse_columns(items: list[str]) -> dict[str, str]:
@@ -76,7 +88,13 @@ def read_fields(path: Path, what: str, fields: tuple, optional: tuple = (), cols
                 hint: str = "map them with --columns field=column") -> list[dict]:
     """A file's rows renamed to task fields (``id`` kept); a row missing a field is named, with the fields it has
     and ``hint`` (the command's own way of naming columns); so is one whose field is null, a list or an object."""
-    cols, out = cols or {}, []
+    return list(iter_fields(path, what, fields, optional, cols, hint))
+
+
+def iter_fields(path: Path, what: str, fields: tuple, optional: tuple = (), cols: dict | None = None,
+                hint: str = "map them with --columns field=column") -> Iterator[dict]:
+    """:func:`read_fields`, one row at a time: a reader that stops early (``--limit``) reads no further."""
+    cols = cols or {}
     for row in read_rows(path, what):
         missing = [repr(cols.get(f, f)) for f in fields if cols.get(f, f) not in row]
         if missing:
@@ -88,9 +106,8 @@ def read_fields(path: Path, what: str, fields: tuple, optional: tuple = (), cols
                 got = "null" if value is None else "a list" if isinstance(value, list) else "an object"
                 raise UserError(f"{what}: {path}: line {row['_line']}: field {cols.get(f, f)!r} is {got}; expected "
                                 "a string or a number")
-        out.append({**{f: row[cols.get(f, f)] for f in (*fields, *optional, "id") if cols.get(f, f) in row},
-                    "_line": row["_line"]})
-    return out
+        yield {**{f: row[cols.get(f, f)] for f in (*fields, *optional, "id") if cols.get(f, f) in row},
+               "_line": row["_line"]}
 
 
 def reference_of(task: str, row: dict, where: str):

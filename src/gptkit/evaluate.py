@@ -27,7 +27,7 @@ from gptkit import metrics, rundir, user_metrics
 from gptkit.errors import UserError
 from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder
 from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
-                                read_fields, read_text, reference_of, sha256, write_outputs)
+                                iter_fields, read_fields, read_text, reference_of, sha256, write_outputs)
 from gptkit.eval_report import table  # noqa: F401  (cli prints evaluate.table(result))
 
 if TYPE_CHECKING:
@@ -311,6 +311,23 @@ def _task_view(run, task: str, index: int | None = None):
     return run if index is None else multitask.sub_recipe(run, index)
 
 
+def _read_data(task: str, data: list[Path], fields: tuple, optional: tuple, cols: dict, limit: int | None):
+    """(rows, references, what make_ctx surveys): the first ``limit`` rows of the --data files, read no further
+    (memory flat in the files' size) — but for classify every row's label and whether it has a text_pair, kept as
+    one row per kind (the label set is the whole data's, whatever --limit)."""
+    rows, refs, kinds = [], [], {}
+    for path in data:
+        for r in iter_fields(path, "--data", fields, optional, cols):
+            if task == "classify":
+                kinds.setdefault((str(r["label"]), r.get("text_pair") not in (None, "")), r)
+            if limit is None or len(rows) < limit:
+                rows.append(r)
+                refs.append(reference_of(task, r, f"--data: {path}: line {r['_line']}"))
+            elif task != "classify":
+                return rows, refs, rows
+    return rows, refs, list(kinds.values()) if task == "classify" else rows
+
+
 def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: Path, columns: dict,
               index: int | None = None, loaded: tuple | None = None, given=None) -> dict:
     """Predict batch by batch, appending each batch to predictions.jsonl, then score everything written.
@@ -321,10 +338,7 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     run = _task_view(run, task, index)
     cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
     fields, optional = (*INPUTS[task], REFERENCE[task]), ("text_pair",) if task == "classify" else ()
-    pairs = [(p, r) for p in data for r in read_fields(p, "--data", fields, optional, cols)]
-    every = [r for _, r in pairs]
-    rows = every[: opts.limit or None]
-    refs = [reference_of(task, r, f"--data: {p}: line {r['_line']}") for p, r in pairs[: len(rows)]]
+    rows, refs, every = _read_data(task, data, fields, optional, cols, opts.limit)
     run_extra = run.finetune.extra_metrics if run is not None and run.task == task else []
     extra = user_metrics.load(list(dict.fromkeys([*run_extra, *opts.metrics])), "--metric", refs)
     if opts.few_shot and not opts.train:
