@@ -557,6 +557,7 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
 
     p3 = f("p3.jsonl", "".join(json.dumps({"prediction": "a"}) + "\n" for _ in range(3)))
     r2 = f("r2.jsonl", "".join(json.dumps({"target": "a"}) + "\n" for _ in range(2)))
+    p2 = f("p2.jsonl", "".join(json.dumps({"prediction": "a"}) + "\n" for _ in range(2)))
     pid = f("pid.jsonl", '{"id": 1, "prediction": "a"}\n{"id": 2, "prediction": "b"}\n')
     rid = f("rid.jsonl", '{"id": 1, "target": "a"}\n{"id": 7, "target": "b"}\n')
     nopred = f("nopred.jsonl", '{"prediction": "a"}\n{"output": "b"}\n')
@@ -569,6 +570,7 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
     pred = ["eval", "--task", "translate", "--predictions"]
     data = ["eval", "--model", str(lm_dir), "--task", "translate", "--data"]
     return [
+        (pred + [p2, "--references", r2, "--out", "/etc/gptkit-eval"], ["--out", "/etc/gptkit-eval", "system folder"]),
         (pred + [p3, "--references", r2], ["has 3 predictions", "has 2 references"]),
         (pred + [pid, "--references", rid], ["ids do not match", "['2']", "['7']"]),
         (pred + [nopred, "--references", r2], ["nopred.jsonl", "line 2", "'prediction'", "fields found: ['output']"]),
@@ -612,7 +614,7 @@ def test_bad_input_is_one_error_line(tmp_path, lm_dir, test_file):
     for args, needles in _bad_cases(tmp_path, lm_dir, test_file):
         code, _, err = run_cli(*args)
         assert_user_error(code, err, *needles)
-    assert not (tmp_path / "fresh").exists()
+    assert not (tmp_path / "fresh").exists() and not Path("/etc/gptkit-eval").exists()
 
 
 def test_limit_reads_no_further_than_it_needs(tmp_path, lm_dir):

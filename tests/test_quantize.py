@@ -4,6 +4,7 @@ torchao; the folder loads with plain transformers and in gptkit eval/generate; b
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import sys
 
 import pytest
@@ -174,3 +175,10 @@ def test_serve_answers_from_a_quantized_model(base, tmp_path):
     with server(out) as proc:
         r = httpx.post(f"{proc.url}/v1/completions", json={"prompt": "red blue", "max_tokens": 6, "temperature": 0})
         assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+
+
+def test_a_system_folder_is_never_an_out_folder(base):
+    """A run as root wrote eval, quantize and prune output into /etc: --out is refused there as output.dir is."""
+    code, _, err = run_cli("quantize", str(base), "--out", "/usr/gptkit-q")
+    assert_user_error(code, err, "--out", "/usr/gptkit-q", "system folder")
+    assert not Path("/usr/gptkit-q").exists()

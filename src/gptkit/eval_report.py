@@ -212,6 +212,9 @@ def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0,
 # ------------------------------------------------------------------------------------------ outputs
 def prepare_out(out: Path, identity: dict, resume: bool, keep: int) -> list[dict]:
     """Refuse a folder holding anything but an evaluation of the same thing; return the predictions kept."""
+    from gptkit.rundir import refuse_system
+
+    refuse_system(out, "--out")
     manifest, preds = out / "eval.json", out / "predictions.jsonl"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} exists and is not a directory")

@@ -43,9 +43,15 @@ def resolve_output(raw: str) -> Path:
     if ".." in Path(raw).parts:
         raise UserError(f"output.dir: '{raw}' contains '..'; give a path without parent references")
     path = Path(raw).expanduser().resolve()
-    if path == Path("/") or any(str(path) == s or str(path).startswith(s + "/") for s in _SYSTEM):
-        raise UserError(f"output.dir: '{raw}' is a system folder; choose a directory you own")
+    refuse_system(path, "output.dir", raw)
     return path
+
+
+def refuse_system(path: Path, flag: str, raw: str | None = None) -> None:
+    """A folder a command writes into is never / or a system folder (a run as root would write into /etc)."""
+    path = path.expanduser().resolve()
+    if path == Path("/") or any(str(path) == s or str(path).startswith(s + "/") for s in _SYSTEM):
+        raise UserError(f"{flag}: '{raw or path}' is a system folder; choose a directory you own")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, object]:
@@ -137,6 +143,7 @@ def _write(path: Path, text: str) -> None:
 
 def check_out_folder(out: Path, flag: str = "--out") -> None:
     """``out`` can become a new model folder: absent (under folders, not files) or an empty directory."""
+    refuse_system(out, flag)
     if out.exists() and not out.is_dir():
         raise UserError(f"{flag}: {out} is a file, not a folder; choose a new directory")
     if out.is_dir() and any(out.iterdir()):
