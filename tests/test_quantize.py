@@ -4,8 +4,8 @@ torchao; the folder loads with plain transformers and in gptkit eval/generate; b
 from __future__ import annotations
 
 import json
-from pathlib import Path
 import sys
+from pathlib import Path
 
 import pytest
 
