@@ -195,3 +195,42 @@ def test_mlflow_run_says_how_training_ended(tmp_path, corpus, monkeypatch):
     code, _, err = run_cli("pretrain", str(recipe))
     assert code == 3, err
     assert mlflow_run(tmp_path / "run")[1].info.status == "FAILED"
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("var, value, needle", [("MLFLOW_TRACKING_URI", "bogus://x", "unknown scheme 'bogus'"),
+                                                ("MLFLOW_TRACKING_URI", "file:///tmp/x", "MLFLOW_ALLOW_FILE_STORE=true"),
+                                                ("WANDB_MODE", "bogus", "not a W&B mode")])
+def test_a_bad_tracker_setting_is_one_line_before_any_work(tmp_path, corpus, monkeypatch, var, value, needle):
+    """Settings a tracker would refuse only once training started (after --overwrite had deleted the old run)."""
+    run = train(tmp_path, corpus, [])
+    before = snapshot(run)
+    monkeypatch.setenv(var, value)
+    tracker = "wandb" if var == "WANDB_MODE" else "mlflow"
+    for args in (["validate"], ["pretrain", "--overwrite"]):
+        code, _, err = run_cli(args[0], str(tmp_path / "r.yaml"), *args[1:], f"train.trackers=[{tracker}]")
+        assert_user_error(code, err, f"{var}: '{value}'", needle)
+    assert snapshot(run) == before
+
+
+def test_a_tracker_that_cannot_start_costs_no_run(tmp_path, corpus, monkeypatch):
+    """A tracking server that is down: one line naming MLFLOW_TRACKING_URI, and the run --overwrite was replacing is
+    put back whole."""
+    from gptkit import tracking
+
+    run = train(tmp_path, corpus, [])
+    before = snapshot(run)
+
+    def refused(*args, **kwargs):
+        raise ConnectionError("API request to http://127.0.0.1:9/api/2.0/mlflow/experiments/get-by-name failed\nmore")
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    monkeypatch.setattr(tracking, "_start_mlflow", refused)
+    code, _, err = run_cli("pretrain", str(tmp_path / "r.yaml"), "--overwrite", "train.trackers=[mlflow]")
+    assert_user_error(code, err, "MLFLOW_TRACKING_URI: mlflow cannot start a run in http://127.0.0.1:9",
+                      "get-by-name failed")
+    assert snapshot(run) == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # nothing set aside is left

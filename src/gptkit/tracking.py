@@ -48,8 +48,13 @@ def destinations(names: list[str], run_dir: Path) -> list[str]:
     return [f"{n} ({where[n]})" for n in dict.fromkeys(names)]
 
 
+_MLFLOW_SCHEMES = ("http", "https", "databricks", "databricks-uc", "uc", *_DB_SCHEMES)  # and file (see below)
+_WANDB_MODES = ("offline", "online", "disabled", "shared", "dryrun", "run")
+
+
 def check(names: list[str], run_dir: Path) -> None:
-    """Refuse, in one line and before any work, a tracker whose package is not installed."""
+    """Refuse, in one line and before any work, a tracker whose package is not installed or whose environment
+    (``MLFLOW_TRACKING_URI``, ``WANDB_MODE``) it would refuse only once training has started."""
     for name in dict.fromkeys(names):
         needs = {"tensorboard": ["tensorboard"], "mlflow": ["mlflow"], "wandb": ["wandb"]}[name]
         if name == "mlflow" and mlflow_uri(run_dir).split(":", 1)[0].split("+", 1)[0] in _DB_SCHEMES:
@@ -59,6 +64,43 @@ def check(names: list[str], run_dir: Path) -> None:
             pkgs = ", ".join(missing) + (" packages" if len(missing) > 1 else " package")
             fix = "pip install tensorboard" if name == "tensorboard" else f"pip install 'gptkit[{name}]'"
             raise UserError(f"train.trackers: '{name}' needs the {pkgs}: {fix}")
+        _check_env(name)
+
+
+def _check_env(name: str) -> None:
+    """What can be told without contacting a server: the tracking URI's scheme, the W&B mode."""
+    if name == "wandb" and (os.environ.get("WANDB_MODE") or "offline") not in _WANDB_MODES:
+        raise UserError(f"WANDB_MODE: '{os.environ['WANDB_MODE']}' is not a W&B mode; expected one of "
+                        + ", ".join(_WANDB_MODES))
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if name != "mlflow" or not uri or uri in ("databricks", "databricks-uc", "uc"):
+        return
+    scheme = uri.split("://", 1)[0].split("+", 1)[0] if "://" in uri else uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme in ("", "file"):  # a path is the file store too
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("true", "1"):
+            raise UserError(f"MLFLOW_TRACKING_URI: '{uri}' is MLflow's file store, which MLflow 3 refuses unless "
+                            "MLFLOW_ALLOW_FILE_STORE=true; use sqlite:///PATH/mlflow.db, or unset it for the run's own store")
+        return
+    if scheme not in _MLFLOW_SCHEMES and scheme not in _mlflow_plugins():
+        raise UserError(f"MLFLOW_TRACKING_URI: '{uri}' has an unknown scheme '{scheme}'; expected http(s)://, "
+                        "sqlite:///, postgresql://, mysql://, mssql://, databricks or a file path")
+
+
+def _mlflow_plugins() -> set[str]:
+    """URI schemes that installed MLflow plugins add."""
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="mlflow.tracking_store")}
+
+
+def _start_failed(name: str, run_dir: Path, e: Exception) -> UserError:
+    """A tracker that cannot start is a setting to fix (a server down, a bad URI), named in one line."""
+    detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+    if name == "mlflow":
+        var = "MLFLOW_TRACKING_URI" if "MLFLOW_TRACKING_URI" in os.environ else "train.trackers"
+        return UserError(f"{var}: mlflow cannot start a run in {mlflow_uri(run_dir)} ({detail})")
+    return UserError(f"train.trackers: {name} cannot start ({detail}); check WANDB_MODE "
+                     f"({os.environ.get('WANDB_MODE', 'offline')}) and WANDB_PROJECT")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -164,6 +206,15 @@ class Tracker:
         ids = json.loads(ids_path.read_text()) if resume_step is not None and ids_path.is_file() else {}
         if config is None and any(n != "tensorboard" for n in names):
             config = _recipe(run_dir)
+        try:
+            self._start(names, run_dir, resume_step, ids, config)
+        except BaseException:
+            self.close("FAILED")  # those that started
+            raise
+        if len(ids):
+            ids_path.write_text(json.dumps(ids, indent=1) + "\n")
+
+    def _start(self, names: list[str], run_dir: Path, resume_step: int | None, ids: dict, config: dict | None) -> None:
         for name in names:
             if name == "tensorboard":
                 from accelerate.tracking import TensorBoardTracker
@@ -176,16 +227,17 @@ class Tracker:
                 self._backends[name] = tb
             else:
                 start = _start_mlflow if name == "mlflow" else _start_wandb
-                self._backends[name], ids[name] = start(run_dir, ids.get(name, {}), config)
-        if len(ids):
-            ids_path.write_text(json.dumps(ids, indent=1) + "\n")
+                try:
+                    self._backends[name], ids[name] = start(run_dir, ids.get(name, {}), config)
+                except Exception as e:
+                    raise _start_failed(name, run_dir, e) from None
 
     def _truncate_after(self, step: int) -> None:
         """Drop lines a killed run logged after the checkpoint we resume from."""
         if not self.path.exists():
             return
-        keep = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        self.path.write_text("".join(line + "\n" for line in keep))
+        keep = [row for row in read_metrics(self.path) if row["step"] <= step]
+        self.path.write_text("".join(json.dumps(row) + "\n" for row in keep))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -212,11 +264,35 @@ class Tracker:
 
 
 def read_metrics(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+    """The rows of ``metrics.jsonl``. A torn last line (a kill, or a full disk, mid-write: exactly what --resume is
+    for) is dropped, as the checkpoint resumed from is older; a bad line before it is the user's to look at."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = []
+    for n, line in enumerate(lines, 1):
+        try:
+            row = json.loads(line)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            if n == len(lines):
+                log.warning("%s: dropping its torn last line %d", path, n)
+                break
+            raise UserError(f"{path}: line {n} is not a metrics row (JSON with a step); remove or repair it")
+        rows.append(row)
+    return rows
 
 
 def plot(run_dir: Path) -> Path | None:
-    """``loss.png``: train and validation loss (left) and learning rate (right) against step."""
+    """``loss.png``: train and validation loss (left) and learning rate (right) against step. Best effort: it runs
+    after the model is saved, and a failure to write it (a full disk) is a warning."""
+    try:
+        return _plot(run_dir)
+    except OSError as e:
+        log.warning("loss.png not written (%s); metrics.jsonl holds the same figures", e.strerror or e)
+        return None
+
+
+def _plot(run_dir: Path) -> Path | None:
     rows = read_metrics(run_dir / "metrics.jsonl")
     if not rows:
         return None
