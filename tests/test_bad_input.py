@@ -117,6 +117,7 @@ def test_existing_run_is_not_overwritten(tmp_path, corpus):
     code, _, err = run_cli("pretrain", str(other), "--overwrite")
     assert code == 0, err
     assert json.loads((tmp_path / "run" / "config.json").read_text())["n_layer"] == 1
+    assert not (tmp_path / ".run.replaced").exists()  # the old run, set aside meanwhile, is gone now
 
 
 def test_a_tokenizer_larger_than_the_checkpoint_vocabulary_is_one_line(tmp_path, corpus):
@@ -312,3 +313,58 @@ def test_a_broken_or_unfit_base_to_continue_is_one_line_before_tokenizing(tmp_pa
     code, out, err = run_cli("validate", str(recipe), *[c.replace(str(base), str(mamba), 1) for c in cont[:1]],
                              *cont[1:])
     assert code == 0 and "Traceback" not in err, err
+
+
+def test_an_output_or_cache_folder_that_cannot_be_written_is_one_line_before_any_work(tmp_path, corpus, monkeypatch):
+    """A folder under a file, or on a read-only filesystem: refused before tokenizing, not a NotADirectoryError or
+    "Errno 30" traceback once the work is done."""
+    import errno
+    import tempfile
+
+    (tmp_path / "afile.txt").write_text("not a folder")
+    (tmp_path / "ro").mkdir()
+    real = tempfile.TemporaryFile
+
+    def read_only(*args, dir=None, **kwargs):  # what a read-only filesystem answers (tests run without root)
+        if dir is not None and Path(dir).is_relative_to(tmp_path / "ro"):
+            raise OSError(errno.EROFS, "Read-only file system")
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "TemporaryFile", read_only)
+    recipe = str(tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run"))
+    a_file, ro = tmp_path / "afile.txt", tmp_path / "ro"
+    for env, args, needles in (
+        (None, ["pretrain", recipe, f"output.dir={a_file}/sub"], ["output.dir", f"is under {a_file}, which is a file"]),
+        (None, ["pretrain", recipe, f"output.dir={ro}/run"], ["output.dir: cannot write in", "Read-only file system"]),
+        (None, ["validate", recipe, f"data.cache_dir={a_file}"], ["data.cache_dir", "is a file, not a folder"]),
+        (None, ["pretrain", recipe, f"data.cache_dir={ro}/cache"], ["data.cache_dir", "Read-only file system"]),
+        (str(a_file), ["pretrain", recipe], ["GPTKIT_CACHE", "is a file, not a folder"]),
+        (str(ro), ["validate", recipe], ["GPTKIT_CACHE", "Read-only file system"]),
+    ):
+        with monkeypatch.context() as m:
+            if env:
+                m.setenv("GPTKIT_CACHE", env)
+            code, _, err = run_cli(*args)
+        assert_user_error(code, err, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile.txt", "corpus.txt", "r.yaml", "ro"]
+    assert list(ro.iterdir()) == []
+
+
+def test_resume_of_a_damaged_run_record_or_metrics_log_rewrites_nothing(tmp_path, corpus):
+    """A corrupt run.json, or a bad line before the last of metrics.jsonl: one line before the resume rewrites
+    recipe.yaml and run.json."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run", train={"max_steps": 2, "save_every": 1})
+    assert run_cli("pretrain", str(recipe))[0] == 0
+    run = tmp_path / "run"
+    (run / "run.json").write_text('{"gptkit": "0.1", "comm')
+    before = snapshot(run)
+    code, _, err = run_cli("pretrain", str(recipe), "--resume")
+    assert_user_error(code, err, f"--resume: {run / 'run.json'} is not readable JSON")
+    assert snapshot(run) == before
+    (run / "run.json").write_text("{}")
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join([lines[0][:10], *lines[1:]]) + "\n")
+    before = snapshot(run)
+    code, _, err = run_cli("pretrain", str(recipe), "--resume")
+    assert_user_error(code, err, f"{run / 'metrics.jsonl'}: line 1 is not a metrics row")
+    assert snapshot(run) == before

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import SHAKESPEARE, gptkit_cmd, run_cli, tiny_recipe
+from conftest import SHAKESPEARE, assert_user_error, gptkit_cmd, run_cli, run_interrupted, tiny_recipe
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -198,8 +198,123 @@ def test_refuses_to_start_without_disk_space(tmp_path, small_corpus, monkeypatch
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**9, 10**9 - 1000, 1000))
     recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run")
     code, _, err = run_cli("pretrain", str(recipe))
-    assert code == 2 and "GB free" in err and "train.keep_last" in err
+    assert code == 2 and "has 1.0 kB free" in err and "train.keep_last" in err  # not "0.00 GB"
     assert not (tmp_path / "run").exists()
+
+
+def nan_after(monkeypatch, step: int) -> None:
+    """Every training loss is NaN from optimizer step ``step`` on (grad_accum 1)."""
+    from gptkit import engine
+
+    real, calls = engine.causal_lm_loss, {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += model.training
+        return real(model, batch) * (float("nan") if model.training and calls["n"] >= step else 1.0)
+
+    monkeypatch.setattr(engine, "causal_lm_loss", loss)
+
+
+def test_overwrite_deletes_the_old_run_only_once_the_new_one_has_a_checkpoint(tmp_path, small_corpus, monkeypatch):
+    train = {"max_steps": 10, "save_every": 5, "eval_every": 5}
+    recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train=train)
+    assert run_cli("pretrain", str(recipe))[0] == 0
+    old = weights(tmp_path / "run")
+    # the new run stops before its first checkpoint: the old run is back, whole
+    with monkeypatch.context() as m:
+        nan_after(m, 2)
+        code, _, err = run_cli("pretrain", str(recipe), "--overwrite", "train.lr=0.02")
+    assert code == 3 and "non-finite loss at step 2" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run", "small.txt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+    assert (tmp_path / "run" / "loss.png").is_file() and "lr: 0.01" in (tmp_path / "run" / "recipe.yaml").read_text()
+    assert weights(tmp_path / "run").keys() == old.keys() and all(torch.equal(weights(tmp_path / "run")[k], old[k])
+                                                                  for k in old)
+    # once it has a checkpoint of its own, the new run is the run, even if it stops later
+    with monkeypatch.context() as m:
+        nan_after(m, 7)
+        code, _, err = run_cli("pretrain", str(recipe), "--overwrite", "train.lr=0.02")
+    assert code == 3 and "non-finite loss at step 7" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run", "small.txt"]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005"]
+    assert "lr: 0.02" in (tmp_path / "run" / "recipe.yaml").read_text()
+    assert not (tmp_path / "run" / "model.safetensors").exists()
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_started_again_with_overwrite(tmp_path, small_corpus, monkeypatch):
+    """Not a loop between "already holds a run; pass --resume" and "--resume: no checkpoint"."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={"max_steps": 10})
+    with monkeypatch.context() as m:
+        nan_after(m, 2)
+        assert run_cli("pretrain", str(recipe))[0] == 3
+    code, _, err = run_cli("pretrain", str(recipe), "--resume")
+    assert_user_error(code, err, "--resume: no complete checkpoint in", "start it again with --overwrite")
+    assert run_cli("pretrain", str(recipe), "--overwrite")[0] == 0
+
+
+def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(tmp_path, small_corpus, monkeypatch):
+    """torch.save on a full disk raises "basic_ios::clear: iostream error": the run stops (exit 3) naming the disk and
+    the last good checkpoint, the torn one removed; a --resume once there is space finishes the run."""
+    from gptkit import engine
+
+    real = torch.save
+
+    def full_disk(obj, f, *args, **kwargs):
+        if str(f).endswith("step-00000010/optimizer.pt"):
+            raise RuntimeError("basic_ios::clear: iostream error")
+        return real(obj, f, *args, **kwargs)
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={"max_steps": 12, "save_every": 5})
+    with monkeypatch.context() as m:
+        m.setattr(engine.torch, "save", full_disk)
+        code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 3 and "Traceback" not in err, err
+    line = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(line) == 1 and "could not write checkpoint step-00000010: basic_ios::clear: iostream error" in line[0]
+    assert "free on that disk" in line[0] and f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints'}" in line[0]
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005"]
+    code, _, err = run_cli("pretrain", str(recipe), "--resume")
+    assert code == 0, err
+    assert (tmp_path / "run" / "model.safetensors").is_file()
+
+
+def test_the_model_is_saved_before_the_plot_which_is_best_effort(tmp_path, small_corpus, monkeypatch, caplog):
+    """loss.png on a full disk is a warning, after the model is saved; a model that cannot be saved is one line
+    (exit 3) and a --resume writes it from the last checkpoint."""
+    from matplotlib.figure import Figure
+
+    from gptkit import trained
+
+    def no_space(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={"max_steps": 4, "save_every": 2})
+    with monkeypatch.context() as m, caplog.at_level("WARNING", logger="gptkit"):
+        m.setattr(Figure, "savefig", no_space)
+        code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 0, err
+    assert "loss.png not written (No space left on device)" in caplog.text
+    assert (tmp_path / "run" / "model.safetensors").is_file() and not (tmp_path / "run" / "loss.png").exists()
+    with monkeypatch.context() as m:
+        m.setattr(trained, "save", no_space)
+        code, _, err = run_cli("pretrain", str(recipe), "--overwrite")
+    assert code == 3 and "Traceback" not in err, err
+    assert f"could not write the model to {tmp_path / 'run'}: No space left on device" in err
+    assert "checkpoint step-00000004 holds the weights" in err and "--resume" in err
+    code, _, err = run_cli("pretrain", str(recipe), "--resume")
+    assert code == 0, err
+    assert (tmp_path / "run" / "model.safetensors").is_file() and (tmp_path / "run" / "loss.png").is_file()
+
+
+def test_resume_drops_a_torn_last_metrics_line(tmp_path, small_corpus, monkeypatch):
+    """A kill (or a full disk) mid-write leaves half a line at the end of metrics.jsonl: what --resume is for."""
+    recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={"max_steps": 10, "save_every": 5})
+    run_interrupted(monkeypatch, "pretrain", str(recipe), at=6)
+    with open(tmp_path / "run" / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 8, "train_lo')
+    code, _, err = run_cli("pretrain", str(recipe), "--resume")
+    assert code == 0, err
+    assert sorted(losses(tmp_path / "run")) == list(range(1, 11))
 
 
 GUARD = '''

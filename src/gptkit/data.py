@@ -94,6 +94,11 @@ def cache_root(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir or os.environ.get("GPTKIT_CACHE") or Path.home() / ".cache" / "gptkit")
 
 
+def cache_setting(cfg: DataConfig) -> str:
+    """What chose :func:`cache_root`, for a message about it."""
+    return "data.cache_dir" if cfg.cache_dir else "GPTKIT_CACHE" if os.environ.get("GPTKIT_CACHE") else "cache folder"
+
+
 def _hash_files(h, files: list[str]) -> None:
     """Each file's path, size and modification time into ``h``: an edited file gives another key."""
     for f in files:

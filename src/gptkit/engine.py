@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -30,7 +31,7 @@ import torch
 from gptkit import checkpoint, distributed, modeling
 from gptkit.errors import Interrupted, TrainingStopped, UserError
 from gptkit.recipe import DistributedConfig, TrainConfig
-from gptkit.tracking import Tracker, plot
+from gptkit.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ class Job:
     # state_dict when not None (gathered from shards); None: save_pretrained
     distributed: DistributedConfig | None = None  # sharding (None: whatever the Accelerator was built with)
     on_resumed: Callable[[], None] | None = None  # main process, once the checkpoint has loaded (records the resume)
+    on_saved: Callable[[], None] | None = None  # main process, after each checkpoint (the run has one of its own now)
 
 
 @torch.no_grad()
@@ -294,10 +296,28 @@ def _rng_state() -> dict:
 
 
 def _save(job: Job, step: int, model, opt, accelerator, counters: dict) -> None:
-    from safetensors.torch import save_model
-
     root = job.run_dir / "checkpoints"
     tmp = checkpoint.tmp_dir(root, step)
+    try:
+        _write_checkpoint(job, tmp, step, model, opt, accelerator, counters)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoint.finalize(root, step, job.cfg.keep_last)
+    except _WRITE_ERRORS as e:  # a full disk: the torn checkpoint goes, the last good one stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = checkpoint.latest(root)
+        then = (f"the last good checkpoint is {last}: free space, then run the same command with --resume" if last
+                else "there is no earlier checkpoint: free space, then start again with --overwrite")
+        raise TrainingStopped(f"could not write checkpoint {checkpoint.step_dir(root, step).name}: "
+                              f"{_write_error(e, root)}; {then}") from None
+    if accelerator.is_main_process and job.on_saved is not None:
+        job.on_saved()
+    accelerator.wait_for_everyone()
+
+
+def _write_checkpoint(job: Job, tmp: Path, step: int, model, opt, accelerator, counters: dict) -> None:
+    from safetensors.torch import save_model
+
     if accelerator.is_main_process:
         tmp.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
@@ -310,10 +330,30 @@ def _save(job: Job, step: int, model, opt, accelerator, counters: dict) -> None:
         if accelerator.scaler is not None:  # fp16: the loss scale and its growth tracker, for an exact resume
             torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **counters}))
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        checkpoint.finalize(root, step, job.cfg.keep_last)
-    accelerator.wait_for_everyone()
+
+
+def _write_errors() -> tuple[type[BaseException], ...]:
+    """What a failed write raises: OSError; torch.save's RuntimeError ("basic_ios::clear: iostream error", "unexpected
+    pos"), which names no errno; safetensors' own error type."""
+    from safetensors import SafetensorError
+
+    return OSError, RuntimeError, SafetensorError
+
+
+_WRITE_ERRORS = _write_errors()
+
+
+def _write_error(e: BaseException, where: Path) -> str:
+    """The error's first line and the space left where it wrote: one line that says whether the disk is full."""
+    from gptkit.rundir import size
+
+    detail = (e.strerror if isinstance(e, OSError) and e.strerror else
+              (str(e).strip().splitlines() or [type(e).__name__])[0][:200])
+    try:
+        free = f"{size(shutil.disk_usage(where if where.exists() else where.parent).free)} free on that disk"
+    except OSError:
+        free = "free space unknown"
+    return f"{detail} ({free} at {where})"
 
 
 def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
@@ -321,8 +361,10 @@ def _load(job: Job, model, opt, accelerator) -> tuple[int, dict, dict]:
 
     root = job.run_dir / "checkpoints"
     ckpt = checkpoint.latest(root)
-    if ckpt is None:
-        raise UserError(f"--resume: no complete checkpoint in {root}; start without --resume")
+    if ckpt is None:  # (every one damaged: rundir.check found them)
+        from gptkit.rundir import no_checkpoint
+
+        raise UserError(no_checkpoint(root))
     raw = accelerator.unwrap_model(model, keep_torch_compile=False)
     try:
         if not distributed.load_state(ckpt, model, opt, accelerator):
@@ -362,7 +404,14 @@ def save_model(accelerator, model, folder: Path, save: Callable[..., None] | Non
     """Every process calls it: ``folder`` gets the whole model (gathered when sharded), written by the main one."""
     state = distributed.full_state_dict(accelerator, model)
     if accelerator.is_main_process:
-        write_model(accelerator.unwrap_model(model, keep_torch_compile=False), Path(folder), state, save)
+        try:
+            write_model(accelerator.unwrap_model(model, keep_torch_compile=False), Path(folder), state, save)
+        except _WRITE_ERRORS as e:  # a full disk: the checkpoints hold the trained weights
+            last = checkpoint.latest(Path(folder) / "checkpoints")
+            then = (f"; checkpoint {last.name} holds the weights: free space, then run the same command with --resume "
+                    "to write the model" if last else "")
+            raise TrainingStopped(f"could not write the model to {folder}: {_write_error(e, Path(folder))}{then}"
+                                  ) from None
     accelerator.wait_for_everyone()
 
 
@@ -543,6 +592,4 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     finally:
         bar.close()
         tracker.close(status)
-    if main:
-        plot(job.run_dir)
-    return last
+    return last  # (the caller plots loss.png once the model is saved: tracking.plot)

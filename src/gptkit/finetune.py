@@ -14,7 +14,7 @@ from functools import partial
 from pathlib import Path
 
 from gptkit import data as data_mod
-from gptkit import modeling, rundir, tasks, trained
+from gptkit import modeling, rundir, tasks, tracking, trained
 from gptkit.errors import UserError
 from gptkit.recipe import Recipe
 
@@ -243,21 +243,24 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
         teacher = distill.load_teacher(recipe.model_copy(update={"task": task_name}), tokenizer, accelerator.device)
         loss_fn = distill.loss_fn(gen.where, teacher, recipe.distill.temperature, recipe.distill.alpha,
                                   partial(gen.weights, per=per), recipe.train.label_smoothing)
-    if accelerator.is_main_process and not resume:
-        rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
-    if accelerator.is_main_process and extra:  # where the extra figures come from
-        (run_dir / "extra_metrics.json").write_text(json.dumps([m.record() for m in extra], indent=1))
-    accelerator.wait_for_everyone()
-    job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
-                     loss_fn=loss_fn, count_fn=partial(task.count, per=per),
-                     eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,
-                     select=(recipe.finetune.metric or task.METRIC) if evaluate else None,
-                     select_higher=recipe.finetune.metric_higher_is_better,
-                     patience=recipe.finetune.patience, distributed=recipe.distributed,
-                     save=lambda m, path, state=None: trained.save(m, tokenizer, path, state),
-                     on_resumed=partial(rundir.resumed, run_dir, recipe, command or []))
-    result = engine.fit(job, accelerator)
+    fresh = accelerator.is_main_process and not resume
+    with rundir.new_run(run_dir, recipe, overwrite=overwrite, command=command or [], make=fresh):
+        if accelerator.is_main_process and extra:  # where the extra figures come from
+            (run_dir / "extra_metrics.json").write_text(json.dumps([m.record() for m in extra], indent=1))
+        accelerator.wait_for_everyone()
+        job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=run_dir, resume=resume,
+                         loss_fn=loss_fn, count_fn=partial(task.count, per=per),
+                         eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,
+                         select=(recipe.finetune.metric or task.METRIC) if evaluate else None,
+                         select_higher=recipe.finetune.metric_higher_is_better,
+                         patience=recipe.finetune.patience, distributed=recipe.distributed,
+                         save=lambda m, path, state=None: trained.save(m, tokenizer, path, state),
+                         on_resumed=partial(rundir.resumed, run_dir, recipe, command or []),
+                         on_saved=partial(rundir.started, run_dir))
+        result = engine.fit(job, accelerator)
     model = _keep_best(recipe, task_name, run_dir, tokenizer, model, accelerator, job.save)
+    if accelerator.is_main_process:
+        tracking.plot(run_dir)
     if accelerator.is_main_process and "test" in rows:
         result.update(_score_test(recipe, task, run_dir, tokenizer, rows["test"], model, extra))
     accelerator.wait_for_everyone()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gptkit import corpus
 from gptkit import data as data_mod
-from gptkit import modeling, rundir, trained
+from gptkit import modeling, rundir, tracking, trained
 from gptkit.errors import UserError
 from gptkit.recipe import Recipe
 from gptkit.tokenizer import build_tokenizer, load_local
@@ -55,6 +55,8 @@ def check(recipe: Recipe, *, describe: bool = False) -> Plan:
         raise UserError("data.train_files: empty; list at least one text file or glob")
     train = data_mod.resolve_files(recipe.data.train_files, "data.train_files")
     val = data_mod.resolve_files(recipe.data.val_files, "data.val_files") if recipe.data.val_files else []
+    # pretraining keeps its tokenizer and token streams there (fine-tuning goes on without it: data.cached_examples)
+    rundir.check_writable(data_mod.cache_root(recipe.data), data_mod.cache_setting(recipe.data))
     tok, mcfg = recipe.tokenizer, recipe.model
     if mcfg.init_from:
         modeling.model_dir(mcfg.init_from, "model.init_from")
@@ -174,8 +176,8 @@ def init(recipe: Recipe, *, overwrite: bool = False, command: list[str] | None =
     config = modeling.build_config(recipe.model, len(tokenizer), tokenizer.eos_token_id, tokenizer.pad_token_id)
     set_seed(recipe.train.seed)
     model = modeling.build_model(recipe.model, config, len(tokenizer))
-    rundir.create(run_dir, recipe, overwrite=overwrite, command=command or [])
-    trained.save(model, tokenizer, run_dir)
+    with rundir.new_run(run_dir, recipe, overwrite=overwrite, command=command or []):
+        trained.save(model, tokenizer, run_dir)
     return run_dir, sum(p.numel() for p in model.parameters())
 
 
@@ -224,16 +226,21 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False, force:
         loss_fn = distill.loss_fn(engine.causal_lm_where, teacher, recipe.distill.temperature, recipe.distill.alpha,
                                   smoothing=smoothing)
     rundir.check_disk_space(plan.run_dir, n_params, recipe.train.keep_last)
-    if accelerator.is_main_process and not resume:  # a resumed run has its tokenizer already
-        rundir.create(plan.run_dir, recipe, overwrite=overwrite, command=command or [])
-        tokenizer.save_pretrained(str(plan.run_dir))
-    accelerator.wait_for_everyone()
-    log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
-             n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
-    job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir, resume=resume,
-                     loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss, distributed=recipe.distributed,
-                     on_resumed=partial(rundir.resumed, plan.run_dir, recipe, command or []))
-    metrics = engine.fit(job, accelerator)
+    fresh = accelerator.is_main_process and not resume  # a resumed run has its tokenizer already
+    with rundir.new_run(plan.run_dir, recipe, overwrite=overwrite, command=command or [], make=fresh):
+        if fresh:
+            tokenizer.save_pretrained(str(plan.run_dir))
+        accelerator.wait_for_everyone()
+        log.info("model: %s, %.2fM parameters; %d train / %d val blocks of %d tokens", config.model_type,
+                 n_params / 1e6, len(train), len(val) if val else 0, recipe.model.context)
+        job = engine.Job(model=model, train_data=train, val_data=val, cfg=recipe.train, run_dir=plan.run_dir,
+                         resume=resume, loss_fn=loss_fn, eval_loss_fn=engine.causal_lm_loss,
+                         distributed=recipe.distributed,
+                         on_resumed=partial(rundir.resumed, plan.run_dir, recipe, command or []),
+                         on_saved=partial(rundir.started, plan.run_dir))
+        metrics = engine.fit(job, accelerator)
     save = lambda m, folder, state: trained.save(m, None, folder, state)  # noqa: E731 - the tokenizer is there
     engine.save_model(accelerator, model, plan.run_dir, save)
+    if accelerator.is_main_process:
+        tracking.plot(plan.run_dir)
     return metrics
