@@ -102,6 +102,8 @@ def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
     ({"train.lr": {"log_uniform": [1e-3, float("inf")]}}, ["space.yaml", "train.lr", "finite bounds"]),
     ({"train.lr": {"uniform": [float("-inf"), 1.0]}}, ["train.lr", "finite bounds"]),
     ({"params": 5}, ["space.yaml", "params", "mapping", "got 5"]),
+    ({"train.warmup_steps": {"uniform": [0, 3]}}, ["space.yaml", "train.warmup_steps", "integer", "{int: [0, 3]}"]),
+    ({"train.eval_batches": {"log_uniform": [1, 4]}}, ["train.eval_batches", "integer", "use {int: [1, 4]}"]),
 ])
 def test_bad_spaces_are_refused_before_any_trial(tmp_path, recipe, content, needles):
     code, _, err = run_cli("sweep", str(recipe), "--space", str(space(tmp_path, **content)), "--out", str(tmp_path / "sw"))
@@ -171,9 +173,9 @@ def test_resuming_with_a_changed_distribution_is_refused_before_anything_changes
     assert_user_error(code, err, "space.yaml", "train.lr", "has choice [0.001, 0.01], not choice [0.0001, 0.001]")
     assert (out / "space.yaml").read_text() == stored
     assert len(optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}").trials) == 1
-    s = space(tmp_path, trials=2, **{"train.lr": {"choice": [1e-3, 1e-2]}, "train.max_steps": {"uniform": [10, 30]}})
+    s = space(tmp_path, trials=2, **{"train.lr": {"choice": [1e-3, 1e-2]}, "train.max_steps": {"choice": [10, 30]}})
     code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
-    assert_user_error(code, err, "train.max_steps", "has int [10, 30], not uniform [10.0, 30.0]")
+    assert_user_error(code, err, "train.max_steps", "has int [10, 30], not choice [10, 30]")
     s = space(tmp_path, trials=1, **{"train.lr": {"choice": [1e-3, 1e-2]}, "train.max_steps": {"int": [5, 40]}})
     code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
     assert code == 0, err
@@ -337,3 +339,21 @@ def test_resuming_with_another_objective_or_grid_is_refused(tmp_path, recipe):
     code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
     assert_user_error(code, err, "the grid sweep being continued has another grid")
     assert len(optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}").trials) == 1
+
+
+def test_a_user_error_every_trial_repeats_stops_the_sweep(tmp_path, recipe):
+    """Trials failing with the same user error (a data file that is not there) stop the sweep at the second, in one
+    line and exit 2, rather than running (and failing) every trial."""
+    s = space(tmp_path, trials=4, pruner="none", **{"train.lr": {"choice": [1e-3, 2e-3]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"),
+                           f"data.train_files=[{tmp_path / 'gone.txt'}]")
+    assert_user_error(code, err, "trials 0 and 1 failed alike", "gone.txt", "not found")
+    assert not (tmp_path / "sw" / "trial-002.log").exists()
+
+
+def test_a_sweep_no_trial_finished_fails(tmp_path, recipe):
+    s = space(tmp_path, trials=1, pruner="none", **{"train.lr": {"choice": [1e-3]}})
+    code, out, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"),
+                             f"data.train_files=[{tmp_path / 'gone.txt'}]")
+    assert_user_error(code, err, "no trial finished", "FAIL", "trials.csv")
+    assert trials(tmp_path / "sw")[0]["state"] == "FAIL"

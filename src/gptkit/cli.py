@@ -280,8 +280,12 @@ def sweep(
         for r in rows:
             typer.echo(" | ".join(f"{r[c]:.6g}" if isinstance(r[c], float) else str(r[c]) for c in cols))
     best = result.get("best")
-    typer.echo((f"best: trial {best['trial']}, {result['metric']} {best['value']:.6g}; " if best else "no trial finished; ")
-               + f"wrote {result['out']}: trials.csv" + (", best.yaml, history.png" if best else ""))
+    if not best:  # a sweep without a result is a failed command (exit 2 when every trial failed with a user error)
+        typer.echo(f"error: no trial finished ({len(rows)} trial(s): {', '.join(sorted({r['state'] for r in rows}))}); "
+                   f"their errors are in {result['out']}/trials.csv and the trial-NNN.log files", err=True)
+        raise typer.Exit(2 if result["user_errors_only"] else 1)
+    typer.echo(f"best: trial {best['trial']}, {result['metric']} {best['value']:.6g}; wrote {result['out']}: "
+               "trials.csv, best.yaml, history.png")
 
 
 @app.command()

@@ -510,6 +510,14 @@ def _section_model(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def is_int_field(dotted: str) -> bool:
+    """Whether the schema types this dotted field as an integer (int or int | None): a sweep must not draw floats."""
+    parts = tuple(dotted.split("."))
+    model = _section_model(parts)
+    field = model.model_fields.get(parts[-1]) if model else None
+    return field is not None and field.annotation in (int, int | None, Optional[int])
+
+
 def format_validation_error(source: str, err: ValidationError) -> str:
     """One line for the first schema error: file, dotted field path, what was expected."""
     e = err.errors()[0]

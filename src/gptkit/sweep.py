@@ -21,11 +21,14 @@ The space file::
     train.lr: {log_uniform: [5.0e-4, 5.0e-3]}  # every value must pass the recipe's checks (lr >= train.min_lr)
     model.n_layer: {choice: [2, 4, 6]}
     train.batch_size: {int: [8, 32], step: 8}
-    train.warmup_steps: {uniform: [0, 100]}
+    model.dropout: {uniform: [0.0, 0.2]}   # an integer field (train.warmup_steps) takes int, not uniform
 
 Bounds are finite numbers (int: integers); ``step`` (optional) is a positive integer for int, a positive number for
 uniform, and is refused on log_uniform and choice; ``seed`` is an integer, ``metric`` a name. A bad value stops the
-sweep in one line naming the space file and key, before anything is written to the sweep folder.
+sweep in one line naming the space file and key, before anything is written to the sweep folder. A trial that fails
+with a user error (exit 2) is recorded and the sweep goes on (the error may belong to its values), unless an earlier
+trial failed with the same line: then every trial would, and the sweep stops with it. A sweep in which no trial
+finished exits non-zero (2 when every trial failed with a user error).
 """
 
 from __future__ import annotations
@@ -180,7 +183,7 @@ def _import_optuna():
         import optuna
     except ImportError:
         raise UserError("gptkit sweep needs the optuna package: pip install 'gptkit[sweep]'") from None
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # its failed-trial warning carries a traceback; ours is a line
     return optuna
 
 
@@ -209,13 +212,18 @@ class Sweep:
     direction: str
     command: str
     poll: float = 1.0
+    user_errors: dict[str, int] = field(default_factory=dict)  # a trial's user-error line -> the first trial it ended
 
     def check_params(self) -> None:
         """Every field the space names is a recipe field that takes the values it may be given, before any trial."""
-        from gptkit.recipe import load_recipe
+        from gptkit.recipe import is_int_field, load_recipe
 
         for name, dist in self.space.params.items():
             kind = next(iter(set(dist) & DISTRIBUTIONS))
+            if kind in ("uniform", "log_uniform") and is_int_field(name):  # its bounds pass, every draw between fails
+                lo, hi = dist[kind]
+                raise UserError(f"{self.space.source}: {name}: an integer field; {kind} draws fractional values, use "
+                                f"{{int: [{math.ceil(lo)}, {math.floor(hi)}]}}")
             samples = dist[kind] if kind in ("choice", "int", "uniform", "log_uniform") else []
             for value in samples:
                 value = int(value) if kind == "int" else value
@@ -262,6 +270,15 @@ class Sweep:
         if proc.returncode != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
             trial.set_user_attr("error", tail[0][:300])
+            trial.set_user_attr("exit", proc.returncode)
+            log.warning("sweep: trial %d failed (exit %d): %s (%s)", trial.number, proc.returncode, tail[0][:200],
+                        log_path)
+            if proc.returncode == 2:  # a user error: the same line from trials with other values repeats in all
+                line = tail[0].removeprefix("error: ")
+                earlier = self.user_errors.setdefault(line, trial.number)
+                if earlier != trial.number:
+                    raise UserError(f"trials {earlier} and {trial.number} failed alike, so every trial would "
+                                    f"({log_path}): {line}")
             raise RuntimeError(f"trial {trial.number} exited with {proc.returncode}: {tail[0][:200]}")
         if best is None:  # a misnamed objective: every trial would fail the same way, so the sweep stops here
             logged = sorted({k for row in _rows(run / "metrics.jsonl") for k in row if k.startswith("val_")})
@@ -446,7 +463,8 @@ def report(study, sweep: Sweep, recipe_to_yaml, load_recipe) -> dict:
         writer.writeheader()
         writer.writerows(table)
     complete = [t for t in trials if t.state.name == "COMPLETE"]
-    result = {"trials": table, "metric": sweep.metric, "direction": sweep.direction, "out": str(sweep.out)}
+    result = {"trials": table, "metric": sweep.metric, "direction": sweep.direction, "out": str(sweep.out),
+              "user_errors_only": bool(trials) and all(t.user_attrs.get("exit") == 2 for t in trials)}
     if complete:
         best = study.best_trial
         recipe = load_recipe(sweep.recipe_path, [*sweep.overrides, *(_override(k, v) for k, v in best.params.items()),
