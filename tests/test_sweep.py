@@ -357,3 +357,17 @@ def test_a_sweep_no_trial_finished_fails(tmp_path, recipe):
                              f"data.train_files=[{tmp_path / 'gone.txt'}]")
     assert_user_error(code, err, "no trial finished", "FAIL", "trials.csv")
     assert trials(tmp_path / "sw")[0]["state"] == "FAIL"
+
+
+@pytest.mark.parametrize("storage, needles", [
+    ("bogus://x", ["--storage", "bogus://x", "Can't load plugin"]),
+    ("sqlite:///{tmp}/no/such/dir/x.db", ["--storage", "unable to open database file"]),
+    ("journal:{tmp}/no/such/dir/j.log", ["--storage", "No such file or directory"]),
+    ("postgresql://u@localhost:1/db", ["--storage", "postgresql://u@localhost:1/db"]),  # no driver, or no server
+])
+def test_a_storage_that_cannot_be_opened_is_one_line(tmp_path, recipe, storage, needles):
+    s = space(tmp_path, trials=1, **{"train.lr": {"choice": [1e-3]}})
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "sw"),
+                           "--storage", storage.format(tmp=tmp_path))
+    assert_user_error(code, err, *needles)
+    assert not (tmp_path / "sw").exists()

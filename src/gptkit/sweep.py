@@ -357,9 +357,8 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
             shutil.rmtree(out)
     if own_db:
         out.mkdir(parents=True, exist_ok=True)
-    study = optuna.create_study(study_name=STUDY, storage=_storage(optuna, storage, own_db),
-                                sampler=_sampler(optuna, space), pruner=_pruner(optuna, space), direction=direction,
-                                load_if_exists=True)
+    study = _open_study(optuna, storage, own_db, sampler=_sampler(optuna, space), pruner=_pruner(optuna, space),
+                        direction=direction)
     _check_continues(optuna, study, space, metric, direction)  # before the stored space.yaml is replaced
     out.mkdir(parents=True, exist_ok=True)
     (out / "space.yaml").write_text(space_text)
@@ -437,6 +436,24 @@ def _storage(optuna, url: str, own: bool):
         return url
     return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60,
                                       failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+
+
+def _open_study(optuna, url: str, own: bool, **settings):
+    """The study, created or loaded; a storage that cannot be opened (an unknown scheme, no driver, a folder that is
+    not there, no server) is the user's one line, not SQLAlchemy's traceback."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    flag = "--out" if own else "--storage"
+    try:
+        return optuna.create_study(study_name=STUDY, storage=_storage(optuna, url, own), load_if_exists=True,
+                                   **settings)
+    except ImportError:
+        raise UserError(f"{flag}: {url}: no database driver for '{url.split(':')[0]}' is installed (e.g. pip install "
+                        "psycopg2-binary for postgresql://)") from None
+    except (OSError, SQLAlchemyError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(getattr(e, "orig", None) or e)
+        raise UserError(f"{flag}: cannot open the study at {url} ({reason.splitlines()[0]}); expected "
+                        "postgresql://..., sqlite:///PATH or journal:PATH in an existing folder") from None
 
 
 def _retry_interrupted(optuna, study) -> None:
