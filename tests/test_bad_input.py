@@ -64,6 +64,15 @@ def _cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list[str]]]:
         ("precision without gpu", ["pretrain", recipe("bf", train={"precision": "bf16"})], ["train.precision"]),
         ("generate from an uncached hub id", ["generate", "gpt2", "--prompt", "hi"], ["gpt2", "hf download gpt2"]),
         ("generate bad option", ["generate", str(tmp), "--top-p", "1.5"], ["top_p"]),
+        ("typo'd columns key", ["validate", recipe("tc", data={"columns": {"sorce": "de"}}), "task=translate"],
+         ["tc.yaml", "data.columns.sorce", "not a field", "did you mean 'source'"]),
+        ("typo'd columns override", ["finetune", recipe("tco"), "--task", "classify", "data.columns.txt=sentence"],
+         ["command-line override", "data.columns.txt", "text, label, text_pair", "did you mean 'text'"]),
+        ("multitask entry columns", ["validate", recipe("mtc"), "task=multitask",
+                                     "finetune.tasks=[{task: summarize, train_files: [x.jsonl], columns: {doc: a}}]"],
+         ["finetune.tasks[0].columns.doc", "did you mean 'document'"]),
+        ("columns in a pretrain recipe", ["pretrain", recipe("pc", data={"columns": {"text": "body"}})],
+         ["pc.yaml", "data.columns", "data.text_column"]),
     ]
 
 
@@ -368,3 +377,16 @@ def test_resume_of_a_damaged_run_record_or_metrics_log_rewrites_nothing(tmp_path
     code, _, err = run_cli("pretrain", str(recipe), "--resume")
     assert_user_error(code, err, f"{run / 'metrics.jsonl'}: line 1 is not a metrics row")
     assert snapshot(run) == before
+
+
+def test_load_rows_refuses_a_columns_key_the_task_lacks(tmp_path):
+    """The data layer too (a recipe built in Python, a multitask entry): a typo'd key is never dropped in silence."""
+    from gptkit.data import load_rows
+    from gptkit.errors import UserError
+
+    rows = tmp_path / "t.jsonl"
+    rows.write_text('{"de": "hallo", "en": "hello"}\n')
+    with pytest.raises(UserError, match=r"data.columns.sorce: not a field .*did you mean 'source'"):
+        load_rows([str(rows)], "data.train_files", ("source", "target"), ("synthetic",), {"sorce": "de", "target": "en"})
+    assert load_rows([str(rows)], "data.train_files", ("source", "target"), (), {"source": "de", "target": "en"})[0] \
+        == {"source": "hallo", "target": "hello"}

@@ -69,10 +69,15 @@ def resolve_recipe_path(name: str) -> Path:
     raise UserError(f"{name}: recipe file not found (nor a bundled recipe; `gptkit recipes` lists them)")
 
 
-def _load(recipe: str, overrides: list[str] | None):
-    from gptkit.recipe import load_recipe
+def _load(recipe: str, overrides: list[str] | None, task: str | None = None):
+    """The recipe, its data.columns checked against the task the command runs (--task wins over the recipe's)."""
+    from gptkit.recipe import check_columns, load_recipe
 
-    return load_recipe(resolve_recipe_path(recipe), overrides or [])
+    path = resolve_recipe_path(recipe)
+    rec = load_recipe(path, overrides or [])
+    named = any(o.split("=", 1)[0].startswith(("data.columns", "finetune.tasks")) for o in overrides or [])
+    check_columns(rec, task or rec.task, "command-line override" if named else str(path))
+    return rec
 
 
 @app.command()
@@ -88,7 +93,7 @@ def pretrain(
     """Train a tokenizer and a GPT-style causal LM from scratch (or continue one) on local text."""
     from gptkit import pretrain as task
 
-    rec = _load(recipe, overrides)
+    rec = _load(recipe, overrides, "pretrain")
     if prepare:
         ready = task.prepare(rec)
         typer.echo(f"prepared: {ready['train_tokens']:,} training and {ready['val_tokens']:,} validation tokens in "
@@ -130,7 +135,9 @@ def finetune(
     from gptkit import finetune as ft
     from gptkit.tasks import FINETUNE_TASKS
 
-    rec = _load(recipe, overrides)
+    if task is not None and task not in FINETUNE_TASKS:
+        raise UserError(f"--task: '{task}' is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)}")
+    rec = _load(recipe, overrides, task)
     name = task or rec.task
     if name not in FINETUNE_TASKS:
         raise UserError(f"--task: '{name}' is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)}")

@@ -27,7 +27,7 @@ import numpy as np
 from gptkit.corpus import FORMATS as _BUILDERS
 from gptkit.corpus import STREAM_FORMAT
 from gptkit.errors import UserError
-from gptkit.recipe import DataConfig
+from gptkit.recipe import DataConfig, column_fields_check
 
 log = logging.getLogger(__name__)
 PROGRESS_EVERY = 5.0  # seconds between records of how far an interrupted tokenization got
@@ -496,6 +496,8 @@ def load_rows(files: list[str], field: str, fields: tuple[str, ...], optional: t
     paths = resolve_files(files, field)
     table = load_table(paths, field)
     cols = columns or {}
+    column_fields_check(cols, (*fields, *optional), field.rsplit(".", 1)[0] + ".columns" if field.startswith(
+        "finetune.tasks[") else "data.columns")
     wanted = {f: cols.get(f, f) for f in (*fields, *optional)}
     missing = [f"{c}" + (f" (data.columns.{f})" if f in cols else "") for f, c in wanted.items()
                if f in fields and c not in table.column_names]

@@ -550,6 +550,34 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         raise UserError(format_validation_error(source, err)) from None
 
 
+def column_fields_check(columns: dict[str, str], fields: tuple[str, ...], where: str) -> None:
+    """Every key of a columns mapping names one of the task's fields: a typo (sorce: de) was dropped in silence,
+    and the run read the default column or failed on a column it was told to rename."""
+    for key in columns:
+        if key not in fields:
+            match = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
+            raise UserError(f"{where}.{key}: not a field of the task; its fields are {', '.join(fields)}"
+                            + (f" (did you mean '{match[0]}'?)" if match else ""))
+
+
+def check_columns(recipe: Recipe, task: str, source: str) -> None:
+    """data.columns (and each multitask entry's columns) against the fields of the task the command runs, known only
+    once --task is read; pretraining reads data.text_column and a multitask run each entry's columns, so
+    data.columns there would be ignored."""
+    from gptkit import tasks
+
+    if recipe.data.columns and task in ("pretrain", "multitask"):
+        instead = "data.text_column" if task == "pretrain" else "finetune.tasks[i].columns"
+        raise UserError(f"{source}: data.columns: task {task} does not read it (it reads {instead})")
+    if task == "multitask":
+        for i, sub in enumerate(recipe.finetune.tasks):
+            module = tasks.load(sub.task)
+            column_fields_check(sub.columns, (*module.FIELDS, *module.OPTIONAL), f"{source}: finetune.tasks[{i}].columns")
+    elif task != "pretrain":
+        module = tasks.load(task)
+        column_fields_check(recipe.data.columns, (*module.FIELDS, *module.OPTIONAL), f"{source}: data.columns")
+
+
 def recipe_to_yaml(recipe: Recipe) -> str:
     """The fully resolved recipe as YAML (what gets written into the run directory)."""
     return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False, allow_unicode=True)

@@ -329,11 +329,12 @@ def _pruner(optuna, space: Space):
 def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *, storage: str | None = None,
         resume: bool = False, overwrite: bool = False) -> dict:
     """Run (or continue) the study until ``space.trials`` trials have finished; write the table, best.yaml, plots."""
-    from gptkit.recipe import load_recipe, recipe_to_yaml
+    from gptkit.recipe import check_columns, load_recipe, recipe_to_yaml
 
     optuna = _import_optuna()
     space = read_space(space_path)
     recipe = load_recipe(recipe_path, overrides)
+    check_columns(recipe, recipe.task, str(recipe_path))  # a trial would refuse it, as every other one
     metric, direction = _objective_name(recipe, space)
     own_db = storage is None
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
