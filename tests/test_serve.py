@@ -647,6 +647,9 @@ def test_task_endpoints_answer_as_the_task_predicts(task_runs):
     (["{base}", "--max-batch", "0"], ["--max-batch", ">= 1"]),
     (["{base}", "--drain-seconds", "-1"], ["--drain-seconds", ">= 0"]),
     (["{base}", "--host", "203.0.113.9"], ["--host/--port", "cannot listen"]),  # not this machine's address
+    (["{base}", "--wait-ms", "nan"], ["--wait-ms", "finite", "nan"]),
+    (["{base}", "--drain-seconds", "nan"], ["--drain-seconds", "finite"]),
+    (["{base}", "--drain-seconds", "inf"], ["--drain-seconds", "finite"]),
 ])
 def test_bad_serve_arguments_are_one_line(base, tmp_path, args, needles):
     from conftest import assert_user_error, run_cli
@@ -654,6 +657,14 @@ def test_bad_serve_arguments_are_one_line(base, tmp_path, args, needles):
     fill = {"missing": str(tmp_path / "nothing"), "base": str(base)}
     code, _, err = run_cli("serve", *(a.format(**fill) for a in args), "--port", "0")
     assert_user_error(code, err, *(n.format(**fill) for n in needles))
+
+
+@pytest.mark.parametrize("port", ["-1", "65536", "70000"])
+def test_a_port_out_of_range_is_one_line(base, port):
+    from conftest import assert_user_error, run_cli
+
+    code, _, err = run_cli("serve", str(base), "--port", port)
+    assert_user_error(code, err, "--port", "0", "65535", port)
 
 
 @pytest.mark.parametrize("hidden", ["fastapi", "uvicorn"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import signal
 import socket
 import threading
@@ -39,8 +40,10 @@ def run(model: str, *, host: str = "127.0.0.1", port: int = 8000, name: str | No
     for flag, value, low in (("--max-batch", max_batch, 1), ("--max-tokens", max_tokens, 1),
                              ("--max-request-bytes", max_request_bytes, 1024), ("--wait-ms", wait_ms, 0),
                              ("--drain-seconds", drain_seconds, 0)):
-        if value < low:
-            raise UserError(f"{flag}: expected >= {low}, got {value}")
+        if not math.isfinite(value) or value < low:  # nan passes every comparison; inf never times out
+            raise UserError(f"{flag}: expected a finite number >= {low}, got {value}")
+    if not 0 <= port <= 65535:  # bind() raises OverflowError, not OSError, beyond them
+        raise UserError(f"--port: expected 0 (any free port) to 65535, got {port}")
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
