@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gptkit.cli import bundled_recipes_dir
 from gptkit.errors import UserError
@@ -87,6 +88,25 @@ def test_override_errors_name_the_command_line(tmp_path):
     with pytest.raises(UserError) as info:
         load_recipe(path, ["tokenizer.train_bytes=lots"])
     assert str(info.value).count("got 'lots'") == 1, info.value
+    with pytest.raises(UserError, match=r"^command-line override: foo: unknown key"):  # fails above the key given
+        load_recipe(path, ["foo.bar=1"])
+    with pytest.raises(UserError, match=r"^command-line override: train: min_lr \(0.001\) must not exceed lr"):
+        load_recipe(path, ["train.min_lr=1e-3"])  # a check of the section the override is in
+
+
+def test_the_default_floor_follows_the_learning_rate(tmp_path):
+    """train.min_lr unset is lr / 10 (nanoGPT's rule; 3e-5 at the default lr, as before), recorded in the run's
+    recipe: a fine-tuning lr of 1e-5 is no longer refused by a fixed 3e-5 floor, and LoRA's lr brings its own."""
+    from gptkit.recipe import recipe_to_yaml
+
+    path = write(tmp_path / "r.yaml", "{}\n")
+    assert load_recipe(path).train.min_lr == 3e-5
+    low = load_recipe(path, ["train.lr=1e-5"])
+    assert (low.train.lr, low.train.min_lr) == (1e-5, 1e-6)
+    assert yaml.safe_load(recipe_to_yaml(low))["train"]["min_lr"] == 1e-6
+    assert load_recipe(path, ["finetune.method=lora"]).train.min_lr == 1e-4
+    assert load_recipe(path, ["train.lr=1e-5", "train.min_lr=0"]).train.min_lr == 0
+    assert load_recipe(write(tmp_path / "s.yaml", "train: {lr: 1.0e-3, min_lr: 5.0e-4}\n")).train.min_lr == 5e-4
 
 
 @pytest.mark.parametrize(

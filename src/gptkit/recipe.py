@@ -171,7 +171,10 @@ class TrainConfig(_Section):
     batch_size: int = Field(8, ge=1, description="Micro-batch size per process.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per optimizer step.")
     lr: float = Field(3e-4, gt=0.0, description="Peak learning rate (AdamW); unset with finetune.method lora: 1e-3.")
-    min_lr: float = Field(3e-5, ge=0.0, description="Floor the schedule decays to.")
+    min_lr: float | None = Field(
+        None, ge=0.0, description="Floor the schedule decays to (None: lr / 10, as nanoGPT; resolved, so the recipe "
+        "saved with the run shows it)."
+    )
     warmup_steps: int = Field(100, ge=0, description="Linear warmup steps from 0 to lr.")
     schedule: Literal["cosine", "linear", "constant"] = Field("cosine", description="Decay after warmup.")
     weight_decay: float = Field(0.1, ge=0.0, description="AdamW decay; never applied to biases and norms.")
@@ -210,6 +213,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _floor_below_peak(self) -> TrainConfig:
+        if "min_lr" not in self.model_fields_set:  # a fixed default floor refused any lower lr (fine-tuning's 1e-5)
+            self.__dict__["min_lr"] = float(f"{self.lr / 10:.12g}")  # 3e-4 -> 3e-05, not 2.9999999999999997e-05;
+            # __dict__, not an assignment, which would validate (and resolve) again
         if self.min_lr > self.lr:
             raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
         return self
@@ -351,7 +357,7 @@ class Recipe(_Section):
         """LoRA's low-rank updates learn with a larger step than full fine-tuning: unless the recipe sets
         train.lr, a LoRA fine-tune uses LORA_LR (resolved here, so the recipe saved with the run shows it)."""
         if self.finetune.method == "lora" and "lr" not in self.train.model_fields_set:
-            self.train.lr = LORA_LR
+            self.train.lr = LORA_LR  # validated again: a default min_lr follows it (lr / 10)
             self.train.model_fields_set.add("lr")
         return self
 
@@ -545,7 +551,8 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     except ValidationError as err:
         loc = tuple(str(p) for p in err.errors()[0]["loc"])
         # an override names the field, or a part of it (train.lr.x=5 fails at train.lr; a list item below its field)
-        source = "command-line override" if any(loc[: len(k)] == k or len(loc) > 1 and k[: len(loc)] == loc
+        # (foo.bar=1 fails at foo; train.lr=1e-5 at train, where min_lr is checked against it)
+        source = "command-line override" if any(loc[: len(k)] == k or loc and k[: len(loc)] == loc
                                                 for k in keys) else str(path)
         raise UserError(format_validation_error(source, err)) from None
 
