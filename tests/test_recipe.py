@@ -94,6 +94,15 @@ def test_override_errors_name_the_command_line(tmp_path):
         load_recipe(path, ["train.min_lr=1e-3"])  # a check of the section the override is in
 
 
+def test_a_glob_in_a_list_override_asks_for_quotes(tmp_path):
+    """[*.txt] is not YAML (* starts an alias): one line showing the quoted form, never the text taken for a path."""
+    path = write(tmp_path / "r.yaml", "{}\n")
+    with pytest.raises(UserError, match=r"^override 'data.train_files=\[\*.txt, b.txt\]': not valid YAML .*alias.*"
+                                        r"e.g. data.train_files=\['\*.txt', 'b.txt'\]$"):
+        load_recipe(path, ["data.train_files=[*.txt, b.txt]"])
+    assert load_recipe(path, ["data.train_files=['*.txt']"]).data.train_files == [str(Path.cwd() / "*.txt")]
+
+
 def test_the_default_floor_follows_the_learning_rate(tmp_path):
     """train.min_lr unset is lr / 10 (nanoGPT's rule; 3e-5 at the default lr, as before), recorded in the run's
     recipe: a fine-tuning lr of 1e-5 is no longer refused by a fixed 3e-5 floor, and LoRA's lr brings its own."""

@@ -459,7 +459,15 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
         return parts, value
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
-    except yaml.YAMLError:
+    except yaml.YAMLError as e:
+        text = value.strip()
+        if text[:1] in ("[", "{"):  # a list or mapping, not text: its raw form would be taken for a path
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            inner = text[1:-1] if text[-1:] == "]" else text[1:]
+            why = " (a glob's * starts a YAML alias)" if "*" in text else ""
+            hint = (f"; quote each item{why}, e.g. "
+                    f"{key}=[{', '.join(repr(x.strip()) for x in inner.split(','))}]") if text[0] == "[" else ""
+            raise UserError(f"override '{item}': not valid YAML ({problem}){hint}") from None
         parsed = value
     return parts, parsed
 
