@@ -71,6 +71,9 @@ def _cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list[str]]]:
         ("multitask entry columns", ["validate", recipe("mtc"), "task=multitask",
                                      "finetune.tasks=[{task: summarize, train_files: [x.jsonl], columns: {doc: a}}]"],
          ["finetune.tasks[0].columns.doc", "did you mean 'document'"]),
+        ("deepspeed config not there", ["validate", recipe("dsc", distributed={"strategy": "deepspeed",
+                                                                             "deepspeed_config": "zero9.json"})],
+         ["dsc.yaml", "distributed.deepspeed_config", str(tmp / "zero9.json"), "not found"]),
         ("columns in a pretrain recipe", ["pretrain", recipe("pc", data={"columns": {"text": "body"}})],
          ["pc.yaml", "data.columns", "data.text_column"]),
     ]

@@ -94,6 +94,15 @@ def test_override_errors_name_the_command_line(tmp_path):
         load_recipe(path, ["train.min_lr=1e-3"])  # a check of the section the override is in
 
 
+def test_the_deepspeed_config_resolves_against_the_recipe_folder(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    path = write(tmp_path / "sub" / "r.yaml", "distributed: {strategy: deepspeed, deepspeed_config: zero2.json}\n")
+    monkeypatch.chdir(tmp_path)
+    assert load_recipe(path).distributed.deepspeed_config == str(tmp_path / "sub" / "zero2.json")
+    assert load_recipe(path, ["distributed.deepspeed_config=z.json"]).distributed.deepspeed_config == \
+        str(tmp_path / "z.json")  # an override: the working directory, as every path override
+
+
 def test_a_glob_in_a_list_override_asks_for_quotes(tmp_path):
     """[*.txt] is not YAML (* starts an alias): one line showing the quoted form, never the text taken for a path."""
     path = write(tmp_path / "r.yaml", "{}\n")

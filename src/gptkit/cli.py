@@ -70,13 +70,18 @@ def resolve_recipe_path(name: str) -> Path:
 
 
 def _load(recipe: str, overrides: list[str] | None, task: str | None = None):
-    """The recipe, its data.columns checked against the task the command runs (--task wins over the recipe's)."""
-    from gptkit.recipe import check_columns, load_recipe
+    """The recipe, its data.columns checked against the task the command runs (--task wins over the recipe's), and
+    its DeepSpeed config found."""
+    from gptkit.recipe import check_columns, check_deepspeed_config, load_recipe
 
     path = resolve_recipe_path(recipe)
     rec = load_recipe(path, overrides or [])
-    named = any(o.split("=", 1)[0].startswith(("data.columns", "finetune.tasks")) for o in overrides or [])
-    check_columns(rec, task or rec.task, "command-line override" if named else str(path))
+
+    def source(*keys: str) -> str:
+        return "command-line override" if any(o.split("=", 1)[0].startswith(keys) for o in overrides or []) else str(path)
+
+    check_columns(rec, task or rec.task, source("data.columns", "finetune.tasks"))
+    check_deepspeed_config(rec, source("distributed"))
     return rec
 
 

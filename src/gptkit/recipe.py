@@ -391,7 +391,8 @@ def _read_yaml(path: Path) -> dict[str, Any]:
 
 
 # Input-path fields, resolved against the folder of the file that names them.
-_PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir"), ("distill", "teacher")}
+_PATH_FIELDS = {("model", "init_from"), ("tokenizer", "path"), ("data", "cache_dir"), ("distill", "teacher"),
+                ("distributed", "deepspeed_config")}
 _PATH_LIST_FIELDS = {("data", "train_files"), ("data", "val_files"), ("data", "test_files"), ("finetune", "extra_metrics")}
 
 
@@ -573,6 +574,16 @@ def column_fields_check(columns: dict[str, str], fields: tuple[str, ...], where:
             match = difflib.get_close_matches(key, fields, n=1, cutoff=0.5)
             raise UserError(f"{where}.{key}: not a field of the task; its fields are {', '.join(fields)}"
                             + (f" (did you mean '{match[0]}'?)" if match else ""))
+
+
+def check_deepspeed_config(recipe: Recipe, source: str) -> None:
+    """strategy deepspeed's ZeRO JSON exists (checked where a command runs, not when a saved run's recipe is read:
+    only the launch needs it)."""
+    path = recipe.distributed.deepspeed_config
+    if recipe.distributed.strategy == "deepspeed" and path and not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "not found"
+        raise UserError(f"{source}: distributed.deepspeed_config: {path} {what}; expected a ZeRO JSON file such as "
+                        "recipes/accelerate/deepspeed/zero2.json")
 
 
 def check_columns(recipe: Recipe, task: str, source: str) -> None:
