@@ -393,3 +393,10 @@ def test_load_rows_refuses_a_columns_key_the_task_lacks(tmp_path):
         load_rows([str(rows)], "data.train_files", ("source", "target"), ("synthetic",), {"sorce": "de", "target": "en"})
     assert load_rows([str(rows)], "data.train_files", ("source", "target"), (), {"source": "de", "target": "en"})[0] \
         == {"source": "hallo", "target": "hello"}
+
+
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "abc"), ("RANK", "x"), ("RANK", "-1")])
+def test_a_launcher_variable_set_to_text_is_one_line(tmp_path, corpus, monkeypatch, name, value):
+    monkeypatch.setenv(name, value)
+    code, _, err = run_cli("validate", str(tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")))
+    assert_user_error(code, err, f"environment variable {name}", repr(value))

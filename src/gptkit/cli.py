@@ -473,10 +473,23 @@ def recipes_show(name: Annotated[str, typer.Argument(help="Bundled recipe name, 
 TRAINING_COMMANDS = ("pretrain", "finetune", "distill")  # the commands that run on every process of a launch
 
 
+def _env_int(name: str, default: int) -> int:
+    """A launcher's variable (torchrun and accelerate set them): set by hand to text, it is the user's error."""
+    value = os.environ.get(name, str(default))
+    try:
+        number = int(value)
+    except ValueError:
+        raise UserError(f"environment variable {name}: expected a non-negative integer (set by torchrun or accelerate "
+                        f"launch), got {value!r}") from None
+    if number < 0:
+        raise UserError(f"environment variable {name}: expected a non-negative integer, got {value!r}")
+    return number
+
+
 def _idle_rank(args: list[str]) -> bool:
     """Under torchrun / accelerate launch, a command that does not train (eval, generate, augment, ...) runs on the
     main process alone: the others exit at once (each used to repeat the work and append to the same files)."""
-    world, rank = int(os.environ.get("WORLD_SIZE", "1")), int(os.environ.get("RANK", "0"))
+    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
     command = next((a for a in args if not a.startswith("-")), None)
     if world <= 1 or command in TRAINING_COMMANDS:
         return False
@@ -494,9 +507,9 @@ def main(argv: list[str] | None = None) -> None:
         from click.exceptions import UsageError
 
     _setup_offline_and_logging()
-    if _idle_rank(argv if argv is not None else sys.argv[1:]):
-        sys.exit(0)
     try:
+        if _idle_rank(argv if argv is not None else sys.argv[1:]):
+            sys.exit(0)
         code = app(args=argv, prog_name="gptkit", standalone_mode=False)
     except UsageError as e:
         ctx = f" (gptkit {e.ctx.info_name})" if e.ctx and e.ctx.info_name != "gptkit" else ""
