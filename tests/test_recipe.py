@@ -138,6 +138,10 @@ def test_the_default_floor_follows_the_learning_rate(tmp_path):
         ("model: {arch: llama, n_embd: 12, n_head: 4}\n", r"even width for its rotary embedding; n_embd / n_head = 3"),
         ("train: {lr: 1.0e-4, min_lr: 1.0e-3}\n", r"min_lr .* must not exceed lr"),
         ("tokenizer: {kind: pretrained}\n", r"needs tokenizer.path"),
+        ("train: {lr: .inf}\n", r"train.lr: .*finite number"),
+        ("train: {weight_decay: .inf}\n", r"train.weight_decay: .*finite number"),
+        ("train: {grad_clip: .nan}\n", r"train.grad_clip: .*finite number"),
+        ("output: {dir: ''}\n", r"output.dir: expected a folder .* empty path"),
         ("model: {arch: bert}\n", r"model.arch: .*'gpt2', 'llama', 'bart' or 't5'"),
     ],
 )
@@ -168,8 +172,10 @@ def test_a_folder_is_not_taken_for_a_recipe(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pretrain" / "tiny").mkdir(parents=True)  # ./pretrain/tiny/ beside the user: not the recipe
     assert resolve_recipe_path("pretrain/tiny") == bundled_recipes_dir() / "pretrain" / "tiny.yaml"
-    with pytest.raises(UserError, match="pretrain: recipe file not found"):
+    with pytest.raises(UserError, match="pretrain: is a directory, expected a YAML recipe file"):
         resolve_recipe_path("pretrain")
+    with pytest.raises(UserError, match="nothing: recipe file not found"):
+        resolve_recipe_path("nothing")
 
 
 def test_file_level_errors(tmp_path):

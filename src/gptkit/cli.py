@@ -66,6 +66,9 @@ def resolve_recipe_path(name: str) -> Path:
     for cand in (root / name, root / f"{name}.yaml"):
         if cand.is_file():
             return cand
+    if p.is_dir():
+        raise UserError(f"{name}: is a directory, expected a YAML recipe file (nor is it a bundled recipe; "
+                        "`gptkit recipes` lists them)")
     raise UserError(f"{name}: recipe file not found (nor a bundled recipe; `gptkit recipes` lists them)")
 
 

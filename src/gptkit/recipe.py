@@ -38,7 +38,8 @@ def parse_size(text: str) -> int:
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # a float field is a finite number: lr .inf or weight_decay .nan would pass the bounds (or every comparison)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class ModelConfig(_Section):
@@ -334,6 +335,13 @@ class OutputConfig(_Section):
     """Where the run directory goes."""
 
     dir: str = Field("runs/default", description="Run directory (relative to the working directory).")
+
+    @field_validator("dir")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not v.strip():  # an empty path is the working directory: a run would be written (and replaced) there
+            raise ValueError("expected a folder for the run such as runs/my-run, got an empty path")
+        return v
 
 
 class Recipe(_Section):
