@@ -151,3 +151,15 @@ def test_empty_back_translations_are_skipped_and_counted(tmp_path, reverse_run, 
     code, _, err = run_cli(*args, "--out", str(tmp_path / "pairs.jsonl"), "--overwrite")
     assert_user_error(code, err, "empty")
     assert [r["target"] for r in lines(tmp_path / "pairs.jsonl")] == [r["target"] for r in rows]
+
+
+def test_out_that_is_the_data_file_is_refused(tmp_path, monkeypatch):
+    """--out naming the --data file (as written, or by another path to it): --overwrite replaced the user's input."""
+    mono = write_jsonl(tmp_path / "mono.jsonl", [{"target": r["target"]} for r in translate_rows(4, 5)])
+    before = mono.read_bytes()
+    monkeypatch.chdir(tmp_path)
+    for out, extra in ((str(mono), ["--overwrite"]), ("./mono.jsonl", ["--overwrite"]), (str(mono), ["--resume"])):
+        code, _, err = run_cli("augment", "backtranslate", "--model", str(tmp_path / "no-model"), "--data", str(mono),
+                               "--out", out, *extra)
+        assert_user_error(code, err, "--out", "mono.jsonl", "is the --data file")
+        assert mono.read_bytes() == before

@@ -75,6 +75,8 @@ def backtranslate(opts: Options) -> dict:
     for flag, value in (("--num-beams", opts.num_beams), ("--max-new-tokens", opts.max_new_tokens)):
         if value is not None and value < 1:  # --num-beams 0 would otherwise read as "not given" (the run's width)
             raise UserError(f"{flag}: must be >= 1, got {value}")
+    if out.resolve() == data.resolve():  # --overwrite (or --resume's truncation) would destroy the input
+        raise UserError(f"--out: {out} is the --data file; write the pairs to another file")
     if out.is_dir():
         raise UserError(f"--out: {out} is a directory; expected a JSON lines file to write the pairs to")
     above = next((p for p in out.absolute().parents if p.exists()), None)
