@@ -238,6 +238,11 @@ def test_help_names_every_task_and_hub_ids():
     assert re.search(r"--model \S+ .*ORG/NAME\[@REV\]", help_of("eval"))
     export_help = help_of("export")
     assert "full fine-tune" in export_help and "always merges" in export_help
+    for command in ("finetune", "eval"):  # their own examples, not pretraining's
+        arguments = help_of(command).split("Options")[0]
+        assert "pretrain/tiny" not in arguments and "train.lr=" not in arguments, arguments
+    assert "classify/sst2-tiny" in help_of("finetune") and "finetune.method=lora" in help_of("finetune")
+    assert re.search(r"recipe .*model\.init_from.*data\.val_files", help_of("eval").split("Options")[0])
 
 
 def test_export_needs_no_merge_flag(tmp_path):

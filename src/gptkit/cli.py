@@ -29,6 +29,12 @@ app.add_typer(recipes_app, name="recipes")
 
 Overrides = Annotated[Optional[list[str]], typer.Argument(help="Recipe overrides: key.path=value (e.g. train.lr=3e-4).")]
 RecipeArg = Annotated[str, typer.Argument(help="Recipe file, or a bundled recipe name such as pretrain/tiny.")]
+# fine-tuning and evaluation get examples of their own: pretrain/tiny is not a fine-tuning recipe, nor train.lr the
+# setting one changes most
+FinetuneOverrides = Annotated[Optional[list[str]], typer.Argument(
+    help="Recipe overrides: key.path=value (e.g. finetune.method=lora data.columns.text=sentence).")]
+FinetuneRecipeArg = Annotated[str, typer.Argument(
+    help="Recipe file, or a bundled recipe name such as classify/sst2-tiny or translate/multi30k-tiny.")]
 
 
 def _setup_offline_and_logging() -> None:
@@ -131,8 +137,8 @@ def init(
 
 @app.command()
 def finetune(
-    recipe: RecipeArg,
-    overrides: Overrides = None,
+    recipe: FinetuneRecipeArg,
+    overrides: FinetuneOverrides = None,
     task: Annotated[Optional[str], typer.Option("--task", help="classify, qa, translate, summarize or multitask (wins over the recipe).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's latest complete checkpoint.")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run already in output.dir.")] = False,
@@ -195,8 +201,11 @@ def export(
 
 @app.command("eval")
 def eval_(
-    recipe: Annotated[Optional[str], typer.Argument(help="Recipe: evaluates its output.dir run on data.test_files.")] = None,
-    overrides: Overrides = None,
+    recipe: Annotated[Optional[str], typer.Argument(help="Recipe file or bundled name (e.g. translate/multi30k-tiny): "
+                                                    "evaluates its output.dir run (model.init_from when that holds no "
+                                                    "model) on data.test_files (data.val_files when it has none).")] = None,
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Recipe overrides: key.path=value (e.g. output.dir=runs/other data.test_files=[test.jsonl]).")] = None,
     task: Annotated[Optional[str], typer.Option("--task", help="translate, summarize, qa, classify or lm.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Fine-tuned run, local model directory, or Hugging Face hub id (ORG/NAME[@REV]).")] = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Examples (jsonl/csv/json/parquet; .txt for lm).")] = None,
