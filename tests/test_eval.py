@@ -572,6 +572,8 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
     return [
         (pred + [p2, "--references", r2, "--out", "/etc/gptkit-eval"], ["--out", "/etc/gptkit-eval", "system folder"]),
         (pred + [p3, "--references", r2], ["has 3 predictions", "has 2 references"]),
+        (data + [str(test_file), "--columns", "sorce=source"], ["--columns.sorce", "did you mean 'source'"]),
+        (pred + [p2, "--references", r2, "--columns", "targt=target"], ["--columns.targt", "did you mean 'target'"]),
         (pred + [pid, "--references", rid], ["ids do not match", "['2']", "['7']"]),
         (pred + [nopred, "--references", r2], ["nopred.jsonl", "line 2", "'prediction'", "fields found: ['output']"]),
         (pred + [p3, "--references", noref], ["noref.jsonl", "line 2", "'target'", "['tgt']"]),

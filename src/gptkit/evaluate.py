@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 
 from gptkit import metrics, rundir, user_metrics
 from gptkit.errors import UserError
+from gptkit.recipe import column_fields_check
 from gptkit.modeling import TOKENIZER_FILES, is_encoder_decoder
 from gptkit.eval_report import (INPUTS, REFERENCE, append, file_hashes, finish, pair, parse_columns, prepare_out,
                                 iter_fields, read_fields, read_text, reference_of, sha256, write_outputs)
@@ -336,8 +337,9 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
 
     model, tok, run, model_fp = loaded or (*load_model(model_path, task), fingerprint(Path(model_path)))
     run = _task_view(run, task, index)
-    cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
     fields, optional = (*INPUTS[task], REFERENCE[task]), ("text_pair",) if task == "classify" else ()
+    column_fields_check(columns, (*fields, *optional, "id"), "--columns")  # a typo was dropped in silence
+    cols = {**(run.data.columns if run is not None and run.task == task else {}), **columns}
     rows, refs, every = _read_data(task, data, fields, optional, cols, opts.limit)
     run_extra = run.finetune.extra_metrics if run is not None and run.task == task else []
     extra = user_metrics.load(list(dict.fromkeys([*run_extra, *opts.metrics])), "--metric", refs)
@@ -381,6 +383,7 @@ def run_predictions(opts: Options, task: str) -> dict:
     if not (opts.predictions and opts.references) or opts.model or opts.data or opts.resume or task == "lm":
         raise UserError("eval: --predictions and --references go together, for a text task, without --model/--data")
     ppath, rpath, cols = Path(opts.predictions), Path(opts.references), parse_columns(opts.columns)
+    column_fields_check(cols, (REFERENCE[task], *INPUTS[task], "id"), "--columns")
     preds = read_fields(ppath, "--predictions", ("prediction",))
     refs = read_fields(rpath, "--references", (REFERENCE[task],), INPUTS[task], cols)
     pairs = pair(preds, refs, ppath, rpath)
