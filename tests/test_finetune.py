@@ -227,6 +227,29 @@ def test_bad_finetune_input(tmp_path, base, case, sections, needles):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("prompt", ["Translate {source} to {}:", "{source =>", "{source.x} =>", "{0}", "a } {source}"])
+def test_a_prompt_with_stray_braces_is_one_line_in_validate_and_finetune(tmp_path, base, prompt):
+    """A brace str.format cannot read (IndexError, ValueError, AttributeError from it before) names finetune.prompt
+    and how to write a literal brace: in `gptkit validate` as in finetune, before anything is written; a doubled
+    brace is a literal one."""
+    import yaml
+
+    s = splits(tmp_path, translate_rows, 20)
+    recipe = finetune_recipe(tmp_path, "bad", "translate", base, s, finetune={"prompt": prompt})
+    for command in ("validate", "finetune"):
+        code, _, err = run_cli(command, str(recipe))
+        assert_user_error(code, err, f"finetune.prompt: {prompt!r} is not a valid template", "{source}", "{{ }}")
+    assert not (tmp_path / "bad").exists()
+    code, _, err = run_cli("validate", str(recipe), "finetune.prompt={{{source}}} =>")
+    assert code == 0, err
+    multi = {"task": "multitask", "model": {"init_from": str(base)}, "output": {"dir": str(tmp_path / "bad")},
+             "finetune": {"tasks": [{"task": "translate", "train_files": [str(s["train"])]},
+                                    {"task": "translate", "train_files": [str(s["train"])], "prompt": prompt}]}}
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(multi))
+    code, _, err = run_cli("validate", str(tmp_path / "mt.yaml"))
+    assert_user_error(code, err, "finetune.tasks[1].prompt: ")
+
+
 def test_lora_is_refused_on_a_tied_embedding():
     """An adapter on GPT-2's wte would also shift the tied output layer once merged (export --merge would score
     differently from the run): refused in one line; untied, or on the blocks only, it is allowed."""

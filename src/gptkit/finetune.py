@@ -110,11 +110,28 @@ def _check_answer_room(recipe: Recipe, task_name: str) -> None:
                         f"{positions} tokens (prompt and answer share it)")
 
 
+def check_prompts(recipe: Recipe, task_name: str, rows: dict) -> None:
+    """Each prompt template rendered on its task's first training row: a stray brace or a field the rows lack is one
+    line in `gptkit validate` and before anything is tokenized, not a traceback mid-way."""
+    from gptkit.tasks import generative as gen
+    from gptkit.tasks import multitask
+
+    if task_name == "multitask":
+        for i, sub in enumerate(recipe.finetune.tasks):
+            module, train = tasks.load(sub.task), multitask._of_task(rows.get("train", []), i)
+            if len(train):
+                gen.render(sub.prompt or module.PROMPT, train[0], f"finetune.tasks[{i}].prompt")
+    elif task_name in ("translate", "summarize") or (task_name == "qa" and recipe.finetune.qa_mode == "generative"):
+        if len(rows.get("train", [])):
+            gen.render(recipe.finetune.prompt or tasks.load(task_name).PROMPT, rows["train"][0])
+
+
 def describe(recipe: Recipe, task_name: str) -> list[str]:
     """What `gptkit validate` reports for a fine-tuning recipe: base model size and rows per split."""
     task = tasks.load(task_name)
     check(recipe, task_name)
     rows = splits(recipe, task)
+    check_prompts(recipe, task_name, rows)
     counts = [f"{split} {len(r)}" for split, r in rows.items()]
     windowed = task_name == "qa" and recipe.finetune.qa_mode == "extractive"  # trains on >= 1 window per row
     if "train" in rows and not windowed:  # one process; launched on more, the run itself checks again
@@ -217,6 +234,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     run_dir = rundir.resolve_output(recipe.output.dir)
     rundir.check(run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
     rows = splits(recipe, task)
+    check_prompts(recipe, task_name, rows)
     tokenizer = trained.tokenizer_of(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
     accelerator = engine.make_accelerator(recipe.train, recipe.distributed)
     set_seed(recipe.train.seed)

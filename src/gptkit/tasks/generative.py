@@ -331,11 +331,17 @@ class Examples:
 
 
 def render(template: str, row: dict, field: str = "finetune.prompt") -> str:
+    """``template`` filled with the row's fields (str.format); a field the rows lack, or a brace str.format cannot
+    read (a stray "{", "{}", "{0}", "{source.x}"), is one line naming ``field``, not a traceback mid-tokenizing."""
     try:
         return template.format(**row)
     except KeyError as e:
         raise UserError(f"{field}: the template names {{{e.args[0]}}}, which the rows do not have "
                         f"(fields: {sorted(row)})") from None
+    except (IndexError, ValueError, AttributeError, TypeError) as e:
+        names = ", ".join(f"{{{k}}}" for k in sorted(row) if not k.startswith("_"))
+        raise UserError(f"{field}: {template!r} is not a valid template ({e}); name fields in braces ({names}) and "
+                        "double a literal brace: {{ }}") from None
 
 
 def fit_prompt(tokenizer, template: str, row: dict, field: str | None, budget: int, *, special: bool = False
