@@ -294,6 +294,34 @@ def test_classify_examples_fit_the_model_and_keep_the_pair(base):
     assert tok.decode(ids[0]).endswith(classify.SEP + "blue sky") and tok.decode(ids[2]).startswith("red" + classify.SEP)
 
 
+def test_classify_from_a_classifier_keeps_or_reinitialises_its_head(tmp_path, base, caplog):
+    """A classifier as the base: with other labels of another count its head is re-initialised and that is logged
+    (a RuntimeError traceback before); with its own labels each keeps its row of the head, in the base's order
+    (not re-sorted, which swapped what the rows meant)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from gptkit import trained
+    from gptkit.recipe import Recipe
+    from gptkit.tasks import classify
+
+    tok = trained.tokenizer_of(str(base))
+    first = AutoModelForSequenceClassification.from_pretrained(str(base), num_labels=2, id2label={0: "warm", 1: "cold"},
+                                                               label2id={"warm": 0, "cold": 1})
+    first.config.pad_token_id = tok.pad_token_id
+    first.save_pretrained(tmp_path / "cls")
+    tok.save_pretrained(tmp_path / "cls")
+    recipe = Recipe.model_validate({"task": "classify", "model": {"init_from": str(tmp_path / "cls")}})
+    with caplog.at_level("WARNING"):
+        three = classify.build_model(recipe, tok, [{"label": x} for x in ("a", "b", "c")])
+    assert three.score.weight.shape[0] == 3 and three.config.id2label == {0: "a", 1: "b", 2: "c"}
+    assert "is a classifier with 2 labels, the training split has 3: its head (score.weight) is re-initialised" \
+        in caplog.text, caplog.text
+    assert torch.equal(three.transformer.wte.weight, first.transformer.wte.weight)
+    same = classify.build_model(recipe, tok, [{"label": x} for x in ("cold", "warm")])
+    assert same.config.id2label == {0: "warm", 1: "cold"} and torch.equal(same.score.weight, first.score.weight)
+
+
 def test_splits_are_read_on_demand_and_tokenized_in_chunks_compactly(tmp_path, base, monkeypatch):
     """Rows come from the Arrow table as they are read (a slice, an index, iteration give the file's rows under
     the task's field names); tokenizing in chunks gives the examples one call for all gives; token ids are kept as

@@ -6,6 +6,8 @@ from the training split and saved in the model config (``id2label``/``label2id``
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from gptkit import metrics, modeling
@@ -13,6 +15,8 @@ from gptkit.errors import UserError
 from gptkit.tasks.generative import Examples as _Padded
 from gptkit.tasks.generative import Rows, in_chunks
 from gptkit.tokenizer import plain_ids
+
+log = logging.getLogger(__name__)
 
 FIELDS = ("text", "label")
 OPTIONAL = ("text_pair",)
@@ -30,14 +34,25 @@ def label_names(rows: list[dict]) -> list[str]:
 
 
 def build_model(recipe, tokenizer, train_rows):
+    """The base with a classification head for the training split's labels. A base that is already a classifier
+    keeps its head when it has the same number of labels (in its own order when the labels are the same), else
+    the head is re-initialised and that is logged (transformers' ignore_mismatched_sizes, as run_glue allows)."""
     from transformers import AutoModelForSequenceClassification
 
     names = label_names(train_rows)
-    model = AutoModelForSequenceClassification.from_pretrained(
+    base = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
+    before = {int(k): str(v) for k, v in (base.id2label or {}).items()}
+    if set(before.values()) == set(names) and sorted(before) == list(range(len(names))):
+        names = [before[i] for i in range(len(names))]  # a classifier's own labels: each keeps its row of the head
+    model, info = AutoModelForSequenceClassification.from_pretrained(
         modeling.model_dir(recipe.model.init_from or "", "model.init_from"), num_labels=len(names),
-        id2label=dict(enumerate(names)),
-        label2id={n: i for i, n in enumerate(names)}, **modeling.load_kwargs(recipe.model),
+        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)},
+        ignore_mismatched_sizes=True, output_loading_info=True, **modeling.load_kwargs(recipe.model),
     )
+    if info.get("mismatched_keys"):
+        log.warning("model.init_from: %s is a classifier with %d labels, the training split has %d: its head (%s) "
+                    "is re-initialised", recipe.model.init_from, len(before), len(names),
+                    ", ".join(sorted(k[0] if isinstance(k, tuple) else str(k) for k in info["mismatched_keys"])))
     model.config.pad_token_id = tokenizer.pad_token_id  # GPT-style heads read the last non-pad token
     return model
 
