@@ -136,6 +136,35 @@ def test_long_context_answer_in_a_later_window(tmp_path, base):
     assert qa.answer_positions(wins[0], wordy) != (0, 0)
 
 
+def test_span_loss_ignores_padding(tmp_path, base):
+    """A window's span loss is the same alone and right-padded beside a longer one (the softmax ran over the padding
+    too), with and without label smoothing; unpadded, it is transformers' cross-entropy."""
+    from transformers import AutoModelForQuestionAnswering
+
+    from gptkit import trained
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import qa
+
+    recipe = load_recipe(finetune_recipe(tmp_path, "pad", "qa", base, qa_splits(tmp_path, 20)))
+    tok = trained.tokenizer_of(recipe.model.init_from)
+    model = AutoModelForQuestionAnswering.from_pretrained(str(base)).eval()
+    model.config.pad_token_id = tok.pad_token_id
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.qa_outputs.weight, std=0.5)
+    data = qa.preprocess(recipe, tok, qa_rows(8, 4), "train", model)
+    assert len({len(w["input_ids"]) for w in data.rows}) > 1
+    with torch.no_grad():
+        for smoothing in (0.0, 0.1):
+            alone = [qa.loss(model, data.batch([i]), smoothing=smoothing) for i in range(len(data))]
+            batched = qa.loss(model, data.batch(list(range(len(data)))), smoothing=smoothing)
+            assert torch.allclose(batched, torch.stack(alone).sum(), atol=1e-4), (smoothing, batched, sum(alone))
+        one = data.batch([0])
+        out = model(input_ids=one["input_ids"], attention_mask=one["attention_mask"])
+        plain = sum(torch.nn.functional.cross_entropy(lg, one[k], label_smoothing=0.1)
+                    for lg, k in ((out.start_logits, "start_positions"), (out.end_logits, "end_positions"))) / 2
+        assert torch.allclose(qa.loss(model, one, smoothing=0.1), plain, atol=1e-5)
+
+
 def test_best_span_respects_order_length_and_context():
     from gptkit.tasks.qa import best_span
 

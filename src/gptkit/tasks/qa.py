@@ -216,16 +216,21 @@ def preprocess(recipe, tokenizer, rows, split, model):
 def loss(model, batch: dict, per: str = "token", smoothing: float = 0.0) -> torch.Tensor:
     """The span head's loss summed over windows for extractive batches (they carry start_positions: the mean of
     the start and end cross-entropies, as transformers' QA heads compute it; ``smoothing``: label smoothing), else
-    the answer-only LM loss (:func:`gptkit.tasks.generative.loss`)."""
+    the answer-only LM loss (:func:`gptkit.tasks.generative.loss`). The softmax runs over the window's own
+    positions, never its padding (transformers' heads include it, so a window's loss depended on its batch)."""
     if "start_positions" not in batch:
         return gen.loss(model, batch, per, smoothing)
     keys = ("start_positions", "end_positions")
     out = model(**{k: v for k, v in batch.items() if k not in keys})
+    real = batch["attention_mask"].bool()
     total = 0.0
     for logits, key in zip((out.start_logits, out.end_logits), keys):
         n = logits.shape[1]  # positions past the window are ignored, as in transformers' heads
-        total = total + torch.nn.functional.cross_entropy(logits.float(), batch[key].clamp(0, n), ignore_index=n,
-                                                          reduction="sum", label_smoothing=smoothing)
+        target = batch[key].clamp(0, n)
+        logp = logits.float().masked_fill(~real, float("-inf")).log_softmax(-1)
+        nll = -logp.gather(1, target.clamp(max=n - 1)[:, None])[:, 0]
+        uniform = -logp.masked_fill(~real, 0).sum(-1) / real.sum(-1)  # label smoothing over the real positions
+        total = total + ((1 - smoothing) * nll + smoothing * uniform)[target < n].sum()
     return total / 2
 
 
