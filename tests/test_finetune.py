@@ -95,6 +95,35 @@ def test_llama_base_encodes_prompts_as_generation_does_and_learns(tmp_path):
     assert learned_mapping(read_test_metrics(tmp_path / "ll"))
 
 
+def test_llama_classifier_scores_as_a_plain_transformers_pipeline(tmp_path):
+    """A Llama-style tokenizer adds <s>: classify trains and scores texts with it, so the merged export gives in a
+    plain transformers pipeline the probabilities gptkit gives (training and scoring without <s> disagreed)."""
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    from gptkit import trained
+    from gptkit.recipe import load_recipe
+    from gptkit.tasks import classify
+
+    base = llama_base(tmp_path / "llama")
+    recipe = finetune_recipe(tmp_path, "cl", "classify", base, splits(tmp_path, classify_rows, 64),
+                             data={"columns": {"text": "sentence"}},
+                             train={"max_steps": 12, "eval_every": 12, "save_every": 12, "warmup_steps": 2})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    code, _, err = run_cli("export", str(tmp_path / "cl"), "--merge")
+    assert code == 0, err
+    merged = tmp_path / "cl" / "merged"
+    model = AutoModelForSequenceClassification.from_pretrained(str(merged)).eval()
+    tok = trained.tokenizer_of(merged)
+    rows = [{"text": r["sentence"], "label": r["label"]} for r in classify_rows(20, 3)]
+    ours = classify.probabilities(model, tok, rows, load_recipe(merged / "recipe.yaml"))
+    theirs = pipeline("text-classification", model=model, tokenizer=tok, top_k=None)([r["text"] for r in rows])
+    for mine, other in zip(ours, theirs):
+        assert mine == pytest.approx({o["label"]: o["score"] for o in other}, abs=1e-5), (mine, other)
+    examples = classify.preprocess(load_recipe(recipe), tok, rows, "train", model).rows  # what training reads
+    assert [ex["input_ids"] for ex in examples] == tok([r["text"] for r in rows])["input_ids"]
+
+
 def test_prompt_masked_loss_is_padding_correct(tmp_path, base):
     """The summed loss of a padded batch equals the sum of each example's loss computed alone (per token and per
     example), and its count the target tokens (answer + EOS)."""

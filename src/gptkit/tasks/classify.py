@@ -14,7 +14,7 @@ from gptkit import metrics, modeling
 from gptkit.errors import UserError
 from gptkit.tasks.generative import Examples as _Padded
 from gptkit.tasks.generative import Rows, in_chunks
-from gptkit.tokenizer import plain_ids
+from gptkit.tokenizer import adds_bos, plain_ids
 
 log = logging.getLogger(__name__)
 
@@ -79,13 +79,16 @@ def _fit(first: list[int], second: list[int], limit: int) -> list[int]:
 
 
 def _encode(tokenizer, rows: list[dict], limit: int) -> list[list[int]]:
-    """Each row's text (and SEP + text_pair) as token ids, fitted to ``limit`` (:func:`_fit`); never empty."""
+    """Each row's text (and SEP + text_pair) as token ids, fitted to ``limit`` (:func:`_fit`); never empty. A
+    tokenizer that starts sequences with BOS (Llama-style) gets it first, as ``tokenizer(text)`` encodes it, so the
+    exported classifier scores a text in a plain transformers pipeline as it was trained and evaluated here."""
+    bos = [tokenizer.bos_token_id] if adds_bos(tokenizer) else []
     firsts = plain_ids(tokenizer, [str(r["text"]) for r in rows])
     paired = [i for i, r in enumerate(rows) if r.get("text_pair") not in (None, "")]
     seconds = [[] for _ in rows]
     for i, ids in zip(paired, plain_ids(tokenizer, [SEP + str(rows[i]["text_pair"]) for i in paired]) if paired else ()):
         seconds[i] = ids
-    return [_fit(a, b, limit) or [tokenizer.eos_token_id] for a, b in zip(firsts, seconds)]
+    return [bos + _fit(a, b, limit - len(bos)) or [tokenizer.eos_token_id] for a, b in zip(firsts, seconds)]
 
 
 def preprocess(recipe, tokenizer, rows, split, model):
