@@ -454,6 +454,20 @@ def test_unseen_labels_and_unknown_task(tmp_path, base):
     assert not (tmp_path / "bad").exists()
 
 
+def test_a_classifier_needs_two_labels(tmp_path, base):
+    """A training split with one label trained to loss 0 and accuracy 100 (and num_labels 1 is regression to
+    transformers): one line naming data.train_files and the label's column, in validate as in finetune."""
+    s = splits(tmp_path, classify_rows, 40)
+    recipe = finetune_recipe(tmp_path, "bad", "classify", base, s, data={"columns": {"text": "sentence", "label": "y"}})
+    for split, path in s.items():  # the label column named y; the training split all "warm"
+        write_jsonl(path, [{"sentence": r["sentence"], "y": "warm" if split == "train" else r["label"]}
+                           for r in classify_rows(20, 1)])
+    for command in ("validate", "finetune"):
+        code, _, err = run_cli(command, str(recipe))
+        assert_user_error(code, err, "data.train_files: every row has the label 'warm' (column 'y')", "at least 2")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_every_bundled_finetune_recipe_validates(base):
     """Each bundled fine-tuning recipe resolves, finds its files and columns, sees the base model, and its batch
     fits its training data."""

@@ -110,13 +110,16 @@ def _check_answer_room(recipe: Recipe, task_name: str) -> None:
                         f"{positions} tokens (prompt and answer share it)")
 
 
-def check_prompts(recipe: Recipe, task_name: str, rows: dict) -> None:
-    """Each prompt template rendered on its task's first training row: a stray brace or a field the rows lack is one
-    line in `gptkit validate` and before anything is tokenized, not a traceback mid-way."""
+def check_rows(recipe: Recipe, task_name: str, rows: dict) -> None:
+    """What the training rows must allow, checked in `gptkit validate` and before anything is tokenized: each prompt
+    template rendered on its task's first training row (a stray brace or a field the rows lack is one line, not a
+    traceback mid-way); a classifier's training split has at least two labels."""
+    from gptkit.tasks import classify, multitask
     from gptkit.tasks import generative as gen
-    from gptkit.tasks import multitask
 
-    if task_name == "multitask":
+    if task_name == "classify" and "train" in rows:
+        classify.labels_of(recipe, rows["train"])
+    elif task_name == "multitask":
         for i, sub in enumerate(recipe.finetune.tasks):
             module, train = tasks.load(sub.task), multitask._of_task(rows.get("train", []), i)
             if len(train):
@@ -131,7 +134,7 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
     task = tasks.load(task_name)
     check(recipe, task_name)
     rows = splits(recipe, task)
-    check_prompts(recipe, task_name, rows)
+    check_rows(recipe, task_name, rows)
     counts = [f"{split} {len(r)}" for split, r in rows.items()]
     windowed = task_name == "qa" and recipe.finetune.qa_mode == "extractive"  # trains on >= 1 window per row
     if "train" in rows and not windowed:  # one process; launched on more, the run itself checks again
@@ -234,7 +237,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
     run_dir = rundir.resolve_output(recipe.output.dir)
     rundir.check(run_dir, recipe, resume=resume, overwrite=overwrite, force=force)
     rows = splits(recipe, task)
-    check_prompts(recipe, task_name, rows)
+    check_rows(recipe, task_name, rows)
     tokenizer = trained.tokenizer_of(recipe.model.init_from or "", "model.init_from", recipe.model.trust_remote_code)
     accelerator = engine.make_accelerator(recipe.train, recipe.distributed)
     set_seed(recipe.train.seed)

@@ -33,13 +33,24 @@ def label_names(rows: list[dict]) -> list[str]:
     return sorted({str(r["label"]) for r in rows}, key=key)
 
 
+def labels_of(recipe, train_rows) -> list[str]:
+    """:func:`label_names` of the training split: at least two (one label trains to a loss of 0 and 100% accuracy,
+    and a one-output head means regression to transformers)."""
+    names = label_names(train_rows)
+    if len(names) < 2:
+        column = (recipe.data.columns or {}).get("label", "label")
+        raise UserError(f"data.train_files: every row has the label {names[0]!r} (column '{column}'); a classifier "
+                        "needs at least 2 labels in the training split")
+    return names
+
+
 def build_model(recipe, tokenizer, train_rows):
     """The base with a classification head for the training split's labels. A base that is already a classifier
     keeps its head when it has the same number of labels (in its own order when the labels are the same), else
     the head is re-initialised and that is logged (transformers' ignore_mismatched_sizes, as run_glue allows)."""
     from transformers import AutoModelForSequenceClassification
 
-    names = label_names(train_rows)
+    names = labels_of(recipe, train_rows)
     base = modeling.base_config(recipe.model.init_from or "", trust_remote_code=recipe.model.trust_remote_code)
     before = {int(k): str(v) for k, v in (base.id2label or {}).items()}
     if set(before.values()) == set(names) and sorted(before) == list(range(len(names))):
