@@ -438,6 +438,35 @@ def test_a_row_without_a_value_is_refused(tmp_path, base):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("split, value, kind", [("train", {"a": 1}, "an object"), ("test", ["b"], "an array"),
+                                                ("train", 5, "a number (5)"), ("validation", True, "a boolean (true)")])
+def test_a_text_field_that_is_not_a_string_is_refused(tmp_path, base, split, value, kind):
+    """{"source": {"a": 1}} trained on the prompt "{'a': 1} =>": a JSON value that is not a string in a text field is
+    one line naming the file, row and column (as pretraining refuses one), in validate and before training, a
+    multi-task recipe's files too; a csv cell is text whatever it reads as."""
+    import yaml
+
+    s = splits(tmp_path, translate_rows, 20)
+    rows = translate_rows(20, 1)
+    rows[3]["source"] = value
+    write_jsonl(s[split], rows)
+    where = {"train": "data.train_files", "validation": "data.val_files", "test": "data.test_files"}[split]
+    recipe = finetune_recipe(tmp_path, "bad", "translate", base, s)
+    for command in ("validate", "finetune"):
+        code, _, err = run_cli(command, str(recipe))
+        assert_user_error(code, err, f"{where}: {s[split]}: row 3 (from 0): column 'source': expected a string, got {kind}")
+    multi = {"task": "multitask", "model": {"init_from": str(base)}, "output": {"dir": str(tmp_path / "bad")},
+             "finetune": {"tasks": [{"task": "translate", "train_files": [str(s[split])]}]}}
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(multi))
+    code, _, err = run_cli("validate", str(tmp_path / "mt.yaml"))
+    assert_user_error(code, err, f"finetune.tasks[0].train_files: {s[split]}: row 3 (from 0): column 'source'")
+    assert not (tmp_path / "bad").exists()
+    csv = tmp_path / "train.csv"
+    csv.write_text("source,target\n" + "".join(f"{k},{r['target']}\n" for k, r in enumerate(translate_rows(20, 1))))
+    code, _, err = run_cli("validate", str(finetune_recipe(tmp_path, "ok", "translate", base, dict.fromkeys(s, csv))))
+    assert code == 0, err
+
+
 def test_unseen_labels_and_unknown_task(tmp_path, base):
     s = splits(tmp_path, classify_rows, 40)
     write_jsonl(s["validation"], [{"sentence": "red red red", "label": "tepid"}])

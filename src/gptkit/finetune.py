@@ -30,14 +30,14 @@ def splits(recipe: Recipe, task) -> dict[str, Sequence[dict]]:
     if hasattr(task, "load_splits"):
         return task.load_splits(recipe)
     files = {"train": recipe.data.train_files, "validation": recipe.data.val_files, "test": recipe.data.test_files}
-    out = {split: data_mod.load_rows(files[split], field, task.FIELDS, task.OPTIONAL, recipe.data.columns)
+    out = {split: _load_rows(recipe, task, files[split], field)
            for split, field in _SPLITS if files[split] and not (split == "train" and recipe.data.train_weights)}
     if recipe.data.train_weights:  # each entry's rows repeated / subsampled by its weight (seeded)
         import numpy as np
 
         rng, parts = np.random.default_rng([recipe.train.seed, 11]), []
         for pattern, weight in zip(files["train"], recipe.data.train_weights):
-            part = data_mod.load_rows([pattern], "data.train_files", task.FIELDS, task.OPTIONAL, recipe.data.columns)
+            part = _load_rows(recipe, task, [pattern], "data.train_files")
             whole, frac = int(weight), weight - int(weight)
             sample = np.sort(rng.permutation(len(part))[: round(frac * len(part))])
             parts.append((part, np.concatenate([np.tile(np.arange(len(part)), whole), sample])))
@@ -49,6 +49,13 @@ def splits(recipe: Recipe, task) -> dict[str, Sequence[dict]]:
 
         out["train"] = data_mod.Joined([(out["train"], None)], tagged)
     return out
+
+
+def _load_rows(recipe: Recipe, task, files: list[str], field: str):
+    """A split's rows (:func:`gptkit.data.load_rows`) whose text fields hold text (:func:`gptkit.data.check_texts`)."""
+    rows = data_mod.load_rows(files, field, task.FIELDS, task.OPTIONAL, recipe.data.columns)
+    data_mod.check_texts(rows, files, field, task.TEXTS)
+    return rows
 
 
 def _eval_subset(rows: list[dict], n: int | None) -> list[dict]:

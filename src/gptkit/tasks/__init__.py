@@ -16,6 +16,7 @@ FINETUNE_TASKS = ("classify", "qa", "translate", "summarize", "multitask")
 class FinetuneTask(Protocol):
     FIELDS: tuple[str, ...]  # fields every row needs (mapped from file columns by data.columns)
     OPTIONAL: tuple[str, ...]  # fields a row may have
+    TEXTS: tuple[str, ...]  # fields that hold text: a string in every format but csv (data.check_texts)
     METRIC: str  # validation metric that picks the best checkpoint by default
 
     def build_model(self, recipe: Any, tokenizer: Any, train_rows: list[dict]) -> Any: ...

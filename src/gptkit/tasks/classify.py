@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("text", "label")
 OPTIONAL = ("text_pair",)
+TEXTS = ("text", "text_pair")
 METRIC = "val_accuracy"
 SEP = "\n"
 

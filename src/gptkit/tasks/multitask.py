@@ -17,6 +17,7 @@ from gptkit.tasks import generative as gen
 
 FIELDS: tuple[str, ...] = ()
 OPTIONAL: tuple[str, ...] = ()
+TEXTS: tuple[str, ...] = ()
 METRIC = "val_score"
 PRIMARY = {"translate": "bleu", "summarize": "rougeL", "qa": "f1"}
 
@@ -41,7 +42,7 @@ def _names(recipe) -> list[str]:
 def load_splits(recipe) -> dict:
     """Rows of every task and split, tagged with their task (``_sub`` index, ``_task`` kind, ``_name``) as they are
     read (:class:`gptkit.data.Joined`, a part per task)."""
-    from gptkit.data import Joined, load_rows
+    from gptkit.data import Joined, check_texts, load_rows
 
     if not recipe.finetune.tasks:
         raise UserError("finetune.tasks: task 'multitask' needs a list of tasks, each with task and train_files")
@@ -53,6 +54,7 @@ def load_splits(recipe) -> dict:
                                   ("test", sub.test_files, "test_files")):
             if files:
                 rows = load_rows(files, f"finetune.tasks[{i}].{key}", module.FIELDS, module.OPTIONAL, sr.data.columns)
+                check_texts(rows, files, f"finetune.tasks[{i}].{key}", module.TEXTS)
                 parts[split].append((rows, None))
                 tags[split].append(tag)
     return {split: Joined(found, lambda row, k, t=tags[split]: {**row, **t[k]}, [t["_sub"] for t in tags[split]])

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FIELDS = ("question", "context", "answers")
 OPTIONAL = ("id",)
+TEXTS = ("question", "context")
 METRIC = "val_f1"
 PROMPT = "{context}\nQ: {question}\nA:"
 SEP = "\n"  # ends the question, before the context (extractive)

@@ -7,6 +7,7 @@ from gptkit.tasks import generative as gen
 
 FIELDS = ("document", "summary")
 OPTIONAL = ()
+TEXTS = FIELDS
 METRIC = "val_rougeL"
 PROMPT = "{document}\nTL;DR:"
 

@@ -7,6 +7,7 @@ from gptkit.tasks import generative as gen
 
 FIELDS = ("source", "target")
 OPTIONAL = ("synthetic",)  # true on back-translated pairs (gptkit augment backtranslate; finetune.synthetic_tag)
+TEXTS = FIELDS
 METRIC = "val_bleu"
 PROMPT = "{source} =>"
 
