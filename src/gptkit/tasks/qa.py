@@ -199,7 +199,9 @@ def preprocess(recipe, tokenizer, rows, split, model):
     """Checks the answers; extractive: windows with answer positions; generative: prompt + first answer + EOS."""
     check_answers(rows, split)
     if not _extractive(recipe):
-        targets = [{**r, "target": " " + r["answers"]["text"][0]} for r in rows]
+        from gptkit.data import Joined
+
+        targets = Joined([(rows, None)], lambda r, _: {**r, "target": " " + r["answers"]["text"][0]})  # as read
         return gen.preprocess(recipe, tokenizer, targets, split, template=_template(recipe), target="target",
                               shorten="context")
     def parts():
