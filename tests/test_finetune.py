@@ -272,7 +272,8 @@ def test_a_prompt_with_stray_braces_is_one_line_in_validate_and_finetune(tmp_pat
     code, _, err = run_cli("validate", str(recipe), "finetune.prompt={{{source}}} =>")
     assert code == 0, err
     multi = {"task": "multitask", "model": {"init_from": str(base)}, "output": {"dir": str(tmp_path / "bad")},
-             "finetune": {"tasks": [{"task": "translate", "train_files": [str(s["train"])]},
+             "finetune": {"max_new_tokens": 16,  # (the default 64 is the test base's whole context: refused first)
+                          "tasks": [{"task": "translate", "train_files": [str(s["train"])]},
                                     {"task": "translate", "train_files": [str(s["train"])], "prompt": prompt}]}}
     (tmp_path / "mt.yaml").write_text(yaml.safe_dump(multi))
     code, _, err = run_cli("validate", str(tmp_path / "mt.yaml"))
@@ -456,7 +457,8 @@ def test_a_text_field_that_is_not_a_string_is_refused(tmp_path, base, split, val
         code, _, err = run_cli(command, str(recipe))
         assert_user_error(code, err, f"{where}: {s[split]}: row 3 (from 0): column 'source': expected a string, got {kind}")
     multi = {"task": "multitask", "model": {"init_from": str(base)}, "output": {"dir": str(tmp_path / "bad")},
-             "finetune": {"tasks": [{"task": "translate", "train_files": [str(s[split])]}]}}
+             "finetune": {"max_new_tokens": 16,  # (the default 64 is the test base's whole context: refused first)
+                          "tasks": [{"task": "translate", "train_files": [str(s[split])]}]}}
     (tmp_path / "mt.yaml").write_text(yaml.safe_dump(multi))
     code, _, err = run_cli("validate", str(tmp_path / "mt.yaml"))
     assert_user_error(code, err, f"finetune.tasks[0].train_files: {s[split]}: row 3 (from 0): column 'source'")
@@ -506,8 +508,8 @@ def test_every_bundled_finetune_recipe_validates(base):
 
     paths = sorted(p for p in bundled_recipes_dir().rglob("*.yaml") if p.parent.name not in ("pretrain", "accelerate"))
     assert {p.parent.name for p in paths} >= {"translate", "classify", "summarize"}
-    for path in paths:
-        recipe = load_recipe(path, [f"model.init_from={base}"])
+    for path in paths:  # (the test base has 64 positions, the bundled ones' bases more: the answer's room fits it)
+        recipe = load_recipe(path, [f"model.init_from={base}", "finetune.max_new_tokens=16"])
         lines = ft.describe(recipe, recipe.task)
         assert "rows per split: train" in lines[0], (path, lines)
 
