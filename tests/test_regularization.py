@@ -34,10 +34,11 @@ def test_classify_and_span_heads_smooth_as_torch_and_equal_the_heads_own_loss_wi
     assert classify.loss(model, batch, smoothing=0.2).item() == pytest.approx(want.item(), rel=1e-6)
 
     model = _gpt2(GPT2ForQuestionAnswering)
-    batch = {"input_ids": ids, "attention_mask": mask, "start_positions": torch.tensor([2, 0, 5, 9]),
+    full = torch.ones_like(ids)  # (the head's own loss takes padding positions in too: test_qa checks they are out)
+    batch = {"input_ids": ids, "attention_mask": full, "start_positions": torch.tensor([2, 0, 5, 9]),
              "end_positions": torch.tensor([3, 0, 8, 9])}  # 0: a window without the answer
     assert qa.loss(model, batch).item() == pytest.approx(model(**batch).loss.item() * 4, rel=1e-6)
-    out = model(input_ids=ids, attention_mask=mask)
+    out = model(input_ids=ids, attention_mask=full)
     want = sum(torch.nn.functional.cross_entropy(z, y, reduction="sum", label_smoothing=0.2)
                for z, y in ((out.start_logits, batch["start_positions"]), (out.end_logits, batch["end_positions"])))
     assert qa.loss(model, batch, smoothing=0.2).item() == pytest.approx(want.item() / 2, rel=1e-6)

@@ -182,6 +182,8 @@ def test_cache_entries_unused_for_a_month_are_removed_when_another_is_made(tmp_p
         monkeypatch.delenv("GPTKIT_CACHE_DAYS")
         corpus.write_text("a third corpus")
         data.token_stream([str(corpus)], cfg, tok, "data.train_files")
-    left = sorted(p.name for p in root.iterdir() if not p.name.endswith(".lock"))
-    assert [n[:1] for n in left if n.startswith(("a", "b", "c", ".d"))] == ["b", "b", "c", "c"], left
-    assert f"{built}.bin" in left and len([n for n in left if n.endswith(".bin")]) == 5, left
+    left = {p.name for p in root.iterdir() if not p.name.endswith(".lock")}
+    made = {n for n in left if n.endswith(".bin")}  # (generated keys are hex too: names are compared whole)
+    assert {f"{k * 24}.{x}" for k in "bc" for x in ("bin", "json")} <= left and f"{built}.bin" in made, left
+    assert not {f"{'a' * 24}.bin", f"{'a' * 24}.json", f".{'d' * 24}.partial", f".{'d' * 24}.progress.json"} & left
+    assert len(made) == 5, left
