@@ -83,13 +83,10 @@ def build_config(cfg: ModelConfig, vocab_size: int, eos_id: int, pad_id: int | N
 
 def load_config(cfg: ModelConfig, vocab_size: int, eos_id: int):
     """The config of the model a recipe trains: a checkpoint's own, or one built from the size spec."""
-    from transformers import AutoConfig
-
     if cfg.init_from:
-        path = model_dir(cfg.init_from, "model.init_from")
-        config = base_config(cfg.init_from, trust_remote_code=cfg.trust_remote_code)
+        config = base_config(cfg.init_from, trust_remote_code=cfg.trust_remote_code)  # (resolves the path once)
         if is_encoder_decoder(config):
-            raise UserError(f"model.init_from: {path} is an encoder-decoder ({config.model_type}); pretrain continues "
+            raise UserError(f"model.init_from: {cfg.init_from} is an encoder-decoder ({config.model_type}); pretrain continues "
                             "decoder-only (GPT-style) models")
         return config
     if cfg.arch in ENCODER_DECODERS:
