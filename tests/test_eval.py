@@ -462,6 +462,40 @@ def test_few_shot_prompts_are_seeded_demonstrations(tmp_path, lm_dir, test_file,
     assert len({p.split("\n\n")[0] for p in first}) > 1  # demonstrations vary between examples
 
 
+def test_label_likelihood_refuses_a_label_that_fills_the_context(tmp_path, lm_dir):
+    """A label of context-1 tokens is scored after the prompt's last token; one longer leaves the prompt no room
+    (its slice of positions went negative and scored the wrong tokens) and is refused before --out is written."""
+    long = "a" * 62  # " " + 62 characters: 63 tokens, the 64-token context less one
+    rows = [{"text": "red big", "label": long}, {"text": "old", "label": "cold"}]
+    ok("eval", "--model", str(lm_dir), "--task", "classify", "--data", str(write_jsonl(tmp_path / "a.jsonl", rows)),
+       "--out", str(tmp_path / "fits"))
+    assert len(lines(tmp_path / "fits" / "predictions.jsonl")) == 2
+    rows[0]["label"] = long + "a"
+    code, _, err = run_cli("eval", "--model", str(lm_dir), "--task", "classify", "--data",
+                           str(write_jsonl(tmp_path / "b.jsonl", rows)), "--out", str(tmp_path / "over"))
+    assert_user_error(code, err, f"classify label '{long}a' is 64 tokens", "at most 63 tokens")
+    assert not (tmp_path / "over").exists()
+
+
+def test_perplexity_of_a_model_without_position_limit(tmp_path):
+    """An attention-free model (Mamba) has no positions: windows span modeling.UNLIMITED_WINDOW tokens."""
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from gptkit.modeling import UNLIMITED_WINDOW
+
+    torch.manual_seed(0)
+    model = MambaForCausalLM(MambaConfig(vocab_size=len(CHARS) + 1, hidden_size=16, num_hidden_layers=1,
+                                         state_size=4, pad_token_id=0, bos_token_id=0, eos_token_id=0)).eval()
+    model.save_pretrained(tmp_path / "mamba")
+    make_tokenizer().save_pretrained(tmp_path / "mamba")
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog " * 3)
+    got = lm_eval(tmp_path / "mamba", text, tmp_path / "o")
+    nll, n = direct_nll(model, make_tokenizer()(text.read_text())["input_ids"])
+    assert got["settings"]["context"] == UNLIMITED_WINDOW and got["counts"]["windows"] == 1
+    assert got["metrics"]["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-4)
+
+
 # ------------------------------------------------------------------------------------- perplexity
 def direct_nll(model, ids: list[int]) -> tuple[float, int]:
     with torch.no_grad():

@@ -111,7 +111,7 @@ def prompt(ctx: Ctx, row: dict, index: int | None = None) -> str:
     demos = random.Random(f"{ctx.seed}-{index}").sample(ctx.shots, ctx.few_shot) if index is not None else []
     golds = [reference_of(ctx.task, d, "--train") for d in demos]
     fields = {**row, "text_pair": row.get("text_pair") or ""} if ctx.task == "classify" else row  # pairs may lack it
-    return "".join(f"{prompt(ctx, d)} {g[0] if isinstance(g, list) else g}\n\n" for d, g in zip(demos, golds)) + \
+    return "".join(f"{prompt(ctx, d)} {(g or [''])[0] if isinstance(g, list) else g}\n\n" for d, g in zip(demos, golds)) + \
         render(ctx.template, fields, "prompt")
 
 
@@ -179,6 +179,15 @@ def check_first(ctx: Ctx, row: dict) -> None:
         return
     if ctx.labels is None:
         generation.check_context(ctx.model, ctx.decoding)
+    else:  # label likelihood: each label's tokens, after at least one token of prompt, within the context
+        from gptkit.modeling import context_length
+
+        room = context_length(ctx.model.config) - 1
+        for label in ctx.labels:
+            n = len(ctx.tok(" " + label, add_special_tokens=False)["input_ids"])
+            if n > room:
+                raise UserError(f"classify label {label!r} is {n} tokens; the model's context "
+                                f"({room + 1}) leaves its prompt no room (labels must be at most {room} tokens)")
     prompt(ctx, row, 0)
 
 

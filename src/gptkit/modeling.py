@@ -373,8 +373,13 @@ def max_positions(config) -> int | None:
     return int(n) if n else None
 
 
+UNLIMITED_WINDOW = 1024
+
+
 def context_length(config) -> int:
-    return int(getattr(config, "n_positions", None) or config.max_position_embeddings)
+    """Tokens one window may span: the model's positions, else UNLIMITED_WINDOW for a model without a limit
+    (Mamba, T5's relative positions) — its perplexity windows and scored prompts are cut to that many."""
+    return max_positions(config) or UNLIMITED_WINDOW
 
 
 def meta_param_count(config) -> int:
