@@ -222,6 +222,15 @@ def test_validate_launch_line_is_shell_quoted(tmp_path, corpus):
         assert shlex.split(line[len(prefix):]) == [str(recipe), *overrides], line
 
 
+def test_validate_refuses_an_output_dir_the_run_could_not_write(tmp_path, corpus):
+    """validate finds what pretrain would find first: output.dir under a file."""
+    (tmp_path / "afile").write_text("x")
+    recipe = tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "afile" / "run")
+    for command in ("validate", "pretrain"):
+        code, _, err = run_cli(command, str(recipe))
+        assert_user_error(code, err, "output.dir:", f"is under {tmp_path / 'afile'}, which is a file")
+
+
 def test_help_names_every_task_and_hub_ids():
     """finetune --help lists multitask; generate's MODEL_DIR and eval's --model say hub ids work; export --help
     says what it writes without a required-looking --merge."""
@@ -400,8 +409,10 @@ def test_load_rows_refuses_a_columns_key_the_task_lacks(tmp_path):
         == {"source": "hallo", "target": "hello"}
 
 
-@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "abc"), ("RANK", "x"), ("RANK", "-1")])
+@pytest.mark.parametrize("name, value", [("WORLD_SIZE", "abc"), ("RANK", "x"), ("RANK", "-1"), ("LOCAL_RANK", "y"),
+                                         ("RANK", "3"), ("LOCAL_RANK", "1")])
 def test_a_launcher_variable_set_to_text_is_one_line(tmp_path, corpus, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
     code, _, err = run_cli("validate", str(tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")))
-    assert_user_error(code, err, f"environment variable {name}", repr(value))
+    assert_user_error(code, err, f"environment variable {name}", repr(value) if not value.isdigit() else
+                      f"{value} is not below WORLD_SIZE 1")

@@ -321,6 +321,7 @@ def validate(recipe: RecipeArg, overrides: Overrides = None) -> None:
 
     rec = _load(recipe, overrides)
     run_dir = rundir.resolve_output(rec.output.dir)
+    rundir.check_writable(run_dir, "output.dir")  # what the run would find first
     tracking.check(rec.train.trackers, run_dir)
     if rec.task != "pretrain":
         from gptkit import finetune as ft
@@ -501,7 +502,11 @@ def _env_int(name: str, default: int) -> int:
 def _idle_rank(args: list[str]) -> bool:
     """Under torchrun / accelerate launch, a command that does not train (eval, generate, augment, ...) runs on the
     main process alone: the others exit at once (each used to repeat the work and append to the same files)."""
-    world, rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0)
+    world, rank, local = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    for name, value in (("RANK", rank), ("LOCAL_RANK", local)):
+        if value >= max(world, 1):
+            raise UserError(f"environment variable {name}: {value} is not below WORLD_SIZE {world} (a launcher sets "
+                            "them together; unset them to run one process)")
     command = next((a for a in args if not a.startswith("-")), None)
     if world <= 1 or command in TRAINING_COMMANDS:
         return False
