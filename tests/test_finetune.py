@@ -595,6 +595,28 @@ def test_two_process_finetune_with_validation_matches_one_process(tmp_path, base
     assert not (tmp_path / "one" / "checkpoints" / "step-00000040").exists()
 
 
+def test_a_full_disk_at_best_is_one_line(tmp_path, base, monkeypatch):
+    """best/ that cannot be written stops the run (exit 3) in one line naming the disk; no half-written folder."""
+    from gptkit import engine
+
+    recipe = finetune_recipe(tmp_path, "tr", "translate", base, splits(tmp_path, translate_rows, 40),
+                             finetune={"eval_examples": 4, "max_new_tokens": 4},
+                             train={"max_steps": 4, "eval_every": 2, "save_every": 2})
+    real = engine.write_model
+
+    def full(raw, folder, *args):
+        if folder.name == ".best.tmp":
+            folder.mkdir()
+            raise OSError(28, "No space left on device")
+        return real(raw, folder, *args)
+
+    monkeypatch.setattr(engine, "write_model", full)
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 3 and "Traceback" not in err, err
+    assert f"could not write {tmp_path / 'tr' / 'best'} (step 2's model, the best so far): No space left" in err
+    assert "there is no earlier checkpoint" in err and not (tmp_path / "tr" / ".best.tmp").exists()
+
+
 def test_multitask_eval_scores_the_tasks_that_have_the_split(tmp_path, base):
     """As the run's test_metrics.json: a task without test files is not scored (never its validation files under a
     test label); a split no task has is one line before anything is scored or written."""

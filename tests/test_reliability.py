@@ -278,6 +278,41 @@ def test_a_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_last_good_one(tmp
     assert (tmp_path / "run" / "model.safetensors").is_file()
 
 
+FAIL_ON_RANK_1 = '''
+import os
+if os.environ.get("RANK") == "1":
+    import torch
+    _save = torch.save
+    def save(obj, f, *args, **kwargs):
+        if str(f).endswith("step-00000010/rng-1.pt"):
+            raise OSError(28, "No space left on device")
+        return _save(obj, f, *args, **kwargs)
+    torch.save = save
+'''
+
+
+def test_a_write_failure_on_one_of_two_processes_stops_both_with_one_line(tmp_path, small_corpus):
+    """Process 1 cannot write its part of a checkpoint: both processes learn it at the same point (the main one
+    says another could not write) and stop with exit 3, the torn checkpoint removed, instead of process 0 waiting
+    in the next collective for a peer that has gone."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={"max_steps": 12, "save_every": 5})
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571"]
+    started = time.time()
+    res = subprocess.run([*torchrun, "-m", "gptkit", "pretrain", str(recipe)], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(hook)})
+    assert res.returncode != 0 and time.time() - started < 200, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if "error: could not write checkpoint step-00000010" in line]
+    assert any("No space left on device" in line for line in errors), res.stderr[-3000:]
+    assert any("1 other process could not write" in line for line in errors), res.stderr[-3000:]
+    assert all(f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-00000005'}" in line
+               for line in errors)
+    assert "gptkit/" not in res.stderr  # torchrun's own summary aside, no traceback
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005"]
+
+
 def test_the_model_is_saved_before_the_plot_which_is_best_effort(tmp_path, small_corpus, monkeypatch, caplog):
     """loss.png on a full disk is a warning, after the model is saved; a model that cannot be saved is one line
     (exit 3) and a --resume writes it from the last checkpoint."""

@@ -271,10 +271,9 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
     if math.isfinite(value) and (best is None or (value < best if lower else value > best)):  # NaN: never best
         counters.update(best=value, best_step=step, stale=0)
         state = distributed.full_state_dict(accelerator, model)  # collective when sharded
-        if accelerator.is_main_process:
-            import shutil
+        tmp, final, old = job.run_dir / ".best.tmp", job.run_dir / "best", job.run_dir / ".best.old"
 
-            tmp, final, old = job.run_dir / ".best.tmp", job.run_dir / "best", job.run_dir / ".best.old"
+        def write() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             write_model(accelerator.unwrap_model(model, keep_torch_compile=False), tmp, state, job.save)
             if final.exists():  # never a moment without a complete best/ (or its .old twin)
@@ -282,7 +281,12 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
                 os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)
-        accelerator.wait_for_everyone()
+
+        error = _on_every_process(accelerator, write if accelerator.is_main_process else lambda: None)
+        if error is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingStopped(f"could not write {final} (step {step}'s model, the best so far): "
+                                  f"{_write_error(error, job.run_dir)}; {_then(job.run_dir / 'checkpoints')}")
         return False
     counters["stale"] = counters.get("stale", 0) + 1
     return job.patience is not None and counters["stale"] >= job.patience
@@ -295,34 +299,54 @@ def _rng_state() -> dict:
     return state
 
 
+def _on_every_process(accelerator, work: Callable[[], Any]) -> BaseException | None:
+    """Every process runs ``work`` (the main one's writes, or each one's own); then all of them learn, in one
+    all-reduce, whether any could not write — a full disk on one process stops every process at the same point
+    instead of leaving the others waiting in the next collective. The error, or on a process that wrote its part
+    a stand-in naming how many others could not."""
+    error = None
+    try:
+        work()
+    except _WRITE_ERRORS as e:
+        error = e
+    if accelerator.num_processes > 1:
+        failed = int(accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum"))
+        if failed and error is None:
+            error = OSError(f"{failed} other process{'es' if failed > 1 else ''} could not write")
+    return error
+
+
+def _then(root: Path) -> str:
+    last = checkpoint.latest(root)
+    return (f"the last good checkpoint is {last}: free space, then run the same command with --resume" if last
+            else "there is no earlier checkpoint: free space, then start again with --overwrite")
+
+
 def _save(job: Job, step: int, model, opt, accelerator, counters: dict) -> None:
     root = job.run_dir / "checkpoints"
     tmp = checkpoint.tmp_dir(root, step)
-    try:
-        _write_checkpoint(job, tmp, step, model, opt, accelerator, counters)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            checkpoint.finalize(root, step, job.cfg.keep_last)
-    except _WRITE_ERRORS as e:  # a full disk: the torn checkpoint goes, the last good one stays
-        shutil.rmtree(tmp, ignore_errors=True)
-        last = checkpoint.latest(root)
-        then = (f"the last good checkpoint is {last}: free space, then run the same command with --resume" if last
-                else "there is no earlier checkpoint: free space, then start again with --overwrite")
-        raise TrainingStopped(f"could not write checkpoint {checkpoint.step_dir(root, step).name}: "
-                              f"{_write_error(e, root)}; {then}") from None
-    if accelerator.is_main_process and job.on_saved is not None:
+    main = accelerator.is_main_process
+    for work in (lambda: main and tmp.mkdir(parents=True, exist_ok=True),
+                 lambda: _write_checkpoint(job, tmp, step, model, opt, accelerator, counters),
+                 lambda: main and checkpoint.finalize(root, step, job.cfg.keep_last)):
+        error = _on_every_process(accelerator, work)
+        if error is not None:  # a full disk: the torn checkpoint goes, the last good one stays
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise TrainingStopped(f"could not write checkpoint {checkpoint.step_dir(root, step).name}: "
+                                  f"{_write_error(error, root)}; {_then(root)}")
+    if main and job.on_saved is not None:
         job.on_saved()
     accelerator.wait_for_everyone()
 
 
 def _write_checkpoint(job: Job, tmp: Path, step: int, model, opt, accelerator, counters: dict) -> None:
+    """Every process: the sharded state first (a collective, whose errors reach every process), then each one's
+    own files."""
     from safetensors.torch import save_model
 
-    if accelerator.is_main_process:
-        tmp.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     sharded = distributed.save_state(tmp, model, opt, accelerator)  # every process writes its shards
+    torch.save(_rng_state(), tmp / f"rng-{accelerator.process_index}.pt")
     if accelerator.is_main_process:
         if not sharded:
             save_model(accelerator.unwrap_model(model, keep_torch_compile=False), str(tmp / "model.safetensors"))
@@ -403,15 +427,13 @@ def write_model(raw, folder: Path, state: dict | None, save: Callable[..., None]
 def save_model(accelerator, model, folder: Path, save: Callable[..., None] | None = None) -> None:
     """Every process calls it: ``folder`` gets the whole model (gathered when sharded), written by the main one."""
     state = distributed.full_state_dict(accelerator, model)
-    if accelerator.is_main_process:
-        try:
-            write_model(accelerator.unwrap_model(model, keep_torch_compile=False), Path(folder), state, save)
-        except _WRITE_ERRORS as e:  # a full disk: the checkpoints hold the trained weights
-            last = checkpoint.latest(Path(folder) / "checkpoints")
-            then = (f"; checkpoint {last.name} holds the weights: free space, then run the same command with --resume "
-                    "to write the model" if last else "")
-            raise TrainingStopped(f"could not write the model to {folder}: {_write_error(e, Path(folder))}{then}"
-                                  ) from None
+    error = _on_every_process(accelerator, lambda: accelerator.is_main_process and write_model(
+        accelerator.unwrap_model(model, keep_torch_compile=False), Path(folder), state, save))
+    if error is not None:  # a full disk: the checkpoints hold the trained weights
+        last = checkpoint.latest(Path(folder) / "checkpoints")
+        then = (f"; checkpoint {last.name} holds the weights: free space, then run the same command with --resume "
+                "to write the model" if last else "")
+        raise TrainingStopped(f"could not write the model to {folder}: {_write_error(error, Path(folder))}{then}")
     accelerator.wait_for_everyone()
 
 
