@@ -10,6 +10,7 @@ entirely. An empty stream is an error, never cached.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -123,7 +124,7 @@ _EXAMPLES_KEY = {
     "description": None, "output": None, "distributed": None, "train": {"seed"},
     "data": {"train_files", "val_files", "test_files", "columns", "train_weights", "text_column", "sample_by"},
     "finetune": {"prompt", "max_length", "synthetic_tag", "tasks", "qa_mode", "doc_stride", "max_answer_tokens",
-                 "loss"},
+                 "loss", "no_answer"},
 }
 
 
@@ -179,14 +180,13 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
     root = cache_root(recipe.data) / "examples"
     key = _examples_key(recipe, tokenizer, model, split)
     path = root / f"{key}.examples"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        lock = _locked(root / f".{key}.lock")
-        lock.__enter__()
-    except OSError as e:
-        log.warning("examples cache %s not writable (%s): tokenizing %s without it", root, e.strerror or e, split)
-        return make()
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            held.enter_context(_locked(root / f".{key}.lock"))
+        except OSError as e:
+            log.warning("examples cache %s not writable (%s): tokenizing %s without it", root, e.strerror or e, split)
+            return make()
         if path.exists():
             try:
                 records, examples = _load_examples(path)
@@ -230,8 +230,6 @@ def cached_examples(recipe, tokenizer, model, split: str, make):
             return examples
         finally:
             shutil.rmtree(parts, ignore_errors=True)  # (what is mapped from it stays readable until unmapped)
-    finally:
-        lock.__exit__(None, None, None)
 
 
 def _sweep(root: Path, key: str) -> None:

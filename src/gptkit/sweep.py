@@ -435,8 +435,13 @@ def _storage(optuna, url: str, own: bool):
         return optuna.storages.JournalStorage(backend)
     if own:
         return url
-    return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60,
-                                      failed_trial_callback=optuna.storages.RetryFailedTrialCallback(max_retry=1))
+    import warnings
+
+    with warnings.catch_warnings():  # heartbeats are "experimental" since optuna 2.9
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.storages.RDBStorage(
+            url, heartbeat_interval=15, grace_period=60,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=1))
 
 
 def _open_study(optuna, url: str, own: bool, **settings):
