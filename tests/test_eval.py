@@ -117,6 +117,22 @@ def test_squad_exact_match_and_f1_on_known_cases(tmp_path):
     assert result["metrics"]["f1"] == pytest.approx(100 * (1 + 0.5 + 1 + 0) / 4)
 
 
+def test_squad_v2_files_score_with_the_v2_script_and_bootstrap(tmp_path):
+    """A question without an answer ({"text": []}) makes the file SQuAD v2: "" is right there; HasAns_/NoAns_ too,
+    and the bootstrap resamples the v2 per-question scores."""
+    from gptkit import metrics
+
+    golds = [["Eiffel Tower"], [], ["Paris"], []]
+    refs = [{"answers": {"text": g, "answer_start": [0] * len(g)}} for g in golds]
+    preds = ["the Eiffel tower.", "", "", "London"]
+    result = score_files(tmp_path, "qa", preds, refs, "--bootstrap", "50")
+    assert result["metrics"] == pytest.approx(metrics.squad_v2_scores(preds, golds))
+    assert (result["metrics"]["exact_match"], result["metrics"]["NoAns_exact"]) == (50.0, 50.0)
+    assert "SQuAD v2.0" in result["signatures"]["squad"]
+    low, high = result["ci95"]["exact_match"]
+    assert 0.0 <= low < 50.0 < high <= 100.0
+
+
 def test_classification_accuracy_and_macro_f1(tmp_path):
     refs = [{"label": x} for x in (1, 0, 1, 1, 0)]  # integer labels in the file, string predictions
     result = score_files(tmp_path, "classify", ["1", "0", "0", "1", "1"], refs)
@@ -617,8 +633,8 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
         (data + [f("nodata.jsonl", '{"src": "a", "target": "b"}\n')], ["'source'", "fields found: ['src', 'target']"]),
         (data + [f("e.jsonl", "")], ["e.jsonl", "empty"]),
         (["eval", "--model", str(lm_dir), "--task", "qa", "--data",
-          f("noans.jsonl", '{"question": "q", "context": "c", "answers": {"text": []}}\n')],
-         ["--data: ", "noans.jsonl: line 1: answers must be"]),
+          f("badans.jsonl", '{"question": "q", "context": "c", "answers": {"text": [1]}}\n')],
+         ["--data: ", "badans.jsonl: line 1: answers must be"]),
         (["eval", "--task", "poetry", "--predictions", p3, "--references", r2], ["poetry", "not an eval task"]),
         (["eval", "--model", str(tmp / "notok"), "--task", "translate", "--data", str(test_file)], ["no tokenizer"]),
         (["eval", "--model", str(tmp / "absent"), "--task", "translate", "--data", str(test_file)], ["neither a local directory nor a Hugging Face hub id"]),

@@ -267,6 +267,64 @@ def test_squad_scores_max_over_gold_answers():
     assert scores["f1"] == pytest.approx(100 * (1 + 0.5 + 0) / 3)
 
 
+def _official_v2(dataset: list[tuple[str, list[str]]], preds: list[str]) -> dict:
+    """The SQuAD v2.0 script's get_raw_scores + make_eval_dict (na_prob 0: no threshold applies), as written there."""
+    import collections
+    import re
+    import string
+
+    def normalize_answer(s):
+        s = s.lower()
+        s = "".join(ch for ch in s if ch not in set(string.punctuation))
+        s = re.sub(re.compile(r"\b(a|an|the)\b", re.UNICODE), " ", s)
+        return " ".join(s.split())
+
+    def get_tokens(s):
+        return normalize_answer(s).split() if s else []
+
+    def compute_exact(a_gold, a_pred):
+        return int(normalize_answer(a_gold) == normalize_answer(a_pred))
+
+    def compute_f1(a_gold, a_pred):
+        gold_toks, pred_toks = get_tokens(a_gold), get_tokens(a_pred)
+        common = collections.Counter(gold_toks) & collections.Counter(pred_toks)
+        num_same = sum(common.values())
+        if len(gold_toks) == 0 or len(pred_toks) == 0:
+            return int(gold_toks == pred_toks)
+        if num_same == 0:
+            return 0
+        precision, recall = 1.0 * num_same / len(pred_toks), 1.0 * num_same / len(gold_toks)
+        return (2 * precision * recall) / (precision + recall)
+
+    exact, f1, has = {}, {}, {}
+    for qid, ((_, answers), a_pred) in enumerate(zip(dataset, preds)):
+        gold_answers = [a for a in answers if normalize_answer(a)] or [""]
+        exact[qid] = max(compute_exact(a, a_pred) for a in gold_answers)
+        f1[qid] = max(compute_f1(a, a_pred) for a in gold_answers)
+        has[qid] = bool(answers)
+    out = {"exact": 100.0 * sum(exact.values()) / len(exact), "f1": 100.0 * sum(f1.values()) / len(f1)}
+    for name, value in (("HasAns", True), ("NoAns", False)):
+        ids = [k for k in has if has[k] == value]
+        if ids:
+            out[f"{name}_exact"] = 100.0 * sum(exact[k] for k in ids) / len(ids)
+            out[f"{name}_f1"] = 100.0 * sum(f1[k] for k in ids) / len(ids)
+    return out
+
+
+def test_squad_v2_equals_the_official_script():
+    """Questions without an answer: "" is right there and wrong elsewhere; a gold that normalises to nothing counts
+    as no answer (but the question still counts as HasAns, as in the script)."""
+    data = [("q", ["Paris", "Paris, France"]), ("q", []), ("q", []), ("q", ["Denver Broncos"]), ("q", ["the"]),
+            ("q", ["in 1990"]), ("q", [])]
+    preds = ["Paris France", "", "Chicago", "", "", "1990", "the"]
+    ours, official = metrics.squad_v2_scores(preds, [a for _, a in data]), _official_v2(data, preds)
+    assert ours == pytest.approx({("exact_match" if k == "exact" else k): v for k, v in official.items()})
+    assert ours["NoAns_exact"] == pytest.approx(200 / 3) and ours["HasAns_exact"] == pytest.approx(50.0)  # "Paris France", "the"
+    # the task's one scoring path switches to v2 when a question has no answer; v1 data scores as before
+    assert metrics.task_scores("qa", preds, [a for _, a in data]) == ours
+    assert metrics.task_scores("qa", ["Paris"], [["Paris"]]) == {"exact_match": 100.0, "f1": 100.0}
+
+
 # ------------------------------------------------------------------------------ classification
 def test_classification_by_hand_with_never_predicted_class():
     refs = ["a", "a", "a", "b", "b", "c"]

@@ -117,11 +117,11 @@ def reference_of(task: str, row: dict, where: str):
         return str(value)
     texts = value.get("text") if task == "qa" and isinstance(value, dict) else value
     texts = [texts] if task == "qa" and isinstance(texts, str) else texts
-    if task == "qa" and isinstance(texts, list) and texts and all(isinstance(t, str) for t in texts):
-        return texts
+    if task == "qa" and isinstance(texts, list) and all(isinstance(t, str) for t in texts):
+        return texts  # [] : no answer (SQuAD v2)
     if task != "qa" and isinstance(value, str):
         return value
-    raise UserError(f"{where}: {REFERENCE[task]} must be " + ("{\"text\": [...]} or a non-empty list of strings"
+    raise UserError(f"{where}: {REFERENCE[task]} must be " + ("{\"text\": [...]} or a list of strings ([]: no answer)"
                                                                  if task == "qa" else "a string") + f", got {value!r}")
 
 
@@ -159,8 +159,7 @@ def per_example(task: str, preds: list, refs: list, rouge_tokenizer: str = "defa
     if task == "summarize":
         return metrics.rouge_per_example(preds, refs, tokenizer=rouge_tokenizer)
     if task == "qa":
-        return {name: [100 * max(fn(p, g) for g in gs) for p, gs in zip(preds, refs)]
-                for name, fn in (("exact_match", metrics.exact_match), ("f1", metrics.f1))}
+        return metrics.squad_per_example(preds, refs)
     return {"accuracy": [100.0 * (p == r) for p, r in zip(preds, refs)]}
 
 
@@ -194,7 +193,8 @@ def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0,
         signatures = {"rouge": f"rouge_score {version('rouge-score')}, use_stemmer=True, tokenizer {rouge_tokenizer}, "
                                "rougeLsum over split_sentences (rule-based), mean F-measure x 100"}
     elif task == "qa":
-        signatures = {"squad": "SQuAD v1.1 official normalisation"}
+        signatures = {"squad": "SQuAD v2.0 official script (\"\" answers a question without one)"
+                      if metrics.no_answer_data(refs) else "SQuAD v1.1 official normalisation"}
     elif task == "classify":
         detail = {"per_class": metrics.classification_scores(preds, refs)["per_class"],
                   "macro_average": "over the labels present in the references or the predictions (scikit-learn's)"}

@@ -10,7 +10,7 @@ one-line message when they are empty or differ in length.
 * ROUGE: ``rouge_score.rouge_scorer.RougeScorer(use_stemmer=True)``, one sentence per line for
   ROUGE-Lsum (:func:`split_sentences`). Its default tokenizer lower-cases and keeps only
   ``[a-z0-9]``, so text in a non-Latin script scores 0: ``tokenizer="unicode"`` keeps every script.
-* SQuAD v1.1: a transcription of the official evaluation script.
+* SQuAD v1.1 and v2.0: transcriptions of the official evaluation scripts (v2.0 when a question has no answer).
 * Classification: plain Python (no sklearn), same conventions as sklearn with ``zero_division=0``;
   macro averages run over the labels present in the references or the predictions (sklearn's default).
 * :func:`task_scores` is the one scoring path: fine-tuning validation and test, and `gptkit eval`, call it,
@@ -271,10 +271,52 @@ def squad_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]
     then the mean over questions. ``references[i]`` is the list of gold answers (a bare string
     is taken as a single answer)."""
     _check_pairs(predictions, references, "squad_scores")
-    golds = _refs_per_example(references, "squad_scores")
-    em = sum(max(exact_match(p, g) for g in gs) for p, gs in zip(predictions, golds))
-    f = sum(max(f1(p, g) for g in gs) for p, gs in zip(predictions, golds))
-    return {"exact_match": 100.0 * em / len(predictions), "f1": 100.0 * f / len(predictions)}
+    _refs_per_example(references, "squad_scores")  # every question has an answer (else squad_v2_scores)
+    return {k: sum(v) / len(v) for k, v in squad_per_example(predictions, references).items()}
+
+
+def no_answer_data(references: Sequence) -> bool:
+    """SQuAD v2 data: some question has no gold answer (an empty list)."""
+    return any(not isinstance(r, str) and len(r) == 0 for r in references)
+
+
+def squad_per_example(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Per question ``exact_match`` and ``f1`` x 100, the max over its gold answers: SQuAD v1.1's, or when some
+    question has no answer (:func:`no_answer_data`) the official SQuAD v2.0 script's — a question with no gold
+    answer, or only answers that normalise to nothing, has the one gold ``""``, so the empty prediction scores 100
+    there and 0 elsewhere (F1 is 100 only when neither side has a token)."""
+    _check_pairs(predictions, references, "squad_scores")
+    if not no_answer_data(references):
+        golds = _refs_per_example(references, "squad_scores")
+        return {"exact_match": [100.0 * max(exact_match(p, g) for g in gs) for p, gs in zip(predictions, golds)],
+                "f1": [100.0 * max(f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]}
+    for i, ref in enumerate(references):
+        if isinstance(ref, str) or not all(isinstance(r, str) for r in ref):
+            raise UserError(f"squad_scores: references[{i}] must be a list of strings (empty: no answer)")
+
+    def f1_v2(pred: str, gold: str) -> float:
+        p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
+        return float(p == g) if not p or not g else f1(pred, gold)
+
+    golds = [[g for g in refs if normalize_answer(g)] or [""] for refs in references]
+    return {"exact_match": [100.0 * max(exact_match(p, g) for g in gs) for p, gs in zip(predictions, golds)],
+            "f1": [100.0 * max(f1_v2(p, g) for g in gs) for p, gs in zip(predictions, golds)]}
+
+
+def squad_v2_scores(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """The official SQuAD v2.0 script's figures x 100 (without its no-answer probabilities: "" is the abstention):
+    ``exact_match`` and ``f1`` over every question (:func:`squad_per_example`), then ``HasAns_*`` and ``NoAns_*``
+    over the questions that have a gold answer or not (each where there is one)."""
+    # (a question without an answer added and dropped: v2's rules on data where every question has one)
+    each = {k: v[: len(predictions)] for k, v in squad_per_example([*predictions, ""], [*references, []]).items()}
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    out = {k: mean(v) for k, v in each.items()}
+    for name, has in (("HasAns", True), ("NoAns", False)):
+        idx = [i for i, r in enumerate(references) if bool(r) == has]
+        if idx:
+            out[f"{name}_exact"] = mean([each["exact_match"][i] for i in idx])
+            out[f"{name}_f1"] = mean([each["f1"][i] for i in idx])
+    return out
 
 
 # ---------------------------------------------------------------------------- classification
@@ -342,13 +384,16 @@ def label_keys(labels) -> dict[str, str]:
 def task_scores(task: str, predictions: Sequence, references: Sequence, *, rouge_tokenizer: str = "default"
                 ) -> dict[str, float]:
     """The figures of a task, as fine-tuning validation/test and `gptkit eval` report them: translate: bleu, chrf;
-    summarize: rouge1/2/L/Lsum; qa: exact_match, f1 (``references``: lists of gold answers); classify: accuracy,
+    summarize: rouge1/2/L/Lsum; qa: exact_match, f1 (``references``: lists of gold answers; when one is empty, the
+    SQuAD v2.0 figures, HasAns_/NoAns_ too); classify: accuracy,
     macro_f1 (labels present in references or predictions) and, up to 20 classes, precision_/recall_/f1_<label>."""
     if task == "translate":
         out = translation_scores(predictions, references)
     elif task == "summarize":
         out = rouge(predictions, references, tokenizer=rouge_tokenizer)
     elif task == "qa":
+        if no_answer_data(references):  # SQuAD v2: some have no answer
+            return squad_v2_scores(predictions, references)
         out = squad_scores(predictions, references)
     elif task == "classify":
         full = classification_scores([str(p) for p in predictions], [str(r) for r in references])

@@ -285,6 +285,11 @@ class FinetuneConfig(_Section):
     )
     doc_stride: int = Field(64, ge=1, description="qa (extractive): token overlap between windows of a long context.")
     max_answer_tokens: int = Field(30, ge=1, description="qa (extractive): longest span considered.")
+    no_answer: bool = Field(False, description="qa: some questions have no answer in their context (SQuAD v2: "
+                            "answers.text is []); the model learns to answer nothing, scored by the SQuAD v2 script.")
+    null_score_diff_threshold: float = Field(
+        0.0, description="qa (extractive, no_answer): answer nothing when the no-answer score beats the best span's by "
+                         "more than this (run_qa's setting).")
     rouge_tokenizer: Literal["default", "unicode"] = Field(
         "default", description="summarize: ROUGE tokenizer; default = rouge_score's (English), unicode = any script."
     )
@@ -512,7 +517,8 @@ _HF_NAMES = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size",
              "schedule", "torch_compile": "compile", "bf16": "precision", "fp16": "precision", "num_layers": "n_layer",
              "n_positions": "context", "max_position_embeddings": "context", "hidden_size": "n_embd",
              "num_attention_heads": "n_head", "num_hidden_layers": "n_layer",
-             "early_stopping_patience": "patience", "metric_for_best_model": "metric", "max_seq_length": "max_length"}
+             "early_stopping_patience": "patience", "metric_for_best_model": "metric", "max_seq_length": "max_length",
+             "version_2_with_negative": "no_answer"}
 
 
 def _closest(name: str, model: type[BaseModel] | None) -> str:

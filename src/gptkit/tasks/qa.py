@@ -1,15 +1,21 @@
-"""qa: answer a question about a context; scored with SQuAD v1.1 exact match and F1.
+"""qa: answer a question about a context; scored with SQuAD v1.1 exact match and F1 (v2.0 with unanswerable ones).
 
 Rows have ``question``, ``context`` and ``answers`` = ``{"text": [...], "answer_start": [...]}`` (the SQuAD /
-Hugging Face layout: character offsets into the context); ``id`` is optional.
+Hugging Face layout: character offsets into the context); ``id`` is optional. With ``finetune.no_answer`` (SQuAD
+v2), ``answers`` may be empty lists: the question has no answer in the context, and the right answer is "".
 
 - ``finetune.qa_mode: extractive`` (default): a start/end head on the language model picks a span of the
   context. "question + SEP + context" is cut into windows of ``finetune.max_length`` tokens that overlap by
   ``finetune.doc_stride`` (lowered for a row whose long question leaves less than twice that for the context:
   per row, so a row's windows never depend on the other rows of its batch or split); a training window that does not hold the first answer points at token 0 (as in
-  Hugging Face's run_qa). A prediction is the best span over all windows of a row.
+  Hugging Face's run_qa). A prediction is the best span over all windows of a row. With ``finetune.no_answer``
+  each window ends in one more token, EOS, the no-answer position (BERT's CLS comes first; in a causal model only
+  the last position has seen the question and the whole window): a window without the answer, or a question without
+  one, points there, and a row answers "" when its windows' lowest no-answer score beats its best span's by more
+  than ``finetune.null_score_diff_threshold`` (run_qa's rule).
 - ``finetune.qa_mode: generative``: a causal LM trained on "prompt + first answer + EOS" with the loss on
-  the answer only (:mod:`gptkit.tasks.generative`), evaluated by generating from the prompt.
+  the answer only (:mod:`gptkit.tasks.generative`), evaluated by generating from the prompt; a question without an
+  answer is trained to EOS right after the prompt.
 """
 
 from __future__ import annotations
@@ -42,16 +48,20 @@ def _template(recipe) -> str:
     return recipe.finetune.prompt or PROMPT
 
 
-def check_answers(rows: list[dict], split: str) -> None:
+def check_answers(rows: list[dict], split: str, no_answer: bool = False) -> None:
     """Raise a one-line :class:`UserError` naming the row (counted from 0) unless every row's ``answers`` has
-    at least one non-empty text and each text is found at its ``answer_start`` in the context."""
+    at least one non-empty text (or, with ``no_answer``, none at all) and each text is found at its ``answer_start``
+    in the context."""
     where = _WHERE.get(split, split)
     for i, row in enumerate(rows):
         ans = row["answers"]
         texts, starts = (ans.get("text"), ans.get("answer_start")) if isinstance(ans, dict) else (None, None)
-        if not (isinstance(texts, list) and isinstance(starts, list) and texts and len(texts) == len(starts)):
+        if isinstance(texts, list) and texts == [] and starts == [] and not no_answer:
+            raise UserError(f"{where}: row {i} (from 0) has no answer (answers.text is []); set finetune.no_answer: "
+                            "true to train on questions without an answer (SQuAD v2)")
+        if not (isinstance(texts, list) and isinstance(starts, list) and len(texts) == len(starts)):
             raise UserError(f'{where}: row {i} (from 0): answers must be {{"text": [...], "answer_start": [...]}} '
-                            f"with one start per text and at least one answer, got {str(ans)[:80]!r}")
+                            f"with one start per text, got {str(ans)[:80]!r}")
         context = str(row["context"])
         for k, (text, start) in enumerate(zip(texts, starts)):
             ok = isinstance(text, str) and text != "" and isinstance(start, int) and start >= 0
@@ -92,8 +102,12 @@ class _Spans(gen.Examples):
 
 
 def _limit(recipe, model) -> int:
-    cfg = model.config
-    return min(recipe.finetune.max_length, int(getattr(cfg, "n_positions", None) or cfg.max_position_embeddings))
+    """The tokens of a window before its no-answer position (finetune.no_answer: the last of the model's)."""
+    return min(recipe.finetune.max_length, modeling.context_length(model.config)) - int(recipe.finetune.no_answer)
+
+
+def _null_id(tokenizer) -> int:
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
 
 
 def _questions(tokenizer, rows: list[dict], limit: int) -> tuple[list[str], list[int], int]:
@@ -143,10 +157,11 @@ def windows(recipe, tokenizer, rows: list[dict], limit: int, split: str, setup: 
         enc = tokenizer([questions[i] for i in idx], [str(rows[i]["context"]) for i in idx],
                         truncation="only_second", max_length=limit, stride=stride, return_overflowing_tokens=True,
                         return_offsets_mapping=True, verbose=False)
+        null = [_null_id(tokenizer)] if recipe.finetune.no_answer else []  # the no-answer position, last
         for w, k in enumerate(enc["overflow_to_sample_mapping"]):
             seq = enc.sequence_ids(w)
             offsets = [tuple(o) if s == 1 and o[1] > o[0] else None for o, s in zip(enc["offset_mapping"][w], seq)]
-            out.append({"input_ids": enc["input_ids"][w], "offsets": offsets, "row": idx[k]})
+            out.append({"input_ids": enc["input_ids"][w] + null, "offsets": offsets + [None] * len(null), "row": idx[k]})
     return sorted(out, key=lambda w: w["row"])  # stable: each row's windows stay in order
 
 
@@ -183,13 +198,17 @@ def _chunks(recipe, tokenizer, rows: list[dict], limit: int, split: str):
         lo += len(chunk)
 
 
-def answer_positions(window: dict, row: dict) -> tuple[int, int]:
-    """Token positions of the row's first answer in the window, or (0, 0) when it is not wholly inside."""
+def answer_positions(window: dict, row: dict, no_answer: bool = False) -> tuple[int, int]:
+    """Token positions of the row's first answer in the window; when it is not wholly inside (or the row has no
+    answer), (0, 0), or with ``no_answer`` the window's no-answer position (its last)."""
+    null = (len(window["input_ids"]) - 1,) * 2 if no_answer else (0, 0)
+    if not row["answers"]["text"]:
+        return null
     start = row["answers"]["answer_start"][0]
     end = start + len(row["answers"]["text"][0])
     ctx = [(k, o) for k, o in enumerate(window["offsets"]) if o is not None]
     if not ctx or ctx[0][1][0] > start or ctx[-1][1][1] < end:
-        return 0, 0
+        return null
     first = next(k for k, (_, b) in ctx if b > start)
     last = next(k for k, (a, _) in reversed(ctx) if a < end)
     return first, last
@@ -197,22 +216,28 @@ def answer_positions(window: dict, row: dict) -> tuple[int, int]:
 
 def preprocess(recipe, tokenizer, rows, split, model):
     """Checks the answers; extractive: windows with answer positions; generative: prompt + first answer + EOS."""
-    check_answers(rows, split)
+    check_answers(rows, split, recipe.finetune.no_answer)
     if not _extractive(recipe):
         from gptkit.data import Joined
 
-        targets = Joined([(rows, None)], lambda r, _: {**r, "target": " " + r["answers"]["text"][0]})  # as read
+        def target(row: dict, _) -> dict:  # as read; no answer: EOS right after the prompt
+            texts = row["answers"]["text"]
+            return {**row, "target": " " + texts[0] if texts else ""}
+
+        targets = Joined([(rows, None)], target)
         return gen.preprocess(recipe, tokenizer, targets, split, template=_template(recipe), target="target",
                               shorten="context")
+    no_answer, missing = recipe.finetune.no_answer, [0]
+
     def parts():
         for lo, chunk, wins in _chunks(recipe, tokenizer, rows, _limit(recipe, model), split):
-            spans = [answer_positions(w, chunk[w["row"]]) for w in wins]
+            spans = [answer_positions(w, chunk[w["row"]], no_answer) for w in wins]
+            missing[0] += sum(a == (len(w["input_ids"]) - 1 if no_answer else 0) for w, (a, _) in zip(wins, spans))
             yield gen.Rows([{"input_ids": w["input_ids"], "row": lo + w["row"], "start_positions": a,
                              "end_positions": b} for w, (a, b) in zip(wins, spans)])  # no offsets: training
 
     out = gen.Rows.concat(parts())
-    log.info("%s: %d rows in %d windows, %d without their answer", split, len(rows), len(out),
-             int((out.cols["start_positions"] == 0).sum()) if len(out) else 0)
+    log.info("%s: %d rows in %d windows, %d without an answer", split, len(rows), len(out), missing[0])
     return _Spans(out, tokenizer.pad_token_id)
 
 
@@ -268,8 +293,11 @@ def predict(model, tokenizer, rows, recipe) -> list[str]:
 @torch.no_grad()
 def spans(model, tokenizer, rows, recipe) -> list[dict]:
     """Extractive qa: per row the best span over all its windows, ``{answer, start, end, score}`` (character
-    offsets into the context, the span's start + end logit); an empty answer at -1 when no span is valid."""
+    offsets into the context, the span's start + end logit); an empty answer at -1 when no span is valid, or
+    (finetune.no_answer) when the lowest no-answer score of the row's windows beats the best span's by more than
+    finetune.null_score_diff_threshold (its score then the no-answer one)."""
     best = [{"answer": "", "start": -1, "end": -1, "score": float("-inf")} for _ in rows]
+    null = [float("inf")] * len(rows)
     was_training = model.training
     model.eval()
     try:
@@ -283,6 +311,9 @@ def spans(model, tokenizer, rows, recipe) -> list[dict]:
                 starts, ends = out.start_logits.float().cpu(), out.end_logits.float().cpu()
                 for j, i in enumerate(idx):
                     w, r = wins[i], first + wins[i]["row"]
+                    if recipe.finetune.no_answer:
+                        last = len(w["input_ids"]) - 1
+                        null[r] = min(null[r], float(starts[j, last] + ends[j, last]))
                     value, s, e = best_span(starts[j], ends[j], w["offsets"], recipe.finetune.max_answer_tokens)
                     if value > best[r]["score"]:
                         context = str(chunk[wins[i]["row"]]["context"])
@@ -293,9 +324,13 @@ def spans(model, tokenizer, rows, recipe) -> list[dict]:
                                    "score": float(value)}
     finally:
         model.train(was_training)
+    for r, score in enumerate(null if recipe.finetune.no_answer else []):
+        if score - best[r]["score"] > recipe.finetune.null_score_diff_threshold:
+            best[r] = {"answer": "", "start": -1, "end": -1, "score": score}
     return best
 
 
 def score(predictions, rows, recipe=None):
-    """SQuAD v1.1 exact match and F1 (x100), each the max over a row's gold answers."""
+    """SQuAD v1.1 exact match and F1 (x100), each the max over a row's gold answers; v2.0's when some row has no
+    answer (:func:`gptkit.metrics.squad_v2_scores`)."""
     return metrics.task_scores("qa", predictions, [list(r["answers"]["text"]) for r in rows])
