@@ -413,6 +413,8 @@ def test_load_rows_refuses_a_columns_key_the_task_lacks(tmp_path):
                                          ("RANK", "3"), ("LOCAL_RANK", "1")])
 def test_a_launcher_variable_set_to_text_is_one_line(tmp_path, corpus, monkeypatch, name, value):
     monkeypatch.setenv(name, value)
+    if value.isdigit():  # a rank past the launch's size: checked where a launcher set WORLD_SIZE too
+        monkeypatch.setenv("WORLD_SIZE", "1")
     code, _, err = run_cli("validate", str(tiny_recipe(tmp_path / "r.yaml", corpus, tmp_path / "run")))
     assert_user_error(code, err, f"environment variable {name}", repr(value) if not value.isdigit() else
                       f"{value} is not below WORLD_SIZE 1")

@@ -233,3 +233,47 @@ def test_eval_under_torchrun_runs_once(tmp_path):
     assert res.stdout.count("wrote ") == 1
     lines = [json.loads(x) for x in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["index"] for r in lines] == list(range(24))
+
+
+SHARDED_FULL_DISK = '''
+import errno, os, tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch, torch.distributed as dist
+import torch.distributed.checkpoint.filesystem as fs
+from accelerate.utils import DistributedType
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+
+from gptkit import distributed, engine
+
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29575", RANK="0", WORLD_SIZE="1")
+dist.init_process_group("gloo")
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+mesh = init_device_mesh("cpu", (1,))
+for layer in model:
+    fully_shard(layer, mesh=mesh)
+fully_shard(model, mesh=mesh)
+opt = torch.optim.AdamW(model.parameters())
+model(torch.randn(2, 4)).sum().backward()
+opt.step()
+
+def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+fs._write_item = full
+acc = SimpleNamespace(distributed_type=DistributedType.FSDP, num_processes=1, is_main_process=True,
+                      device=torch.device("cpu"))
+error = engine._on_every_process(acc, lambda: distributed.save_state(Path(tempfile.mkdtemp()), model, opt, acc))
+print("WRITE ERROR", type(error).__name__, error.errno, error.strerror)
+dist.destroy_process_group()
+'''
+
+
+def test_a_full_disk_in_a_sharded_checkpoint_is_a_write_error():
+    """DCP wraps a rank's failed write in CheckpointException (a BaseException, on every rank): save_state gives
+    the engine the first rank's OSError, so a full disk in an FSDP checkpoint is the one line of any other."""
+    res = subprocess.run([sys.executable, "-c", SHARDED_FULL_DISK], capture_output=True, text=True, env=ENV,
+                         timeout=300)
+    assert "WRITE ERROR OSError 28 No space left on device" in res.stdout, res.stderr[-3000:]

@@ -323,6 +323,7 @@ def test_squad_v2_equals_the_official_script():
     # the task's one scoring path switches to v2 when a question has no answer; v1 data scores as before
     assert metrics.task_scores("qa", preds, [a for _, a in data]) == ours
     assert metrics.task_scores("qa", ["Paris"], [["Paris"]]) == {"exact_match": 100.0, "f1": 100.0}
+    assert metrics.task_scores("qa", ["Ada", ""], ["Ada", []])["exact_match"] == 100.0  # a bare string: one answer
 
 
 # ------------------------------------------------------------------------------ classification

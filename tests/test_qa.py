@@ -281,6 +281,11 @@ def test_extractive_head_learns_when_there_is_no_answer(tmp_path, base):
     assert got["f1"] == pytest.approx(scores["test_f1"])
     preds = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert sum(p == "" for p in preds) >= 20  # 25 of the 50 have no answer
+    # the recipe given to eval sets the threshold, as it sets decoding: far below, every question is abstained from
+    code, _, err = run_cli("eval", str(recipe), "finetune.null_score_diff_threshold=-1000", "--split", "test",
+                           "--out", str(tmp_path / "abstain"))
+    assert code == 0, err
+    assert {json.loads(line)["prediction"] for line in (tmp_path / "abstain" / "predictions.jsonl").open()} == {""}
 
 
 def test_no_answer_windows_end_in_eos_and_point_there(tmp_path, base):
@@ -301,6 +306,11 @@ def test_no_answer_windows_end_in_eos_and_point_there(tmp_path, base):
         else:
             s, e = w["start_positions"], w["end_positions"]
             assert tok.decode(ids[s : e + 1]).strip() == row["answers"]["text"][0]
+    # the v2 figures can pick best/ (validate knows them), only with finetune.no_answer
+    v2 = finetune_recipe(tmp_path, "m", "qa", base, qa_splits(tmp_path, 20), finetune={"no_answer": True})
+    assert run_cli("validate", str(v2), "finetune.metric=val_NoAns_f1")[0] == 0
+    code, _, err = run_cli("validate", str(v2), "finetune.metric=val_NoAns_f1", "finetune.no_answer=false")
+    assert code == 2 and "'val_NoAns_f1' is not a validation metric of qa" in err
     # without finetune.no_answer a row without an answer is one line naming the setting
     code, _, err = run_cli("finetune", str(finetune_recipe(tmp_path, "v1", "qa", base, splits(tmp_path, qa_v2_rows, 20))))
     assert code == 2 and "data.train_files: row 1 (from 0) has no answer" in err and "finetune.no_answer: true" in err

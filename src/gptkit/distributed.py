@@ -201,8 +201,15 @@ def save_state(directory: Path, model, opt, accelerator) -> bool:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
     msd, osd = get_state_dict(model, _inner(opt))
-    dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / SHARDED_DIR))
+    try:
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(directory / SHARDED_DIR))
+    except CheckpointException as e:  # (a BaseException, raised on every rank): the first rank's error, as written
+        failure = next(iter(e.failures.values()), None)
+        cause = failure[0] if isinstance(failure, tuple) else failure
+        raise OSError(getattr(cause, "errno", None), getattr(cause, "strerror", None) or str(cause or e)) from None
     return True
 
 

@@ -199,7 +199,8 @@ def _remove_if(condition: bool, out: Path) -> None:
         shutil.rmtree(out, ignore_errors=True)
 
 
-DECODING = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty")
+SPANS = ("max_answer_tokens", "null_score_diff_threshold")  # extractive qa's choice of answer, as decoding is a text's
+DECODING = ("max_new_tokens", "num_beams", "do_sample", "temperature", "top_k", "top_p", "repetition_penalty", *SPANS)
 
 
 def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots: list[dict], given=None) -> Ctx:
@@ -359,10 +360,12 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     if len(shots) < opts.few_shot:
         raise UserError(f"--few-shot {opts.few_shot}: {tp} has only {len(shots)} examples")
     ctx = make_ctx(opts, task, model, tok, run, every, shots, given)  # labels: from all rows, whatever --limit
+    extractive = task == "qa" and ctx.recipe.finetune.qa_mode == "extractive" and not opts.few_shot
     identity = {"mode": "model", "task": task, "model": model_fp["sha256"], "data": file_hashes(data),
                 "columns": cols, "template": ctx.template, "decoding": asdict(ctx.decoding),
                 "generation_config": generation.inherited(model), "labels": ctx.labels,
-                "few_shot": opts.few_shot, "train": sha256(tp) if shots else None, "seed": opts.seed if shots else None}
+                "few_shot": opts.few_shot, "train": sha256(tp) if shots else None, "seed": opts.seed if shots else None,
+                **({"spans": {k: getattr(ctx.recipe.finetune, k) for k in SPANS}} if extractive else {})}
     check_first(ctx, rows[0])
     created = not out.exists()
     preds = [k["prediction"] for k in prepare_out(out, identity, opts.resume, len(rows))]

@@ -324,17 +324,21 @@ def _scores(task, rows: list[dict], preds: list, recipe: Recipe, extra: list) ->
 def _check_metric(recipe: Recipe, task_name: str) -> None:
     """finetune.metric names a figure validation logs: checked before training (a typo surfaced only at the first
     validation, after the run folder was made). Per-class classify figures depend on the labels seen, so pass."""
-    from gptkit.metrics import TASK_METRICS
+    from gptkit.metrics import SQUAD_V2_METRICS, TASK_METRICS
     from gptkit.tasks import multitask
 
     name = recipe.finetune.metric
     if not name:
         return
+
+    def of(kind: str) -> tuple:
+        return TASK_METRICS[kind] + (SQUAD_V2_METRICS if kind == "qa" and recipe.finetune.no_answer else ())
+
     if task_name == "multitask":
         subs = [s.task for s in recipe.finetune.tasks]
-        names = {"score"} | {f"{n}_{m}" for n, kind in zip(multitask._names(recipe), subs) for m in TASK_METRICS[kind]}
+        names = {"score"} | {f"{n}_{m}" for n, kind in zip(multitask._names(recipe), subs) for m in of(kind)}
     else:
-        names = set(TASK_METRICS[task_name])
+        names = set(of(task_name))
     known = {"val_loss", "val_perplexity"} | {f"val_{m}" for m in names}
     per_class = task_name == "classify" and name.startswith(("val_precision_", "val_recall_", "val_f1_"))
     if name not in known and not per_class:

@@ -290,9 +290,10 @@ def squad_per_example(predictions: Sequence[str], references: Sequence[Sequence[
         golds = _refs_per_example(references, "squad_scores")
         return {"exact_match": [100.0 * max(exact_match(p, g) for g in gs) for p, gs in zip(predictions, golds)],
                 "f1": [100.0 * max(f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]}
+    references = [[ref] if isinstance(ref, str) else list(ref) for ref in references]
     for i, ref in enumerate(references):
-        if isinstance(ref, str) or not all(isinstance(r, str) for r in ref):
-            raise UserError(f"squad_scores: references[{i}] must be a list of strings (empty: no answer)")
+        if not all(isinstance(r, str) for r in ref):
+            raise UserError(f"squad_scores: references[{i}] must be a string or a list of strings (empty: no answer)")
 
     def f1_v2(pred: str, gold: str) -> float:
         p, g = normalize_answer(pred).split(), normalize_answer(gold).split()
@@ -365,6 +366,7 @@ def classification_scores(predictions: Sequence[Hashable], references: Sequence[
 PER_CLASS_UP_TO = 20  # classes whose precision/recall/F1 are reported one by one (beyond: accuracy, macro-F1)
 TASK_METRICS = {"translate": ("bleu", "chrf"), "summarize": ROUGE_TYPES, "qa": ("exact_match", "f1"),
                 "classify": ("accuracy", "macro_f1")}
+SQUAD_V2_METRICS = ("HasAns_exact", "HasAns_f1", "NoAns_exact", "NoAns_f1")  # qa, with questions without an answer
 
 
 def label_keys(labels) -> dict[str, str]:

@@ -106,6 +106,12 @@ def _limit(recipe, model) -> int:
     return min(recipe.finetune.max_length, modeling.context_length(model.config)) - int(recipe.finetune.no_answer)
 
 
+def _windows_of(recipe, limit: int) -> str:
+    """The windows as messages name them: ``limit`` tokens, and the no-answer EOS."""
+    return f"{limit + 1}-token windows (the no-answer EOS included)" if recipe.finetune.no_answer else \
+        f"{limit}-token windows"
+
+
 def _null_id(tokenizer) -> int:
     return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.pad_token_id
 
@@ -129,8 +135,8 @@ def _stride(recipe, tokenizer, question: int, limit: int) -> int:
     share its batch or split: eval's batches of 16 and fine-tuning's whole test split answer alike."""
     room = limit - question - tokenizer.num_special_tokens_to_add(pair=True)
     if room < 2:
-        raise UserError(f"finetune.max_length: {limit}-token windows leave no room for the context after the "
-                        f"question ({question} tokens) and special tokens; raise finetune.max_length")
+        raise UserError(f"finetune.max_length: {_windows_of(recipe, limit)} leave no room for the context "
+                        f"after the question ({question} tokens) and special tokens; raise finetune.max_length")
     return min(recipe.finetune.doc_stride, room // 2)
 
 
@@ -179,8 +185,9 @@ def window_setup(recipe, tokenizer, rows: list[dict], limit: int, split: str) ->
         log.warning("%s: %d questions longer than %d tokens were cut (finetune.max_length)", split, cut,
                     max(1, limit // 2 - 1))
     if split != "predict" and lowered:
-        log.warning("%s: finetune.doc_stride %d lowered for %d rows: with their question, %d-token windows leave "
-                    "less than twice that for the context", split, recipe.finetune.doc_stride, lowered, limit)
+        log.warning("%s: finetune.doc_stride %d lowered for %d rows: with their question, %s leave "
+                    "less than twice that for the context", split, recipe.finetune.doc_stride, lowered,
+                    _windows_of(recipe, limit))
     return questions, strides
 
 
@@ -333,4 +340,7 @@ def spans(model, tokenizer, rows, recipe) -> list[dict]:
 def score(predictions, rows, recipe=None):
     """SQuAD v1.1 exact match and F1 (x100), each the max over a row's gold answers; v2.0's when some row has no
     answer (:func:`gptkit.metrics.squad_v2_scores`)."""
-    return metrics.task_scores("qa", predictions, [list(r["answers"]["text"]) for r in rows])
+    golds = [list(r["answers"]["text"]) for r in rows]
+    if recipe is not None and recipe.finetune.no_answer:  # v2's rules and figures, whatever this sample holds
+        return metrics.squad_v2_scores(predictions, golds)
+    return metrics.task_scores("qa", predictions, golds)
