@@ -312,8 +312,10 @@ def test_no_answer_windows_end_in_eos_and_point_there(tmp_path, base):
     code, _, err = run_cli("validate", str(v2), "finetune.metric=val_NoAns_f1", "finetune.no_answer=false")
     assert code == 2 and "'val_NoAns_f1' is not a validation metric of qa" in err
     # without finetune.no_answer a row without an answer is one line naming the setting
-    code, _, err = run_cli("finetune", str(finetune_recipe(tmp_path, "v1", "qa", base, splits(tmp_path, qa_v2_rows, 20))))
-    assert code == 2 and "data.train_files: row 1 (from 0) has no answer" in err and "finetune.no_answer: true" in err
+    v1 = finetune_recipe(tmp_path, "v1", "qa", base, splits(tmp_path, qa_v2_rows, 20))
+    for command in ("validate", "finetune"):
+        code, _, err = run_cli(command, str(v1))
+        assert code == 2 and "data.train_files: row 1 (from 0) has no answer" in err and "no_answer: true" in err
     # generative: a question without an answer is trained to stop right after the prompt
     gen = recipe.model_copy(update={"finetune": recipe.finetune.model_copy(update={"qa_mode": "generative"})})
     examples = qa.preprocess(gen, tok, rows[:2], "train", None)

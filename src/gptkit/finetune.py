@@ -142,6 +142,9 @@ def describe(recipe: Recipe, task_name: str) -> list[str]:
     check(recipe, task_name)
     rows = splits(recipe, task)
     check_rows(recipe, task_name, rows)
+    if task_name == "qa":  # (fine-tuning checks them as it tokenizes each split)
+        for split, part in rows.items():
+            task.check_answers(part, split, recipe.finetune.no_answer)
     counts = [f"{split} {len(r)}" for split, r in rows.items()]
     windowed = task_name == "qa" and recipe.finetune.qa_mode == "extractive"  # trains on >= 1 window per row
     if "train" in rows and not windowed:  # one process; launched on more, the run itself checks again
