@@ -281,6 +281,13 @@ def test_extractive_head_learns_when_there_is_no_answer(tmp_path, base):
     assert got["f1"] == pytest.approx(scores["test_f1"])
     preds = [json.loads(line)["prediction"] for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert sum(p == "" for p in preds) >= 20  # 25 of the 50 have no answer
+    # a model taught to abstain is scored by v2's rules even on rows that all have an answer
+    answered = write_jsonl(tmp_path / "answered.jsonl", [r for r in qa_v2_rows(50, 3) if r["answers"]["text"]])
+    code, _, err = run_cli("eval", "--model", str(tmp_path / "v2"), "--data", str(answered), "--out",
+                           str(tmp_path / "answered"))
+    assert code == 0, err
+    got = json.loads((tmp_path / "answered" / "metrics.json").read_text())
+    assert "HasAns_exact" in got["metrics"] and "SQuAD v2.0" in got["signatures"]["squad"]
     # the recipe given to eval sets the threshold, as it sets decoding: far below, every question is abstained from
     code, _, err = run_cli("eval", str(recipe), "finetune.null_score_diff_threshold=-1000", "--split", "test",
                            "--out", str(tmp_path / "abstain"))

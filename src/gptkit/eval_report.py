@@ -149,7 +149,8 @@ def pair(preds: list[dict], refs: list[dict], ppath: Path, rpath: Path) -> list[
 
 
 # ------------------------------------------------------------------------------------------ scoring
-def per_example(task: str, preds: list, refs: list, rouge_tokenizer: str = "default") -> dict[str, list[float]]:
+def per_example(task: str, preds: list, refs: list, rouge_tokenizer: str = "default", no_answer: bool = False
+                ) -> dict[str, list[float]]:
     """Sentence-level scores x 100 (sentence BLEU, ROUGE, SQuAD, correct); mean-based corpus figures are their mean."""
     if task == "translate":
         from sacrebleu.metrics import BLEU
@@ -159,7 +160,7 @@ def per_example(task: str, preds: list, refs: list, rouge_tokenizer: str = "defa
     if task == "summarize":
         return metrics.rouge_per_example(preds, refs, tokenizer=rouge_tokenizer)
     if task == "qa":
-        return metrics.squad_per_example(preds, refs)
+        return metrics.squad_per_example(preds, refs, v2=no_answer)
     return {"accuracy": [100.0 * (p == r) for p, r in zip(preds, refs)]}
 
 
@@ -173,10 +174,11 @@ def _corpus_ci(metric, preds: list[str], refs: list, n: int, seed: int) -> tuple
                                 idx, idx, n=n, seed=seed)
 
 
-def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0, rouge_tokenizer: str = "default"
-          ) -> dict:
+def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0, rouge_tokenizer: str = "default",
+          no_answer: bool = False) -> dict:
     """Corpus figures (:func:`gptkit.metrics.task_scores`, as fine-tuning reports them), signatures, details,
-    optional 95% CIs and one sentence score per example."""
+    optional 95% CIs and one sentence score per example. ``no_answer``: qa scored by SQuAD v2's rules whatever the
+    rows hold (a model taught to abstain)."""
     from importlib.metadata import version
 
     detail, signatures = {}, {}
@@ -186,15 +188,15 @@ def score(task: str, preds: list, refs: list, bootstrap: int = 0, seed: int = 0,
         signatures = {"bleu": full["bleu_signature"], "chrf": full["chrf_signature"]}
         detail = {k: full[k] for k in ("precisions", "brevity_penalty", "sys_len", "ref_len")}
     elif task != "summarize":  # (task_scores checks the inputs first)
-        figures = metrics.task_scores(task, preds, refs, rouge_tokenizer=rouge_tokenizer)
-    each, cis = per_example(task, preds, refs, rouge_tokenizer), {}
+        figures = metrics.task_scores(task, preds, refs, rouge_tokenizer=rouge_tokenizer, no_answer=no_answer)
+    each, cis = per_example(task, preds, refs, rouge_tokenizer, no_answer), {}
     if task == "summarize":  # metrics.rouge is the mean of the per-example scores: not computed twice
         figures = {k: sum(each[k]) / len(each[k]) for k in metrics.ROUGE_TYPES}
         signatures = {"rouge": f"rouge_score {version('rouge-score')}, use_stemmer=True, tokenizer {rouge_tokenizer}, "
                                "rougeLsum over split_sentences (rule-based), mean F-measure x 100"}
     elif task == "qa":
         signatures = {"squad": "SQuAD v2.0 official script (\"\" answers a question without one)"
-                      if metrics.no_answer_data(refs) else "SQuAD v1.1 official normalisation"}
+                      if no_answer or metrics.no_answer_data(refs) else "SQuAD v1.1 official normalisation"}
     elif task == "classify":
         detail = {"per_class": metrics.classification_scores(preds, refs)["per_class"],
                   "macro_average": "over the labels present in the references or the predictions (scikit-learn's)"}
@@ -305,12 +307,12 @@ def write_outputs(out: Path, result: dict, examples: list[dict]) -> None:
 
 
 def finish(out: Path, base: dict, task: str, rows: list[dict], preds: list, refs: list, bootstrap: int,
-           seed: int, rouge_tokenizer: str = "default", extra: list = ()) -> dict:
+           seed: int, rouge_tokenizer: str = "default", extra: list = (), no_answer: bool = False) -> dict:
     """Score (with the user's evaluate modules ``extra``), then write metrics.json and report.md; return what
     metrics.json holds."""
     from gptkit import user_metrics
 
-    scored = score(task, preds, refs, bootstrap, seed, rouge_tokenizer)
+    scored = score(task, preds, refs, bootstrap, seed, rouge_tokenizer, no_answer)
     if extra:
         scored["metrics"].update(user_metrics.compute(list(extra), preds, refs, taken=set(scored["metrics"])))
         scored["extra_metrics"] = [m.record() for m in extra]

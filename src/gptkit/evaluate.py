@@ -387,7 +387,8 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
                 "bootstrap": opts.bootstrap, "seconds": round(time.time() - started, 3)}
     base = {"mode": "model", "settings": settings, "model": model_fp, "data": identity["data"]}
     return finish(out, base, task, rows, preds, refs, opts.bootstrap, opts.seed,
-                  opts.rouge_tokenizer or ctx.recipe.finetune.rouge_tokenizer, extra)
+                  opts.rouge_tokenizer or ctx.recipe.finetune.rouge_tokenizer, extra,
+                  no_answer=task == "qa" and ctx.recipe.finetune.no_answer)
 
 
 def run_predictions(opts: Options, task: str) -> dict:

@@ -280,13 +280,14 @@ def no_answer_data(references: Sequence) -> bool:
     return any(not isinstance(r, str) and len(r) == 0 for r in references)
 
 
-def squad_per_example(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
-    """Per question ``exact_match`` and ``f1`` x 100, the max over its gold answers: SQuAD v1.1's, or when some
-    question has no answer (:func:`no_answer_data`) the official SQuAD v2.0 script's — a question with no gold
-    answer, or only answers that normalise to nothing, has the one gold ``""``, so the empty prediction scores 100
-    there and 0 elsewhere (F1 is 100 only when neither side has a token)."""
+def squad_per_example(predictions: Sequence[str], references: Sequence[Sequence[str]], v2: bool = False
+                      ) -> dict[str, list[float]]:
+    """Per question ``exact_match`` and ``f1`` x 100, the max over its gold answers: SQuAD v1.1's, or with ``v2``
+    or when some question has no answer (:func:`no_answer_data`) the official SQuAD v2.0 script's — a question with
+    no gold answer, or only answers that normalise to nothing, has the one gold ``""``, so the empty prediction
+    scores 100 there and 0 elsewhere (F1 is 100 only when neither side has a token)."""
     _check_pairs(predictions, references, "squad_scores")
-    if not no_answer_data(references):
+    if not (v2 or no_answer_data(references)):
         golds = _refs_per_example(references, "squad_scores")
         return {"exact_match": [100.0 * max(exact_match(p, g) for g in gs) for p, gs in zip(predictions, golds)],
                 "f1": [100.0 * max(f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]}
@@ -308,8 +309,7 @@ def squad_v2_scores(predictions: Sequence[str], references: Sequence[Sequence[st
     """The official SQuAD v2.0 script's figures x 100 (without its no-answer probabilities: "" is the abstention):
     ``exact_match`` and ``f1`` over every question (:func:`squad_per_example`), then ``HasAns_*`` and ``NoAns_*``
     over the questions that have a gold answer or not (each where there is one)."""
-    # (a question without an answer added and dropped: v2's rules on data where every question has one)
-    each = {k: v[: len(predictions)] for k, v in squad_per_example([*predictions, ""], [*references, []]).items()}
+    each = squad_per_example(predictions, references, v2=True)
     mean = lambda values: sum(values) / len(values)  # noqa: E731
     out = {k: mean(v) for k, v in each.items()}
     for name, has in (("HasAns", True), ("NoAns", False)):
@@ -383,8 +383,8 @@ def label_keys(labels) -> dict[str, str]:
     return keys
 
 
-def task_scores(task: str, predictions: Sequence, references: Sequence, *, rouge_tokenizer: str = "default"
-                ) -> dict[str, float]:
+def task_scores(task: str, predictions: Sequence, references: Sequence, *, rouge_tokenizer: str = "default",
+                no_answer: bool = False) -> dict[str, float]:
     """The figures of a task, as fine-tuning validation/test and `gptkit eval` report them: translate: bleu, chrf;
     summarize: rouge1/2/L/Lsum; qa: exact_match, f1 (``references``: lists of gold answers; when one is empty, the
     SQuAD v2.0 figures, HasAns_/NoAns_ too); classify: accuracy,
@@ -394,7 +394,7 @@ def task_scores(task: str, predictions: Sequence, references: Sequence, *, rouge
     elif task == "summarize":
         out = rouge(predictions, references, tokenizer=rouge_tokenizer)
     elif task == "qa":
-        if no_answer_data(references):  # SQuAD v2: some have no answer
+        if no_answer or no_answer_data(references):  # SQuAD v2: some have no answer (or the model was taught so)
             return squad_v2_scores(predictions, references)
         out = squad_scores(predictions, references)
     elif task == "classify":

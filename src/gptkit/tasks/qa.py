@@ -340,7 +340,5 @@ def spans(model, tokenizer, rows, recipe) -> list[dict]:
 def score(predictions, rows, recipe=None):
     """SQuAD v1.1 exact match and F1 (x100), each the max over a row's gold answers; v2.0's when some row has no
     answer (:func:`gptkit.metrics.squad_v2_scores`)."""
-    golds = [list(r["answers"]["text"]) for r in rows]
-    if recipe is not None and recipe.finetune.no_answer:  # v2's rules and figures, whatever this sample holds
-        return metrics.squad_v2_scores(predictions, golds)
-    return metrics.task_scores("qa", predictions, golds)
+    return metrics.task_scores("qa", predictions, [list(r["answers"]["text"]) for r in rows],  # no_answer: v2's
+                               no_answer=recipe is not None and recipe.finetune.no_answer)  # whatever the sample holds
