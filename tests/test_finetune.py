@@ -64,6 +64,11 @@ def test_classify_head_learns_the_rule(tmp_path, base):
     assert scores["test_macro_f1"] == pytest.approx((scores["test_f1_warm"] + scores["test_f1_cold"]) / 2)
     config = json.loads((tmp_path / "cls" / "config.json").read_text())
     assert set(config["id2label"].values()) == {"warm", "cold"}
+    logged = [json.loads(line) for line in (tmp_path / "cls" / "metrics.jsonl").read_text().splitlines()]
+    validated = [r for r in logged if "val_loss" in r]
+    assert validated and not any("val_perplexity" in r for r in logged)  # a head's loss is no perplexity
+    code, _, err = run_cli("validate", str(recipe), "finetune.metric=val_perplexity")
+    assert code == 2 and "'val_perplexity' is not a validation metric of classify" in err
     code, _, err = run_cli("generate", str(tmp_path / "cls"), "--prompt", "hello")
     assert code == 2 and "task head" in err and "Traceback" not in err, err
     lora = lora_test_metrics(recipe, tmp_path / "cls-lora")

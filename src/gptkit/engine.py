@@ -181,6 +181,7 @@ class Job:
     # called on every process, which may each predict a shard)
     select: str | None = None  # logged metric that picks the best model, saved to run_dir/best
     select_higher: bool | None = None  # its direction (None: lower for val_loss / val_perplexity, higher otherwise)
+    perplexity: bool = True  # val_perplexity beside val_loss: a language model's loss (not a task head's)
     patience: int | None = None  # stop after this many evaluations without a better `select`
     save: Callable[..., None] | None = None  # save(model, folder, state_dict): writes a model folder (best/), from
     # state_dict when not None (gathered from shards); None: save_pretrained
@@ -227,7 +228,7 @@ def _loss_metrics(job: Job, model, accelerator, batches: int | None) -> dict[str
     count_fn = job.eval_count_fn or job.count_fn or all_tokens
     val = evaluate_loss(model, job.val_data, loss_fn, count_fn, job.cfg.batch_size, batches, accelerator,
                         lockstep=distributed.lockstep(job.distributed, accelerator), grad_accum=job.cfg.grad_accum)
-    return {"val_loss": val, "val_perplexity": math.exp(min(val, 50.0))}
+    return {"val_loss": val, **({"val_perplexity": math.exp(min(val, 50.0))} if job.perplexity else {})}
 
 
 def _full_final(job: Job, final: bool) -> bool:

@@ -284,6 +284,7 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
                          eval_loss_fn=task.loss, eval_count_fn=task.count, evaluate=evaluate,
                          select=(recipe.finetune.metric or task.METRIC) if evaluate else None,
                          select_higher=recipe.finetune.metric_higher_is_better,
+                         perplexity=not trained.has_head(task_name, recipe),  # a head's loss is no perplexity
                          patience=recipe.finetune.patience, distributed=recipe.distributed,
                          save=lambda m, path, state=None: trained.save(m, tokenizer, path, state),
                          on_resumed=partial(rundir.resumed, run_dir, recipe, command or []),
@@ -342,7 +343,8 @@ def _check_metric(recipe: Recipe, task_name: str) -> None:
         names = {"score"} | {f"{n}_{m}" for n, kind in zip(multitask._names(recipe), subs) for m in of(kind)}
     else:
         names = set(of(task_name))
-    known = {"val_loss", "val_perplexity"} | {f"val_{m}" for m in names}
+    lm = {"val_perplexity"} if not trained.has_head(task_name, recipe) else set()  # a head's loss is no perplexity
+    known = {"val_loss"} | lm | {f"val_{m}" for m in names}
     per_class = task_name == "classify" and name.startswith(("val_precision_", "val_recall_", "val_f1_"))
     if name not in known and not per_class:
         raise UserError(f"finetune.metric: '{name}' is not a validation metric of {task_name}; expected one of "
