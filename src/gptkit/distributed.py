@@ -199,9 +199,8 @@ def save_state(directory: Path, model, opt, accelerator) -> bool:
     if not is_sharded(model):
         return False
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
     from torch.distributed.checkpoint.api import CheckpointException
+    from torch.distributed.checkpoint.state_dict import get_state_dict
 
     msd, osd = get_state_dict(model, _inner(opt))
     try:

@@ -111,8 +111,8 @@ def prompt(ctx: Ctx, row: dict, index: int | None = None) -> str:
     demos = random.Random(f"{ctx.seed}-{index}").sample(ctx.shots, ctx.few_shot) if index is not None else []
     golds = [reference_of(ctx.task, d, "--train") for d in demos]
     fields = {**row, "text_pair": row.get("text_pair") or ""} if ctx.task == "classify" else row  # pairs may lack it
-    return "".join(f"{prompt(ctx, d)} {(g or [''])[0] if isinstance(g, list) else g}\n\n" for d, g in zip(demos, golds)) + \
-        render(ctx.template, fields, "prompt")
+    answers = [(g or [""])[0] if isinstance(g, list) else g for g in golds]  # qa: the first answer, "" for none
+    return "".join(f"{prompt(ctx, d)} {a}\n\n" for d, a in zip(demos, answers)) + render(ctx.template, fields, "prompt")
 
 
 def label_scores(ctx: Ctx, prompts: list[str]) -> list[str]:
