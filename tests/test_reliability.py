@@ -313,6 +313,43 @@ def test_a_write_failure_on_one_of_two_processes_stops_both_with_one_line(tmp_pa
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005"]
 
 
+class _TwoProcesses:
+    """An accelerator of two processes; the other one reports ``peer`` = [could not write, failed otherwise]."""
+    num_processes, device = 2, torch.device("cpu")
+
+    def __init__(self, peer: list[float]):
+        self.peer, self.reduced = torch.tensor(peer), False
+
+    def reduce(self, tensor, op):
+        assert op == "sum"
+        self.reduced = True
+        return tensor + self.peer
+
+
+def test_an_error_while_saving_is_agreed_by_every_process_before_anything_is_raised():
+    """A write error, or any other exception, on one process: every process reaches the same all-reduce, so none is
+    left waiting in a collective for a peer that has gone; a bug is raised where it happened, the others stop with
+    one line."""
+    from gptkit.engine import _on_every_process
+    from gptkit.errors import TrainingStopped
+
+    def bug():
+        raise ValueError("a bug in save_pretrained")
+
+    def full():
+        raise OSError(28, "No space left on device")
+
+    here = _TwoProcesses([0.0, 0.0])
+    with pytest.raises(ValueError, match="a bug in save_pretrained"):
+        _on_every_process(here, bug)
+    assert here.reduced
+    with pytest.raises(TrainingStopped, match="1 other process failed while saving"):
+        _on_every_process(_TwoProcesses([0.0, 1.0]), lambda: None)
+    assert _on_every_process(_TwoProcesses([0.0, 0.0]), full).errno == 28
+    assert "1 other process could not write" in str(_on_every_process(_TwoProcesses([1.0, 0.0]), lambda: None))
+    assert _on_every_process(_TwoProcesses([0.0, 0.0]), lambda: None) is None
+
+
 def test_the_model_is_saved_before_the_plot_which_is_best_effort(tmp_path, small_corpus, monkeypatch, caplog):
     """loss.png on a full disk is a warning, after the model is saved; a model that cannot be saved is one line
     (exit 3) and a --resume writes it from the last checkpoint."""

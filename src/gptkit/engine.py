@@ -304,16 +304,24 @@ def _on_every_process(accelerator, work: Callable[[], Any]) -> BaseException | N
     """Every process runs ``work`` (the main one's writes, or each one's own); then all of them learn, in one
     all-reduce, whether any could not write — a full disk on one process stops every process at the same point
     instead of leaving the others waiting in the next collective. The error, or on a process that wrote its part
-    a stand-in naming how many others could not."""
+    a stand-in naming how many others could not. Any other exception (a bug) is agreed the same way, then raised
+    where it happened, and the others stop with one line."""
     error = None
     try:
         work()
-    except _WRITE_ERRORS as e:
+    except Exception as e:  # noqa: BLE001 - every process must reach the all-reduce; a bug is re-raised after it
         error = e
     if accelerator.num_processes > 1:
-        failed = int(accelerator.reduce(torch.tensor([float(error is not None)], device=accelerator.device), "sum"))
-        if failed and error is None:
-            error = OSError(f"{failed} other process{'es' if failed > 1 else ''} could not write")
+        bug = error is not None and not isinstance(error, _WRITE_ERRORS)
+        flags = [float(error is not None and not bug), float(bug)]
+        unwritten, crashed = (int(n) for n in accelerator.reduce(torch.tensor(flags, device=accelerator.device), "sum"))
+        if error is None and crashed:
+            raise TrainingStopped(f"{crashed} other process{'es' if crashed > 1 else ''} failed while saving "
+                                  "(its error is above)")
+        if error is None and unwritten:
+            error = OSError(f"{unwritten} other process{'es' if unwritten > 1 else ''} could not write")
+    if error is not None and not isinstance(error, _WRITE_ERRORS):
+        raise error
     return error
 
 
