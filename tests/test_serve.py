@@ -126,6 +126,37 @@ def test_usage_stop_strings_and_seeded_samples(lm, base):
     assert sorted(x.index for x in a.choices) == [0, 1, 2]
 
 
+def test_token_id_prompts_the_developer_role_and_openai_bookkeeping(lm, base):
+    """What OpenAI's API takes beside the basics: prompts as token ids (lm-eval-harness sends them), the developer
+    role (the system role's newer name), GET /v1/models/ID, and ``"usage": null`` on every chunk but the last when a
+    stream includes usage."""
+    from gptkit import trained
+
+    _, tok = trained.load_lm(base)
+    ids = tok("red blue", add_special_tokens=False)["input_ids"]
+    body = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    text = httpx.post(f"{lm.url}/v1/completions", json={**body, "prompt": "red blue"}).json()
+    by_ids = httpx.post(f"{lm.url}/v1/completions", json={**body, "prompt": [ids, ids]}).json()
+    assert [c["text"] for c in by_ids["choices"]] == [text["choices"][0]["text"]] * 2
+    assert by_ids["usage"]["prompt_tokens"] == 2 * len(ids) == 2 * text["usage"]["prompt_tokens"]
+    c = client(lm)
+    chat = [{"role": "user", "content": "red blue"}]
+    system = c.chat.completions.create(model="base", messages=[{"role": "system", "content": "be brief"}, *chat],
+                                       max_tokens=6, temperature=0)
+    developer = c.chat.completions.create(model="base", messages=[{"role": "developer", "content": "be brief"},
+                                                                  *chat], max_tokens=6, temperature=0)
+    assert developer.choices[0].message.content == system.choices[0].message.content
+    card = c.models.retrieve("base")
+    assert card.id == "base" and card.created > 0
+    assert httpx.get(f"{lm.url}/v1/models/nope").json()["error"]["code"] == "model_not_found"
+    with httpx.stream("POST", f"{lm.url}/v1/completions", json={"prompt": "red", "max_tokens": 4, "stream": True,
+                                                                 "stream_options": {"include_usage": True}}) as r:
+        import json
+
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    assert [ch["usage"] for ch in chunks[:-1]] == [None] * (len(chunks) - 1) and chunks[-1]["usage"]["total_tokens"]
+
+
 def test_a_temperature_below_1e_5_is_greedy(lm):
     """As vLLM: dividing the logits by 1e-40 would give inf/NaN probabilities (a 500)."""
     body = {"prompt": "red blue", "max_tokens": 8, "ignore_eos": True}
@@ -143,9 +174,6 @@ def test_unset_max_tokens_is_what_the_context_leaves(lm, base):
     c = client(lm)
     short = c.completions.create(model="base", prompt="red blue", temperature=0, extra_body={"ignore_eos": True})
     assert short.usage.completion_tokens == 16 and short.choices[0].finish_reason == "length"  # OpenAI's default
-    stray = c.completions.create(model="base", prompt="red blue", temperature=0, extra_body={
-        "ignore_eos": True, "messages": [{"role": "user", "content": "x"}]})  # the route decides, not the keys
-    assert stray.usage.completion_tokens == 16
     prompt = "red " * 28
     assert context - 16 < len(tok(prompt, add_special_tokens=False)["input_ids"]) < context
     long = c.completions.create(model="base", prompt=prompt, temperature=0, extra_body={"ignore_eos": True})
@@ -231,6 +259,20 @@ def test_concurrent_requests_share_batches(lm, base):
     ("chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0]"),
     ("chat/completions", {"messages": []}, 400, "messages"),
     ("classify", {"text": "a"}, 404, None),
+    ("completions", '{"prompt": "\\ud800", "max_tokens": 2}', 400, "prompt"),  # a lone surrogate: JSON, not text
+    ("chat/completions", '{"messages": [{"role": "user", "content": "\\ud800"}]}', 400, "messages[0].content"),
+    ("completions", {"prompt": [1, 2, 10**6]}, 400, "prompt"),  # a token id past the vocabulary
+    ("completions", {"prompt": [[1, 2], "a", True]}, 400, "prompt"),
+    ("completions", {"prompt": []}, 400, "prompt"),
+    ("completions", {"prompt": "a", "logprobs": 0}, 400, "logprobs"),  # OpenAI: the sampled token's logprob
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}},
+     400, "response_format"),
+    ("chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"}, 400,
+     "tool_choice"),
+    ("completions", {"prompt": "a", "foo": 1}, 400, "foo"),  # as OpenAI: an unrecognized argument
+    ("completions", {"prompt": "a", "messages": []}, 400, "messages"),  # the route decides what a body holds
+    ("completions", {"prompt": "a", "model": 5}, 400, "model"),
+    ("completions", {"prompt": "a", "max_tokens": 2, "min_tokens": 3}, 400, "min_tokens"),
 ])
 def test_bad_requests_get_a_json_error_naming_the_field(lm, path, body, status, param):
     raw = isinstance(body, str)  # a body as sent, where it is not JSON that httpx would write
@@ -248,6 +290,16 @@ def test_malformed_and_oversized_bodies(lm):
     assert r.status_code == 400 and r.json()["error"]["param"] == "body", r.text
     r = httpx.post(f"{lm.url}/v1/completions", json={"prompt": "x" * (2 << 20)})
     assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"]
+
+    def chunked():  # no Content-Length: counted as it is read
+        yield b'{"prompt": "'
+        for _ in range(300):
+            yield b"x" * 8192
+        yield b'"}'
+
+    r = httpx.post(f"{lm.url}/v1/completions", content=chunked(), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and "--max-request-bytes" in r.json()["error"]["message"], r.text
+    assert "Traceback" not in lm.log.read_text()
     r = httpx.get(f"{lm.url}/v2/anything")
     assert r.status_code == 404 and "routes" in r.json()["error"]["message"]
     assert httpx.get(f"{lm.url}/health").json()["status"] == "ok"  # still serving
@@ -438,7 +490,7 @@ def test_generation_config_eos_ids_end_the_text(chat_lm, chat_model):
     c = client(chat_lm)
     r = c.chat.completions.create(model="chat", messages=CHAT, max_tokens=8, temperature=0)
     assert (r.choices[0].message.content, r.choices[0].finish_reason) == (want, "stop")
-    assert r.usage.completion_tokens == len(before)
+    assert r.usage.completion_tokens == len(before) + 1  # the end-of-turn id was generated: it counts, as OpenAI's
     chunks = list(c.chat.completions.create(model="chat", messages=CHAT, max_tokens=8, temperature=0, stream=True))
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks) == want
     assert chunks[-1].choices[0].finish_reason == "stop"

@@ -27,6 +27,7 @@ log = logging.getLogger("gptkit")
 def build_app(served: Served, engine: Engine, limits: Limits):
     """The ASGI app (FastAPI inside the body-size cap)."""
     app = FastAPI(title=f"gptkit serve: {served.name}", docs_url=None, redoc_url=None, openapi_url=None)
+    card = {"id": served.name, "object": "model", "created": int(time.time()), "owned_by": "gptkit"}
 
     @app.exception_handler(ApiError)
     async def api_error(request, exc: ApiError):
@@ -71,17 +72,25 @@ def build_app(served: Served, engine: Engine, limits: Limits):
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [{"id": served.name, "object": "model", "created": 0,
-                                            "owned_by": "gptkit"}]}
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{model:path}")
+    async def model(model: str):
+        if not model:  # /v1/models/
+            return await models()
+        if model != served.name:
+            raise ApiError(404, f"model: '{model}' is not served here; this server serves '{served.name}'", "model",
+                           code="model_not_found")
+        return card
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        body = await _body(request, served)
+        body = await _body(request, served, limits.max_body)
         return await _complete(request, served, engine, limits, body, rq._prompts(body), "text", ())
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        body = await _body(request, served)
+        body = await _body(request, served, limits.max_body)
         prompt, stops = rq.chat_prompt(served.tok, body.get("messages"), is_encoder_decoder(served.model.config))
         return await _complete(request, served, engine, limits, body, [prompt], "chat", stops)
 
@@ -92,7 +101,7 @@ def build_app(served: Served, engine: Engine, limits: Limits):
                 raise HTTPException(405, "Method Not Allowed")
             raise ApiError(404, f"POST /v1/{task}: not served (routes: {', '.join(_routes(served))})",
                            code="not_found")
-        rows = rq.task_rows(task, await _body(request, served, check_model=False))
+        rows = rq.task_rows(task, await _body(request, served, limits.max_body, check_model=False))
         q, send = rq.channel()
         job = Job(send, task=task, rows=rows)
         engine.submit(job)
@@ -113,7 +122,8 @@ def _routes(served: Served) -> list[str]:
 
 def _allowed(served: Served, path: str) -> list[str]:
     """The methods a served path answers (none: the path is no route)."""
-    return [r.split(" ", 1)[0] for r in ["GET /health", *_routes(served)] if r.split(" ", 1)[1] == path]
+    routes = ["GET /health", *_routes(served), f"GET /v1/models/{served.name}"]
+    return [r.split(" ", 1)[0] for r in routes if r.split(" ", 1)[1] == path]
 
 
 def _finite(row: dict) -> dict:
@@ -122,8 +132,16 @@ def _finite(row: dict) -> dict:
             for k, v in row.items()}
 
 
-async def _body(request, served: Served, check_model: bool = True) -> dict:
-    raw = await request.body()
+async def _body(request, served: Served, limit: int, check_model: bool = True) -> dict:
+    """The request's JSON object, read as it arrives: past ``limit`` bytes a 413 (a chunked body has no
+    Content-Length for :class:`_BodyLimit` to refuse it by)."""
+    chunks, seen = [], 0
+    async for chunk in request.stream():
+        seen += len(chunk)
+        if seen > limit:
+            raise _TooLarge(limit)
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except ValueError:
@@ -137,6 +155,8 @@ async def _body(request, served: Served, check_model: bool = True) -> dict:
             raise ApiError(400, f"{request.url.path}: {served.name} is a {served.run.task} model with a task head; "
                                 f"use POST /v1/{next(iter(served.tasks))}", code="not_a_language_model")
         model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"model: expected a string, got {json.dumps(model)[:40]}", "model")
         if model is not None and model != served.name:
             raise ApiError(404, f"model: '{model}' is not served here; this server serves '{served.name}'", "model",
                            code="model_not_found")
@@ -214,7 +234,8 @@ async def _sse(q, job: Job, kind: str, rid: str, name: str, prompt_tokens: int, 
             reason = event[3] if event[0] == "finish" else None
             if event[0] == "finish":
                 open_choices, tokens = open_choices - 1, tokens + event[4]
-            chunk = rq.completion_chunk(kind, rid, name, index, text, reason, index not in started, created)
+            chunk = rq.completion_chunk(kind, rid, name, index, text, reason, index not in started, created,
+                                        include_usage)
             yield f"data: {json.dumps(chunk)}\n\n"
             started.add(index)
         if include_usage:
@@ -229,44 +250,25 @@ async def _sse(q, job: Job, kind: str, rid: str, name: str, prompt_tokens: int, 
 
 
 class _TooLarge(ApiError):
-    """Raised while the body is read: the app's ApiError handler answers 413."""
+    """A body over the limit: answered 413 (by the app's ApiError handler when counted as it is read)."""
 
     def __init__(self, limit: int):
         super().__init__(413, f"body: larger than the server's limit of {limit} bytes (--max-request-bytes)", "body")
 
 
 class _BodyLimit:
-    """ASGI middleware: a body over ``limit`` bytes (by Content-Length, or counted as it arrives) is a 413."""
+    """ASGI middleware: a body whose Content-Length is over ``limit`` bytes is a 413 before anything reads it (one
+    without, chunked, is counted as the route reads it: :func:`_body`)."""
 
     def __init__(self, app, limit: int):
         self.app, self.limit = app, limit
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            return await self._refuse(send)
-        seen, started = 0, False
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge(self.limit)
-            return message
-
-        async def watched(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, counted, watched)
-        except _TooLarge:
-            if not started:
-                await self._refuse(send)
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length")
+            if length is not None and length.isdigit() and int(length) > self.limit:
+                return await self._refuse(send)
+        return await self.app(scope, receive, send)
 
     async def _refuse(self, send):
         body = json.dumps(_TooLarge(self.limit).body()).encode()

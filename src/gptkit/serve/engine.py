@@ -220,7 +220,7 @@ def _finish_whole(tok, job: Job, c: Choice, seq: list[int], eos: set[int], after
         c.out.append(t)
     text, hit = _cut(_text(tok, c, after_prompt), c.stop)
     c.done = True
-    job.send(("finish", c.index, text, "stop" if hit else reason, len(c.out)))
+    job.send(("finish", c.index, text, "stop" if hit else reason, len(c.out) + (reason == "stop")))
 
 
 def _text(tok, c: Choice, after_prompt: bool) -> str:
@@ -252,7 +252,7 @@ class _Tracker:
             if job.cancelled:
                 c.done = True
             elif t in self.eos:
-                self._finish(job, c, "stop")
+                self._finish(job, c, "stop", eos=True)
             else:
                 c.out.append(t)
                 self._advance(job, c)
@@ -278,11 +278,13 @@ class _Tracker:
                 job.send(("delta", c.index, text[c.sent : ready]))
                 c.sent = ready
 
-    def _finish(self, job: Job, c: Choice, reason: str, text: str | None = None) -> None:
+    def _finish(self, job: Job, c: Choice, reason: str, text: str | None = None, eos: bool = False) -> None:
+        """The row's last text and its count of generated tokens (an end-of-text token counts, as in OpenAI's and
+        vLLM's usage, though it is not text)."""
         if text is None:
             text = _text(self.tok, c, self.after_prompt)
         c.done = True
-        job.send(("finish", c.index, text[c.sent :] if job.stream else text, reason, len(c.out)))
+        job.send(("finish", c.index, text[c.sent :] if job.stream else text, reason, len(c.out) + eos))
 
     def finish_all(self) -> None:
         """Rows still open when generate returned (it stops at the group's longest max_tokens)."""

@@ -19,6 +19,18 @@ TASK_INPUTS = {"classify": (("text",), ("text_pair",)), "qa": (("question", "con
                "translate": (("source",), ()), "summarize": (("document",), ())}
 MAX_INPUTS = 64  # rows per task request, prompts per completion request
 SAMPLING_EPS = 1e-5  # a lower temperature is greedy, as vLLM's _SAMPLING_EPS (1e-40 would overflow the logits)
+# OpenAI options gptkit does not have: refused by name (a value that asks for nothing aside), never ignored
+REFUSED = ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions", "tool_choice",
+           "function_call", "response_format", "modalities", "audio", "prediction", "reasoning_effort",
+           "web_search_options", "frequency_penalty", "presence_penalty", "best_of")
+HARMLESS = {"top_logprobs": (0,), "tool_choice": ("none",), "function_call": ("none",),
+            "response_format": ({"type": "text"},), "modalities": (["text"],), "frequency_penalty": (0,),
+            "presence_penalty": (0,), "best_of": (1,)}
+# what a completion or chat request may hold; anything else is refused as OpenAI refuses it ("Unrecognized request
+# argument"). Bookkeeping OpenAI accepts (user, metadata, ...) is read and ignored; top_k and after are vLLM's.
+READ = {"model", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream", "stream_options",
+        "stop", "seed", "user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier",
+        "prompt_cache_key", "top_k", "repetition_penalty", "num_beams", "min_tokens", "ignore_eos", *REFUSED}
 
 
 @dataclass
@@ -138,14 +150,15 @@ def _sampling(body: dict, defaults: dict | None = None) -> Any:
     beams = _integer(body, "num_beams", 1, low=1, high=8)
     if beams > 1 and body.get("stream"):
         raise ApiError(400, "num_beams: beam search cannot stream; set stream to false", "num_beams")
-    for unsupported in ("logprobs", "top_logprobs", "echo", "suffix", "logit_bias", "tools", "functions"):
-        if body.get(unsupported) not in (None, False, 0, [], {}):
-            raise ApiError(400, f"{unsupported}: not supported by gptkit serve", unsupported)
     for penalty in ("frequency_penalty", "presence_penalty"):
         if body.get(penalty) not in (None, 0, 0.0):
             raise ApiError(400, f"{penalty}: not supported; repetition_penalty is (1.0 = off)", penalty)
     if body.get("best_of") not in (None, 1):
         raise ApiError(400, "best_of: not supported (use n)", "best_of")
+    for unsupported in REFUSED:
+        value = body.get(unsupported)
+        if not (value is None or value is False or value in ([], {}) or value in HARMLESS.get(unsupported, ())):
+            raise ApiError(400, f"{unsupported}: not supported by gptkit serve", unsupported)
     seed = _integer(body, "seed", None, low=-(1 << 63), high=(1 << 63) - 1)  # checked even when greedy
     sample = temperature >= SAMPLING_EPS and beams == 1
     return Sampling(do_sample=sample, temperature=temperature if sample else 1.0,
@@ -197,14 +210,34 @@ def _stops(body) -> tuple[str, ...]:
     return tuple(stop)
 
 
-def _prompts(body) -> list[str]:
+def _ids(value) -> bool:
+    """A prompt given as token ids: a non-empty list of integers."""
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value)
+
+
+def _prompts(body) -> list[str | list[int]]:
+    """The prompts of a completion request, as OpenAI takes them: a string, token ids, or a list of either."""
     prompt = body.get("prompt")
-    prompts = [prompt] if isinstance(prompt, str) else prompt
-    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) for p in prompts):
-        raise ApiError(400, "prompt: expected a string or a list of strings", "prompt")
+    prompts = [prompt] if isinstance(prompt, str) or _ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _ids(p) for p in prompts):
+        raise ApiError(400, "prompt: expected a string, a list of token ids, or a list of either", "prompt")
     if len(prompts) > MAX_INPUTS:
         raise ApiError(400, f"prompt: at most {MAX_INPUTS} prompts per request, got {len(prompts)}", "prompt")
+    for p in prompts:
+        if isinstance(p, str):
+            valid_text(p, "prompt")
     return prompts
+
+
+def valid_text(value: str, where: str) -> str:
+    """``value``, a string the tokenizer can read: JSON may carry a lone surrogate ("\\ud800"), which no UTF-8
+    encoder takes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ApiError(400, f"{where}: not valid text (a lone UTF-16 surrogate)", where) from None
+    return value
 
 
 def chat_prompt(tok, messages, encoder: bool = False) -> tuple[str | list[int], tuple[str, ...]]:
@@ -222,10 +255,12 @@ def chat_prompt(tok, messages, encoder: bool = False) -> tuple[str | list[int], 
                 raise ApiError(400, f"messages[{i}].content: only text parts are supported", f"messages[{i}].content")
             content = "".join(p["text"] for p in content)
         role = m.get("role") if isinstance(m, dict) else None
-        if role not in ("system", "user", "assistant") or not isinstance(content, str):
-            raise ApiError(400, f"messages[{i}]: expected role system|user|assistant and a string content",
+        if role not in ("system", "developer", "user", "assistant") or not isinstance(content, str):
+            raise ApiError(400, f"messages[{i}]: expected role system|developer|user|assistant and a string content",
                            f"messages[{i}]")
-        clean.append({"role": role, "content": content})
+        # OpenAI's newer name for the system role; chat templates know "system"
+        clean.append({"role": "system" if role == "developer" else role,
+                      "content": valid_text(content, f"messages[{i}].content")})
     if getattr(tok, "chat_template", None):
         from jinja2 import TemplateError
 
@@ -247,6 +282,10 @@ def encode(served: Served, prompt: str | list[int], max_tokens: int | None, fiel
 
     encoder = is_encoder_decoder(served.model.config)
     ids = list(prompt) if isinstance(prompt, list) else prompt_ids(served.tok, prompt, encoder)
+    vocab = getattr(served.model.config, "vocab_size", None) or len(served.tok)
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"{field_name}: token id {bad} is outside the model's vocabulary [0, {vocab})", field_name)
     if not ids:
         start = served.tok.bos_token_id if served.tok.bos_token_id is not None else served.tok.eos_token_id
         ids = [start]
@@ -277,11 +316,17 @@ def generation_job(served: Served, limits: Limits, body: dict, prompts: list, se
     did not ask for)."""
     from gptkit.serve.engine import Choice, Job
 
+    unknown = sorted(set(body) - READ - ({"messages"} if chat else {"prompt"}))
+    if unknown:
+        raise ApiError(400, f"{unknown[0]}: unrecognized request argument (gptkit serve reads: "
+                            f"{', '.join(sorted(READ - set(REFUSED)))})", unknown[0])
     default = min(limits.max_tokens, 16) if not chat else limits.max_tokens
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
     asked = _integer(body, key, None, low=1, high=limits.max_tokens)
     n = _integer(body, "n", 1, low=1, high=16)
     sampling = _sampling(body, served.defaults)
+    if asked is not None and sampling.min_tokens > asked:
+        raise ApiError(400, f"min_tokens: {sampling.min_tokens} is more than {key} {asked}", "min_tokens")
     options = body.get("stream_options")
     if options is not None and (not isinstance(options, dict)
                                 or not isinstance(options.get("include_usage", False), bool)):
@@ -319,6 +364,8 @@ def task_rows(task: str, body: Any) -> list[dict]:
                                f"{where}{key}")
             if key in row and not isinstance(row[key], str):
                 raise ApiError(400, f"{where}{key}: expected a string", f"{where}{key}")
+            if key in row:
+                valid_text(row[key], f"{where}{key}")
         out.append({k: row[k] for k in required + optional if k in row})
     return out
 
@@ -327,26 +374,29 @@ def _kind(name: str) -> str:
     return name.rstrip("0123456789")  # a multitask run's second translate task is "translate1"
 
 
-def completion_chunk(kind: str, rid: str, model: str, index: int, text: str, reason: str | None, first: bool,
-                     created: int) -> dict:
-    """One streamed chunk; every chunk of a stream carries the same ``created`` (the request's time), as OpenAI's."""
+def completion_chunk(kind: str, rid: str, model: str, index: int, piece: str, reason: str | None, first: bool,
+                     created: int, usage: bool = False) -> dict:
+    """One streamed chunk; every chunk of a stream carries the same ``created`` (the request's time), and with
+    ``usage`` (include_usage) ``"usage": null`` until the last, as OpenAI's."""
     if kind == "chat":
-        delta = {"role": "assistant", "content": text} if first else {"content": text}
+        delta = {"role": "assistant", "content": piece} if first else {"content": piece}
         choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
-        return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
-    return {"id": rid, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": reason}]}
+        chunk = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+    else:
+        chunk = {"id": rid, "object": "text_completion", "created": created, "model": model,
+                 "choices": [{"index": index, "text": piece, "logprobs": None, "finish_reason": reason}]}
+    return {**chunk, "usage": None} if usage else chunk
 
 
 def completion_body(kind: str, rid: str, model: str, finished: dict, usage: dict) -> dict:
     choices = []
     for index in sorted(finished):
-        text, reason = finished[index]
+        answer, reason = finished[index]
         if kind == "chat":
-            choices.append({"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None,
+            choices.append({"index": index, "message": {"role": "assistant", "content": answer}, "logprobs": None,
                             "finish_reason": reason})
         else:
-            choices.append({"index": index, "text": text, "logprobs": None, "finish_reason": reason})
+            choices.append({"index": index, "text": answer, "logprobs": None, "finish_reason": reason})
     return {"id": rid, "object": "chat.completion" if kind == "chat" else "text_completion",
             "created": int(time.time()), "model": model, "choices": choices, "usage": usage}
 
