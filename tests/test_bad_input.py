@@ -64,6 +64,7 @@ def _cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list[str]]]:
         ("precision without gpu", ["pretrain", recipe("bf", train={"precision": "bf16"})], ["train.precision"]),
         ("generate from an uncached hub id", ["generate", "gpt2", "--prompt", "hi"], ["gpt2", "hf download gpt2"]),
         ("generate bad option", ["generate", str(tmp), "--top-p", "1.5"], ["top_p"]),
+        ("generate non-UTF-8 prompt", ["generate", str(tmp), "--prompt", "\udcff abc"], ["--prompt", "not UTF-8"]),
         ("typo'd columns key", ["validate", recipe("tc", data={"columns": {"sorce": "de"}}), "task=translate"],
          ["tc.yaml", "data.columns.sorce", "not a field", "did you mean 'source'"]),
         ("typo'd columns override", ["finetune", recipe("tco"), "--task", "classify", "data.columns.txt=sentence"],

@@ -376,6 +376,7 @@ def generate(
     An encoder-decoder model (T5, BART) reads the prompt and prints only its output."""
     from gptkit import generation
 
+    generation.check_text(prompt, "--prompt")
     do_sample, temperature = generation.sampling_rule(sample or top_k is not None or top_p is not None, temperature)
     opts = generation.DecodingOptions(
         max_new_tokens=max_new_tokens,

@@ -120,6 +120,16 @@ def inherited(model) -> dict:
     return {k: v for k, v in sorted(diff.items()) if k not in _PASSED and not k.startswith(("output_", "return_"))}
 
 
+def check_text(text: str, where: str) -> str:
+    """``text`` as a tokenizer can read it: a command-line argument of bytes that are not UTF-8 arrives holding lone
+    surrogates (Python's surrogateescape), which no tokenizer takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: not UTF-8 text (is the terminal's encoding UTF-8?)") from None
+    return text
+
+
 def sampling_rule(wants_sample: bool, temperature: float | None) -> tuple[bool, float]:
     """``(do_sample, temperature)`` from what a caller asked: a temperature of 0 is greedy decoding whatever else
     asks for sampling (OpenAI's semantics, which ``gptkit serve`` follows); any other given temperature implies
