@@ -444,6 +444,24 @@ def test_a_row_without_a_value_is_refused(tmp_path, base):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("content, needle", [
+    (b'{"text": "caf\xe9", "label": "pos"}\n', "line 41: not valid UTF-8 text"),  # Arrow keeps such bytes: read lazily
+    (b"\n  \n", "no rows (the file holds only blank lines)"),
+    (b"text,label\nred,pos\n", "line 1: invalid JSON"),  # a csv named .jsonl
+])
+def test_a_split_file_that_is_not_jsonl_text_is_one_line_in_validate_and_finetune(tmp_path, base, content, needle,
+                                                                                  capfd):
+    s = splits(tmp_path, classify_rows, 40)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes((s["train"].read_bytes() if b"caf" in content else b"") + content)
+    recipe = finetune_recipe(tmp_path, "bad", "classify", base, {**s, "train": bad})
+    for command in ("validate", "finetune"):
+        code, _, err = run_cli(command, str(recipe))
+        assert_user_error(code, err, f"data.train_files: {bad}: {needle}")
+    assert "Failed to" not in capfd.readouterr().err  # datasets' own log line no longer comes first
+    assert not (tmp_path / "bad").exists()
+
+
 @pytest.mark.parametrize("split, value, kind", [("train", {"a": 1}, "an object"), ("test", ["b"], "an array"),
                                                 ("train", 5, "a number (5)"), ("validation", True, "a boolean (true)")])
 def test_a_text_field_that_is_not_a_string_is_refused(tmp_path, base, split, value, kind):

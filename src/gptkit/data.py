@@ -61,17 +61,21 @@ def _diagnose(files: list[str], builder: str) -> str | None:
     for f in files:
         if builder == "parquet":
             continue
+        blank = True
         with open(f, "rb") as fh:
             for lineno, raw in enumerate(fh, 1):
                 try:
                     line = raw.decode("utf-8")
                 except UnicodeDecodeError:
                     return f"{f}: line {lineno}: not valid UTF-8 text"
+                blank = blank and not line.strip()
                 if builder == "json" and line.strip():
                     try:
                         json.loads(line)
                     except json.JSONDecodeError as e:
                         return f"{f}: line {lineno}: invalid JSON ({e.msg}); expected one JSON object per line"
+        if blank:
+            return f"{f}: no rows (the file holds only blank lines)"
     return None
 
 
@@ -81,13 +85,24 @@ def load_table(files: list[str], field: str, **kwargs):
 
     builder = _BUILDERS[Path(files[0]).suffix.lower()]
     datasets.disable_progress_bars()
+    quiet = logging.getLogger("datasets")
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)  # its "Failed to load JSON ..." would come before our line
     try:
         ds = datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
     except Exception as e:  # datasets wraps every parse error; find the real cause for the user
         where = _diagnose(files, builder)
-        raise UserError(where or f"{field}: could not load {files[0]}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"{field}: {where or f'could not load {files[0]}: {str(e).splitlines()[0]}'}") from None
+    finally:
+        quiet.setLevel(level)
     if len(ds) == 0:
         raise UserError(f"{field}: no rows in {files}")
+    import pyarrow as pa
+
+    try:  # Arrow's JSON and CSV readers keep bytes that are not UTF-8 in string columns (GB/s: it reads each once)
+        ds.data.table.validate(full=True)
+    except pa.ArrowInvalid as e:
+        raise UserError(f"{field}: " + (_diagnose(files, builder) or f"{files[0]}: {str(e).splitlines()[0]}")) from None
     return ds
 
 
