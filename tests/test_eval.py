@@ -659,6 +659,14 @@ def _bad_cases(tmp: Path, lm_dir: Path, test_file: Path) -> list[tuple[list[str]
         (["eval", "--task", "translate"], ["--model"]),
         (data + [str(test_file), "--limit", "0"], ["--limit"]),
         (data + [str(test_file), "--num-beams", "0"], ["num_beams must be >= 1"]),
+        # decoding where no text is generated: refused, not recorded as if it had been used
+        (["eval", "--model", str(lm_dir), "--task", "lm", "--data", str(tmp / "l.txt"), "--num-beams", "3"],
+         ["--num-beams: perplexity (lm) generates no text", "decoding options do not apply"]),
+        (["eval", "--model", str(lm_dir), "--task", "classify", "--data",
+          f("cl.jsonl", '{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n'), "--temperature",
+          "0.7", "--sample"], ["--temperature: classifying by label likelihood generates no text",
+                               "drop --temperature, --sample"]),
+        (data + [str(test_file), "--train", str(test_file)], ["--train", "add --few-shot K or drop --train"]),
     ]
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import run_cli
+from conftest import assert_user_error, run_cli
 from tasks_helpers import (MARKER, QUESTION, WORDS, base_recipe, finetune_recipe, lora_test_metrics, qa_row, qa_rows,
                            read_test_metrics, splits, write_jsonl)
 
@@ -293,6 +293,10 @@ def test_extractive_head_learns_when_there_is_no_answer(tmp_path, base):
                            "--out", str(tmp_path / "abstain"))
     assert code == 0, err
     assert {json.loads(line)["prediction"] for line in (tmp_path / "abstain" / "predictions.jsonl").open()} == {""}
+    # a span head generates no text: decoding flags are refused, not recorded as if they had been used
+    code, _, err = run_cli("eval", "--model", str(tmp_path / "v2"), "--split", "test", "--max-new-tokens", "5",
+                           "--out", str(tmp_path / "flags"))
+    assert_user_error(code, err, "--max-new-tokens: an extractive qa head", "generates no text")
 
 
 def test_no_answer_windows_end_in_eos_and_point_there(tmp_path, base):

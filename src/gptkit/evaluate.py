@@ -70,6 +70,22 @@ class Options:
     metrics: list[str] = field(default_factory=list)  # evaluate modules scored beside the built-ins (--metric)
 
 
+def _decoding_flags(opts: Options) -> list[str]:
+    """The decoding options given on the command line, as flags."""
+    names = ("max_new_tokens", "num_beams", "temperature", "top_k", "top_p", "repetition_penalty")
+    return [f"--{k.replace('_', '-')}" for k in names if getattr(opts, k) is not None] + (["--sample"] if opts.sample
+                                                                                        else [])
+
+
+def _no_decoding(opts: Options, what: str) -> None:
+    """Decoding options where no text is generated are refused, not ignored (the figure would not be what they
+    asked for, nor change with them)."""
+    flags = _decoding_flags(opts)
+    if flags:
+        raise UserError(f"{flags[0]}: {what} generates no text; decoding options do not apply (drop "
+                        f"{', '.join(flags)})")
+
+
 # ------------------------------------------------------------------------------------------- models
 def load_model(raw: str, task: str):
     """(model, tokenizer, run recipe or None) for scoring ``task`` (:func:`gptkit.trained.load_any`); a run whose
@@ -238,6 +254,13 @@ def make_ctx(opts: Options, task: str, model, tok, run, rows: list[dict], shots:
     if head and opts.few_shot:
         raise UserError(f"--few-shot: {task} model has a task head; demonstrations need a causal LM")
     labels = classify.label_names(rows + shots) if task == "classify" and not same else None
+    if task == "classify":
+        _no_decoding(opts, "classifying by label likelihood" if labels is not None else "a classify head")
+        if labels is not None:
+            log.info("eval: %s has no classify head: each label (%s) is scored by its likelihood after the prompt",
+                     opts.model or "the model", ", ".join(labels[:10]) + (", ..." if len(labels) > 10 else ""))
+    elif task == "qa" and head:
+        _no_decoding(opts, "an extractive qa head (it picks a span of the context)")
     if is_encoder_decoder(model.config) and (opts.few_shot or labels is not None):
         what = "--few-shot: demonstrations need" if opts.few_shot else "--task classify: label likelihoods need"
         raise UserError(f"{what} a decoder-only model; {opts.model or 'the model'} is an encoder-decoder "
@@ -355,6 +378,8 @@ def run_model(opts: Options, task: str, model_path: str, data: list[Path], out: 
     extra = user_metrics.load(list(dict.fromkeys([*run_extra, *opts.metrics])), "--metric", refs)
     if opts.few_shot and not opts.train:
         raise UserError("--few-shot needs --train FILE to draw the demonstrations from")
+    if opts.train and not opts.few_shot:
+        raise UserError("--train: the file --few-shot K draws demonstrations from; add --few-shot K or drop --train")
     tp = Path(opts.train or "")
     shots = read_fields(tp, "--train", fields, optional, cols) if opts.few_shot else []
     if len(shots) < opts.few_shot:
@@ -534,6 +559,7 @@ def run(opts: Options, recipe=None) -> dict:
             raise UserError("--metric: evaluate modules score text tasks; perplexity (lm) takes none")
         if opts.resume:
             raise UserError("--resume: perplexity has no predictions to resume; run it again")
+        _no_decoding(opts, "perplexity (lm)")
         if opts.limit is not None or opts.bootstrap:  # not silently ignored: the figure would not be what was asked
             raise UserError(f"{'--limit' if opts.limit is not None else '--bootstrap'}: perplexity (lm) scores every "
                             "token of --data; cut the file instead" + ("" if opts.limit is not None else
