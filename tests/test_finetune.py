@@ -492,6 +492,24 @@ def test_a_text_field_that_is_not_a_string_is_refused(tmp_path, base, split, val
     assert code == 0, err
 
 
+def test_the_done_line_reports_the_kept_checkpoint_not_the_last_step(tmp_path, base):
+    """The run's model is its best checkpoint (as the Trainer's load_best_model_at_end): the final line gives that
+    step and its validation figures beside the test figures of the same model, not the last step's. The metric and
+    direction chosen here pick the highest validation loss: the best is whichever evaluation had it."""
+    s = splits(tmp_path, classify_rows, 64)
+    recipe = finetune_recipe(tmp_path, "best", "classify", base, s, data={"columns": {"text": "sentence"}},
+                             train={"max_steps": 12, "eval_every": 4, "save_every": 4, "batch_size": 8},
+                             finetune={"metric": "val_loss", "metric_higher_is_better": True})
+    code, out, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "best" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    best = max(evals, key=evals.get)
+    done = next(line for line in out.splitlines() if line.startswith("done: "))
+    assert f"the best checkpoint, step {best}: " in done and f"val_loss {evals[best]:.4f}" in done, (done, evals)
+    assert "test_accuracy" in done
+
+
 def test_unseen_labels_and_unknown_task(tmp_path, base):
     s = splits(tmp_path, classify_rows, 40)
     write_jsonl(s["validation"], [{"sentence": "red red red", "label": "tepid"}])

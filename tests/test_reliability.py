@@ -129,6 +129,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_cor
     code, _, err = run_cli("pretrain", str(recipe))
     assert code == 3 and "Traceback" not in err
     assert "non-finite loss at step 7" in err
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-00000005'}" in err, err
     ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpts == ["step-00000005"]  # the last good one; nothing from the bad step was saved
     # allowing one skip: the run finishes and step 7 is absent from the log
@@ -224,7 +225,7 @@ def test_overwrite_deletes_the_old_run_only_once_the_new_one_has_a_checkpoint(tm
     with monkeypatch.context() as m:
         nan_after(m, 2)
         code, _, err = run_cli("pretrain", str(recipe), "--overwrite", "train.lr=0.02")
-    assert code == 3 and "non-finite loss at step 2" in err, err
+    assert code == 3 and "non-finite loss at step 2" in err and "no checkpoint was written yet" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.yaml", "run", "small.txt"]
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
     assert (tmp_path / "run" / "loss.png").is_file() and "lr: 0.01" in (tmp_path / "run" / "recipe.yaml").read_text()

@@ -157,8 +157,10 @@ def finetune(
         raise UserError(f"--task: '{name}' is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)}")
     metrics = ft.run(rec, name, resume=resume, overwrite=overwrite, force=force, command=sys.argv)
     if os.environ.get("RANK", "0") == "0":
-        typer.echo("done: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")))
-                   + f"; saved in {rec.output.dir}")
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")))
+        best = f"the best checkpoint, step {metrics['best_step']}: " if "best_step" in metrics else ""
+        typer.echo(f"done: {best}{shown or f'no steps left (train.max_steps {rec.train.max_steps} reached)'}; "
+                   f"saved in {rec.output.dir}")
 
 
 @app.command()

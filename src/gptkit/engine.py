@@ -270,7 +270,7 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
     lower = job.select in ("val_loss", "val_perplexity") if job.select_higher is None else not job.select_higher
     best = counters.get("best")
     if math.isfinite(value) and (best is None or (value < best if lower else value > best)):  # NaN: never best
-        counters.update(best=value, best_step=step, stale=0)
+        counters.update(best=value, best_step=step, stale=0, best_metrics=dict(metrics))
         state = distributed.full_state_dict(accelerator, model)  # collective when sharded
         tmp, final, old = job.run_dir / ".best.tmp", job.run_dir / "best", job.run_dir / ".best.old"
 
@@ -492,7 +492,8 @@ def check_batch(cfg: TrainConfig, n_examples: int, processes: int) -> None:
 
 
 def fit(job: Job, accelerator) -> dict[str, float]:
-    """Train ``job.model`` for ``cfg.max_steps`` optimizer steps; returns the last logged metrics."""
+    """Train ``job.model`` for ``cfg.max_steps`` optimizer steps; returns the last logged metrics, and where
+    ``job.select`` kept a best model its step (``best_step``) and validation metrics (``best_metrics``)."""
     from tqdm.auto import tqdm
 
     cfg, main = job.cfg, accelerator.is_main_process
@@ -569,10 +570,12 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                     opt.zero_grad(set_to_none=True)
                     counters["bad_steps"] += 1
                     if counters["bad_steps"] > cfg.skip_nonfinite:
-                        raise TrainingStopped(
-                            f"non-finite loss at step {step}; stopped without saving it. The last good checkpoint is kept "
-                            f"in {job.run_dir / 'checkpoints'} (lower train.lr, or allow skips with train.skip_nonfinite)"
-                        )
+                        last_good = checkpoint.latest(job.run_dir / "checkpoints")
+                        then = (f"the last good checkpoint is {last_good}: lower train.lr (or allow skips with "
+                                "train.skip_nonfinite) and continue with --resume --force" if last_good else
+                                "no checkpoint was written yet: lower train.lr (or allow skips with "
+                                "train.skip_nonfinite) and start again")
+                        raise TrainingStopped(f"non-finite loss at step {step}; stopped without saving it; {then}")
                     log.warning("non-finite loss at step %d: batch skipped (%d so far)", step, counters["bad_steps"])
                 else:
                     if cfg.grad_clip > 0:
@@ -623,4 +626,6 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     finally:
         bar.close()
         tracker.close(status)
+    if counters.get("best_step") is not None:  # the model a run keeps (best/) is that step's, not the last
+        last = {**last, "best_step": counters["best_step"], "best_metrics": counters.get("best_metrics", {})}
     return last  # (the caller plots loss.png once the model is saved: tracking.plot)

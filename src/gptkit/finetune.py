@@ -290,7 +290,11 @@ def run(recipe: Recipe, task_name: str, *, resume: bool = False, overwrite: bool
                          on_resumed=partial(rundir.resumed, run_dir, recipe, command or []),
                          on_saved=partial(rundir.started, run_dir))
         result = engine.fit(job, accelerator)
+    best_step, best_metrics = result.pop("best_step", None), result.pop("best_metrics", {})
     model = _keep_best(recipe, task_name, run_dir, tokenizer, model, accelerator, job.save)
+    if best_step is not None and (run_dir / "best").is_dir():  # the run's model is the best step's: its figures
+        result = {**{k: v for k, v in result.items() if not k.startswith("val_")}, **best_metrics,
+                  "best_step": best_step}
     if accelerator.is_main_process:
         tracking.plot(run_dir)
     if accelerator.is_main_process and "test" in rows:
