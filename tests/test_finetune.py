@@ -514,8 +514,9 @@ def test_unseen_labels_and_unknown_task(tmp_path, base):
     s = splits(tmp_path, classify_rows, 40)
     write_jsonl(s["validation"], [{"sentence": "red red red", "label": "tepid"}])
     recipe = finetune_recipe(tmp_path, "bad", "classify", base, s, data={"columns": {"text": "sentence"}})
-    code, _, err = run_cli("finetune", str(recipe))
-    assert code == 2 and "never seen in training" in err and "tepid" in err, err
+    for command in ("validate", "finetune"):  # validate checks what fine-tuning refuses
+        code, _, err = run_cli(command, str(recipe))
+        assert code == 2 and "never seen in training" in err and "tepid" in err, err
     code, _, err = run_cli("finetune", str(recipe), "--task", "poetry")
     assert code == 2 and "not a fine-tuning task" in err
     s = splits(tmp_path, classify_rows, 40)  # the test split is checked before training, not after it

@@ -153,8 +153,10 @@ def finetune(
         raise UserError(f"--task: '{task}' is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)}")
     rec = _load(recipe, overrides, task)
     name = task or rec.task
-    if name not in FINETUNE_TASKS:
-        raise UserError(f"--task: '{name}' is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)}")
+    if name not in FINETUNE_TASKS:  # (--task was checked above: this is the recipe's)
+        hint = "; run it with `gptkit pretrain`" if name == "pretrain" else ""
+        raise UserError(f"task: '{name}' is not a fine-tuning task; expected one of {', '.join(FINETUNE_TASKS)} "
+                        f"(in the recipe, or --task){hint}")
     metrics = ft.run(rec, name, resume=resume, overwrite=overwrite, force=force, command=sys.argv)
     if os.environ.get("RANK", "0") == "0":
         shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("val_", "test_")))

@@ -120,12 +120,17 @@ def _check_answer_room(recipe: Recipe, task_name: str) -> None:
 def check_rows(recipe: Recipe, task_name: str, rows: dict) -> None:
     """What the training rows must allow, checked in `gptkit validate` and before anything is tokenized: each prompt
     template rendered on its task's first training row (a stray brace or a field the rows lack is one line, not a
-    traceback mid-way); a classifier's training split has at least two labels."""
+    traceback mid-way); a classifier's training split has at least two labels, and the other splits none besides."""
     from gptkit.tasks import classify, multitask
     from gptkit.tasks import generative as gen
 
     if task_name == "classify" and "train" in rows:
-        classify.labels_of(recipe, rows["train"])
+        seen = set(classify.labels_of(recipe, rows["train"]))
+        for split in ("validation", "test"):  # the head has an output per training label, and no other
+            unseen = [label for label in classify.label_names(rows.get(split, [])) if label not in seen]
+            if unseen:
+                raise UserError(f"data: {split} split has labels never seen in training: {unseen[:5]} (training "
+                                f"labels: {sorted(seen)[:10]})")
     elif task_name == "multitask":
         for i, sub in enumerate(recipe.finetune.tasks):
             module, train = tasks.load(sub.task), multitask._of_task(rows.get("train", []), i)

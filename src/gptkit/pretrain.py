@@ -49,7 +49,7 @@ def check(recipe: Recipe, *, describe: bool = False) -> Plan:
     ``describe`` (``gptkit validate``): an encoder-decoder recipe is described as ``gptkit init`` builds it instead
     of refused as pretraining refuses it."""
     if recipe.task != "pretrain":
-        raise UserError(f"task: '{recipe.task}' recipes run with `gptkit {recipe.task}`, not `gptkit pretrain`")
+        raise UserError(f"task: '{recipe.task}' recipes run with `gptkit finetune`, not `gptkit pretrain`")
     run_dir = rundir.resolve_output(recipe.output.dir)
     if not recipe.data.train_files:
         raise UserError("data.train_files: empty; list at least one text file or glob")
