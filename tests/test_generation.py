@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
@@ -220,6 +221,25 @@ def test_stream_several_samples_prints_headers(model, tok):
     assert len(texts) == 2
     assert out.getvalue() == f"=== sample 1/2 ===\nhello{texts[0]}\n=== sample 2/2 ===\nhello{texts[1]}\n"
     assert texts == generate_batch(model, tok, ["hello"], options)[0]
+
+
+def test_beams_within_the_context_say_where_the_prompt_was_cut(model, tok, caplog):
+    """Beams and several samples run in one call inside the 64-position context: a prompt that does not fit beside
+    the new tokens is continued from its last tokens, and the printed prompt says so (it printed the whole prompt,
+    as if the samples continued all of it, and only a raw UserWarning told); more new tokens than the context is one
+    line naming the flag."""
+    from gptkit.errors import UserError
+
+    out, prompt = io.StringIO(), "abcdefgh" * 6  # 48 tokens + 24 new > 64
+    options = DecodingOptions(num_beams=2, max_new_tokens=24, min_new_tokens=24)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with caplog.at_level("WARNING", logger="gptkit"):
+            texts = stream(model, tok, prompt, options, out=out)
+    assert "the samples continue its last 40" in caplog.text
+    assert out.getvalue() == f"=== sample 1/1 ===\n...{prompt[-40:]}{texts[0]}\n"
+    with pytest.raises(UserError, match="--max-new-tokens 64: beams and several samples"):
+        stream(model, tok, "a", DecodingOptions(num_beams=2, max_new_tokens=64), out=out)
 
 
 # --- options and loading -----------------------------------------------------------------------

@@ -6,6 +6,7 @@ Used by ``gptkit generate`` (:func:`stream`), ``gptkit eval`` and fine-tuning va
 
 from __future__ import annotations
 
+import logging
 import sys
 import warnings
 from contextlib import contextmanager
@@ -18,6 +19,8 @@ from transformers import TextStreamer
 from gptkit.errors import UserError
 from gptkit.modeling import is_encoder_decoder
 from gptkit.tokenizer import prompt_ids
+
+log = logging.getLogger(__name__)
 
 
 REPETITION_PENALTY = (0.01, 10.0)  # the range generate, eval and serve accept (1.0 = off)
@@ -298,7 +301,20 @@ def stream(model: Any, tokenizer: Any, prompt: str, options: DecodingOptions, ou
     encoder_decoder = is_encoder_decoder(model.config)
     shown = "" if encoder_decoder else prompt
     if options.num_beams > 1 or options.num_return_sequences > 1:
-        texts = generate_batch(model, tokenizer, [prompt], options)[0]
+        limit = _context_size(model)
+        if limit is not None and options.max_new_tokens >= limit:
+            raise UserError(f"--max-new-tokens {options.max_new_tokens}: beams and several samples are generated in "
+                            f"one call, within the model's context of {limit} tokens with the prompt; ask for fewer "
+                            "(one sequence without beams slides past the context)")
+        ids = prompt_ids(tokenizer, prompt, encoder_decoder)
+        keep = None if limit is None or encoder_decoder else limit - options.max_new_tokens
+        if keep is not None and len(ids) > keep:  # (generate_batch keeps the same last tokens)
+            log.warning("the prompt's %d tokens and %d new ones exceed the context of %d tokens: the samples continue "
+                        "its last %d", len(ids), options.max_new_tokens, limit, keep)
+            shown = "..." + tokenizer.decode(ids[-keep:], skip_special_tokens=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # (said above, once and plainly)
+            texts = generate_batch(model, tokenizer, [prompt], options)[0]
         for i, text in enumerate(texts, 1):
             out.write(f"=== sample {i}/{len(texts)} ===\n{shown}{text}\n")
         out.flush()
