@@ -36,6 +36,8 @@ def _cases(tmp: Path, corpus: Path) -> list[tuple[str, list[str], list[str]]]:
         ("empty recipe", ["pretrain", file("empty.yaml", "")], ["empty.yaml", "empty"]),
         ("yaml syntax", ["pretrain", file("syntax.yaml", "train: [1,\n")], ["syntax.yaml", "YAML syntax error"]),
         ("wrong type", ["pretrain", recipe("wt"), "train.batch_size=big"], ["train.batch_size", "integer"]),
+        ("true for a number", ["pretrain", recipe("wb", train={"eval_every": True})],  # pydantic would read 1
+         ["wb.yaml", "train.eval_every: expected an integer, got true"]),
         ("unknown key", ["pretrain", file("uk.yaml", "modle: {}\n")], ["uk.yaml", "modle", "did you mean 'model'"]),
         ("missing data", ["pretrain", recipe("md", data={"train_files": [str(tmp / "gone.txt")]})],
          ["data.train_files", "gone.txt", "not found"]),

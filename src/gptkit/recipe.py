@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -37,9 +37,25 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
+def _takes_bool(annotation) -> bool:
+    return annotation is bool or annotation is Any or any(_takes_bool(a) for a in get_args(annotation))
+
+
 class _Section(BaseModel):
     # a float field is a finite number: lr .inf or weight_decay .nan would pass the bounds (or every comparison)
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value, info):
+        """true/false where a number or text is expected (pydantic reads true as 1: eval_every: true was every step)."""
+        annotation = cls.model_fields[info.field_name].annotation if info.field_name else bool
+        if isinstance(value, bool) and not _takes_bool(annotation):
+            kinds = [k for k in (annotation, *get_args(annotation)) if k in (int, float, str)]
+            if kinds:  # (a Literal's own message lists its choices)
+                raise ValueError(f"expected {({int: 'an integer', float: 'a number', str: 'text'})[kinds[0]]}, got "
+                                 f"{str(value).lower()}")
+        return value
 
 
 class ModelConfig(_Section):
