@@ -288,7 +288,7 @@ def test_generate_kwargs_only_pass_sampling_params_when_sampling(tok):
 
 def test_load_for_generation_rejects_what_it_cannot_resolve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UserError, match="not in the local Hugging Face cache .*hf download gpt2"):
+    with pytest.raises(UserError, match="is no local directory, is not in the local Hugging Face cache .*hf download"):
         load_for_generation("gpt2")  # the test session's cache is empty and HF_HUB_OFFLINE=1 (conftest)
     with pytest.raises(UserError, match="neither a local directory nor a Hugging Face hub id"):
         load_for_generation(str(tmp_path / "missing"))

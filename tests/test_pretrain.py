@@ -95,6 +95,8 @@ def test_second_run_skips_tokenization(tmp_path, corpus, caplog):
         assert run_cli("pretrain", str(recipe), f"output.dir={tmp_path / 'b'}")[0] == 0
     assert "using cached tokenizer" in caplog.text and "using cached tokens" in caplog.text
     assert "tokenized data.train_files" not in caplog.text
+    # max_steps 1 under the recipe's 5 warmup steps: the peak learning rate is a sixth of train.lr, and it is said
+    assert "train.warmup_steps 5 >= train.max_steps 1: the learning rate never reaches train.lr 0.01" in caplog.text
 
 
 def test_validate_reports_real_parameter_count(trained):

@@ -498,6 +498,9 @@ def fit(job: Job, accelerator) -> dict[str, float]:
 
     cfg, main = job.cfg, accelerator.is_main_process
     model, loss_fn, count_fn = job.model, job.loss_fn or causal_lm_loss, job.count_fn or all_tokens
+    if main and 0 < cfg.max_steps <= cfg.warmup_steps:  # easy to reach by shortening a bundled recipe's max_steps
+        log.warning("train.warmup_steps %d >= train.max_steps %d: the learning rate never reaches train.lr %g (its "
+                    "peak is %.2g)", cfg.warmup_steps, cfg.max_steps, cfg.lr, cfg.lr * cfg.max_steps / (cfg.warmup_steps + 1))
     if cfg.gradient_checkpointing:  # transformers 5 renamed it; older releases only have the first name
         (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
     cpu_fsdp = distributed.wants_cpu_fsdp(job.distributed, accelerator)

@@ -88,8 +88,8 @@ def _snapshot(name: str, field: str, weights: bool, no_network: bool, *_cache_en
                                              local_files_only=no_network, cache_dir=cache)
     except (LocalEntryNotFoundError, OfflineModeIsEnabled):
         why = "HF_HUB_OFFLINE=1" if no_network else "the hub could not be reached"
-        raise UserError(f"{field}: '{name}' is not in the local Hugging Face cache ({cache}) and {why}; fetch it "
-                        f"once with `{fetch}` (or point {field} to a local directory)") from None
+        raise UserError(f"{field}: '{name}' is no local directory, is not in the local Hugging Face cache ({cache}) "
+                        f"and {why}; fetch it once with `{fetch}` (or point {field} to a local directory)") from None
     except RevisionNotFoundError:
         raise UserError(f"{field}: '{name}': revision '{revision}' not found on the hub") from None
     except GatedRepoError:
