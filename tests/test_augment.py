@@ -63,6 +63,29 @@ def test_backtranslation_writes_pairs_and_resumes(tmp_path, reverse_run):
     assert_user_error(*run_cli(*args, "--out", str(tmp_path / "x.jsonl"), "--column", "text")[::2], "no field 'text'")
 
 
+def test_sampled_batches_draw_their_own_samples_and_limit_reads_no_further(tmp_path, reverse_run):
+    """16 copies of one sentence in batches of 8, sampled: the second batch is not the first one's draws again (every
+    batch was seeded alike), and a resumed run samples as an uninterrupted one. --limit stops reading the file: a
+    broken line past it is never met (the whole file was read, and held, before)."""
+    sentence = translate_rows(1, 5)[0]["target"]
+    mono = write_jsonl(tmp_path / "same.jsonl", [{"target": sentence}] * 16)
+    with open(mono, "a") as fh:
+        fh.write("not json\n")
+    args = ["augment", "backtranslate", "--model", str(reverse_run), "--data", str(mono), "--batch-size", "8",
+            "--max-new-tokens", "8", "--sample", "--temperature", "1.5", "--seed", "1", "--limit", "16"]
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "s.jsonl"))
+    assert code == 0, err
+    texts = [r["source"] for r in lines(tmp_path / "s.jsonl")]
+    assert len(texts) >= 12 and len(set(texts)) > len(texts) // 2, texts  # not 8 draws twice over
+    code, _, err = run_cli(*args[:-1], "8", "--out", str(tmp_path / "r.jsonl"))
+    assert code == 0, err
+    code, _, err = run_cli(*args, "--out", str(tmp_path / "r.jsonl"), "--resume")
+    assert code == 0, err
+    assert (tmp_path / "r.jsonl").read_text() == (tmp_path / "s.jsonl").read_text()
+    code, _, err = run_cli(*args[:-2], "--out", str(tmp_path / "all.jsonl"))  # without --limit: line 17 is met
+    assert_user_error(code, err, "line 17", "invalid JSON")
+
+
 def test_real_and_synthetic_pairs_mix_by_weight_with_a_tag(tmp_path):
     from gptkit import finetune, tasks
     from gptkit.recipe import load_recipe

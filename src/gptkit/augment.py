@@ -11,8 +11,10 @@ summary; when every one does, nothing is written and the command fails with one 
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,26 +42,44 @@ class Options:
     overwrite: bool = False
 
 
-def _done(out: Path, texts: list[str]) -> tuple[int, int]:
+def _texts(data: Path, column: str, limit: int | None) -> Iterator[str]:
+    """The sentences of ``data``, read as they are consumed (``limit``: the first ones; nothing after is read)."""
+    from gptkit.eval_report import iter_fields
+
+    rows = iter_fields(data, "--data", (column,), hint="name the field holding the text with --column")
+    for row in itertools.islice(rows, limit):
+        text = row[column]
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"--data: {data}: line {row['_line']}: '{column}' must be a non-empty string")
+        yield text
+
+
+def _done(out: Path, texts: Iterator[str]) -> tuple[int, int]:
     """``(lines, sentences)``: how many lines of ``out`` are complete and belong to ``texts`` (a torn last line, one
-    without its newline, is dropped), and how many sentences of ``texts`` they account for: each line is the next
-    sentence of ``texts`` with its target, the sentences passed over being those whose translation came out empty.
-    Any other line that is not a pair (an edited file, another file) is an error, and the file is left as it is."""
-    kept, at = 0, 0
-    lines = out.read_text(encoding="utf-8", errors="replace").split("\n")
-    for line in lines[:-1]:  # the last element is "" after a complete file, or a torn line
-        try:
-            row = json.loads(line)
-        except ValueError:
-            raise UserError(f"--resume: {out} line {kept + 1} is not a JSON pair (a file augment wrote ends at most "
-                            "in one torn line); use another --out") from None
-        target = row.get("target") if isinstance(row, dict) else None
-        found = next((j for j in range(at, len(texts)) if texts[j] == target), None)
-        if found is None:
-            raise UserError(f"--resume: {out} line {kept + 1} does not belong to this --data; use another --out")
-        kept, at = kept + 1, found + 1
-    with open(out, "r+", encoding="utf-8") as fh:  # drop a torn tail
-        fh.truncate(sum(len(x.encode("utf-8")) + 1 for x in lines[:kept]))
+    without its newline, is dropped), and how many sentences of ``texts`` they account for (consumed from it): each
+    line is the next sentence with its target, the sentences passed over being those whose translation came out
+    empty. Any other line that is not a pair (an edited file, another file) is an error, and the file is left as it
+    is. Both files are read line by line."""
+    kept, at, whole = 0, 0, 0
+    with open(out, "rb") as fh:
+        for raw in fh:
+            if not raw.endswith(b"\n"):
+                break  # a torn last line
+            try:
+                row = json.loads(raw.decode("utf-8", errors="replace"))
+            except ValueError:
+                raise UserError(f"--resume: {out} line {kept + 1} is not a JSON pair (a file augment wrote ends at "
+                                "most in one torn line); use another --out") from None
+            target = row.get("target") if isinstance(row, dict) else None
+            for text in texts:
+                at += 1
+                if text == target:
+                    break
+            else:
+                raise UserError(f"--resume: {out} line {kept + 1} does not belong to this --data; use another --out")
+            kept, whole = kept + 1, whole + len(raw)
+    with open(out, "r+b") as fh:  # drop a torn tail
+        fh.truncate(whole)
     return kept, at
 
 
@@ -67,7 +87,7 @@ def backtranslate(opts: Options) -> dict:
     from tqdm.auto import tqdm
 
     from gptkit import evaluate
-    from gptkit.eval_report import append, read_fields
+    from gptkit.eval_report import append
 
     out, data = Path(opts.out), Path(opts.data)
     if opts.batch_size < 1 or (opts.limit is not None and opts.limit < 1):
@@ -86,12 +106,8 @@ def backtranslate(opts: Options) -> dict:
         raise UserError(f"--out: {out} exists; --resume continues it, --overwrite replaces it")
     if opts.resume and not out.exists():
         raise UserError(f"--resume: {out} does not exist yet; start without --resume")
-    rows = read_fields(data, "--data", (opts.column,), hint="name the field holding the text with --column")
-    rows = rows[: opts.limit or None]
-    bad = next((r["_line"] for r in rows if not isinstance(r[opts.column], str) or not r[opts.column].strip()), None)
-    if bad is not None:
-        raise UserError(f"--data: {data}: line {bad}: '{opts.column}' must be a non-empty string")
-    texts = [r[opts.column] for r in rows]
+    total = sum(1 for _ in _texts(data, opts.column, opts.limit))  # every row checked before anything is written
+    texts = _texts(data, opts.column, opts.limit)  # then read again as it is translated: memory stays flat
     model, tok, run = evaluate.load_model(opts.model, "translate")
     if run is None or run.task != "translate":
         raise UserError(f"--model: {opts.model} is not a translate run; back-translation needs a run fine-tuned to "
@@ -99,15 +115,15 @@ def backtranslate(opts: Options) -> dict:
     eopts = evaluate.Options(task="translate", batch_size=opts.batch_size, num_beams=opts.num_beams,
                              max_new_tokens=opts.max_new_tokens, sample=opts.sample, temperature=opts.temperature,
                              top_k=opts.top_k, top_p=opts.top_p, seed=opts.seed)
-    inputs = [{"source": t} for t in texts]
-    ctx = evaluate.make_ctx(eopts, "translate", model, tok, run, inputs, [])
+    ctx = evaluate.make_ctx(eopts, "translate", model, tok, run, [], [])
     replace = opts.overwrite and out.exists() and not opts.resume  # only once there is something to write
     kept, start = _done(out, texts) if opts.resume else (0, 0)
     written, empty = kept, start - kept  # a resumed file's sentences passed over came out empty
-    bar = tqdm(total=len(texts), initial=start, unit="sentence", disable=None, desc="back-translating")
-    for i in range(start, len(texts), opts.batch_size):
-        chunk = inputs[i : i + opts.batch_size]
+    bar = tqdm(total=total, initial=start, unit="sentence", disable=None, desc="back-translating")
+    i = start
+    while chunk := [{"source": t} for t in itertools.islice(texts, opts.batch_size)]:
         preds = evaluate.predict_batch(ctx, chunk, i)
+        i += len(chunk)
         pairs = [{"source": p, "target": r["source"], "synthetic": True} for p, r in zip(preds, chunk) if p.strip()]
         empty += len(chunk) - len(pairs)  # an empty source would teach the forward model to translate into nothing
         if pairs:
@@ -120,9 +136,9 @@ def backtranslate(opts: Options) -> dict:
         bar.update(len(chunk))
     bar.close()
     if not written:
-        raise UserError(f"--model: all {len(texts)} back-translations by {opts.model} came out empty; nothing "
+        raise UserError(f"--model: all {total} back-translations by {opts.model} came out empty; nothing "
                         f"written to {out} (a reverse run trained longer, or --sample, gives text)")
     if empty:
-        log.warning("skipped %d of %d sentences whose back-translation came out empty", empty, len(texts))
-    return {"out": str(out), "pairs": written, "skipped_empty": empty, "sentences": len(texts),
+        log.warning("skipped %d of %d sentences whose back-translation came out empty", empty, total)
+    return {"out": str(out), "pairs": written, "skipped_empty": empty, "sentences": total,
             "resumed_at": start if opts.resume else None}

@@ -19,7 +19,7 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -172,12 +172,15 @@ def predict_batch(ctx: Ctx, rows: list[dict], start: int) -> list[str]:
 
     if ctx.task == "classify" and ctx.labels is None:
         return classify.predict(ctx.model, ctx.tok, rows, ctx.recipe)
+    seed = generation.seed_at(ctx.recipe.train.seed, start) if ctx.decoding.do_sample else ctx.recipe.train.seed
     if ctx.task != "classify" and not ctx.few_shot:
-        return [str(p) for p in load(ctx.task).predict(ctx.model, ctx.tok, rows, ctx.recipe)]
+        recipe = ctx.recipe.model_copy(update={"train": ctx.recipe.train.model_copy(update={"seed": seed})})
+        return [str(p) for p in load(ctx.task).predict(ctx.model, ctx.tok, rows, recipe)]
     prompts = [prompt(ctx, r, start + j) for j, r in enumerate(rows)]
     if ctx.task == "classify":
         return label_scores(ctx, prompts)
-    texts = generation.generate_batch(ctx.model, ctx.tok, prompts, ctx.decoding, batch_size=len(rows))
+    decoding = replace(ctx.decoding, seed=seed) if ctx.decoding.do_sample else ctx.decoding
+    texts = generation.generate_batch(ctx.model, ctx.tok, prompts, decoding, batch_size=len(rows))
     return [t[0].split("\n")[0].strip() for t in texts]
 
 

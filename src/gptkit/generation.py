@@ -6,6 +6,7 @@ Used by ``gptkit generate`` (:func:`stream`), ``gptkit eval`` and fine-tuning va
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import sys
 import warnings
@@ -188,6 +189,15 @@ def _encode_prompts(model: Any, tokenizer: Any, prompts: list[str], options: Dec
             seq = tokenizer(prompts[i], truncation=True, max_length=keep)["input_ids"] if encoder else seq[-keep:]
         encoded.append(list(seq))
     return encoded
+
+
+def seed_at(seed: int | None, offset: int) -> int | None:
+    """The seed of a batch that starts at row ``offset`` of a run seeded ``seed``: each batch draws its own samples
+    (one seed for every batch gave row j of each the same draws), the same ones whatever ran before it (a resumed
+    evaluation samples as an uninterrupted one). The first batch keeps ``seed`` itself."""
+    if seed is None or offset == 0:
+        return seed
+    return int.from_bytes(hashlib.sha256(f"{seed}-{offset}".encode()).digest()[:8], "little") >> 1
 
 
 @contextmanager
