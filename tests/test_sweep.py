@@ -78,6 +78,32 @@ def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
     study = optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")
     retried = [t for t in study.trials if t.user_attrs.get("interrupted")]
     assert len(retried) == 1 and retried[0].params["train.lr"] in [float(r["train.lr"]) for r in rows]
+    # the resumed sampler draws new values: its seed alone gave the first trials' values again
+    assert len({r["train.lr"] for r in rows}) == 6, rows
+
+
+def test_a_sweep_stopped_with_ctrl_c_runs_the_stopped_trial_again(tmp_path, recipe):
+    """Ctrl-C (SIGINT to the terminal's process group): Optuna fails the running trial; --resume runs it again with
+    the same values, as it does a killed sweep's (it counted as done, and was never retried)."""
+    s = space(tmp_path, sampler="random", pruner="none", trials=2, seed=5,
+              **{"train.lr": {"log_uniform": [1e-3, 1e-2]}})
+    out = tmp_path / "sw"
+    cmd = [sys.executable, "-m", "gptkit", "sweep", str(recipe), "--space", str(s), "--out", str(out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    deadline = time.time() + 240
+    while not (out / "trial-000" / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-2000:]
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    assert code == 0, err
+    rows = trials(out)
+    assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows), rows
+    import optuna
+
+    study = optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")
+    stopped = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    assert len(stopped) == 1 and stopped[0].params["train.lr"] in [float(r["train.lr"]) for r in rows]
 
 
 @pytest.mark.parametrize("content, needles", [
@@ -123,6 +149,8 @@ def test_a_bad_space_leaves_an_existing_sweep_and_a_file_alone(tmp_path, recipe)
     s = space(tmp_path, **{"train.lr": {"choice": [1e-3]}})
     code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "notes.txt"))
     assert_user_error(code, err, "--out", "notes.txt", "not a folder")
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "notes.txt" / "x"))
+    assert_user_error(code, err, "--out", "is under", "notes.txt", "which is a file")
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
@@ -140,6 +168,15 @@ def test_a_folder_holding_no_sweep_is_never_removed_or_written_into(tmp_path, re
     code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--overwrite")
     assert_user_error(code, err, "--space", "lr.yaml", "--overwrite")
     assert (out / "thesis.tex").read_text() == "mine" and (out / "study.db").read_bytes() == b"an earlier sweep"
+    # a space file named space.yaml (the name a sweep writes back) does not make a folder a sweep's
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "thesis.tex").write_text("mine")
+    (other / "space.yaml").write_text(s.read_text())
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(other / "space.yaml"), "--out", str(other),
+                           "--overwrite")
+    assert_user_error(code, err, str(other), "holds no sweep")
+    assert sorted(p.name for p in other.iterdir()) == ["space.yaml", "thesis.tex"]
 
 
 def test_overwrite_reads_the_space_file_the_sweep_folder_holds(tmp_path, recipe):

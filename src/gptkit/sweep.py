@@ -34,6 +34,7 @@ finished exits non-zero (2 when every trial failed with a user error).
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import math
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 SETTINGS = {"metric", "direction", "sampler", "pruner", "trials", "jobs", "seed"}
 DISTRIBUTIONS = {"log_uniform", "uniform", "int", "choice"}
 STUDY = "gptkit-sweep"
+MARKER = "sweep.json"  # in --out: this folder holds a sweep (its storage, its recipe)
 
 
 @dataclass
@@ -244,26 +246,13 @@ class Sweep:
         started = time.monotonic()
         with open(log_path, "w") as fh:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-            seen, best, pruned = 0, None, False
-            while True:
-                done = proc.poll() is not None
-                rows = _rows(run / "metrics.jsonl")
-                for row in rows[seen:]:
-                    if self.metric in row:
-                        value = float(row[self.metric])
-                        best = value if best is None else (min if self.direction == "minimize" else max)(best, value)
-                        trial.report(value, row["step"])
-                        if not done and trial.should_prune():
-                            pruned = True
-                            break
-                seen = len(rows)
-                if pruned:
-                    proc.send_signal(signal.SIGTERM)
-                    proc.wait()
-                    break
-                if done:
-                    break
-                time.sleep(self.poll)
+            try:
+                best, pruned = self._follow(trial, proc, run)
+            except KeyboardInterrupt:  # Ctrl-C: Optuna fails the trial; --resume runs it again with the same values
+                trial.set_user_attr("interrupted", True)
+                trial.set_user_attr("retry", True)
+                proc.wait()  # (the run got the signal too: it writes a checkpoint and stops)
+                raise
         trial.set_user_attr("seconds", round(time.monotonic() - started, 1))
         if pruned:
             raise optuna.TrialPruned()
@@ -287,6 +276,28 @@ class Sweep:
         return best
 
 
+    def _follow(self, trial, proc, run: Path) -> tuple[float | None, bool]:
+        """Report each new value of the metric as the run logs it, until the run ends or the pruner stops it:
+        (the best value, whether it was pruned)."""
+        seen, best = 0, None
+        while True:
+            done = proc.poll() is not None
+            rows = _rows(run / "metrics.jsonl")
+            for row in rows[seen:]:
+                if self.metric in row:
+                    value = float(row[self.metric])
+                    best = value if best is None else (min if self.direction == "minimize" else max)(best, value)
+                    trial.report(value, row["step"])
+                    if not done and trial.should_prune():
+                        proc.send_signal(signal.SIGTERM)
+                        proc.wait()
+                        return best, True
+            seen = len(rows)
+            if done:
+                return best, False
+            time.sleep(self.poll)
+
+
 def _rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -299,12 +310,18 @@ def _rows(path: Path) -> list[dict]:
     return out
 
 
-def _sampler(optuna, space: Space):
+def _sampler(optuna, space: Space, trials: int = 0, worker: str = ""):
+    """The space's sampler, seeded by its seed, the number of ``trials`` the study holds already and the ``worker``
+    (a shared study's process): a continued study, or a second worker, draws new values, not the first ones again
+    (a seeded sampler's draws do not depend on the trials stored; the first of TPE's are random ones)."""
+    seed = space.seed
+    if seed is not None and (trials or worker):
+        seed = int.from_bytes(hashlib.sha256(f"{seed}-{trials}-{worker}".encode()).digest()[:4], "little")
     if space.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=space.seed)
+        return optuna.samplers.RandomSampler(seed=seed)
     if space.sampler == "grid":
-        return optuna.samplers.GridSampler(_grid(space), seed=space.seed)
-    return optuna.samplers.TPESampler(seed=space.seed)
+        return optuna.samplers.GridSampler(_grid(space), seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _grid(space: Space) -> dict[str, list]:
@@ -340,11 +357,14 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     storage = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     if out.exists() and not out.is_dir():
         raise UserError(f"--out: {out} is a file, not a folder; choose another output folder")
+    above = next((p for p in out.absolute().parents if p.exists()), None)
+    if above is not None and not above.is_dir():  # before a --storage study is created for it
+        raise UserError(f"--out: {out} is under {above}, which is a file, not a folder; choose another output folder")
     sweep = Sweep(recipe_path.resolve(), overrides, space, out.resolve(), storage, metric, direction,
                   "pretrain" if recipe.task == "pretrain" else "finetune")
     sweep.check_params()  # before anything in --out is written or removed
     space_text = space_path.read_text()  # before --overwrite removes the folder it may sit in
-    if out.exists() and any(out.iterdir()) and not ((out / "study.db").exists() or (out / "space.yaml").is_file()):
+    if out.exists() and any(out.iterdir()) and not _holds_sweep(out):
         raise UserError(f"{out}: not empty and holds no sweep; choose another output folder")
     if own_db:
         if (out / "study.db").exists() and not (resume or overwrite):
@@ -361,7 +381,10 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     study = _open_study(optuna, storage, own_db, sampler=_sampler(optuna, space), pruner=_pruner(optuna, space),
                         direction=direction)
     _check_continues(optuna, study, space, metric, direction)  # before the stored space.yaml is replaced
+    study.sampler = _sampler(optuna, space, len(study.get_trials(deepcopy=False)),
+                             "" if own_db else f"{os.uname().nodename}:{os.getpid()}")
     out.mkdir(parents=True, exist_ok=True)
+    (out / MARKER).write_text(json.dumps({"storage": storage, "recipe": str(recipe_path.resolve())}) + "\n")
     (out / "space.yaml").write_text(space_text)
     if own_db and resume:  # this machine's own sweep: what it left running died with it
         _retry_interrupted(optuna, study)
@@ -463,13 +486,25 @@ def _open_study(optuna, url: str, own: bool, **settings):
 
 
 def _retry_interrupted(optuna, study) -> None:
-    """Trials a killed sweep left RUNNING: marked failed (interrupted) and queued again with the same values."""
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for t in running:
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
-        study.enqueue_trial(t.params, skip_if_exists=False)
+    """Trials a killed sweep left RUNNING, and those Ctrl-C stopped (failed by Optuna, marked ``retry``): marked
+    failed (interrupted) and queued again, once, with the same values (the new trial names its ``retry_of``)."""
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.user_attrs.get("retry_of") for t in trials}
+    for t in trials:
+        if t.state == optuna.trial.TrialState.RUNNING:
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        elif not (t.state == optuna.trial.TrialState.FAIL and t.user_attrs.get("retry") and t.number not in retried):
+            continue
+        study.enqueue_trial(t.params, user_attrs={"retry_of": t.number}, skip_if_exists=False)
         log.info("sweep: trial %d was interrupted; it runs again", t.number)
+
+
+def _holds_sweep(out: Path) -> bool:
+    """A folder a sweep wrote (its database, or its marker for a --storage study; a space.yaml alone is no sign:
+    a user's folder may hold one, and --overwrite would remove it all)."""
+    return (out / "study.db").exists() or (out / MARKER).is_file() or (
+        (out / "space.yaml").is_file() and any(out.glob("trial-*")))  # (written before the marker existed)
 
 
 def report(study, sweep: Sweep, recipe_to_yaml, load_recipe) -> dict:
