@@ -206,8 +206,14 @@ def test_prune_command_combines_layers_heads_and_neurons(base, llama, tmp_path):
     (["--layers", "2"], ["--layers", "1 to 1", "got 2"]),
     ([], ["--layers", "--heads", "--mlp"]),
     (["--mlp", "0.5", "--batches", "0"], ["--batches", "at least 1", "got 0"]),
+    (["--mlp", "0.0001"], ["--mlp", "removes none"]),
+    (["--mlp", "0.5", "--data", "{tmp}/mono.jsonl"], ["--data", "mono.jsonl", "expected plain text"]),
+    (["--mlp", "0.5", "--data", "{tmp}/bad.txt"], ["--data", "bad.txt", "line 2", "not valid UTF-8"]),
 ])
 def test_bad_prune_input_is_one_line(base, tmp_path, args, needles):
+    (tmp_path / "mono.jsonl").write_text('{"text": "a red box"}\n' * 100)
+    (tmp_path / "bad.txt").write_bytes(b"a red box\nblue \xff\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, _, err = run_cli("prune", str(base), *args, "--out", str(tmp_path / "p"))
     assert_user_error(code, err, *needles)
     assert not (tmp_path / "p").exists()

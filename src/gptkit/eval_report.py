@@ -44,6 +44,22 @@ def read_text(path: Path, what: str) -> str:
         raise UserError(f"{what}: {path}: line {line}: not valid UTF-8 text") from None
 
 
+def read_head(path: Path, what: str, size: int) -> str:
+    """The first ``size`` bytes of a UTF-8 file as text (a character the cut splits is left out); nothing after them
+    is read."""
+    if not path.is_file():
+        raise UserError(f"{what}: {path} not found")
+    with open(path, "rb") as fh:
+        raw = fh.read(size)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if len(raw) == size and e.start >= size - 3 and e.reason == "unexpected end of data":
+            return raw[: e.start].decode("utf-8")
+        line = raw[: e.start].count(b"\n") + 1
+        raise UserError(f"{what}: {path}: line {line}: not valid UTF-8 text") from None
+
+
 def read_rows(path: Path, what: str) -> Iterator[dict]:
     """Rows with their line number, read as they are consumed (stopping early reads no further): JSONL read here
     line by line (precise errors), csv/json/parquet via data.load_table (memory-mapped Arrow)."""

@@ -251,7 +251,7 @@ def shrink_heads(model: Any, keep: list[torch.Tensor]) -> Any:
 def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int):
     """(batches, loss function): the run's training examples for a generative fine-tune, else blocks of text."""
     from gptkit import engine
-    from gptkit.eval_report import read_text
+    from gptkit.eval_report import read_head
     from gptkit.modeling import context_length
 
     if run is not None and run.task in ("translate", "summarize", "qa", "multitask") and not data:
@@ -269,7 +269,10 @@ def _batches(model, tok, run, data: str | None, n_batches: int, batch_size: int)
                                  if f.endswith(".txt")] if run is not None else []
     if not files:
         raise UserError("--data: a text file to measure neuron importance on (this model has no .txt corpus)")
-    text = "\n".join(read_text(Path(f), "--data")[: 2_000_000] for f in files)
+    if data and Path(data).suffix.lower() not in (".txt", ".md", ""):
+        raise UserError(f"--data: {data}: expected plain text (.txt); its lines are read as they are, so a "
+                        f"{Path(data).suffix} file would measure importance on its markup")
+    text = "\n".join(read_head(Path(f), "--data", 2_000_000) for f in files)  # far more than the batches take
     ctx = min(context_length(model.config), 256)
     ids = torch.tensor(tok(text)["input_ids"][: n_batches * batch_size * (ctx + 1)])
     blocks = ids[: len(ids) // (ctx + 1) * (ctx + 1)].view(-1, ctx + 1)
@@ -331,6 +334,11 @@ def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None
         if max(1, round(kv * (1 - heads))) == kv:
             raise UserError(f"--heads: removing {heads:g} of {kv} key/value head(s) per block (each goes with its "
                             f"{rep} query heads) removes none; ask for more")
+    if mlp is not None:  # as --heads: a share that rounds to no neuron is refused before any work
+        width = _width(*_mlp_parts(model)[0])
+        if max(1, round(width * (1 - mlp))) == width:
+            raise UserError(f"--mlp: removing {mlp:g} of {width} feed-forward neurons per block removes none; ask for "
+                            "more")
     sample, loss_fn = _batches(model, tok, run_recipe, data, batches, batch_size)
     before = sum(p.numel() for p in model.parameters())
     record: dict[str, Any] = {"source": str(path)}
