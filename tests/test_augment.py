@@ -134,6 +134,8 @@ def test_bad_augment_input_is_one_line(tmp_path, reverse_run):
     assert "--columns" not in line  # eval's flag; augment names the field with --column
     code, _, err = run_cli(*args, "--out", str(folder / "keep.txt" / "x.jsonl"))
     assert_user_error(code, err, "--out", "keep.txt", "not a folder")
+    code, _, err = run_cli(*args[:4], "--data", str(folder), "--out", str(out))
+    assert_user_error(code, err, "--data", "pairs is a directory, not a file")
     assert not out.exists() and (folder / "keep.txt").read_text() == "mine"
 
 

@@ -177,6 +177,9 @@ def test_a_folder_holding_no_sweep_is_never_removed_or_written_into(tmp_path, re
                            "--overwrite")
     assert_user_error(code, err, str(other), "holds no sweep")
     assert sorted(p.name for p in other.iterdir()) == ["space.yaml", "thesis.tex"]
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(tmp_path / "absent"), "--resume")
+    assert_user_error(code, err, "--resume", "absent holds no sweep yet")  # a typo'd --out: no new sweep there
+    assert not (tmp_path / "absent").exists()
 
 
 def test_overwrite_reads_the_space_file_the_sweep_folder_holds(tmp_path, recipe):

@@ -35,7 +35,7 @@ def file_hashes(paths: list[Path]) -> dict[str, str]:
 def read_text(path: Path, what: str) -> str:
     """A whole UTF-8 file; a bad byte is reported with its line number."""
     if not path.is_file():
-        raise UserError(f"{what}: {path} not found")
+        raise UserError(f"{what}: {path} {'is a directory, not a file' if path.is_dir() else 'not found'}")
     raw = path.read_bytes()
     try:
         return raw.decode("utf-8")
@@ -48,7 +48,7 @@ def read_head(path: Path, what: str, size: int) -> str:
     """The first ``size`` bytes of a UTF-8 file as text (a character the cut splits is left out); nothing after them
     is read."""
     if not path.is_file():
-        raise UserError(f"{what}: {path} not found")
+        raise UserError(f"{what}: {path} {'is a directory, not a file' if path.is_dir() else 'not found'}")
     with open(path, "rb") as fh:
         raw = fh.read(size)
     try:
@@ -70,7 +70,7 @@ def read_rows(path: Path, what: str) -> Iterator[dict]:
         yield from ({**row, "_line": i + 1 + (path.suffix.lower() == ".csv")} for i, row in enumerate(table))
         return
     if not path.is_file():
-        raise UserError(f"{what}: {path} not found")
+        raise UserError(f"{what}: {path} {'is a directory, not a file' if path.is_dir() else 'not found'}")
     empty = True
     with open(path, "rb") as fh:
         for n, raw in enumerate(fh, 1):

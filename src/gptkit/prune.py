@@ -341,7 +341,7 @@ def run(source: str, out: Path, *, mlp: float | None = None, heads: float | None
                             "more")
     sample, loss_fn = _batches(model, tok, run_recipe, data, batches, batch_size)
     before = sum(p.numel() for p in model.parameters())
-    record: dict[str, Any] = {"source": str(path)}
+    record: dict[str, Any] = {"source": str(Path(path).resolve())}
     if layers:
         rise = layer_importance(model, sample, loss_fn)
         drop = sorted(sorted(range(n_blocks), key=lambda i: rise[i])[:layers])

@@ -175,7 +175,7 @@ def run(source: str, method: str, out: Path) -> dict:
         tok.save_pretrained(str(staging))
         trained.write_recipe(run_recipe, staging)
         check_loads(staging, model.config, method)
-        record = {"method": method, "source": str(path), "architecture": type(model).__name__,
+        record = {"method": method, "source": str(Path(path).resolve()), "architecture": type(model).__name__,
                   "converted_from_gpt2": converted, "quantized_layers": layers, "bytes_before": before,
                   "bytes_after": weight_bytes(staging), "torchao": _version("torchao")}
         (staging / "quantize.json").write_text(json.dumps(record, indent=2) + "\n")

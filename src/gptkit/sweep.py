@@ -367,6 +367,8 @@ def run(recipe_path: Path, overrides: list[str], space_path: Path, out: Path, *,
     if out.exists() and any(out.iterdir()) and not _holds_sweep(out):
         raise UserError(f"{out}: not empty and holds no sweep; choose another output folder")
     if own_db:
+        if resume and not (out / "study.db").exists():  # a typo'd --out would start another sweep in silence
+            raise UserError(f"--resume: {out} holds no sweep yet; start it without --resume")
         if (out / "study.db").exists() and not (resume or overwrite):
             raise UserError(f"{out}: a sweep is already there; --resume continues it, --overwrite starts over")
         if overwrite and not resume and out.exists():
