@@ -903,8 +903,14 @@ def test_logits_where_runs_the_output_layer_on_the_scored_positions_only(arch, m
     got = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     assert torch.allclose(fused, plain, rtol=1e-6) and all(torch.allclose(g, w, atol=1e-5) for g, w in zip(got, want,
                                                                                                      strict=True))
-    with torch.no_grad():
+    softmaxes, exp_ = [], torch.Tensor.exp_  # the gradient's softmax is taken in place: counted here
+    monkeypatch.setattr(torch.Tensor, "exp_", lambda t: softmaxes.append(t.shape) or exp_(t))
+    with torch.no_grad():  # evaluation: the loss alone (its gradients, a vocab x width buffer, were computed too)
         assert torch.allclose(modeling.scored_cross_entropy(model, keep, targets, **inputs), plain, rtol=1e-6)
+    assert softmaxes == []
+    modeling.scored_cross_entropy(model, keep, targets, **inputs)
+    assert bool(softmaxes) == (arch != "bart")  # with grad enabled they are (bart takes the plain path)
+    monkeypatch.setattr(torch.Tensor, "exp_", exp_)
     # label smoothing: torch's label_smoothing, loss and gradients (sharper logits, so that smoothing matters)
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(30)

@@ -192,8 +192,9 @@ def _linear_cross_entropy():
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
         def forward(ctx, hidden, weight, targets, row_weights, teacher_hidden, teacher_weight, alpha, temperature,
-                    eps):
-            need_h, need_w = ctx.needs_input_grad[:2]
+                    eps, grad_enabled):
+            # (under no_grad an input still "needs" its gradient: no backward comes, so none is computed)
+            need_h, need_w = (grad_enabled and n for n in ctx.needs_input_grad[:2])
             loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
             gh = torch.empty_like(hidden) if need_h else None
             gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
@@ -235,7 +236,7 @@ def _linear_cross_entropy():
             gh = saved.pop(0) if need_h else None
             gh = gh * grad.to(gh.dtype) if need_h else None
             gw = (saved.pop(0) * grad).to(ctx.weight_dtype) if need_w else None
-            return gh, gw, None, None, None, None, None, None, None
+            return gh, gw, None, None, None, None, None, None, None, None
 
     return LinearCrossEntropy
 
@@ -271,7 +272,7 @@ def scored_cross_entropy(model, keep, targets, weights=None, teacher=None, tempe
             with torch.no_grad():
                 t_hidden, t_weight = _hidden(teacher, teacher_head, keep, inputs), teacher_head.weight
         return _linear_cross_entropy().apply(hidden, head.weight, targets, weights, t_hidden, t_weight, alpha,
-                                             temperature, smoothing)
+                                             temperature, smoothing, torch.is_grad_enabled())
     z = _rows(model(**inputs).logits, keep).float()
     per_row = torch.nn.functional.cross_entropy(z, targets, reduction="none", label_smoothing=smoothing)
     if teacher is not None:
