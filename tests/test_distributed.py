@@ -271,6 +271,41 @@ dist.destroy_process_group()
 '''
 
 
+DDP_EVAL = """
+import numpy as np, torch
+from accelerate import Accelerator
+from transformers import LlamaConfig, LlamaForCausalLM
+from gptkit import engine
+from gptkit.data import Blocks
+acc = Accelerator(cpu=True)
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                     vocab_size=50))
+opt = torch.optim.AdamW(model.parameters())
+model, opt = acc.prepare(model, opt)
+stream = np.arange(200) % 50
+engine.backward_step(model, [Blocks(stream, 16).batch([acc.process_index])], engine.causal_lm_loss,
+                     engine.all_tokens, acc)
+opt.step()
+val = engine.evaluate_loss(model, Blocks(stream[:40], 16), engine.causal_lm_loss, engine.all_tokens, batch_size=4,
+                           max_batches=None, accelerator=acc)
+print("val", acc.process_index, round(val, 6), flush=True)
+"""
+
+
+def test_ddp_validation_with_fewer_batches_than_processes_does_not_hang(tmp_path):
+    """A model with buffers (a Llama's rotary inv_freq) under DDP, one validation batch for two processes: DDP's
+    forward after a training step broadcasts the buffers, which the process without a batch never joined; both
+    waited for good (until the NCCL timeout on GPUs). Evaluation runs on the module DDP wraps."""
+    script = tmp_path / "ddp_eval.py"
+    script.write_text(DDP_EVAL)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29577"]
+    res = subprocess.run([*torchrun, str(script)], capture_output=True, text=True, env=ENV, timeout=180)
+    assert res.returncode == 0, res.stderr[-3000:]
+    vals = sorted(line.split() for line in res.stdout.splitlines() if line.startswith("val "))
+    assert [v[1] for v in vals] == ["0", "1"] and vals[0][2] == vals[1][2], res.stdout
+
+
 def test_a_full_disk_in_a_sharded_checkpoint_is_a_write_error():
     """DCP wraps a rank's failed write in CheckpointException (a BaseException, on every rank): save_state gives
     the engine the first rank's OSError, so a full disk in an FSDP checkpoint is the one line of any other."""

@@ -198,6 +198,7 @@ def evaluate_loss(model, data, loss_fn, count_fn, batch_size: int, max_batches: 
     seeded sample of the split (the same every time, and for any split of one global batch into processes and
     micro-batches), as nanoGPT estimates on random batches; None reads all of it in order. ``lockstep`` (sharded
     weights): every process runs as many forward passes, the surplus ones discarded."""
+    model = model if lockstep else _without_ddp(model)
     model.eval()
     world = accelerator.num_processes
     limit = min(len(data), max_batches * batch_size * world * grad_accum) if max_batches else len(data)
@@ -214,6 +215,17 @@ def evaluate_loss(model, data, loss_fn, count_fn, batch_size: int, max_batches: 
     total = accelerator.reduce(total, "sum")
     model.train()
     return float(total[0] / total[1].clamp(min=1))
+
+
+def _without_ddp(model):
+    """The module DistributedDataParallel wraps: evaluation syncs no gradients, and DDP's forward broadcasts the
+    module's buffers (a Llama's rotary inv_freq) on the first call after a training step, a collective a process with
+    no validation batch never joins (the two then wait for each other for good). A compiled DDP model is evaluated
+    uncompiled."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper
+    return inner.module if isinstance(inner, DistributedDataParallel) else model
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
