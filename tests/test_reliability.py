@@ -113,6 +113,35 @@ def test_torn_checkpoints_are_detected_and_skipped(tmp_path, small_corpus, caplo
     assert same_weights(tmp_path / "cut", tmp_path / "ref")
 
 
+def test_a_nonfinite_gradient_under_a_finite_loss_is_skipped_like_a_nonfinite_loss(tmp_path, small_corpus,
+                                                                                     monkeypatch):
+    """An overflow in backward: the loss is finite, a gradient is NaN. The update was applied, the next checkpoint
+    held NaN weights and was then called the last good one; now the step is skipped (or stops the run) as a
+    non-finite loss's."""
+    from gptkit import engine
+
+    real, calls = engine.causal_lm_loss, {"n": 0}
+
+    def nan_gradient_at_step_7(model, batch):  # grad_accum=2: micro-batch 13 is step 7's
+        calls["n"] += model.training
+        loss = real(model, batch)
+        if model.training and calls["n"] == 13:
+            w = next(p for p in model.parameters() if p.requires_grad)
+            loss = loss + 0.0 * torch.sqrt((w - w.detach()).abs()).sum()  # d sqrt at 0 is inf: 0 * inf = NaN
+        return loss
+
+    monkeypatch.setattr(engine, "causal_lm_loss", nan_gradient_at_step_7)
+    recipe = tiny_recipe(tmp_path / "r.yaml", small_corpus, tmp_path / "run", train={**TRAIN, "max_steps": 12})
+    code, _, err = run_cli("pretrain", str(recipe))
+    assert code == 3 and "non-finite gradient at step 7" in err, err
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000005"]
+    calls["n"] = 0
+    code, _, err = run_cli("pretrain", str(recipe), "--overwrite", "train.skip_nonfinite=1")
+    assert code == 0, err
+    assert 7 not in losses(tmp_path / "run")
+    assert all(bool(v.isfinite().all()) for v in weights(tmp_path / "run").values())
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, small_corpus, monkeypatch, caplog):
     from gptkit import engine
 

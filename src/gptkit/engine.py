@@ -479,6 +479,16 @@ def backward_step(model, batches: list[dict], loss_fn, count_fn, accelerator) ->
     return loss_sum, max(items, 1.0)
 
 
+def _nonfinite(params: list, like: torch.Tensor) -> torch.Tensor:
+    """1 when a gradient of ``params`` holds inf or NaN, else 0 (a 1-element tensor like ``like``, for the step's
+    all-reduce: no host sync of its own). Each process reads its own gradients (FSDP2: its shards)."""
+    grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
+    if not grads:
+        return like.new_zeros(1)
+    norms = torch.stack([n.float().to(like.device) for n in torch._foreach_norm(grads)])
+    return (~torch.isfinite(norms)).any().reshape(1).to(like.dtype)
+
+
 def _clipper(model, accelerator) -> Callable[[float], Any]:
     """Gradient-norm clipping: torch's own (foreach) on the trainable parameters where Accelerate would do no
     more than call it (no fp16 loss scale to undo, no sharding, no DeepSpeed) — its wrapper cost ~0.8 ms a step,
@@ -533,6 +543,12 @@ def fit(job: Job, accelerator) -> dict[str, float]:
         if job.resume and job.on_resumed is not None:
             job.on_resumed()
     clip = _clipper(model, accelerator)
+    # a finite loss can still give a non-finite gradient (an overflow in backward): its step is skipped as a
+    # non-finite loss's, never applied (fp16's loss scaler skips such steps itself; DeepSpeed keeps its own grads)
+    from accelerate.utils import DistributedType
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    check_grads = accelerator.scaler is None and accelerator.distributed_type != DistributedType.DEEPSPEED
     tracker = Tracker(job.run_dir, main, resume_step=start if job.resume else None, trackers=cfg.trackers)
     order = DataOrder(len(job.train_data), cfg.seed)
     world, rank, accum, B = accelerator.num_processes, accelerator.process_index, cfg.grad_accum, cfg.batch_size
@@ -576,12 +592,14 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                 # one collective per step: the summed loss, tokens (padded batches differ per process) and whether
                 # any process got a signal
                 local = [float(stop.signum or 0), float(sum(b["input_ids"].numel() for b in batches))]
-                flags = torch.cat([loss_sum.reshape(1), torch.tensor(local, device=loss_sum.device, dtype=loss_sum.dtype)])
+                flags = torch.cat([loss_sum.reshape(1), torch.tensor(local, device=loss_sum.device, dtype=loss_sum.dtype),
+                                   _nonfinite(trainable, loss_sum) if check_grads else loss_sum.new_zeros(1)])
                 flags = accelerator.reduce(flags, "sum") if world > 1 else flags
-                loss_total, signals, step_tokens = flags.tolist()  # one host sync
+                loss_total, signals, step_tokens, bad_grads = flags.tolist()  # one host sync
                 step_loss, signum = loss_total / items, int(signals) and (stop.signum or signal.SIGTERM)
                 tokens += int(step_tokens)
-                if not math.isfinite(step_loss):  # the update is skipped; the step's log, eval and save are not
+                what = "loss" if not math.isfinite(step_loss) else "gradient" if bad_grads else None
+                if what:  # the update is skipped; the step's log, eval and save are not
                     opt.zero_grad(set_to_none=True)
                     counters["bad_steps"] += 1
                     if counters["bad_steps"] > cfg.skip_nonfinite:
@@ -590,8 +608,8 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                                 "train.skip_nonfinite) and continue with --resume --force" if last_good else
                                 "no checkpoint was written yet: lower train.lr (or allow skips with "
                                 "train.skip_nonfinite) and start again")
-                        raise TrainingStopped(f"non-finite loss at step {step}; stopped without saving it; {then}")
-                    log.warning("non-finite loss at step %d: batch skipped (%d so far)", step, counters["bad_steps"])
+                        raise TrainingStopped(f"non-finite {what} at step {step}; stopped without saving it; {then}")
+                    log.warning("non-finite %s at step %d: batch skipped (%d so far)", what, step, counters["bad_steps"])
                 else:
                     if cfg.grad_clip > 0:
                         clip(cfg.grad_clip)
