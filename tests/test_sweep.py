@@ -56,53 +56,44 @@ def test_grid_sweep_finds_the_best_learning_rate(tmp_path, recipe):
     assert code == 0, err
 
 
-def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
-    s = space(tmp_path, sampler="random", pruner="none", trials=6, seed=3,
+def stopped_mid_trial(tmp_path, recipe, n_trials: int, seed: int, trial: str, sig: int):
+    """A random sweep of ``n_trials`` over lr, its process group sent ``sig`` once ``trial`` logs, then resumed: its
+    trials.csv rows and the trials marked interrupted."""
+    import optuna
+
+    s = space(tmp_path, sampler="random", pruner="none", trials=n_trials, seed=seed,
               **{"train.lr": {"log_uniform": [1e-3, 1e-2]}})
     out = tmp_path / "sw"
     cmd = [sys.executable, "-m", "gptkit", "sweep", str(recipe), "--space", str(s), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 240
-    while not (out / "trial-001" / "metrics.jsonl").is_file() and time.time() < deadline:  # mid-trial 1
+    while not (out / trial / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGKILL)  # the sweep and its running trial, without warning
-    proc.wait()
+    os.killpg(proc.pid, sig)
+    code = proc.wait(timeout=120)
+    assert code == (-signal.SIGKILL if sig == signal.SIGKILL else 130), proc.stderr.read().decode()[-2000:]
     code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out))
     assert_user_error(code, err, "--resume")  # a sweep is there: never started over silently
-    code, stdout, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
+    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
     assert code == 0, err
-    rows = trials(out)
-    assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows), rows
-    import optuna
-
     study = optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")
-    retried = [t for t in study.trials if t.user_attrs.get("interrupted")]
+    return trials(out), [t for t in study.trials if t.user_attrs.get("interrupted")]
+
+
+def test_killed_sweep_resumes_to_exactly_the_trials_asked(tmp_path, recipe):
+    """SIGKILL to the sweep and its running trial (mid-trial 1): --resume runs that trial again with its values, the
+    sampler draws new ones (its seed alone gave the first trials' values again), and 6 trials finish."""
+    rows, retried = stopped_mid_trial(tmp_path, recipe, 6, 3, "trial-001", signal.SIGKILL)
+    assert len(rows) == 6 and all(r["state"] == "COMPLETE" for r in rows), rows
     assert len(retried) == 1 and retried[0].params["train.lr"] in [float(r["train.lr"]) for r in rows]
-    # the resumed sampler draws new values: its seed alone gave the first trials' values again
     assert len({r["train.lr"] for r in rows}) == 6, rows
 
 
 def test_a_sweep_stopped_with_ctrl_c_runs_the_stopped_trial_again(tmp_path, recipe):
     """Ctrl-C (SIGINT to the terminal's process group): Optuna fails the running trial; --resume runs it again with
     the same values, as it does a killed sweep's (it counted as done, and was never retried)."""
-    s = space(tmp_path, sampler="random", pruner="none", trials=2, seed=5,
-              **{"train.lr": {"log_uniform": [1e-3, 1e-2]}})
-    out = tmp_path / "sw"
-    cmd = [sys.executable, "-m", "gptkit", "sweep", str(recipe), "--space", str(s), "--out", str(out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    deadline = time.time() + 240
-    while not (out / "trial-000" / "metrics.jsonl").is_file() and time.time() < deadline:
-        time.sleep(0.2)
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=120) == 130, proc.stderr.read().decode()[-2000:]
-    code, _, err = run_cli("sweep", str(recipe), "--space", str(s), "--out", str(out), "--resume")
-    assert code == 0, err
-    rows = trials(out)
+    rows, stopped = stopped_mid_trial(tmp_path, recipe, 2, 5, "trial-000", signal.SIGINT)
     assert len(rows) == 2 and all(r["state"] == "COMPLETE" for r in rows), rows
-    import optuna
-
-    study = optuna.load_study(study_name="gptkit-sweep", storage=f"sqlite:///{out / 'study.db'}")
-    stopped = [t for t in study.trials if t.user_attrs.get("interrupted")]
     assert len(stopped) == 1 and stopped[0].params["train.lr"] in [float(r["train.lr"]) for r in rows]
 
 
