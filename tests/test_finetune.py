@@ -510,6 +510,29 @@ def test_the_done_line_reports_the_kept_checkpoint_not_the_last_step(tmp_path, b
     assert "test_accuracy" in done
 
 
+def test_a_resume_drops_a_best_model_written_after_its_checkpoint(tmp_path, base, caplog):
+    """best/ newer than the checkpoint a resume starts from (the interrupted run evaluated, saved best/, then died
+    before its next checkpoint): it is not the checkpoint's best, and a resumed run that never beat that best kept
+    it while reporting another step. It goes; the resumed run's own evaluations pick the best, and the final line,
+    best/ and the run folder agree on the step."""
+    import shutil
+
+    s = splits(tmp_path, classify_rows, 64)
+    recipe = finetune_recipe(tmp_path, "run", "classify", base, s, data={"columns": {"text": "sentence"}},
+                             train={"max_steps": 12, "eval_every": 4, "save_every": 8, "batch_size": 8})
+    code, _, err = run_cli("finetune", str(recipe))
+    assert code == 0, err
+    marker = tmp_path / "run" / "best" / "gptkit_best.json"
+    marker.write_text(json.dumps({"step": 12}))  # as if step 12 had been the best, then the run died before saving
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-00000012")
+    with caplog.at_level("WARNING", logger="gptkit"):
+        code, out, err = run_cli("finetune", str(recipe), "--resume")
+    assert code == 0, err
+    assert "best/ holds step 12's model, written after the checkpoint this run resumes from" in caplog.text
+    done = next(line for line in out.splitlines() if line.startswith("done: "))
+    assert "the best checkpoint, step 12: " in done and json.loads(marker.read_text())["step"] == 12, done
+
+
 def test_unseen_labels_and_unknown_task(tmp_path, base):
     s = splits(tmp_path, classify_rows, 40)
     write_jsonl(s["validation"], [{"sentence": "red red red", "label": "tepid"}])

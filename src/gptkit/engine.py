@@ -289,6 +289,7 @@ def _track_best(job: Job, model, accelerator, metrics: dict, counters: dict, ste
         def write() -> None:
             shutil.rmtree(tmp, ignore_errors=True)
             write_model(accelerator.unwrap_model(model, keep_torch_compile=False), tmp, state, job.save)
+            (tmp / BEST_STEP).write_text(json.dumps({"step": step}) + "\n")  # which evaluation it is (a resume checks)
             if final.exists():  # never a moment without a complete best/ (or its .old twin)
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
@@ -479,6 +480,32 @@ def backward_step(model, batches: list[dict], loss_fn, count_fn, accelerator) ->
     return loss_sum, max(items, 1.0)
 
 
+BEST_STEP = "gptkit_best.json"  # in best/: the step whose model it is
+
+
+def _forget_newer_best(job: Job, counters: dict, accelerator) -> None:
+    """best/ written by the interrupted run after the checkpoint a resume starts from is not the checkpoint's best:
+    a resume that never beat the checkpoint's best kept a model of the abandoned steps while reporting another step
+    (a changed lr, or GPU nondeterminism). Such a best/ goes, and the resumed run picks its best from its own
+    evaluations. (A best/ without its step, from an older gptkit, is kept.)"""
+    marker = job.run_dir / "best" / BEST_STEP
+    try:
+        step = json.loads(marker.read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return
+    accelerator.wait_for_everyone()  # every process has read it before the main one removes it
+    kept = counters.get("best_step")
+    if step == kept:
+        return
+    for key in ("best", "best_step", "best_metrics"):
+        counters.pop(key, None)
+    counters["stale"] = 0
+    if accelerator.is_main_process:
+        log.warning("best/ holds step %s's model, written after the checkpoint this run resumes from (whose best was "
+                    "step %s): removed; the best is picked again from here on", step, kept)
+        shutil.rmtree(job.run_dir / "best", ignore_errors=True)
+
+
 def _nonfinite(params: list, like: torch.Tensor) -> torch.Tensor:
     """1 when a gradient of ``params`` holds inf or NaN, else 0 (a 1-element tensor like ``like``, for the step's
     all-reduce: no host sync of its own). Each process reads its own gradients (FSDP2: its shards)."""
@@ -538,6 +565,8 @@ def fit(job: Job, accelerator) -> dict[str, float]:
     if cfg.compile:
         model = torch.compile(model)
     start, counters, rng = _load(job, model, opt, accelerator) if job.resume else (0, {"bad_steps": 0}, None)
+    if job.resume:
+        _forget_newer_best(job, counters, accelerator)
     if main:
         checkpoint.clean_partial(job.run_dir / "checkpoints")
         if job.resume and job.on_resumed is not None:
