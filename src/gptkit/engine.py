@@ -506,9 +506,13 @@ def _forget_newer_best(job: Job, counters: dict, accelerator) -> None:
         shutil.rmtree(job.run_dir / "best", ignore_errors=True)
 
 
-def _nonfinite(params: list, like: torch.Tensor) -> torch.Tensor:
+def _nonfinite(params: list, like: torch.Tensor, norm: torch.Tensor | None = None) -> torch.Tensor:
     """1 when a gradient of ``params`` holds inf or NaN, else 0 (a 1-element tensor like ``like``, for the step's
-    all-reduce: no host sync of its own). Each process reads its own gradients (FSDP2: its shards)."""
+    all-reduce: no host sync of its own): from clipping's total ``norm`` when there is one, else from each gradient's
+    norm (each process its own gradients; FSDP2: its shards)."""
+    if norm is not None:
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # (a DTensor under FSDP2)
+        return (~torch.isfinite(torch.as_tensor(norm, dtype=torch.float32))).reshape(1).to(like.device, like.dtype)
     grads = [g.to_local() if hasattr(g, "to_local") else g for g in (p.grad for p in params) if g is not None]
     if not grads:
         return like.new_zeros(1)
@@ -621,8 +625,12 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                 # one collective per step: the summed loss, tokens (padded batches differ per process) and whether
                 # any process got a signal
                 local = [float(stop.signum or 0), float(sum(b["input_ids"].numel() for b in batches))]
+                # clipping's total norm tells whether a gradient is non-finite (else a norm is taken for it alone);
+                # fp16 clips after: its unscale_ must be followed by a step, and a non-finite loss skips it
+                clip_first = cfg.grad_clip > 0 and check_grads
+                norm = clip(cfg.grad_clip) if clip_first else None
                 flags = torch.cat([loss_sum.reshape(1), torch.tensor(local, device=loss_sum.device, dtype=loss_sum.dtype),
-                                   _nonfinite(trainable, loss_sum) if check_grads else loss_sum.new_zeros(1)])
+                                   _nonfinite(trainable, loss_sum, norm) if check_grads else loss_sum.new_zeros(1)])
                 flags = accelerator.reduce(flags, "sum") if world > 1 else flags
                 loss_total, signals, step_tokens, bad_grads = flags.tolist()  # one host sync
                 step_loss, signum = loss_total / items, int(signals) and (stop.signum or signal.SIGTERM)
@@ -640,7 +648,7 @@ def fit(job: Job, accelerator) -> dict[str, float]:
                         raise TrainingStopped(f"non-finite {what} at step {step}; stopped without saving it; {then}")
                     log.warning("non-finite %s at step %d: batch skipped (%d so far)", what, step, counters["bad_steps"])
                 else:
-                    if cfg.grad_clip > 0:
+                    if cfg.grad_clip > 0 and not clip_first:
                         clip(cfg.grad_clip)
                     opt.step()
                     opt.zero_grad(set_to_none=True)
