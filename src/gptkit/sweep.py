@@ -256,6 +256,11 @@ class Sweep:
         trial.set_user_attr("seconds", round(time.monotonic() - started, 1))
         if pruned:
             raise optuna.TrialPruned()
+        if proc.returncode in (130, 143, -signal.SIGINT, -signal.SIGTERM):  # the run was stopped by a signal that
+            # did not reach the sweep (a sweep started where SIGINT is ignored: `cmd &` in a script): stop as Ctrl-C
+            trial.set_user_attr("interrupted", True)
+            trial.set_user_attr("retry", True)
+            raise KeyboardInterrupt
         if proc.returncode != 0:
             tail = log_path.read_text(errors="replace").strip().splitlines()[-1:] or [""]
             trial.set_user_attr("error", tail[0][:300])
