@@ -34,19 +34,12 @@ def file_hashes(paths: list[Path]) -> dict[str, str]:
 
 def read_text(path: Path, what: str) -> str:
     """A whole UTF-8 file; a bad byte is reported with its line number."""
-    if not path.is_file():
-        raise UserError(f"{what}: {path} {'is a directory, not a file' if path.is_dir() else 'not found'}")
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise UserError(f"{what}: {path}: line {line}: not valid UTF-8 text") from None
+    return read_head(path, what, -1)
 
 
 def read_head(path: Path, what: str, size: int) -> str:
-    """The first ``size`` bytes of a UTF-8 file as text (a character the cut splits is left out); nothing after them
-    is read."""
+    """The first ``size`` bytes (-1: all) of a UTF-8 file as text (a character the cut splits is left out); nothing
+    after them is read. A bad byte is reported with its line number."""
     if not path.is_file():
         raise UserError(f"{what}: {path} {'is a directory, not a file' if path.is_dir() else 'not found'}")
     with open(path, "rb") as fh:
